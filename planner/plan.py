@@ -1,0 +1,478 @@
+"""The plan: the one contract between the planner, the runtime and the interfaces.
+
+A plan says which device runs which contiguous, half-open range of decoder layers, at which
+weight precision every layer runs, and the prefill and decode micro-batch sizes, together with
+what the planner predicted for it. It is JSON on disk (``plan.json``), human-readable, and
+validated on load: an invalid file raises :class:`PlanValidationError` naming the bad field.
+
+This module is stdlib-only on purpose: ``runtime/`` and ``pqctl/`` import nothing else from
+``planner/``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeAlias, get_args
+
+SCHEMA_VERSION = 1
+
+Bits: TypeAlias = Literal[2, 3, 4, 8, 16]
+"""Weight precision of a decoder layer, in bits (weight-only, group-wise; 16 = unquantized)."""
+
+ALL_BITS: tuple[int, ...] = tuple(sorted(get_args(Bits), reverse=True))
+
+
+class PlanValidationError(ValueError):
+    """A plan (in memory or on disk) breaks the schema; ``field`` names the offending field."""
+
+    def __init__(self, field_path: str, problem: str) -> None:
+        super().__init__(f"invalid plan: {field_path}: {problem}")
+        self.field = field_path
+        self.problem = problem
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """The offline batch a plan is sized for.
+
+    Attributes:
+        global_batch: prompts served together (B).
+        prompt_len: tokens per prompt after padding (s).
+        max_new_tokens: most tokens generated per prompt (n); the KV cache is sized for s + n.
+        expected_new_tokens: tokens expected per prompt on average (mu_n <= n); the decode
+            time prediction uses it.
+    """
+
+    global_batch: int
+    prompt_len: int
+    max_new_tokens: int
+    expected_new_tokens: int
+
+    @property
+    def decode_steps(self) -> int:
+        """Decode rounds per prompt: the first new token comes out of prefill."""
+        return self.expected_new_tokens - 1
+
+    @property
+    def max_context(self) -> int:
+        """Longest sequence a KV cache must hold, in tokens."""
+        return self.prompt_len + self.max_new_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """Which model a plan is for, and the shape the runtime checks its checkpoint against."""
+
+    source: str
+    family: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    tied_embeddings: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceRef:
+    """One device of the cluster: ``host`` plus the device's index on that host.
+
+    ``index`` is the CUDA ordinal for GPUs and -1 for a host's CPU.
+    """
+
+    host: str
+    index: int
+    device_type: str
+
+    @property
+    def key(self) -> str:
+        """Stable textual id, e.g. ``node-a/cuda:1`` or ``node-a/cpu``."""
+        return f"{self.host}/cpu" if self.index < 0 else f"{self.host}/cuda:{self.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class LayerRange:
+    """Half-open range ``[start, stop)`` of decoder layer indices."""
+
+    start: int
+    stop: int
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(range(self.start, self.stop))
+
+
+@dataclass(frozen=True, slots=True)
+class StagePrediction:
+    """What the cost model predicts for one stage (seconds per micro-batch, bytes)."""
+
+    prefill_s: float
+    decode_s: float
+    memory_bytes: int
+    memory_capacity_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    """One pipeline stage: a device, its layers and each layer's precision.
+
+    ``layer_bits[k]`` is the precision of layer ``layer_range.start + k``. The first stage also
+    holds the token embedding, the last one the final norm and the LM head.
+    """
+
+    device: DeviceRef
+    layer_range: LayerRange
+    layer_bits: tuple[int, ...]
+    holds_embedding: bool
+    holds_lm_head: bool
+    predicted: StagePrediction
+
+
+@dataclass(frozen=True, slots=True)
+class Quantization:
+    """Storage format of quantized weights: asymmetric round-to-nearest, one scale and zero
+    (fp16 each) per group of ``group_size`` input weights of an output row; 8-bit uses one
+    symmetric scale per output row."""
+
+    group_size: int = 128
+    scheme: str = "rtn-asym-group"
+
+
+@dataclass(frozen=True, slots=True)
+class MicroBatching:
+    """Prefill and decode micro-batch sizes (sequences per micro-batch)."""
+
+    prefill_size: int
+    decode_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """End-to-end prediction for the whole batch."""
+
+    prefill_s: float
+    decode_s: float
+    total_s: float
+    throughput_tokens_per_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class QualityReport:
+    """The quality indicator of the plan: Σω, normalised so all-16-bit = 0 and all-lowest = 1."""
+
+    indicator: str
+    omega_sum: float
+    budget: float | None
+    theta_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class SolverReport:
+    """How the plan was found."""
+
+    status: str
+    mip_gap: float
+    time_s: float
+    milps_solved: int
+    orders_tried: int
+    formulation: str
+    layer_group_size: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class BaselineResult:
+    """A baseline method's plan, scored by the same simulator (None when it has no plan)."""
+
+    name: str
+    feasible: bool
+    reason: str = ""
+    throughput_tokens_per_s: float | None = None
+    prefill_s: float | None = None
+    decode_s: float | None = None
+    omega_sum: float | None = None
+    within_quality_budget: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A complete, validated deployment plan."""
+
+    model: ModelRef
+    workload: Workload
+    quantization: Quantization
+    micro_batching: MicroBatching
+    stages: tuple[Stage, ...]
+    prediction: Prediction
+    quality: QualityReport
+    solver: SolverReport
+    baselines: tuple[BaselineResult, ...] = ()
+    schema_version: int = SCHEMA_VERSION
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def layer_bits(self) -> tuple[int, ...]:
+        """Precision of every decoder layer, in layer order."""
+        return tuple(b for stage in self.stages for b in stage.layer_bits)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as plain JSON-ready data."""
+        return asdict(self)
+
+    def to_json(self) -> str:
+        """The plan as indented JSON text."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        """Build and validate a plan from JSON data; raises PlanValidationError."""
+        plan = _PlanReader(data).plan()
+        validate(plan)
+        return plan
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Parse and validate plan JSON text; raises PlanValidationError."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanValidationError("<file>", f"not JSON ({exc})") from exc
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the plan to ``path`` as JSON."""
+        Path(path).write_text(self.to_json(), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        """Read and validate a plan file."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PlanValidationError(str(path), f"cannot read ({exc.strerror})") from exc
+        return cls.from_json(text)
+
+
+# --------------------------------------------------------------------------- reading JSON
+
+
+class _PlanReader:
+    """Typed extraction of a plan from untrusted JSON data, naming the field on any error."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self.data = data
+
+    def plan(self) -> Plan:
+        d = _obj(self.data, "plan")
+        version = _int(d, "schema_version", "")
+        if version != SCHEMA_VERSION:
+            raise PlanValidationError(
+                "schema_version", f"{version} is not supported (this pqctl reads {SCHEMA_VERSION})"
+            )
+        _only(d, Plan, "")
+        return Plan(
+            model=_record(ModelRef, _obj(d.get("model"), "model"), "model"),
+            workload=_record(Workload, _obj(d.get("workload"), "workload"), "workload"),
+            quantization=_record(
+                Quantization, _obj(d.get("quantization"), "quantization"), "quantization"
+            ),
+            micro_batching=_record(
+                MicroBatching, _obj(d.get("micro_batching"), "micro_batching"), "micro_batching"
+            ),
+            stages=tuple(
+                self._stage(s, f"stages[{k}]") for k, s in enumerate(_list(d, "stages", ""))
+            ),
+            prediction=_record(Prediction, _obj(d.get("prediction"), "prediction"), "prediction"),
+            quality=_record(QualityReport, _obj(d.get("quality"), "quality"), "quality"),
+            solver=_record(SolverReport, _obj(d.get("solver"), "solver"), "solver"),
+            baselines=tuple(
+                _record(BaselineResult, _obj(b, f"baselines[{k}]"), f"baselines[{k}]")
+                for k, b in enumerate(_list(d, "baselines", "", required=False))
+            ),
+            schema_version=version,
+            notes=tuple(
+                _check_type(n, str, f"notes[{k}]")
+                for k, n in enumerate(_list(d, "notes", "", required=False))
+            ),
+        )
+
+    def _stage(self, raw: Any, path: str) -> Stage:
+        d = _obj(raw, path)
+        _only(d, Stage, path)
+        bits = _list(d, "layer_bits", path)
+        return Stage(
+            device=_record(DeviceRef, _obj(d.get("device"), f"{path}.device"), f"{path}.device"),
+            layer_range=_record(
+                LayerRange, _obj(d.get("layer_range"), f"{path}.layer_range"), f"{path}.layer_range"
+            ),
+            layer_bits=tuple(
+                _check_type(b, int, f"{path}.layer_bits[{k}]") for k, b in enumerate(bits)
+            ),
+            holds_embedding=_check_type(
+                d.get("holds_embedding"), bool, f"{path}.holds_embedding"
+            ),
+            holds_lm_head=_check_type(d.get("holds_lm_head"), bool, f"{path}.holds_lm_head"),
+            predicted=_record(
+                StagePrediction, _obj(d.get("predicted"), f"{path}.predicted"), f"{path}.predicted"
+            ),
+        )
+
+
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "float | None": (int, float, type(None)),
+    "bool | None": (bool, type(None)),
+    "int | None": (int, type(None)),
+}
+
+
+def _record(cls: type, d: Mapping[str, Any], path: str) -> Any:
+    """Build a flat dataclass from ``d``, checking every field's presence and JSON type."""
+    _only(d, cls, path)
+    values: dict[str, Any] = {}
+    for f in cls.__dataclass_fields__.values():  # type: ignore[attr-defined]
+        where = f"{path}.{f.name}"
+        if f.name not in d:
+            if f.default is not _MISSING:
+                continue
+            raise PlanValidationError(where, "missing")
+        accepted = _SCALAR_TYPES[str(f.type)]
+        values[f.name] = _check_type(d[f.name], accepted, where)
+    return cls(**values)
+
+
+_MISSING = field().default
+
+
+def _check_type(value: Any, accepted: type | tuple[type, ...], where: str) -> Any:
+    kinds = accepted if isinstance(accepted, tuple) else (accepted,)
+    is_bool = isinstance(value, bool)
+    ok = isinstance(value, kinds) and (bool in kinds or not is_bool)
+    if not ok:
+        names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+        raise PlanValidationError(where, f"expected {names}, got {json.dumps(value)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PlanValidationError(where, "must be a finite number")
+    return value
+
+
+def _obj(value: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise PlanValidationError(where, "missing" if value is None else "expected an object")
+    return value
+
+
+def _list(d: Mapping[str, Any], key: str, path: str, required: bool = True) -> Sequence[Any]:
+    where = f"{path}.{key}" if path else key
+    if key not in d and not required:
+        return ()
+    value = d.get(key)
+    if not isinstance(value, list):
+        raise PlanValidationError(where, "missing" if value is None else "expected a list")
+    return value
+
+
+def _int(d: Mapping[str, Any], key: str, path: str) -> int:
+    where = f"{path}.{key}" if path else key
+    if key not in d:
+        raise PlanValidationError(where, "missing")
+    return int(_check_type(d[key], int, where))
+
+
+def _only(d: Mapping[str, Any], cls: type, path: str) -> None:
+    known = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+    for key in d:
+        if key not in known:
+            where = f"{path}.{key}" if path else str(key)
+            raise PlanValidationError(where, f"unknown field (known: {', '.join(sorted(known))})")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(plan: Plan) -> None:
+    """Check the plan's internal consistency; raises PlanValidationError naming the field.
+
+    Checks: contiguous half-open layer ranges covering every layer in order, one known bit
+    width per layer, distinct devices, embedding on the first stage and LM head on the last,
+    positive workload and micro-batch sizes that divide the batch.
+    """
+    _validate_workload(plan.workload, plan.micro_batching)
+    model = plan.model
+    if model.num_layers <= 0:
+        raise PlanValidationError("model.num_layers", "must be positive")
+    if not plan.stages:
+        raise PlanValidationError("stages", "a plan needs at least one stage")
+    next_layer = 0
+    seen: dict[str, int] = {}
+    last = len(plan.stages) - 1
+    for k, stage in enumerate(plan.stages):
+        path = f"stages[{k}]"
+        _validate_stage(stage, path, next_layer, first=k == 0, last=k == last)
+        if stage.device.key in seen:
+            raise PlanValidationError(
+                f"{path}.device", f"{stage.device.key} already runs stages[{seen[stage.device.key]}]"
+            )
+        seen[stage.device.key] = k
+        next_layer = stage.layer_range.stop
+    if next_layer != model.num_layers:
+        raise PlanValidationError(
+            f"stages[{last}].layer_range.stop",
+            f"is {next_layer} but the model has {model.num_layers} layers",
+        )
+    if plan.quantization.group_size <= 0:
+        raise PlanValidationError("quantization.group_size", "must be positive")
+
+
+def _validate_workload(workload: Workload, micro: MicroBatching) -> None:
+    for name in ("global_batch", "prompt_len", "max_new_tokens", "expected_new_tokens"):
+        if getattr(workload, name) <= 0:
+            raise PlanValidationError(f"workload.{name}", "must be positive")
+    if workload.expected_new_tokens > workload.max_new_tokens:
+        raise PlanValidationError(
+            "workload.expected_new_tokens", "must not exceed workload.max_new_tokens"
+        )
+    for name in ("prefill_size", "decode_size"):
+        size = getattr(micro, name)
+        if size <= 0 or workload.global_batch % size:
+            raise PlanValidationError(
+                f"micro_batching.{name}",
+                f"{size} must be a positive divisor of the global batch {workload.global_batch}",
+            )
+
+
+def _validate_stage(stage: Stage, path: str, expected_start: int, first: bool, last: bool) -> None:
+    rng = stage.layer_range
+    if rng.start != expected_start:
+        raise PlanValidationError(
+            f"{path}.layer_range.start",
+            f"is {rng.start}; ranges must be contiguous, expected {expected_start}",
+        )
+    if rng.stop <= rng.start:
+        raise PlanValidationError(f"{path}.layer_range", "must hold at least one layer")
+    if len(stage.layer_bits) != len(rng):
+        raise PlanValidationError(
+            f"{path}.layer_bits",
+            f"has {len(stage.layer_bits)} entries for {len(rng)} layers",
+        )
+    for k, bits in enumerate(stage.layer_bits):
+        if bits not in ALL_BITS:
+            raise PlanValidationError(
+                f"{path}.layer_bits[{k}]",
+                f"{bits} is not a precision (accepted: {', '.join(map(str, ALL_BITS))})",
+            )
+    if stage.holds_embedding != first:
+        raise PlanValidationError(
+            f"{path}.holds_embedding", "only the first stage holds the embedding"
+        )
+    if stage.holds_lm_head != last:
+        raise PlanValidationError(f"{path}.holds_lm_head", "only the last stage holds the LM head")
