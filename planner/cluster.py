@@ -60,8 +60,9 @@ class DeviceType:
     @property
     def usable_memory_bytes(self) -> int:
         """Memory the planner may fill with weights, KV cache and activations, bytes."""
-        return max(0, int(self.memory_bytes * self.usable_memory_fraction)
-                   - self.runtime_reserve_bytes)
+        return max(
+            0, int(self.memory_bytes * self.usable_memory_fraction) - self.runtime_reserve_bytes
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -314,9 +314,7 @@ class _PlanReader:
             layer_bits=tuple(
                 _check_type(b, int, f"{path}.layer_bits[{k}]") for k, b in enumerate(bits)
             ),
-            holds_embedding=_check_type(
-                d.get("holds_embedding"), bool, f"{path}.holds_embedding"
-            ),
+            holds_embedding=_check_type(d.get("holds_embedding"), bool, f"{path}.holds_embedding"),
             holds_lm_head=_check_type(d.get("holds_lm_head"), bool, f"{path}.holds_lm_head"),
             predicted=_record(
                 StagePrediction, _obj(d.get("predicted"), f"{path}.predicted"), f"{path}.predicted"
@@ -419,8 +417,9 @@ def validate(plan: Plan) -> None:
         path = f"stages[{k}]"
         _validate_stage(stage, path, next_layer, first=k == 0, last=k == last)
         if stage.device.key in seen:
+            earlier = seen[stage.device.key]
             raise PlanValidationError(
-                f"{path}.device", f"{stage.device.key} already runs stages[{seen[stage.device.key]}]"
+                f"{path}.device", f"{stage.device.key} already runs stages[{earlier}]"
             )
         seen[stage.device.key] = k
         next_layer = stage.layer_range.stop

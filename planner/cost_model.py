@@ -1,0 +1,264 @@
+"""Pure latency and memory formulas per (layer, device, bits, phase, micro-batch).
+
+Everything here is a pure function of its arguments: no I/O, no globals, no solver. Two latency
+sources share one interface (:func:`layer_latency_s`): a measured :class:`LatencyProfile` for the
+device type and model shape when one exists, else an analytic roofline from the datasheet.
+
+Roofline, per operator, written the ``estimate_mfu`` way::
+
+    time = max(flops / (peak_flops * MATMUL_EFFICIENCY),
+               bytes_moved / (bandwidth * MEMORY_EFFICIENCY)) + launch_overhead
+
+``bytes_moved`` counts the packed weights at their precision (scales and zeros included), the
+activations read and written, and in decode the KV cache read. A precision without a fast
+kernel on a device is dequantized into a temporary 16-bit copy on every call, which costs an
+extra pass over the weights and the device's dequantization rate.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from planner.cluster import DeviceType, LinkSpec
+from planner.model_spec import LinearOp, ModelSpec
+from planner.profiles import LatencyProfile
+
+Phase = Literal["prefill", "decode"]
+
+MATMUL_EFFICIENCY = 0.7
+"""Share of the datasheet FLOP/s a dense matmul reaches."""
+MEMORY_EFFICIENCY = 0.8
+"""Share of the datasheet bandwidth a streaming kernel reaches."""
+LOW_BIT_COMPUTE_PENALTY = 1.15
+"""Compute-bound slowdown of a fused low-bit kernel versus its 16-bit matmul."""
+SCALE_BYTES = 2
+"""Bytes of one fp16 scale or zero point."""
+TOKEN_ID_BYTES = 8
+"""Bytes of one sampled token id sent back to the first stage."""
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def packed_linear_bytes(op: LinearOp, bits: int, group_size: int) -> int:
+    """Resident bytes of one linear operator's weight at ``bits`` (bias excluded).
+
+    16 bits: fp16 weights. 8 bits: int8 weights and one fp16 scale per output row.
+    2/3/4 bits: ``bits`` per weight packed densely, per output row one fp16 scale and one fp16
+    zero point for each group of ``group_size`` input weights.
+    """
+    if bits == 16:
+        return op.num_weights * 2
+    if bits == 8:
+        return op.num_weights + op.out_features * SCALE_BYTES
+    groups_per_row = math.ceil(op.in_features / group_size)
+    packed = math.ceil(op.in_features * bits / 8) * op.out_features
+    return packed + op.out_features * groups_per_row * 2 * SCALE_BYTES
+
+
+def layer_weight_bytes(model: ModelSpec, bits: int, group_size: int) -> int:
+    """Resident bytes of one decoder layer's parameters at ``bits``: packed linear weights
+    plus fp16 biases and norms."""
+    linears = sum(packed_linear_bytes(op, bits, group_size) for op in model.layer_linears())
+    return linears + 2 * (model.layer_bias_params + model.layer_norm_params)
+
+
+def kv_cache_bytes_per_layer(
+    model: ModelSpec, global_batch: int, max_context: int, activation_bytes: int
+) -> int:
+    """KV cache of one layer for every sequence of the batch at full length, bytes.
+
+    Every decode micro-batch keeps its cache resident for the whole run, so the whole batch's
+    cache is allocated, each sequence for prompt + max new tokens.
+    """
+    return 2 * global_batch * max_context * model.kv_width * activation_bytes
+
+
+def layer_memory_bytes(
+    model: ModelSpec,
+    device: DeviceType,
+    bits: int,
+    global_batch: int,
+    max_context: int,
+    group_size: int,
+) -> int:
+    """Memory one decoder layer needs on ``device``: weights at ``bits`` plus its KV cache."""
+    kv = kv_cache_bytes_per_layer(model, global_batch, max_context, device.activation_bytes)
+    return layer_weight_bytes(model, bits, group_size) + kv
+
+
+def activation_peak_bytes(
+    model: ModelSpec,
+    device: DeviceType,
+    prefill_micro_batch: int,
+    decode_micro_batch: int,
+    prompt_len: int,
+    max_context: int,
+) -> int:
+    """Peak temporary memory of a stage while one layer runs, bytes.
+
+    The larger of a prefill micro-batch (hidden states, q/k/v, attention scores, FFN
+    activations) and a decode micro-batch attending to the full context.
+    """
+    act = device.activation_bytes
+    per_token = 4 * model.hidden_size + model.num_heads * model.head_dim + 2 * model.kv_width
+    per_token += (3 if model.gated_mlp else 2) * model.intermediate_size
+    prefill = act * prefill_micro_batch * prompt_len * (per_token + model.num_heads * prompt_len)
+    decode = act * decode_micro_batch * (per_token + model.num_heads * max_context)
+    return max(prefill, decode)
+
+
+def dequant_scratch_bytes(model: ModelSpec) -> int:
+    """16-bit copy of the largest weight, needed by a stage running a precision that has no
+    fast kernel on its device (dequantized per call), bytes."""
+    return 2 * max(op.num_weights for op in model.layer_linears())
+
+
+def embedding_bytes(model: ModelSpec) -> int:
+    """fp16 token/position embedding held by the first stage, bytes."""
+    return 2 * model.embedding_params
+
+
+def head_bytes(model: ModelSpec, micro_batch: int) -> int:
+    """Final norm and LM head held by the last stage plus its fp32 logits buffer, bytes."""
+    return 2 * model.head_params + 4 * micro_batch * model.vocab_size
+
+
+def tied_saving_bytes(model: ModelSpec) -> int:
+    """Bytes saved when one stage holds both ends of a model with tied embeddings."""
+    return 2 * model.vocab_size * model.embed_dim if model.tied_embeddings else 0
+
+
+# --------------------------------------------------------------------------- latency
+
+
+@dataclass(frozen=True, slots=True)
+class OperatingPoint:
+    """Where a layer runs: phase, sequences in the micro-batch, new tokens per sequence and
+    tokens of context attended to."""
+
+    phase: Phase
+    micro_batch: int
+    new_tokens: int
+    context: int
+
+
+def prefill_point(micro_batch: int, prompt_len: int) -> OperatingPoint:
+    """Prefill of ``micro_batch`` prompts of ``prompt_len`` tokens."""
+    return OperatingPoint("prefill", micro_batch, prompt_len, prompt_len)
+
+
+def decode_point(micro_batch: int, prompt_len: int, expected_new_tokens: int) -> OperatingPoint:
+    """One decode step at the average context length of generation (prompt + mu_n / 2)."""
+    return OperatingPoint("decode", micro_batch, 1, prompt_len + expected_new_tokens // 2)
+
+
+def _roofline_s(device: DeviceType, flops: float, num_bytes: float, low_bit: bool) -> float:
+    peak = device.fp16_tflops * 1e12 * MATMUL_EFFICIENCY
+    if low_bit:
+        peak /= LOW_BIT_COMPUTE_PENALTY
+    bandwidth = device.memory_bandwidth_gb_s * 1e9 * MEMORY_EFFICIENCY
+    return max(flops / peak, num_bytes / bandwidth) + device.launch_overhead_s
+
+
+def linear_latency_s(
+    op: LinearOp, device: DeviceType, bits: int, tokens: int, group_size: int
+) -> float:
+    """Time of one linear operator over ``tokens`` token rows at ``bits``, seconds."""
+    flops = 2.0 * tokens * op.num_weights
+    activations = tokens * (op.in_features + op.out_features) * device.activation_bytes
+    packed = packed_linear_bytes(op, bits, group_size)
+    if bits == 16 or bits in device.fast_kernel_bits:
+        return _roofline_s(device, flops, packed + activations, low_bit=bits != 16)
+    dense = op.num_weights * 2
+    dequant_s = op.num_weights / (device.dequant_gelem_s * 1e9)
+    unpack_s = _roofline_s(device, 0.0, packed + dense, low_bit=False)
+    return dequant_s + unpack_s + _roofline_s(device, flops, dense + activations, low_bit=False)
+
+
+def attention_latency_s(model: ModelSpec, device: DeviceType, point: OperatingPoint) -> float:
+    """Time of the attention core (scores, softmax, weighted sum) of one layer, seconds.
+
+    Prefill is causal (half the score matrix); decode reads the whole KV cache.
+    """
+    b, t, ctx = point.micro_batch, point.new_tokens, point.context
+    width = model.num_heads * model.head_dim
+    causal = 0.5 if point.phase == "prefill" else 1.0
+    flops = 4.0 * b * t * ctx * width * causal
+    kv_read = 2 * b * ctx * model.kv_width * device.activation_bytes
+    qo = 2 * b * t * width * device.activation_bytes
+    return _roofline_s(device, flops, kv_read + qo, low_bit=False)
+
+
+def elementwise_latency_s(model: ModelSpec, device: DeviceType, tokens: int) -> float:
+    """Norms, residual adds, rotary and the FFN activation of one layer, seconds."""
+    passes = 10 * model.hidden_size + 3 * model.intermediate_size
+    num_bytes = tokens * passes * device.activation_bytes
+    return _roofline_s(device, 0.0, num_bytes, low_bit=False) + 4 * device.launch_overhead_s
+
+
+def layer_latency_s(
+    model: ModelSpec,
+    device: DeviceType,
+    bits: int,
+    point: OperatingPoint,
+    group_size: int,
+    profile: LatencyProfile | None = None,
+) -> float:
+    """Time of one decoder layer at ``bits`` on ``device`` at ``point``, seconds.
+
+    Uses the measured profile when given and it covers ``bits`` (measured, or marked
+    unavailable), else the roofline. Returns ``math.inf`` when the precision cannot run there.
+    """
+    if bits not in device.supported_bits:
+        return math.inf
+    if profile is not None and profile.covers(bits):
+        return profile.layer_latency_s(bits, point.phase, point.micro_batch, point.context)
+    tokens = point.micro_batch * point.new_tokens
+    linears = sum(
+        linear_latency_s(op, device, bits, tokens, group_size) for op in model.layer_linears()
+    )
+    return (
+        linears
+        + attention_latency_s(model, device, point)
+        + elementwise_latency_s(model, device, tokens)
+    )
+
+
+def embedding_latency_s(model: ModelSpec, device: DeviceType, point: OperatingPoint) -> float:
+    """Token (and position) embedding lookup on the first stage, seconds."""
+    tokens = point.micro_batch * point.new_tokens
+    num_bytes = 2 * tokens * (model.embed_dim + model.hidden_size) * device.activation_bytes
+    return _roofline_s(device, 0.0, num_bytes, low_bit=False)
+
+
+def head_latency_s(model: ModelSpec, device: DeviceType, point: OperatingPoint) -> float:
+    """Final norm, LM head and sampling on the last stage, seconds.
+
+    Only the last position of each sequence reaches the LM head, in prefill too.
+    """
+    rows = point.micro_batch
+    flops = 2.0 * rows * model.embed_dim * model.vocab_size
+    weights = 2 * model.embed_dim * model.vocab_size
+    logits = rows * model.vocab_size * 4 * 3  # written, read by softmax/argmax, read by sampling
+    norm = point.micro_batch * point.new_tokens * model.hidden_size * device.activation_bytes * 2
+    return _roofline_s(device, flops, weights + logits + norm, low_bit=False)
+
+
+def hidden_transfer_bytes(model: ModelSpec, point: OperatingPoint, activation_bytes: int) -> int:
+    """Bytes of the hidden states one stage sends to the next for a micro-batch."""
+    return point.micro_batch * point.new_tokens * model.hidden_size * activation_bytes
+
+
+def hop_latency_s(
+    link: LinkSpec, model: ModelSpec, point: OperatingPoint, activation_bytes: int
+) -> float:
+    """Time to send a micro-batch's hidden states over ``link`` (alpha + bytes / beta)."""
+    return link.transfer_s(hidden_transfer_bytes(model, point, activation_bytes))
+
+
+def token_return_latency_s(link: LinkSpec, micro_batch: int) -> float:
+    """Time to send a micro-batch's sampled token ids from the last stage to the first."""
+    return link.transfer_s(micro_batch * TOKEN_ID_BYTES)
