@@ -139,12 +139,12 @@ class _Model:
         self.row_lo.append(lo)
         self.row_hi.append(hi)
 
-    def to_highs(self, h: highspy.Highs) -> None:
+    def to_highs(self, h: highspy.Highs, relaxed: bool = False) -> None:
         n = len(self.lb)
         h.addVars(n, np.array(self.lb), np.array(self.ub))
         idx = np.arange(n, dtype=np.int32)
         h.changeColsCost(n, idx, np.array(self.cost))
-        kinds = np.array([1 if i else 0 for i in self.integer], dtype=np.uint8)
+        kinds = np.array([int(i and not relaxed) for i in self.integer], dtype=np.uint8)
         h.changeColsIntegrality(n, idx, kinds)
         h.addRows(
             len(self.row_lo),
@@ -247,7 +247,7 @@ class PartitionMilp:
         ones = np.ones(len(self.t.bits))
         for j in self.devices:
             count = self._n_terms(j, ones)
-            self.m.row([*count, (self._v("u", j), -float(self.num_layers))], hi=0.0)
+            self.m.row([*count, (self._v("u", j), -float(self._most_layers(j)))], hi=0.0)
             self.m.row([*count, (self._v("u", j), -1.0)], lo=0.0)
             slow = self._n_terms(j, self.t.slow_bits[j].astype(float))
             if slow:
@@ -255,7 +255,29 @@ class PartitionMilp:
                     [(self._v("s", j), float(self.num_layers))] + [(c, -v) for c, v in slow], lo=0.0
                 )
             if j + 1 < self.t.num_devices and interchangeable[j]:
-                self.m.row([(self._v("u", j), 1.0), (self._v("u", j + 1), -1.0)], lo=0.0)
+                self._break_symmetry(j, count)
+
+    def _most_layers(self, j: int) -> int:
+        """Most layers device j can hold at any allowed precision (a tight big-M)."""
+        t = self.t
+        allowed = [k for k in self.kinds if t.allowed(j, k)]
+        if not allowed:
+            return 0
+        smallest = min(float(t.layer_memory_bytes[j, k]) for k in allowed)
+        room = float(t.capacity_bytes[j] - t.activation_bytes[j])
+        return int(min(self.num_layers, max(0.0, room) // smallest))
+
+    def _break_symmetry(self, j: int, count: list[tuple[int, float]]) -> None:
+        """Identical neighbours j, j + 1: used ones come first, and between two stages that
+        are neither the first nor the last, the earlier holds at least as many layers."""
+        big = float(self.num_layers)
+        self.m.row([(self._v("u", j), 1.0), (self._v("u", j + 1), -1.0)], lo=0.0)
+        if self.units is None:
+            ones = np.ones(len(self.t.bits))
+            following = [(c, -v) for c, v in self._n_terms(j + 1, ones)]
+            self.m.row(
+                [*count, *following, (self._v("e", j), big), (self._v("f", j + 1), big)], lo=0.0
+            )
 
     def _add_ends(self) -> None:
         for j in self.devices:
@@ -422,6 +444,18 @@ class PartitionMilp:
         h.run()
         elapsed = time.perf_counter() - start
         return self._result(h, elapsed)
+
+    def relaxation_bound(self) -> float:
+        """Optimum of the LP relaxation: no plan of this instance scores lower (inf when
+        even the relaxation is infeasible)."""
+        h = highspy.Highs()  # type: ignore[no-untyped-call]
+        h.setOptionValue("output_flag", False)
+        h.setOptionValue("threads", 1)
+        self.m.to_highs(h, relaxed=True)
+        h.run()
+        if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+            return math.inf
+        return float(h.getInfo().objective_function_value)
 
     def _result(self, h: highspy.Highs, elapsed: float) -> MilpResult:
         status = h.getModelStatus()

@@ -12,7 +12,9 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from planner.baselines import BaselinePlan, all_baselines
 from planner.cluster import DeviceSpec
@@ -75,15 +77,28 @@ def _interchangeable(order: Sequence[DeviceSpec]) -> list[bool]:
     return [a.class_key == b.class_key for a, b in itertools.pairwise(order)] + [False]
 
 
-def _units(
-    problem: PlanningProblem, tables: CostTables, options: SearchOptions
-) -> tuple[LayerUnits | None, int]:
-    """Count form when layers score alike, else per-layer units, grouped when too many."""
-    if problem.indicator.layers_alike:
-        return None, 1
-    per_group = tables.num_devices * len(tables.bits)
-    group = max(1, math.ceil(tables.num_layers * per_group / options.max_unit_binaries))
-    return LayerUnits.grouped(tables, group), group
+@dataclass(frozen=True)
+class _Candidate:
+    """One (order, micro-batch) instance, its MILP and its LP-relaxation bound."""
+
+    tables: CostTables
+    milp: PartitionMilp
+    bound: float
+
+
+def _ranked_candidates(
+    problem: PlanningProblem, units_of: Callable[[CostTables], LayerUnits | None]
+) -> list[_Candidate]:
+    """Every order × micro-batch instance with a feasible relaxation, lowest bound first."""
+    candidates = []
+    for order in problem.cluster.class_orders():
+        for prefill, decode in problem.micro_batch_choices():
+            tables = build_tables(problem, order, prefill, decode)
+            milp = PartitionMilp(tables, units_of(tables), _interchangeable(order))
+            bound = milp.relaxation_bound()
+            if math.isfinite(bound):
+                candidates.append(_Candidate(tables, milp, bound))
+    return sorted(candidates, key=lambda c: c.bound)
 
 
 def search(
@@ -91,7 +106,11 @@ def search(
     options: SearchOptions | None = None,
     progress: ProgressFn | None = None,
 ) -> SearchResult:
-    """Find the plan of least objective; raises InfeasiblePlanError when none exists."""
+    """Find the plan of least objective; raises InfeasiblePlanError when none exists.
+
+    Instances are solved in order of their LP bound, each with the incumbent as cutoff; the
+    search stops once the next bound cannot beat the incumbent by more than the gap.
+    """
     options = options or SearchOptions()
     started = time.perf_counter()
     if not problem.cluster.devices:
@@ -101,31 +120,23 @@ def search(
     for b in baselines:
         if b.tables is not None and b.stages is not None:
             best.offer(b.tables, b.stages)
-    orders = problem.cluster.class_orders()
-    candidates = [(o, p, d) for o in orders for p, d in problem.micro_batch_choices()]
+    group = _group_size(problem, options)
+    candidates = _ranked_candidates(
+        problem, lambda t: None if group == 0 else LayerUnits.grouped(t, group)
+    )
+    if group != 0 and candidates:
+        _offer_count_form_plan(candidates[0].tables, best, options)
     results: list[MilpResult] = []
-    formulation, group = "count", 1
-    for done, (order, prefill, decode) in enumerate(candidates, start=1):
+    for candidate in candidates:
         remaining = options.time_limit_s - (time.perf_counter() - started)
-        if remaining <= 0:
-            break
-        tables = build_tables(problem, order, prefill, decode)
-        units, group = _units(problem, tables, options)
-        formulation = "count" if units is None else "per-layer"
-        milp = PartitionMilp(tables, units, _interchangeable(order))
-        warm = best.stages if best.tables is not None and best.tables.devices == order else None
-        cutoff = best.objective * (1 + 1e-9) if math.isfinite(best.objective) else math.inf
-        result = milp.solve(
-            SolveOptions(remaining, options.mip_rel_gap, cutoff, options.verbose), warm
-        )
-        results.append(result)
-        if result.stages is not None:
-            best.offer(tables, result.stages)
+        if candidate.bound >= best.objective * (1 - options.mip_rel_gap) or remaining <= 0:
+            break  # sorted by bound: no later instance can do better
+        results.append(_solve(candidate, best, remaining, options))
         if progress is not None:
-            progress(done, len(candidates))
+            progress(len(results), len(candidates))
     if best.tables is None or best.stages is None:
         raise InfeasiblePlanError(diagnose_infeasible(problem))
-    status, gap = _summary(results, len(candidates), best.objective)
+    status, gap = _summary(results, candidates, best.objective, options.mip_rel_gap)
     return SearchResult(
         tables=best.tables,
         stages=best.stages,
@@ -134,21 +145,72 @@ def search(
         mip_gap=gap,
         time_s=time.perf_counter() - started,
         milps_solved=len(results),
-        orders_tried=len({id(c[0]) for c in candidates[: len(results)]}),
-        formulation=formulation,
-        layer_group_size=group,
+        orders_tried=len(problem.cluster.class_orders()),
+        formulation="count" if group == 0 else "per-layer",
+        layer_group_size=max(group, 1),
         baselines=baselines,
     )
 
 
-def _summary(results: Sequence[MilpResult], total: int, best: float) -> tuple[str, float]:
-    """Overall status and relative gap: best versus the least dual bound of all MILPs."""
-    if len(results) < total:
-        return f"time limit ({len(results)} of {total} MILPs solved)", math.inf
-    bound = min((r.dual_bound for r in results), default=math.inf)
-    gap = max(0.0, (best - bound) / best) if math.isfinite(bound) and best > 0 else 0.0
-    limited = any(r.status.lower().startswith("time") for r in results)
-    return ("time limit" if limited else "optimal"), gap
+def _group_size(problem: PlanningProblem, options: SearchOptions) -> int:
+    """0 for the count form (layers alike), else the per-layer unit size (1 = no grouping)."""
+    if problem.indicator.layers_alike:
+        return 0
+    per_unit = len(problem.cluster.devices) * len(problem.bits)
+    return max(1, math.ceil(problem.model.num_layers * per_unit / options.max_unit_binaries))
+
+
+def _solve(
+    candidate: _Candidate, best: _Incumbent, remaining_s: float, options: SearchOptions
+) -> MilpResult:
+    tables = candidate.tables
+    same_order = best.tables is not None and best.tables.devices == tables.devices
+    cutoff = best.objective * (1 + 1e-9)
+    solve = SolveOptions(remaining_s, options.mip_rel_gap, cutoff, options.verbose)
+    result = candidate.milp.solve(solve, best.stages if same_order else None)
+    if result.stages is not None:
+        best.offer(tables, result.stages)
+    return result
+
+
+def _offer_count_form_plan(tables: CostTables, best: _Incumbent, options: SearchOptions) -> None:
+    """Warm start for the per-layer form: solve the count form with every layer scored by
+    the mean ω, then give each stage's lowest precisions to its least sensitive layers."""
+    mean = np.tile(tables.omega.mean(axis=0), (tables.num_layers, 1))
+    surrogate = replace(tables, omega=mean)
+    milp = PartitionMilp(surrogate, None, _interchangeable(tables.devices))
+    result = milp.solve(SolveOptions(options.time_limit_s / 10, options.mip_rel_gap))
+    if result.stages is not None:
+        best.offer(tables, arrange_by_sensitivity(tables, result.stages))
+
+
+def arrange_by_sensitivity(
+    tables: CostTables, stages: Sequence[StageAssignment]
+) -> tuple[StageAssignment, ...]:
+    """Within each stage, give the highest precisions to the layers whose ω at the lowest
+    precision is largest (optimal when ω is a layer sensitivity times a precision curve)."""
+    arranged, start = [], 0
+    for stage in stages:
+        layers = range(start, start + len(stage.layer_bits))
+        by_sensitivity = sorted(layers, key=lambda i: -float(tables.omega[i, -1]))
+        precisions = sorted(stage.layer_bits, reverse=True)
+        bits = dict(zip(by_sensitivity, precisions, strict=True))
+        arranged.append(StageAssignment(stage.position, tuple(bits[i] for i in layers)))
+        start += len(stage.layer_bits)
+    return tuple(arranged)
+
+
+def _summary(
+    results: Sequence[MilpResult], candidates: Sequence[_Candidate], best: float, gap: float
+) -> tuple[str, float]:
+    """Overall status and relative gap: the incumbent against the least bound of every
+    instance (dual bound if solved, LP bound if not)."""
+    bounds = [r.dual_bound for r in results]
+    if len(results) < len(candidates):
+        bounds.append(candidates[len(results)].bound)
+    bound = min(bounds, default=best)
+    final_gap = max(0.0, (best - bound) / best) if best > 0 and math.isfinite(bound) else 0.0
+    return ("optimal" if final_gap <= gap * (1 + 1e-6) else "time limit"), final_gap
 
 
 def diagnose_infeasible(problem: PlanningProblem) -> str:
