@@ -1,0 +1,47 @@
+# One entry point for setting up, running and checking pqctl.
+#   make run     set up .venv and run the main job on this host (plans the built-in model)
+#   make test    set up .venv and run the test suite
+#   make check   lint, type-check, import contracts and tests (what CI runs)
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch; on a CUDA machine install the torch build you need first
+# (e.g. `TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" make setup`).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test lint typecheck contracts check bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/pqctl plan --local -o plan.json
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+contracts: $(STAMP)
+	$(BIN)/lint-imports
+
+check: lint typecheck contracts test
+
+bench: $(STAMP)
+	$(BIN)/python bench/planner.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

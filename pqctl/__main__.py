@@ -1,0 +1,5 @@
+"""``python -m pqctl``."""
+
+from pqctl.cli import main
+
+main()

@@ -1,0 +1,156 @@
+"""Turning command-line choices into a planning problem: model, cluster, workload, quality.
+
+Shared by the CLI and (later) the dashboard, so both resolve defaults the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from planner.catalogue import find_device_type
+from planner.cluster import ClusterSpec, DeviceType
+from planner.cluster_file import load_cluster_file
+from planner.errors import WorkloadError
+from planner.indicator import QualityIndicator, load_stats_indicator, prior_indicator
+from planner.local_host import local_cluster
+from planner.model_spec import ModelSpec, load_model_spec
+from planner.plan import ALL_BITS, Workload
+from planner.problem import PlanningProblem
+from planner.profiles import LatencyProfile, load_profiles
+from runtime.assets import BUILTIN_MODEL_NAME, builtin_model_dir
+from runtime.discovery import discover_gpus
+
+DEFAULT_WORKLOAD = {"batch": 8, "prompt_len": 128, "max_new": 64}
+"""Workload used when neither the options nor the cluster file give one."""
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """What the operator asked for; None means "use the default"."""
+
+    model: str | None = None
+    cluster_file: Path | None = None
+    batch: int | None = None
+    prompt_len: int | None = None
+    max_new: int | None = None
+    expected_new: int | None = None
+    quality: float | None = 0.05
+    theta_s: float = 0.0
+    bits: tuple[int, ...] = ALL_BITS
+    group_size: int = 128
+    stats_file: Path | None = None
+    profile_dir: Path | None = None
+    exclude: tuple[str, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class ResolvedCluster:
+    """A cluster, where it came from, and the model/workload its file suggests."""
+
+    cluster: ClusterSpec
+    source: str
+    model: str | None
+    workload: Mapping[str, int]
+    notes: tuple[str, ...] = ()
+
+
+def resolve_model(name: str | None) -> ModelSpec:
+    """The model to plan: a path, hub id or example name; the built-in model by default."""
+    if name is None or name == BUILTIN_MODEL_NAME:
+        return replace(load_model_spec(builtin_model_dir()), source=BUILTIN_MODEL_NAME)
+    return load_model_spec(name)
+
+
+def local_gpu_types() -> tuple[list[DeviceType], list[str]]:
+    """Catalogue types of this host's NVIDIA GPUs (with their real memory), and notes."""
+    found = discover_gpus()
+    if found.reason:
+        return [], [f"no GPU: {found.reason}; planning on the CPU"]
+    types, notes = [], []
+    for gpu in found.gpus:
+        known = find_device_type(gpu.name)
+        if known is None:
+            notes.append(
+                f'GPU {gpu.index} "{gpu.name}" is not in the catalogue; skipped '
+                "(describe it in a cluster file with explicit figures)"
+            )
+            continue
+        types.append(replace(known, memory_bytes=gpu.memory_total_bytes))
+    return types, notes
+
+
+def resolve_cluster(cluster_file: Path | None) -> ResolvedCluster:
+    """The cluster file's cluster, or this host (its GPUs, else its CPU)."""
+    if cluster_file is not None:
+        loaded = load_cluster_file(cluster_file)
+        return ResolvedCluster(loaded.cluster, str(cluster_file), loaded.model, loaded.workload)
+    gpus, notes = local_gpu_types()
+    return ResolvedCluster(local_cluster(gpus=gpus), "this host", None, {}, tuple(notes))
+
+
+def resolve_workload(request: PlanRequest, suggested: Mapping[str, int]) -> Workload:
+    """Options first, then the cluster file's [workload], then the defaults."""
+
+    def pick(option: int | None, key: str) -> int:
+        if option is not None:
+            return option
+        return int(suggested.get(key, DEFAULT_WORKLOAD.get(key, 0)))
+
+    max_new = pick(request.max_new, "max_new")
+    expected = (
+        request.expected_new
+        if request.expected_new is not None
+        else int(suggested.get("expected_new", max_new))
+    )
+    return Workload(
+        pick(request.batch, "batch"), pick(request.prompt_len, "prompt_len"), max_new, expected
+    )
+
+
+def resolve_indicator(
+    model: ModelSpec, stats_file: Path | None, group_size: int
+) -> QualityIndicator:
+    """Calibration statistics when given, else the documented prior."""
+    if stats_file is not None:
+        return load_stats_indicator(stats_file, model)
+    return prior_indicator(model, group_size)
+
+
+def _check_excluded(cluster: ClusterSpec, exclude: Sequence[str]) -> ClusterSpec:
+    keys = {d.key for d in cluster.devices}
+    for key in exclude:
+        if key not in keys:
+            raise WorkloadError(f'--exclude: no device "{key}"; devices: {", ".join(sorted(keys))}')
+    return cluster.without(exclude)
+
+
+def build_problem(request: PlanRequest) -> tuple[PlanningProblem, ResolvedCluster]:
+    """Resolve every input of ``request`` into a planning problem."""
+    resolved = resolve_cluster(request.cluster_file)
+    model = resolve_model(request.model or resolved.model)
+    profiles: list[LatencyProfile] = load_profiles(request.profile_dir)
+    if request.group_size <= 0:
+        raise WorkloadError(f"--group-size: must be positive, got {request.group_size}")
+    problem = PlanningProblem(
+        model=model,
+        cluster=_check_excluded(resolved.cluster, request.exclude),
+        workload=resolve_workload(request, resolved.workload),
+        indicator=resolve_indicator(model, request.stats_file, request.group_size),
+        bits=tuple(sorted(set(request.bits), reverse=True)),
+        quality_budget=request.quality,
+        theta_s=request.theta_s,
+        group_size=request.group_size,
+        profiles=tuple(profiles),
+    )
+    return problem, resolved
+
+
+def figures_source(problem: PlanningProblem) -> dict[str, str]:
+    """Per device key: "profile" when a measured profile drives its latency, else
+    "datasheet"."""
+    return {
+        d.key: "profile" if problem.profile_for(d) is not None else "datasheet"
+        for d in problem.cluster.devices
+    }
