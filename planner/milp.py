@@ -411,14 +411,19 @@ class PartitionMilp:
                 )
 
     def _add_contiguity(self) -> None:
+        """w[i,j] = Σ_{d≤j,k} z[i,d,k] (unit i sits on device j or earlier) may only fall as
+        i grows: a later unit never sits on an earlier device."""
         assert self.units is not None
-        for i in range(1, len(self.units.sizes)):
-            for j in range(self.t.num_devices - 1):
-                terms = [(self._v("z", i, d, k), 1.0) for d in range(j + 1) for k in self.kinds]
-                terms += [
-                    (self._v("z", i - 1, d, k), -1.0) for d in range(j + 1) for k in self.kinds
-                ]
-                self.m.row(terms, hi=0.0)
+        last = self.t.num_devices - 1
+        for i, _ in enumerate(self.units.sizes):
+            for j in range(last):
+                w = self.m.var(("w", i, j), ub=1.0)
+                terms = [(w, 1.0)] + [(self._v("z", i, j, k), -1.0) for k in self.kinds]
+                if j > 0:
+                    terms.append((self._v("w", i, j - 1), -1.0))
+                self.m.row(terms, lo=0.0, hi=0.0)
+                if i > 0:
+                    self.m.row([(w, 1.0), (self._v("w", i - 1, j), -1.0)], hi=0.0)
 
     # ---------------------------------------------------------------- solving
 
