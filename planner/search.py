@@ -19,9 +19,12 @@ import numpy as np
 from planner.baselines import BaselinePlan, all_baselines
 from planner.cluster import DeviceSpec
 from planner.errors import InfeasiblePlanError
+from planner.indicator import BITS_COLUMN
 from planner.milp import LayerUnits, MilpResult, PartitionMilp, SolveOptions
 from planner.problem import CostTables, PlanningProblem, build_tables
 from planner.simulator import Evaluation, StageAssignment, evaluate
+
+GIB = 1024**3
 
 ProgressFn = Callable[[int, int], None]
 """Called as progress(done, total) after each MILP."""
@@ -215,29 +218,38 @@ def _summary(
 
 def diagnose_infeasible(problem: PlanningProblem) -> str:
     """Say why no plan exists, in the terms an operator can act on."""
-    lowest = min(problem.bits)
-    devices = problem.cluster.devices
-    tables = build_tables(problem, devices, 1, 1)
-    k = tables.bits.index(lowest)
-    per_layer = min(float(tables.layer_memory_bytes[j, k]) for j in range(len(devices)))
-    need = problem.model.num_layers * per_layer + tables.embedding_bytes + tables.head_bytes
+    tables = build_tables(problem, problem.cluster.devices, 1, 1)
     have = float(tables.capacity_bytes.sum())
-    gib = 1024**3
-    if need > have:
+
+    def need(bits: int) -> float:
+        k = tables.bits.index(bits)
+        per_layer = float(tables.layer_memory_bytes[:, k].min())
+        return problem.model.num_layers * per_layer + tables.embedding_bytes + tables.head_bytes
+
+    lowest, budget = min(problem.bits), problem.quality_budget
+    if need(lowest) > have:
         return (
-            f"needs {need / gib:.1f} GiB at {lowest} bits (weights and KV cache for batch "
-            f"{problem.workload.global_batch} × {problem.workload.max_context} tokens), "
-            f"cluster has {have / gib:.1f} GiB usable; add devices, lower --batch, "
+            f"needs {need(lowest) / GIB:.1f} GiB at {lowest} bits (weights and KV cache for "
+            f"batch {problem.workload.global_batch} × {problem.workload.max_context} tokens), "
+            f"cluster has {have / GIB:.1f} GiB usable; add devices, lower --batch, "
             "--prompt-len or --max-new, or allow fewer bits"
         )
-    budget = problem.quality_budget
     if budget is not None:
+        within = [
+            b
+            for b in problem.bits
+            if problem.indicator.omega[:, BITS_COLUMN[b]].sum() <= budget + 1e-12
+        ]
+        bits = min(within, default=max(problem.bits))
         return (
-            f"the quality budget {budget:g} cannot be met within the cluster's memory "
-            f"({have / gib:.1f} GiB usable): raise --quality or lower --batch/--max-new"
+            f"the quality budget {budget:g} keeps layers at about {bits} bits or more, which "
+            f"needs {need(bits) / GIB:.1f} GiB; the cluster has {have / GIB:.1f} GiB usable: "
+            "raise --quality, add devices, or lower --batch or --max-new"
         )
+    k = tables.bits.index(lowest)
+    per_layer = float(tables.layer_memory_bytes[:, k].min())
     return (
         "no device order fits: each device must hold whole layers "
-        f"({per_layer / gib:.2f} GiB per layer at {lowest} bits with its KV cache) plus "
-        "its activations; lower --batch or --max-new"
+        f"({per_layer / GIB:.2f} GiB per layer at {lowest} bits with its KV cache) plus its "
+        "activations; lower --batch or --max-new"
     )
