@@ -46,8 +46,10 @@ def decode_micro_batch(global_batch: int, num_devices: int) -> int:
 
 
 def _split(num_layers: int, weights: Sequence[float]) -> list[int]:
-    """Largest-remainder split of the layers in proportion to ``weights``."""
+    """Largest-remainder split of the layers in proportion to ``weights`` (all zero: none)."""
     total = sum(weights)
+    if total <= 0:
+        return [0] * len(weights)
     exact = [num_layers * w / total for w in weights]
     counts = [math.floor(x) for x in exact]
     by_remainder = sorted(range(len(weights)), key=lambda j: counts[j] - exact[j])
@@ -117,6 +119,8 @@ def memory_proportional(problem: PlanningProblem) -> BaselinePlan:
     decode = decode_micro_batch(problem.workload.global_batch, len(devices))
     tables = build_tables(problem, devices, decode, decode)
     counts = _split(problem.model.num_layers, list(tables.capacity_bytes))
+    if not any(counts):
+        return _scored("memory-proportional", tables, None, "no device has usable memory")
     return _scored(
         "memory-proportional",
         tables,
@@ -140,43 +144,61 @@ def pipeedge(problem: PlanningProblem) -> BaselinePlan:
 
 
 def _min_bottleneck_split(tables: CostTables, k: int) -> list[int] | None:
-    """Layer counts minimising max_j decode time at precision column k, within memory.
+    """Layer counts minimising the slowest decode stage at precision column k, within memory,
+    over every choice of first and last used device (they carry the embedding / LM head)."""
+    if not np.all(np.isfinite(tables.layer_decode_s[:, k])):
+        return None
+    n = tables.num_devices
+    found = [
+        split
+        for first in range(n)
+        for last in range(first, n)
+        if (split := _split_between(tables, k, first, last)) is not None
+    ]
+    return min(found, key=lambda f: f[0])[1] if found else None
+
+
+def _split_between(
+    tables: CostTables, k: int, first: int, last: int
+) -> tuple[float, list[int]] | None:
+    """Least-bottleneck split using devices first..last, both holding at least one layer.
 
     Tries bottleneck values in increasing order; at each, every device takes as many layers
-    as time and memory allow, in pipeline order.
+    as time and memory allow.
     """
-    num_layers, n = tables.num_layers, tables.num_devices
-    per_layer = tables.layer_decode_s[:, k]
-    if not np.all(np.isfinite(per_layer)):
+    num_layers, span = tables.num_layers, range(first, last + 1)
+    if first != last and num_layers < 2:
         return None
-    extra = tables.embed_decode_s * (np.arange(n) == 0) + tables.head_decode_s * (
-        np.arange(n) == n - 1
+    per_layer = tables.layer_decode_s[:, k]
+    extra = {
+        j: float(tables.embed_decode_s[j]) * (j == first)
+        + float(tables.head_decode_s[j]) * (j == last)
+        for j in span
+    }
+    room = {j: _layers_that_fit(tables, j, k, j == first, j == last) for j in span}
+    bounds = sorted(
+        {c * float(per_layer[j]) + extra[j] for j in span for c in range(1, num_layers + 1)}
     )
-    room = [_layers_that_fit(tables, j, k) for j in range(n)]
-    candidates = sorted(
-        {float(c * per_layer[j] + extra[j]) for j in range(n) for c in range(1, num_layers + 1)}
-    )
-    for bound in candidates:
-        limits = [
-            min(room[j], math.floor((bound - extra[j]) / per_layer[j] + 1e-9)) for j in range(n)
-        ]
-        if sum(max(0, x) for x in limits) >= num_layers:
-            return _fill(limits, num_layers)
+    for bound in bounds:
+        limits = {
+            j: min(room[j], math.floor((bound - extra[j]) / per_layer[j] + 1e-9)) for j in span
+        }
+        if (
+            min(limits[first], limits[last]) >= 1
+            and sum(max(0, x) for x in limits.values()) >= num_layers
+        ):
+            counts = [0] * tables.num_devices
+            left = num_layers
+            for j in span:
+                keep = 1 if j < last else 0  # the last device must keep at least one layer
+                counts[j] = left if j == last else max(0, min(limits[j], left - keep))
+                left -= counts[j]
+            return bound, counts
     return None
 
 
-def _fill(limits: Sequence[int], num_layers: int) -> list[int]:
-    counts, left = [], num_layers
-    for limit in limits:
-        take = max(0, min(limit, left))
-        counts.append(take)
-        left -= take
-    return counts
-
-
-def _layers_that_fit(tables: CostTables, j: int, k: int) -> int:
-    """How many layers at column k device j holds, counting both pipeline ends on it."""
-    first, last = j == 0, j == tables.num_devices - 1
+def _layers_that_fit(tables: CostTables, j: int, k: int, first: bool, last: bool) -> int:
+    """How many layers at column k device j holds, with the pipeline ends it carries."""
     fixed = stage_memory_bytes(tables, StageAssignment(j, ()), first, last)
     per_layer = float(tables.layer_memory_bytes[j, k])
     if tables.slow_bits[j, k]:
@@ -190,6 +212,8 @@ def adabits(problem: PlanningProblem) -> BaselinePlan:
     decode = decode_micro_batch(problem.workload.global_batch, len(devices))
     tables = build_tables(problem, devices, decode, decode)
     counts = _split(problem.model.num_layers, list(tables.capacity_bytes))
+    if not any(counts):
+        return _scored("adabits", tables, None, "no device has usable memory")
     stages, start = [], 0
     for j, count in enumerate(counts):
         if count:

@@ -135,23 +135,37 @@ def prior_indicator(model: ModelSpec, group_size: int) -> QualityIndicator:
     return indicator_from_stats([layer] * model.num_layers, name="prior")
 
 
-def load_stats_indicator(path: str | Path, model: ModelSpec) -> QualityIndicator:
-    """Read a statistics file for ``model``; raises ProfileError naming file and field."""
+def load_stats_indicator(
+    path: str | Path, model: ModelSpec, group_size: int | None = None
+) -> QualityIndicator:
+    """Read a statistics file for ``model`` (collected at ``group_size``, when given);
+    raises ProfileError naming file and field."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ProfileError(f"{path}: cannot read ({exc.strerror})") from exc
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{path}: not valid JSON: {exc}") from exc
-    return indicator_from_stats(parse_stats(data, str(path), model))
+    return indicator_from_stats(parse_stats(data, str(path), model, group_size))
 
 
-def parse_stats(data: Any, source: str, model: ModelSpec) -> list[list[OpStats]]:
-    """Validate statistics data against ``model``: one entry per layer and operator."""
+def parse_stats(
+    data: Any, source: str, model: ModelSpec, group_size: int | None = None
+) -> list[list[OpStats]]:
+    """Validate statistics data against ``model`` (and the planned ``group_size``, when
+    given): one entry per layer and operator."""
     if not isinstance(data, dict) or data.get("format") != STATS_FORMAT:
         raise ProfileError(f'{source}: format: expected "{STATS_FORMAT}"')
     if data.get("version") != STATS_VERSION:
         raise ProfileError(f"{source}: version: expected {STATS_VERSION}")
+    found = data.get("group_size")
+    if isinstance(found, bool) or not isinstance(found, int) or found <= 0:
+        raise ProfileError(f"{source}: group_size: expected a positive integer")
+    if group_size is not None and found != group_size:
+        raise ProfileError(
+            f"{source}: group_size: statistics were collected for groups of {found}; plan with "
+            f"--group-size {found} or recalibrate"
+        )
     layers = data.get("layers")
     if not isinstance(layers, list) or len(layers) != model.num_layers:
         count = len(layers) if isinstance(layers, list) else "no"

@@ -49,6 +49,13 @@ Constraints
                 e_j = Σ_k z[0,j,k];   f_j = Σ_k z[I−1,j,k];
                 contiguity  Σ_{l≤j,k} z[i,l,k] ≤ Σ_{l≤j,k} z[i−1,l,k]   (i ≥ 1, j < |J| − 1)
 
+With single layers as units, z is continuous and the cumulative columns w[i,j] (unit i on
+device j or earlier) are the binaries: once w and the counts n are integral, the z of each stage
+form a transportation polytope (layers × precisions) with integral vertices, so the optimum is
+exact while branching only touches L·|J| + |J|·|K| integers. Its z may be fractional when Σω does
+not matter at the optimum; decoding then assigns each stage's precisions to its layers for least
+Σω (:func:`best_arrangement`). Grouped units keep z binary.
+
 The ``max`` terms of the simulator become epigraph variables (P*, R) that the minimisation
 drives down to the maximum, so on any integer point the objective equals
 ``planner.simulator.evaluate``. When all layers score alike the counts n alone decide the
@@ -139,12 +146,13 @@ class _Model:
         self.row_lo.append(lo)
         self.row_hi.append(hi)
 
-    def to_highs(self, h: highspy.Highs, relaxed: bool = False) -> None:
+    def to_highs(self, h: highspy.Highs, integer: Sequence[bool] | None = None) -> None:
+        """Pass the model to HiGHS; ``integer`` overrides which columns are integral."""
         n = len(self.lb)
         h.addVars(n, np.array(self.lb), np.array(self.ub))
         idx = np.arange(n, dtype=np.int32)
         h.changeColsCost(n, idx, np.array(self.cost))
-        kinds = np.array([int(i and not relaxed) for i in self.integer], dtype=np.uint8)
+        kinds = np.array(self.integer if integer is None else integer, dtype=np.uint8)
         h.changeColsIntegrality(n, idx, kinds)
         h.addRows(
             len(self.row_lo),
@@ -186,6 +194,7 @@ class PartitionMilp:
         says device j and j + 1 are identical and on the same host."""
         self.t = tables
         self.units = units
+        self.layerwise = units is not None and all(g == 1 for g in units.sizes)
         self.m = _Model()
         self.num_layers = tables.num_layers
         self.devices = range(tables.num_devices)
@@ -229,7 +238,7 @@ class PartitionMilp:
                     for k in self.kinds:
                         ub = 1.0 if t.allowed(j, k) else 0.0
                         cost = t.theta_s * float(self.units.omega[i, k])
-                        m.var(("z", i, j, k), ub=ub, cost=cost, integer=True)
+                        m.var(("z", i, j, k), ub=ub, cost=cost, integer=not self.layerwise)
 
     def _v(self, *key: object) -> int:
         return self.m.index[key]
@@ -417,7 +426,7 @@ class PartitionMilp:
         last = self.t.num_devices - 1
         for i, _ in enumerate(self.units.sizes):
             for j in range(last):
-                w = self.m.var(("w", i, j), ub=1.0)
+                w = self.m.var(("w", i, j), ub=1.0, integer=self.layerwise)
                 terms = [(w, 1.0)] + [(self._v("z", i, j, k), -1.0) for k in self.kinds]
                 if j > 0:
                     terms.append((self._v("w", i, j - 1), -1.0))
@@ -428,9 +437,17 @@ class PartitionMilp:
     # ---------------------------------------------------------------- solving
 
     def solve(
-        self, options: SolveOptions, warm: Sequence[StageAssignment] | None = None
+        self,
+        options: SolveOptions,
+        warm: Sequence[StageAssignment] | None = None,
+        relax_positions: bool = False,
     ) -> MilpResult:
-        """Solve with HiGHS; never raises on infeasibility (the status says it)."""
+        """Solve with HiGHS; never raises on infeasibility (the status says it).
+
+        ``relax_positions`` (per-layer form) keeps the counts integral but lets layers sit
+        fractionally on devices: a relaxation whose optimum bounds the exact one from below,
+        and whose counts, arranged per stage, give a feasible plan candidate.
+        """
         h = highspy.Highs()  # type: ignore[no-untyped-call]
         h.setOptionValue("output_flag", options.verbose)
         for name, value in (
@@ -442,8 +459,13 @@ class PartitionMilp:
             h.setOptionValue(name, value)
         if math.isfinite(options.cutoff):
             h.setOptionValue("objective_bound", options.cutoff)
-        self.m.to_highs(h)
-        if warm is not None:
+        integer = list(self.m.integer)
+        if relax_positions and self.layerwise:
+            for key, col in self.m.index.items():
+                if key[0] == "w":
+                    integer[col] = False
+        self.m.to_highs(h, integer)
+        if warm is not None and not relax_positions:
             self._set_warm_start(h, warm)
         start = time.perf_counter()
         h.run()
@@ -456,7 +478,7 @@ class PartitionMilp:
         h = highspy.Highs()  # type: ignore[no-untyped-call]
         h.setOptionValue("output_flag", False)
         h.setOptionValue("threads", 1)
-        self.m.to_highs(h, relaxed=True)
+        self.m.to_highs(h, integer=[False] * len(self.m.integer))
         h.run()
         if h.getModelStatus() != highspy.HighsModelStatus.kOptimal:
             return math.inf
@@ -492,6 +514,11 @@ class PartitionMilp:
                 if layer_bits:
                     stages.append(StageAssignment(j, tuple(layer_bits)))
             return tuple(stages)
+        if self.layerwise:
+            counts = [
+                (j, tuple(round(x[self._v("n", j, k)]) for k in self.kinds)) for j in self.devices
+            ]
+            return best_arrangement(self.t, [(j, c) for j, c in counts if sum(c) > 0])
         per_device: dict[int, list[int]] = {}
         for i, size in enumerate(self.units.sizes):
             j, k = next(
@@ -514,14 +541,59 @@ class PartitionMilp:
                 values[self._v("s", j)] = max(
                     values[self._v("s", j)], float(self.t.slow_bits[j, k])
                 )
-                if self.units is not None:
-                    unit = _unit_of(self.units.sizes, layer)
-                    values[self._v("z", unit, j, k)] = 1.0
+                if self.units is not None and not self.layerwise:
+                    values[self._v("z", _unit_of(self.units.sizes, layer), j, k)] = 1.0
+                if self.layerwise:
+                    for d in range(j, self.t.num_devices - 1):
+                        values[self._v("w", layer, d)] = 1.0
                 layer += 1
         values[self._v("e", used[0])] = 1.0
         values[self._v("f", used[-1])] = 1.0
         cols = np.array(list(values), dtype=np.int32)
         h.setSolution(len(cols), cols, np.array([values[c] for c in values]))
+
+
+def best_arrangement(
+    tables: CostTables, stage_counts: Sequence[tuple[int, Sequence[int]]]
+) -> tuple[StageAssignment, ...]:
+    """Within each stage (device position, layers per precision column, in pipeline order),
+    the assignment of precisions to its layers of least Σω.
+
+    Each stage is a transportation problem (layers × precisions); its LP has integral
+    vertices, so the simplex answer is an exact assignment.
+    """
+    stages, start = [], 0
+    for position, counts in stage_counts:
+        size = int(sum(counts))
+        kinds = [k for k, c in enumerate(counts) if c > 0]
+        stages.append(StageAssignment(position, _assign(tables, start, size, kinds, counts)))
+        start += size
+    return tuple(stages)
+
+
+def _assign(
+    tables: CostTables, start: int, size: int, kinds: Sequence[int], counts: Sequence[int]
+) -> tuple[int, ...]:
+    if len(kinds) == 1:
+        return (tables.bits[kinds[0]],) * size
+    m = _Model()
+    for i in range(size):
+        for k in kinds:
+            m.var(("a", i, k), ub=1.0, cost=float(tables.omega[start + i, k]))
+    for i in range(size):
+        m.row([(m.index[("a", i, k)], 1.0) for k in kinds], lo=1.0, hi=1.0)
+    for k in kinds:
+        total = float(counts[k])
+        m.row([(m.index[("a", i, k)], 1.0) for i in range(size)], lo=total, hi=total)
+    h = highspy.Highs()  # type: ignore[no-untyped-call]
+    h.setOptionValue("output_flag", False)
+    h.setOptionValue("solver", "simplex")
+    m.to_highs(h)
+    h.run()
+    x = np.array(h.getSolution().col_value)
+    return tuple(
+        tables.bits[next(k for k in kinds if x[m.index[("a", i, k)]] > 0.5)] for i in range(size)
+    )
 
 
 def _unit_of(sizes: Sequence[int], layer: int) -> int:

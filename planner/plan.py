@@ -277,20 +277,16 @@ class _PlanReader:
             )
         _only(d, Plan, "")
         return Plan(
-            model=_record(ModelRef, _obj(d.get("model"), "model"), "model"),
-            workload=_record(Workload, _obj(d.get("workload"), "workload"), "workload"),
-            quantization=_record(
-                Quantization, _obj(d.get("quantization"), "quantization"), "quantization"
-            ),
-            micro_batching=_record(
-                MicroBatching, _obj(d.get("micro_batching"), "micro_batching"), "micro_batching"
-            ),
+            model=_sub(ModelRef, d, "model", ""),
+            workload=_sub(Workload, d, "workload", ""),
+            quantization=_sub(Quantization, d, "quantization", ""),
+            micro_batching=_sub(MicroBatching, d, "micro_batching", ""),
             stages=tuple(
                 self._stage(s, f"stages[{k}]") for k, s in enumerate(_list(d, "stages", ""))
             ),
-            prediction=_record(Prediction, _obj(d.get("prediction"), "prediction"), "prediction"),
-            quality=_record(QualityReport, _obj(d.get("quality"), "quality"), "quality"),
-            solver=_record(SolverReport, _obj(d.get("solver"), "solver"), "solver"),
+            prediction=_sub(Prediction, d, "prediction", ""),
+            quality=_sub(QualityReport, d, "quality", ""),
+            solver=_sub(SolverReport, d, "solver", ""),
             baselines=tuple(
                 _record(BaselineResult, _obj(b, f"baselines[{k}]"), f"baselines[{k}]")
                 for k, b in enumerate(_list(d, "baselines", "", required=False))
@@ -307,19 +303,36 @@ class _PlanReader:
         _only(d, Stage, path)
         bits = _list(d, "layer_bits", path)
         return Stage(
-            device=_record(DeviceRef, _obj(d.get("device"), f"{path}.device"), f"{path}.device"),
-            layer_range=_record(
-                LayerRange, _obj(d.get("layer_range"), f"{path}.layer_range"), f"{path}.layer_range"
-            ),
+            device=_sub(DeviceRef, d, "device", path),
+            layer_range=_sub(LayerRange, d, "layer_range", path),
             layer_bits=tuple(
                 _check_type(b, int, f"{path}.layer_bits[{k}]") for k, b in enumerate(bits)
             ),
-            holds_embedding=_check_type(d.get("holds_embedding"), bool, f"{path}.holds_embedding"),
-            holds_lm_head=_check_type(d.get("holds_lm_head"), bool, f"{path}.holds_lm_head"),
-            predicted=_record(
-                StagePrediction, _obj(d.get("predicted"), f"{path}.predicted"), f"{path}.predicted"
+            holds_embedding=_check_type(
+                _member(d, "holds_embedding", path), bool, f"{path}.holds_embedding"
             ),
+            holds_lm_head=_check_type(
+                _member(d, "holds_lm_head", path), bool, f"{path}.holds_lm_head"
+            ),
+            predicted=_sub(StagePrediction, d, "predicted", path),
         )
+
+
+def _where(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _member(d: Mapping[str, Any], key: str, path: str) -> Any:
+    """``d[key]``, or a "missing" error naming the field."""
+    if key not in d:
+        raise PlanValidationError(_where(path, key), "missing")
+    return d[key]
+
+
+def _sub(cls: type, d: Mapping[str, Any], key: str, path: str) -> Any:
+    """The nested record ``d[key]`` as a ``cls``."""
+    where = _where(path, key)
+    return _record(cls, _obj(_member(d, key, path), where), where)
 
 
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
@@ -365,25 +378,27 @@ def _check_type(value: Any, accepted: type | tuple[type, ...], where: str) -> An
 
 def _obj(value: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise PlanValidationError(where, "missing" if value is None else "expected an object")
+        raise PlanValidationError(where, f"expected an object, got {_kind(value)}")
     return value
 
 
+def _kind(value: Any) -> str:
+    if isinstance(value, list | Mapping) or value is None:
+        return {list: "a list", type(None): "null"}.get(type(value), "an object")
+    return json.dumps(value)
+
+
 def _list(d: Mapping[str, Any], key: str, path: str, required: bool = True) -> Sequence[Any]:
-    where = f"{path}.{key}" if path else key
     if key not in d and not required:
         return ()
-    value = d.get(key)
+    value = _member(d, key, path)
     if not isinstance(value, list):
-        raise PlanValidationError(where, "missing" if value is None else "expected a list")
+        raise PlanValidationError(_where(path, key), f"expected a list, got {_kind(value)}")
     return value
 
 
 def _int(d: Mapping[str, Any], key: str, path: str) -> int:
-    where = f"{path}.{key}" if path else key
-    if key not in d:
-        raise PlanValidationError(where, "missing")
-    return int(_check_type(d[key], int, where))
+    return int(_check_type(_member(d, key, path), int, _where(path, key)))
 
 
 def _only(d: Mapping[str, Any], cls: type, path: str) -> None:
@@ -447,6 +462,12 @@ def _validate_workload(workload: Workload, micro: MicroBatching) -> None:
                 f"micro_batching.{name}",
                 f"{size} must be a positive divisor of the global batch {workload.global_batch}",
             )
+    if micro.decode_size % micro.prefill_size:
+        raise PlanValidationError(
+            "micro_batching.prefill_size",
+            f"{micro.prefill_size} must divide micro_batching.decode_size {micro.decode_size} "
+            "(prefill chunks merge into decode micro-batches)",
+        )
 
 
 def _validate_stage(stage: Stage, path: str, expected_start: int, first: bool, last: bool) -> None:

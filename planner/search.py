@@ -20,7 +20,13 @@ from planner.baselines import BaselinePlan, all_baselines
 from planner.cluster import DeviceSpec
 from planner.errors import InfeasiblePlanError
 from planner.indicator import BITS_COLUMN
-from planner.milp import LayerUnits, MilpResult, PartitionMilp, SolveOptions
+from planner.milp import (
+    LayerUnits,
+    MilpResult,
+    PartitionMilp,
+    SolveOptions,
+    best_arrangement,
+)
 from planner.problem import CostTables, PlanningProblem, build_tables
 from planner.simulator import Evaluation, StageAssignment, evaluate
 
@@ -166,11 +172,22 @@ def _group_size(problem: PlanningProblem, options: SearchOptions) -> int:
 def _solve(
     candidate: _Candidate, best: _Incumbent, remaining_s: float, options: SearchOptions
 ) -> MilpResult:
-    tables = candidate.tables
+    """Solve one instance against the incumbent. In the per-layer form, first the relaxation
+    with fractional layer positions: it prunes the instance or supplies a plan, and only when
+    its bound leaves room does the exact MILP run."""
+    tables, milp = candidate.tables, candidate.milp
+    solve = SolveOptions(
+        remaining_s, options.mip_rel_gap, best.objective * (1 + 1e-9), options.verbose
+    )
+    if milp.layerwise:
+        relaxed = milp.solve(solve, relax_positions=True)
+        if relaxed.stages is not None:
+            best.offer(tables, relaxed.stages)
+        if relaxed.dual_bound >= best.objective * (1 - options.mip_rel_gap):
+            return relaxed
+        solve = replace(solve, cutoff=best.objective * (1 + 1e-9))
     same_order = best.tables is not None and best.tables.devices == tables.devices
-    cutoff = best.objective * (1 + 1e-9)
-    solve = SolveOptions(remaining_s, options.mip_rel_gap, cutoff, options.verbose)
-    result = candidate.milp.solve(solve, best.stages if same_order else None)
+    result = milp.solve(solve, best.stages if same_order else None)
     if result.stages is not None:
         best.offer(tables, result.stages)
     return result
@@ -178,29 +195,16 @@ def _solve(
 
 def _offer_count_form_plan(tables: CostTables, best: _Incumbent, options: SearchOptions) -> None:
     """Warm start for the per-layer form: solve the count form with every layer scored by
-    the mean ω, then give each stage's lowest precisions to its least sensitive layers."""
+    the mean ω, then arrange each stage's precisions over its layers for least Σω."""
     mean = np.tile(tables.omega.mean(axis=0), (tables.num_layers, 1))
     surrogate = replace(tables, omega=mean)
     milp = PartitionMilp(surrogate, None, _interchangeable(tables.devices))
     result = milp.solve(SolveOptions(options.time_limit_s / 10, options.mip_rel_gap))
     if result.stages is not None:
-        best.offer(tables, arrange_by_sensitivity(tables, result.stages))
-
-
-def arrange_by_sensitivity(
-    tables: CostTables, stages: Sequence[StageAssignment]
-) -> tuple[StageAssignment, ...]:
-    """Within each stage, give the highest precisions to the layers whose ω at the lowest
-    precision is largest (optimal when ω is a layer sensitivity times a precision curve)."""
-    arranged, start = [], 0
-    for stage in stages:
-        layers = range(start, start + len(stage.layer_bits))
-        by_sensitivity = sorted(layers, key=lambda i: -float(tables.omega[i, -1]))
-        precisions = sorted(stage.layer_bits, reverse=True)
-        bits = dict(zip(by_sensitivity, precisions, strict=True))
-        arranged.append(StageAssignment(stage.position, tuple(bits[i] for i in layers)))
-        start += len(stage.layer_bits)
-    return tuple(arranged)
+        counts = [
+            (st.position, [st.layer_bits.count(b) for b in tables.bits]) for st in result.stages
+        ]
+        best.offer(tables, best_arrangement(tables, counts))
 
 
 def _summary(

@@ -114,7 +114,7 @@ def resolve_indicator(
 ) -> QualityIndicator:
     """Calibration statistics when given, else the documented prior."""
     if stats_file is not None:
-        return load_stats_indicator(stats_file, model)
+        return load_stats_indicator(stats_file, model, group_size)
     return prior_indicator(model, group_size)
 
 

@@ -238,12 +238,6 @@ def test_pipeedge_respects_memory() -> None:
     assert counts(plan.stages, 2) == [3, 5]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_min_bottleneck_split charges the LM head to the last device even when the split "
-    "leaves it empty: with a large vocabulary it puts every layer on device 0 (bound 2 layers + "
-    "embedding) although the head then runs there too, and misses the 1 + 1 split",
-)
 def test_pipeedge_counts_the_lm_head_where_it_lands() -> None:
     # Two identical devices, two layers, vocabulary 128000: the head (~0.38 ms) outweighs a
     # layer (~0.1 ms), so 1 + 1 (slowest: layer + head) beats 2 + 0 (2 layers + embed + head).
@@ -254,12 +248,6 @@ def test_pipeedge_counts_the_lm_head_where_it_lands() -> None:
     assert slowest == pytest.approx(best_bottleneck(plan.tables, 16), rel=1e-12)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_min_bottleneck_split and _layers_that_fit assume the embedding stays on device 0; "
-    "when the split leaves device 0 empty the embedding lands on device 1, the split overflows "
-    "it, and pipeedge drops to 8 bits although 16-bit splits (1 + 1, 2 + 0) fit",
-)
 def test_pipeedge_uses_the_highest_precision_with_a_feasible_split() -> None:
     # Device 0: slow, roomy. Device 1: fast, 87 MiB: two 16-bit layers + head + activations
     # (82 MiB) fit, but not with the embedding as well (97.6 MiB).
@@ -335,14 +323,6 @@ def test_nothing_fits_gives_reasons_and_no_evaluation() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="_split divides by the total capacity: when every device has 0 usable bytes "
-    "(e.g. 1 GiB GPUs, whose 1 GiB reserve exceeds 95 % of memory) memory_proportional and "
-    "adabits raise 'cannot convert float NaN to integer' instead of returning a reason, and "
-    "search() (which runs all_baselines first) crashes instead of raising InfeasiblePlanError",
-)
 def test_nothing_fits_on_devices_without_usable_memory() -> None:
     tiny = gpu_device_type("tiny", 1, 300, 20)
     assert tiny.usable_memory_bytes == 0

@@ -299,3 +299,20 @@ def test_statistics_for_another_model_shape_are_rejected() -> None:
     with pytest.raises(ProfileError) as info:
         parse_stats(data, "inline", opt_like)
     assert str(info.value) == "inline: layers: 3 layers of statistics for a model with 40 layers"
+
+
+def test_statistics_for_another_group_size_are_refused(tmp_path: Path) -> None:
+    model = tiny_llama(3)
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps(stats_data(model)), encoding="utf-8")
+    assert load_stats_indicator(path, model, group_size=128).name == "variance"
+    with pytest.raises(ProfileError) as info:
+        load_stats_indicator(path, model, group_size=64)
+    assert str(info.value) == (
+        f"{path}: group_size: statistics were collected for groups of 128; plan with "
+        "--group-size 128 or recalibrate"
+    )
+    data = stats_data(model)
+    data["group_size"] = 0
+    with pytest.raises(ProfileError, match="group_size: expected a positive integer"):
+        parse_stats(data, "inline", model)
