@@ -75,8 +75,7 @@ def run_cluster(number: int, per_layer: bool) -> dict[str, object]:
         if ev.within_budget and ours < ev.throughput_tokens_per_s * (1 - 1e-3):
             slower = True
     devices = " + ".join(
-        f"{n}×{t}"
-        for t, n in _counts([d.type.name for d in problem.cluster.devices]).items()
+        f"{n}×{t}" for t, n in _counts([d.type.name for d in problem.cluster.devices]).items()
     )
     return {
         "cluster": number,
@@ -112,34 +111,45 @@ def report(rows: list[dict[str, object]], title: str) -> bool:
     for r in rows:
         ratios = r["ratios"]
         assert isinstance(ratios, dict)
-        line = (f"{r['cluster']:>2} {r['model']!s:<11} {r['devices']!s:<20} "
-                f"{r['time_s']:>8.2f} {100 * float(r['gap']):>7.3f} {r['milps']:>5} "  # type: ignore[arg-type]
-                f"{r['throughput']:>8.1f} ")
+        line = (
+            f"{r['cluster']:>2} {r['model']!s:<11} {r['devices']!s:<20} "
+            f"{r['time_s']:>8.2f} {100 * float(r['gap']):>7.3f} {r['milps']:>5} "  # type: ignore[arg-type]
+            f"{r['throughput']:>8.1f} "
+        )
         line += " ".join(f"{_ratio(ratios.get(b)):>11}" for b in BASELINES)
         print(line)
         ok &= float(r["time_s"]) <= 2.0 and float(r["gap"]) <= 1e-3 and not r["slower"]  # type: ignore[arg-type]
     worst_time = max(float(r["time_s"]) for r in rows)  # type: ignore[arg-type]
     worst_gap = max(float(r["gap"]) for r in rows)  # type: ignore[arg-type]
     never_slower = not any(r["slower"] for r in rows)
-    print(f"slowest search {worst_time:.2f} s (target ≤ 2 s), largest gap {100 * worst_gap:.3f} % "
-          f"(target ≤ 0.1 %), never slower than a baseline within budget: {never_slower}")
+    print(
+        f"slowest search {worst_time:.2f} s (target ≤ 2 s), largest gap {100 * worst_gap:.3f} % "
+        f"(target ≤ 0.1 %), never slower than a baseline within budget: {never_slower}"
+    )
     return ok
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--per-layer", action="store_true",
-                        help="also time the per-layer formulation")
+    parser.add_argument(
+        "--per-layer", action="store_true", help="also time the per-layer formulation"
+    )
     parser.add_argument("--clusters", default="1,2,3,4,5,6,7,8,9,10,11")
     args = parser.parse_args()
     numbers = [int(n) for n in args.clusters.split(",")]
-    print(f"pqctl planner benchmark: B=32, s=512, n=100, quality budget {BUDGET}, "
-          "ratios = pqctl predicted throughput ÷ baseline (— = baseline does not fit)")
-    ok = report([run_cluster(n, False) for n in numbers],
-                "Prior indicator (every layer alike: count formulation)")
+    print(
+        f"pqctl planner benchmark: B=32, s=512, n=100, quality budget {BUDGET}, "
+        "ratios = pqctl predicted throughput ÷ baseline (— = baseline does not fit)"
+    )
+    ok = report(
+        [run_cluster(n, False) for n in numbers],
+        "Prior indicator (every layer alike: count formulation)",
+    )
     if args.per_layer:
-        report([run_cluster(n, True) for n in numbers],
-               "Depth-profile indicator (per-layer formulation, no grouping)")
+        report(
+            [run_cluster(n, True) for n in numbers],
+            "Depth-profile indicator (per-layer formulation, no grouping)",
+        )
     return 0 if ok else 1
 
 
