@@ -58,6 +58,13 @@ def packed_linear_bytes(op: LinearOp, bits: int, group_size: int) -> int:
     return packed + op.out_features * groups_per_row * 2 * SCALE_BYTES
 
 
+def default_group_size(model: ModelSpec, candidates: tuple[int, ...] = (128, 64, 32)) -> int:
+    """Largest quantization group size that divides every linear operator's input width
+    (whole groups suit the packed low-bit kernels); the first candidate if none does."""
+    widths = [op.in_features for op in model.layer_linears()]
+    return next((g for g in candidates if all(w % g == 0 for w in widths)), candidates[0])
+
+
 def layer_weight_bytes(model: ModelSpec, bits: int, group_size: int) -> int:
     """Resident bytes of one decoder layer's parameters at ``bits``: packed linear weights
     plus fp16 biases and norms."""

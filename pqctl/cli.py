@@ -156,8 +156,13 @@ def plan(
         str, typer.Option("--bits", help="Precisions the planner may use, comma-separated.")
     ] = "16,8,4,3,2",
     group_size: Annotated[
-        int, typer.Option("--group-size", help="Quantization group size (input weights per scale).")
-    ] = 128,
+        int | None,
+        typer.Option(
+            "--group-size",
+            help="Quantization group size (input weights per scale). Default: the largest of "
+            "128, 64, 32 that divides every layer's input width.",
+        ),
+    ] = None,
     stats: Annotated[
         Path | None,
         typer.Option(

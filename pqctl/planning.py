@@ -12,6 +12,7 @@ from pathlib import Path
 from planner.catalogue import find_device_type
 from planner.cluster import ClusterSpec, DeviceType
 from planner.cluster_file import load_cluster_file
+from planner.cost_model import default_group_size
 from planner.errors import WorkloadError
 from planner.indicator import QualityIndicator, load_stats_indicator, prior_indicator
 from planner.local_host import local_cluster
@@ -39,7 +40,7 @@ class PlanRequest:
     quality: float | None = 0.05
     theta_s: float = 0.0
     bits: tuple[int, ...] = ALL_BITS
-    group_size: int = 128
+    group_size: int | None = None
     stats_file: Path | None = None
     profile_dir: Path | None = None
     exclude: tuple[str, ...] = field(default=())
@@ -131,17 +132,18 @@ def build_problem(request: PlanRequest) -> tuple[PlanningProblem, ResolvedCluste
     resolved = resolve_cluster(request.cluster_file)
     model = resolve_model(request.model or resolved.model)
     profiles: list[LatencyProfile] = load_profiles(request.profile_dir)
-    if request.group_size <= 0:
-        raise WorkloadError(f"--group-size: must be positive, got {request.group_size}")
+    group_size = default_group_size(model) if request.group_size is None else request.group_size
+    if group_size <= 0:
+        raise WorkloadError(f"--group-size: must be positive, got {group_size}")
     problem = PlanningProblem(
         model=model,
         cluster=_check_excluded(resolved.cluster, request.exclude),
         workload=resolve_workload(request, resolved.workload),
-        indicator=resolve_indicator(model, request.stats_file, request.group_size),
+        indicator=resolve_indicator(model, request.stats_file, group_size),
         bits=tuple(sorted(set(request.bits), reverse=True)),
         quality_budget=request.quality,
         theta_s=request.theta_s,
-        group_size=request.group_size,
+        group_size=group_size,
         profiles=tuple(profiles),
     )
     return problem, resolved

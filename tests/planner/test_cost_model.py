@@ -351,3 +351,30 @@ def test_gpu_device_type_feeds_the_roofline() -> None:
     assert cm.layer_latency_s(llama, fast, 16, point, 128) < cm.layer_latency_s(
         llama, slow, 16, point, 128
     )
+
+
+def test_default_group_size_divides_every_input_width() -> None:
+    assert cm.default_group_size(load_model_spec("opt-30b")) == 128
+    builtin = ModelSpec(
+        source="t",
+        family="llama",
+        num_layers=2,
+        hidden_size=192,
+        intermediate_size=512,
+        num_heads=6,
+        num_kv_heads=3,
+        head_dim=32,
+        vocab_size=64,
+        max_positions=64,
+        tied_embeddings=True,
+        gated_mlp=True,
+        attention_bias=False,
+        output_bias=False,
+        mlp_bias=False,
+        position_table_rows=0,
+        embed_dim=192,
+        norm_bias=False,
+    )
+    assert cm.default_group_size(builtin) == 64
+    odd = dataclasses.replace(builtin, hidden_size=200, num_heads=5, head_dim=40, num_kv_heads=5)
+    assert cm.default_group_size(odd) == 128  # no candidate divides 200: groups are ceil'd
