@@ -202,7 +202,7 @@ def _layers_that_fit(tables: CostTables, j: int, k: int, first: bool, last: bool
     fixed = stage_memory_bytes(tables, StageAssignment(j, ()), first, last)
     per_layer = float(tables.layer_memory_bytes[j, k])
     if tables.slow_bits[j, k]:
-        fixed += tables.dequant_scratch_bytes
+        fixed += float(tables.dequant_scratch_bytes[j])
     return max(0, math.floor((float(tables.capacity_bytes[j]) - fixed) / per_layer))
 
 

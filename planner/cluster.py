@@ -35,7 +35,9 @@ class DeviceType:
         runtime_reserve_bytes: memory the runtime needs before any weight (CUDA context,
             allocator slack, or the process baseline on a CPU), bytes.
         usable_memory_fraction: share of ``memory_bytes`` the planner may fill.
-        activation_bytes: bytes per activation / KV element (2 = fp16/bf16, 4 = fp32).
+        activation_bytes: bytes per element of the device's compute dtype (2 = fp16/bf16,
+            4 = fp32): activations, KV cache, and unquantized (16-bit) weights, biases, norms
+            and embeddings are held at this width.
         launch_overhead_s: fixed cost per operator call (kernel launch or dispatch), seconds.
         dequant_gelem_s: on-the-fly dequantization rate for precisions without a fast
             kernel, 10^9 weight elements per second.

@@ -42,15 +42,16 @@ TOKEN_ID_BYTES = 8
 # --------------------------------------------------------------------------- memory
 
 
-def packed_linear_bytes(op: LinearOp, bits: int, group_size: int) -> int:
+def packed_linear_bytes(op: LinearOp, bits: int, group_size: int, dense_bytes: int = 2) -> int:
     """Resident bytes of one linear operator's weight at ``bits`` (bias excluded).
 
-    16 bits: fp16 weights. 8 bits: int8 weights and one fp16 scale per output row.
+    16 bits: unquantized, ``dense_bytes`` per weight (the device's compute dtype: 2 for
+    fp16/bf16 on GPUs, 4 for fp32 on CPUs). 8 bits: int8 weights and one fp16 scale per output row.
     2/3/4 bits: ``bits`` per weight packed densely, per output row one fp16 scale and one fp16
     zero point for each group of ``group_size`` input weights.
     """
     if bits == 16:
-        return op.num_weights * 2
+        return op.num_weights * dense_bytes
     if bits == 8:
         return op.num_weights + op.out_features * SCALE_BYTES
     groups_per_row = math.ceil(op.in_features / group_size)
@@ -65,11 +66,13 @@ def default_group_size(model: ModelSpec, candidates: tuple[int, ...] = (128, 64,
     return next((g for g in candidates if all(w % g == 0 for w in widths)), candidates[0])
 
 
-def layer_weight_bytes(model: ModelSpec, bits: int, group_size: int) -> int:
+def layer_weight_bytes(model: ModelSpec, bits: int, group_size: int, dense_bytes: int = 2) -> int:
     """Resident bytes of one decoder layer's parameters at ``bits``: packed linear weights
-    plus fp16 biases and norms."""
-    linears = sum(packed_linear_bytes(op, bits, group_size) for op in model.layer_linears())
-    return linears + 2 * (model.layer_bias_params + model.layer_norm_params)
+    plus biases and norms in the compute dtype (``dense_bytes`` per element)."""
+    linears = sum(
+        packed_linear_bytes(op, bits, group_size, dense_bytes) for op in model.layer_linears()
+    )
+    return linears + dense_bytes * (model.layer_bias_params + model.layer_norm_params)
 
 
 def kv_cache_bytes_per_layer(
@@ -92,8 +95,9 @@ def layer_memory_bytes(
     group_size: int,
 ) -> int:
     """Memory one decoder layer needs on ``device``: weights at ``bits`` plus its KV cache."""
-    kv = kv_cache_bytes_per_layer(model, global_batch, max_context, device.activation_bytes)
-    return layer_weight_bytes(model, bits, group_size) + kv
+    dense = device.activation_bytes
+    kv = kv_cache_bytes_per_layer(model, global_batch, max_context, dense)
+    return layer_weight_bytes(model, bits, group_size, dense) + kv
 
 
 def activation_peak_bytes(
@@ -117,25 +121,25 @@ def activation_peak_bytes(
     return max(prefill, decode)
 
 
-def dequant_scratch_bytes(model: ModelSpec) -> int:
-    """16-bit copy of the largest weight, needed by a stage running a precision that has no
+def dequant_scratch_bytes(model: ModelSpec, dense_bytes: int = 2) -> int:
+    """Dense copy of the largest weight, needed by a stage running a precision that has no
     fast kernel on its device (dequantized per call), bytes."""
-    return 2 * max(op.num_weights for op in model.layer_linears())
+    return dense_bytes * max(op.num_weights for op in model.layer_linears())
 
 
-def embedding_bytes(model: ModelSpec) -> int:
-    """fp16 token/position embedding held by the first stage, bytes."""
-    return 2 * model.embedding_params
+def embedding_bytes(model: ModelSpec, dense_bytes: int = 2) -> int:
+    """Token/position embedding held by the first stage, in the compute dtype, bytes."""
+    return dense_bytes * model.embedding_params
 
 
-def head_bytes(model: ModelSpec, micro_batch: int) -> int:
+def head_bytes(model: ModelSpec, micro_batch: int, dense_bytes: int = 2) -> int:
     """Final norm and LM head held by the last stage plus its fp32 logits buffer, bytes."""
-    return 2 * model.head_params + 4 * micro_batch * model.vocab_size
+    return dense_bytes * model.head_params + 4 * micro_batch * model.vocab_size
 
 
-def tied_saving_bytes(model: ModelSpec) -> int:
+def tied_saving_bytes(model: ModelSpec, dense_bytes: int = 2) -> int:
     """Bytes saved when one stage holds both ends of a model with tied embeddings."""
-    return 2 * model.vocab_size * model.embed_dim if model.tied_embeddings else 0
+    return dense_bytes * model.vocab_size * model.embed_dim if model.tied_embeddings else 0
 
 
 # --------------------------------------------------------------------------- latency
@@ -176,10 +180,10 @@ def linear_latency_s(
     """Time of one linear operator over ``tokens`` token rows at ``bits``, seconds."""
     flops = 2.0 * tokens * op.num_weights
     activations = tokens * (op.in_features + op.out_features) * device.activation_bytes
-    packed = packed_linear_bytes(op, bits, group_size)
+    packed = packed_linear_bytes(op, bits, group_size, device.activation_bytes)
     if bits == 16 or bits in device.fast_kernel_bits:
         return _roofline_s(device, flops, packed + activations, low_bit=bits != 16)
-    dense = op.num_weights * 2
+    dense = op.num_weights * device.activation_bytes
     dequant_s = op.num_weights / (device.dequant_gelem_s * 1e9)
     unpack_s = _roofline_s(device, 0.0, packed + dense, low_bit=False)
     return dequant_s + unpack_s + _roofline_s(device, flops, dense + activations, low_bit=False)
@@ -248,7 +252,7 @@ def head_latency_s(model: ModelSpec, device: DeviceType, point: OperatingPoint) 
     """
     rows = point.micro_batch
     flops = 2.0 * rows * model.embed_dim * model.vocab_size
-    weights = 2 * model.embed_dim * model.vocab_size
+    weights = device.activation_bytes * model.embed_dim * model.vocab_size
     logits = rows * model.vocab_size * 4 * 3  # written, read by softmax/argmax, read by sampling
     norm = point.micro_batch * point.new_tokens * model.hidden_size * device.activation_bytes * 2
     return _roofline_s(device, flops, weights + logits + norm, low_bit=False)

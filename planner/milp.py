@@ -223,7 +223,7 @@ class PartitionMilp:
                 m.var(("n", j, k), ub=ub, integer=True, cost=cost)
             for name in ("u", "e", "f", "s"):
                 m.var((name, j), ub=1.0, integer=True)
-            m.var(("t", j), ub=1.0 if t.tied_saving_bytes > 0 else 0.0)
+            m.var(("t", j), ub=1.0 if t.tied_saving_bytes[j] > 0 else 0.0)
             m.var(("P", j), cost=1.0)
             m.var(("D", j))
             for d in self.devices:
@@ -323,10 +323,10 @@ class PartitionMilp:
             terms = self._n_terms(j, t.layer_memory_bytes[j] / GIB)
             terms += [
                 (self._v("u", j), t.activation_bytes[j] / GIB),
-                (self._v("s", j), t.dequant_scratch_bytes / GIB),
-                (self._v("e", j), t.embedding_bytes / GIB),
-                (self._v("f", j), t.head_bytes / GIB),
-                (self._v("t", j), -t.tied_saving_bytes / GIB),
+                (self._v("s", j), float(t.dequant_scratch_bytes[j]) / GIB),
+                (self._v("e", j), float(t.embedding_bytes[j]) / GIB),
+                (self._v("f", j), float(t.head_bytes[j]) / GIB),
+                (self._v("t", j), -float(t.tied_saving_bytes[j]) / GIB),
             ]
             self.m.row(terms, hi=float(t.capacity_bytes[j]) / GIB)
             self.m.row([(self._v("t", j), 1.0), (self._v("e", j), -1.0)], hi=0.0)

@@ -8,7 +8,7 @@ that both the MILP and the simulator read, so the two can never disagree.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -119,10 +119,10 @@ class CostTables:
     slow_bits: np.ndarray
     capacity_bytes: np.ndarray
     activation_bytes: np.ndarray
-    dequant_scratch_bytes: float
-    embedding_bytes: float
-    head_bytes: float
-    tied_saving_bytes: float
+    dequant_scratch_bytes: np.ndarray
+    embedding_bytes: np.ndarray
+    head_bytes: np.ndarray
+    tied_saving_bytes: np.ndarray
     embed_prefill_s: np.ndarray
     embed_decode_s: np.ndarray
     head_prefill_s: np.ndarray
@@ -212,10 +212,12 @@ def build_tables(
             ],
             dtype=float,
         ),
-        dequant_scratch_bytes=float(cm.dequant_scratch_bytes(model)),
-        embedding_bytes=float(cm.embedding_bytes(model)),
-        head_bytes=float(cm.head_bytes(model, max(prefill_micro_batch, decode_micro_batch))),
-        tied_saving_bytes=float(cm.tied_saving_bytes(model)),
+        dequant_scratch_bytes=_per_device(devices, lambda d: cm.dequant_scratch_bytes(model, d)),
+        embedding_bytes=_per_device(devices, lambda d: cm.embedding_bytes(model, d)),
+        head_bytes=_per_device(
+            devices, lambda d: cm.head_bytes(model, max(prefill_micro_batch, decode_micro_batch), d)
+        ),
+        tied_saving_bytes=_per_device(devices, lambda d: cm.tied_saving_bytes(model, d)),
         embed_prefill_s=np.array([cm.embedding_latency_s(model, d.type, pre_pt) for d in devices]),
         embed_decode_s=np.array([cm.embedding_latency_s(model, d.type, dec_pt) for d in devices]),
         head_prefill_s=np.array([cm.head_latency_s(model, d.type, pre_pt) for d in devices]),
@@ -235,6 +237,11 @@ def build_tables(
         theta_s=problem.theta_s,
         quality_budget=problem.quality_budget,
     )
+
+
+def _per_device(devices: Sequence[DeviceSpec], bytes_of: Callable[[int], int]) -> np.ndarray:
+    """A per-device byte count from the device's compute-dtype width."""
+    return np.array([float(bytes_of(d.type.activation_bytes)) for d in devices])
 
 
 def _hops(

@@ -228,7 +228,8 @@ def diagnose_infeasible(problem: PlanningProblem) -> str:
     def need(bits: int) -> float:
         k = tables.bits.index(bits)
         per_layer = float(tables.layer_memory_bytes[:, k].min())
-        return problem.model.num_layers * per_layer + tables.embedding_bytes + tables.head_bytes
+        ends = float(tables.embedding_bytes.min() + tables.head_bytes.min())
+        return problem.model.num_layers * per_layer + ends
 
     lowest, budget = min(problem.bits), problem.quality_budget
     if need(lowest) > have:

@@ -67,13 +67,13 @@ def stage_memory_bytes(
     cols = [tables.bits.index(b) for b in stage.layer_bits]
     memory = sum(tables.layer_memory_bytes[j, k] for k in cols) + tables.activation_bytes[j]
     if any(tables.slow_bits[j, k] for k in cols):
-        memory += tables.dequant_scratch_bytes
+        memory += tables.dequant_scratch_bytes[j]
     if first:
-        memory += tables.embedding_bytes
+        memory += tables.embedding_bytes[j]
     if last:
-        memory += tables.head_bytes
+        memory += tables.head_bytes[j]
     if first and last:
-        memory -= tables.tied_saving_bytes
+        memory -= tables.tied_saving_bytes[j]
     return float(memory)
 
 

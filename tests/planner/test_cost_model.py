@@ -378,3 +378,22 @@ def test_default_group_size_divides_every_input_width() -> None:
     assert cm.default_group_size(builtin) == 64
     odd = dataclasses.replace(builtin, hidden_size=200, num_heads=5, head_dim=40, num_kv_heads=5)
     assert cm.default_group_size(odd) == 128  # no candidate divides 200: groups are ceil'd
+
+
+def test_unquantized_weights_take_the_devices_compute_width() -> None:
+    from planner.catalogue import cpu_device_type
+
+    model = load_model_spec("opt-13b")
+    cpu = cpu_device_type(
+        cores=8, memory_bytes=64 * 1024**3, memory_bandwidth_gb_s=20, fp32_tflops=0.5
+    )
+    assert cpu.activation_bytes == 4
+    gpu = CATALOGUE["V100-32G"]
+    on_cpu = cm.layer_memory_bytes(model, cpu, 16, 1, 16, 128)
+    on_gpu = cm.layer_memory_bytes(model, gpu, 16, 1, 16, 128)
+    kv = cm.kv_cache_bytes_per_layer(model, 1, 16, 2)
+    assert on_cpu - 2 * kv == 2 * (on_gpu - kv)
+    # quantized weights keep their packed size; only biases and norms widen
+    assert cm.layer_weight_bytes(model, 4, 128, 4) - cm.layer_weight_bytes(model, 4, 128, 2) == (
+        2 * (model.layer_bias_params + model.layer_norm_params)
+    )

@@ -65,13 +65,14 @@ def check_plan(problem: PlanningProblem, plan: Plan) -> None:
             workload.max_context,
         )
         if any(b != 16 and b not in device.fast_kernel_bits for b in stage.layer_bits):
-            need += cm.dequant_scratch_bytes(model)
+            need += cm.dequant_scratch_bytes(model, device.activation_bytes)
         first, last = k == 0, k == len(plan.stages) - 1
+        dense = device.activation_bytes
         head = cm.head_bytes(
-            model, max(plan.micro_batching.prefill_size, plan.micro_batching.decode_size)
+            model, max(plan.micro_batching.prefill_size, plan.micro_batching.decode_size), dense
         )
-        need += cm.embedding_bytes(model) * first + head * last
-        need -= cm.tied_saving_bytes(model) * (first and last)
+        need += cm.embedding_bytes(model, dense) * first + head * last
+        need -= cm.tied_saving_bytes(model, dense) * (first and last)
         assert need <= device.usable_memory_bytes
         assert stage.predicted.memory_bytes == pytest.approx(need, abs=2)
     omega = problem.indicator.plan_omega(plan.layer_bits)
