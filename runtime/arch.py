@@ -1,0 +1,179 @@
+"""What a stage needs to know about a checkpoint's architecture, read from its config.json.
+
+Supported families: Llama (also Qwen2 and Mistral, which share its layer structure) and OPT.
+Tensor names follow the Hugging Face checkpoints of each family.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.errors import CheckpointError, UnsupportedArchitectureError
+
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_TYPES = (*LLAMA_TYPES, "opt")
+
+
+@dataclass(frozen=True, slots=True)
+class ArchConfig:
+    """Shape and numerics of a decoder-only model, in the form the stage modules use.
+
+    ``raw`` keeps the whole config.json for family-specific details (e.g. rope scaling).
+    """
+
+    model_type: str
+    family: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int
+    tied_embeddings: bool
+    norm_eps: float
+    attention_bias: bool
+    output_bias: bool
+    mlp_bias: bool
+    activation: str
+    sliding_window: int | None = None
+    embed_dim: int = 0
+    norm_before: bool = True
+    final_norm: bool = True
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+def read_config(checkpoint: Path) -> dict[str, Any]:
+    """The checkpoint's config.json as a dict; CheckpointError when absent or unreadable."""
+    path = checkpoint / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"{checkpoint}: no config.json; is this a checkpoint?") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc})") from exc
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def arch_from_config(data: dict[str, Any], source: str) -> ArchConfig:
+    """Build an ArchConfig; UnsupportedArchitectureError for other families."""
+    model_type = str(data.get("model_type", "<missing>"))
+    if model_type in LLAMA_TYPES:
+        return _llama(data, model_type)
+    if model_type == "opt":
+        return _opt(data)
+    raise UnsupportedArchitectureError(
+        f'unsupported architecture "{model_type}" in {source}; supported: '
+        + ", ".join(sorted(SUPPORTED_TYPES))
+    )
+
+
+def _get(data: dict[str, Any], key: str, default: Any = None) -> Any:
+    value = data.get(key, default)
+    if value is None and default is None:
+        raise CheckpointError(f'config.json: missing field "{key}"')
+    return value
+
+
+def _llama(data: dict[str, Any], model_type: str) -> ArchConfig:
+    hidden, heads = int(_get(data, "hidden_size")), int(_get(data, "num_attention_heads"))
+    head_dim = data.get("head_dim") or hidden // heads
+    attention_bias = bool(data.get("attention_bias", False))
+    qkv_bias = model_type == "qwen2" or (model_type == "llama" and attention_bias)
+    window = data.get("sliding_window")
+    if model_type == "qwen2" and not data.get("use_sliding_window", False):
+        window = None
+    return ArchConfig(
+        model_type=model_type,
+        family="llama",
+        num_layers=int(_get(data, "num_hidden_layers")),
+        hidden_size=hidden,
+        intermediate_size=int(_get(data, "intermediate_size")),
+        num_heads=heads,
+        num_kv_heads=int(data.get("num_key_value_heads") or heads),
+        head_dim=int(head_dim),
+        vocab_size=int(_get(data, "vocab_size")),
+        max_positions=int(data.get("max_position_embeddings", 2048)),
+        tied_embeddings=bool(data.get("tie_word_embeddings", False)),
+        norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+        attention_bias=qkv_bias,
+        output_bias=model_type == "llama" and attention_bias,
+        mlp_bias=model_type == "llama" and bool(data.get("mlp_bias", False)),
+        activation=str(data.get("hidden_act", "silu")),
+        sliding_window=int(window) if window else None,
+        embed_dim=hidden,
+        raw=data,
+    )
+
+
+def _opt(data: dict[str, Any]) -> ArchConfig:
+    hidden, heads = int(_get(data, "hidden_size")), int(_get(data, "num_attention_heads"))
+    bias = bool(data.get("enable_bias", True))
+    if not data.get("layer_norm_elementwise_affine", True):
+        raise UnsupportedArchitectureError(
+            "OPT checkpoints without elementwise-affine layer norms are not supported"
+        )
+    before = bool(data.get("do_layer_norm_before", True))
+    return ArchConfig(
+        model_type="opt",
+        family="opt",
+        num_layers=int(_get(data, "num_hidden_layers")),
+        hidden_size=hidden,
+        intermediate_size=int(_get(data, "ffn_dim")),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        vocab_size=int(_get(data, "vocab_size")),
+        max_positions=int(data.get("max_position_embeddings", 2048)),
+        tied_embeddings=bool(data.get("tie_word_embeddings", True)),
+        norm_eps=1e-5,
+        attention_bias=bias,
+        output_bias=bias,
+        mlp_bias=bias,
+        activation=str(data.get("activation_function", "relu")),
+        embed_dim=int(data.get("word_embed_proj_dim") or hidden),
+        norm_before=before,
+        final_norm=before and not data.get("_remove_final_layer_norm", False),
+        raw=data,
+    )
+
+
+def layer_prefix(arch: ArchConfig, layer: int) -> str:
+    """Tensor-name prefix of decoder layer ``layer``."""
+    if arch.family == "opt":
+        return f"model.decoder.layers.{layer}."
+    return f"model.layers.{layer}."
+
+
+LINEAR_NAMES = {
+    "llama": {
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    },
+    "opt": {
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.out_proj",
+        "fc1": "fc1",
+        "fc2": "fc2",
+    },
+}
+"""Linear operators of one layer: our short name → the checkpoint's module path."""
+
+NORM_NAMES = {
+    "llama": {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"},
+    "opt": {"attn_norm": "self_attn_layer_norm", "mlp_norm": "final_layer_norm"},
+}
+"""Norms of one layer: our short name → the checkpoint's module path."""
