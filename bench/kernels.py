@@ -1,0 +1,192 @@
+"""Speed and resident memory of one Llama-style decoder layer's linears per precision.
+
+The layer (hidden 4096): q, k, v, o 4096×4096 and gate/up 4096→11008, down 11008→4096 (202 M
+weights), built by ``runtime.quant.quantize_linear`` at 16, 8, 4, 3 and 2 bits (group 128) on
+the CPU with fp32 activations. For each precision: the time of the seven linears (attention and
+norms excluded) in decode (1, 4, 8 rows) and prefill (128, 512 rows), the median of several
+repeats after a warm-up, the precisions taking turns within each repeat; shown as a ratio to
+the 16-bit layer timed in the same run, with resident bytes against fp16 (2 bytes/weight) and
+against the 16-bit layer, and for precisions dequantized per call the dequantization alone.
+
+Numbers are only comparable within one run. The load average is printed at the start and end:
+a busy CPU (another process training, say) inflates every row, multi-threaded kernels with many
+small ops most (each op waits for a descheduled thread), so the dequant-per-call rows suffer
+first.
+
+Usage: python bench/kernels.py [--subset] [--repeats 3] [--threads N] [--bits 16,8,4,3,2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from runtime.quant import (  # noqa: E402
+    DenseLinear,
+    Impl,
+    QuantLinear,
+    quantize_linear,
+)
+
+Layer = dict[str, QuantLinear | DenseLinear]
+
+HIDDEN, FFN = 4096, 11008
+FULL_LAYER = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, HIDDEN), "v": (HIDDEN, HIDDEN),
+              "o": (HIDDEN, HIDDEN), "gate": (FFN, HIDDEN), "up": (FFN, HIDDEN),
+              "down": (HIDDEN, FFN)}  # fmt: skip
+"""(out_features, in_features) per linear."""
+SUBSET = {"q": (HIDDEN, HIDDEN), "gate": (FFN, HIDDEN), "down": (HIDDEN, FFN)}
+DECODE_ROWS, PREFILL_ROWS = (1, 4, 8), (128, 512)
+GROUP_SIZE = 128
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class Result:
+    """One precision's measurements: milliseconds per layer call by row count, and bytes."""
+
+    label: str
+    paths: str
+    ms: dict[int, float]
+    resident_bytes: int
+    dequant_ms: float | None
+
+
+def call_ms(fn: Callable[[], object]) -> float:
+    """Wall time of one call of ``fn``, milliseconds."""
+    start = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - start)
+
+
+def build_layer(shapes: dict[str, tuple[int, int]], bits: int, impl: Impl = "auto") -> Layer:
+    """The layer's linears at ``bits``, from seeded random weights (std 0.02)."""
+    gen = torch.Generator().manual_seed(0)
+    layer: Layer = {}
+    for name, (out_features, in_features) in shapes.items():
+        weight = torch.randn(out_features, in_features, generator=gen) * 0.02
+        module = quantize_linear(
+            weight, None, bits, GROUP_SIZE, compute_dtype=torch.float32, device=CPU, impl=impl
+        )
+        assert isinstance(module, QuantLinear | DenseLinear)
+        layer[name] = module
+    return layer
+
+
+def run_layer(layer: Layer, inputs: dict[int, Tensor]) -> None:
+    """Every linear once on its input (x [rows, in_features], fp32)."""
+    for module in layer.values():
+        module(inputs[module.in_features])
+
+
+def interleaved_ms(layers: dict[str, Layer], rows: int, repeats: int) -> dict[str, float]:
+    """Median milliseconds per layer call at ``rows`` rows for every precision.
+
+    The precisions take turns within each repeat (after one warm-up call each), so a burst of
+    load from another process lands on all of them rather than on one.
+    """
+    widths = {m.in_features for layer in layers.values() for m in layer.values()}
+    inputs = {w: torch.randn(rows, w) for w in widths}
+    times: dict[str, list[float]] = {label: [] for label in layers}
+    for repeat in range(repeats + 1):
+        for label, layer in layers.items():
+            elapsed = call_ms(lambda: run_layer(layer, inputs))  # noqa: B023
+            if repeat:
+                times[label].append(elapsed)
+    return {label: statistics.median(t) for label, t in times.items()}
+
+
+def dequant_ms(layer: Layer, repeats: int) -> float | None:
+    """Median time to dequantize every dequant-per-call linear of the layer once, ms."""
+    chosen = [m for m in layer.values() if isinstance(m, QuantLinear)]
+    chosen = [m for m in chosen if m.kernel_path == "dequant-per-call"]
+    if not chosen:
+        return None
+    times = [call_ms(lambda: [m.dense_weight() for m in chosen]) for _ in range(repeats + 1)]
+    return statistics.median(times[1:])
+
+
+def measure(shapes: dict[str, tuple[int, int]], labels: list[str], repeats: int) -> list[Result]:
+    """Build the layer at every precision in ``labels`` and time them, interleaved.
+
+    A label is a bit width, or "fp32": 16 bits with fp32 weights (``impl="reference"``).
+    """
+    layers = {
+        label: build_layer(shapes, 16, "reference") if label == "fp32" else build_layer(
+            shapes, int(label)
+        )
+        for label in labels
+    }  # fmt: skip
+    ms: dict[str, dict[int, float]] = {label: {} for label in labels}
+    for rows in (*DECODE_ROWS, *PREFILL_ROWS):
+        reps = repeats + 2 if rows in DECODE_ROWS else repeats
+        for label, value in interleaved_ms(layers, rows, reps).items():
+            ms[label][rows] = value
+    results = []
+    for label, layer in layers.items():
+        paths = ",".join(sorted({m.kernel_path for m in layer.values()}))
+        resident = sum(m.resident_bytes() for m in layer.values())
+        results.append(Result(label, paths, ms[label], resident, dequant_ms(layer, repeats)))
+    return results
+
+
+def print_table(results: list[Result], shapes: dict[str, tuple[int, int]]) -> None:
+    """Ratios to the 16-bit layer (first result) and resident memory."""
+    base = results[0]
+    weights = sum(o * i for o, i in shapes.values())
+    rows = (*DECODE_ROWS, *PREFILL_ROWS)
+    head = " ".join(f"{'x' + str(r):>7}" for r in rows)
+    print(f"\n{'bits':>5} {'kernel path':<17} {head}  {'MiB':>7} {'/fp16':>6} {'/16-bit':>7}")
+    for r in results:
+        ratios = " ".join(f"{r.ms[n] / base.ms[n]:7.2f}" for n in rows)
+        mib = r.resident_bytes / 2**20
+        print(
+            f"{r.label:>5} {r.paths:<17} {ratios}  {mib:7.1f} "
+            f"{r.resident_bytes / (2 * weights):6.3f} {r.resident_bytes / base.resident_bytes:7.3f}"
+        )
+    print("\nmilliseconds per layer call (median):")
+    print(f"{'bits':>5} " + " ".join(f"{'x' + str(n):>8}" for n in rows) + "  dequant")
+    for r in results:
+        deq = "-" if r.dequant_ms is None else f"{r.dequant_ms:.1f}"
+        print(f"{r.label:>5} " + " ".join(f"{r.ms[n]:8.1f}" for n in rows) + f"  {deq}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subset", action="store_true", help="q, gate and down only")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per point")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--bits",
+        default="16,8,4,3,2",
+        help="precisions, the first is the baseline; 'fp32' adds 16 bits held in fp32",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    shapes = SUBSET if args.subset else FULL_LAYER
+    print(
+        f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} "
+        f"threads, linears {list(shapes)}, group {GROUP_SIZE}, fp32 activations"
+    )
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
+    start = time.perf_counter()
+    with torch.inference_mode():
+        results = measure(shapes, args.bits.split(","), args.repeats)
+    print_table(results, shapes)
+    print(f"\nload average at end: {os.getloadavg()[0]:.2f}; {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
