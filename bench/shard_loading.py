@@ -1,0 +1,113 @@
+"""Peak memory of loading one stage shard vs loading the whole model, in the same run.
+
+Builds a random-weight Llama checkpoint (hidden 1024, 16 layers, fp32: about 0.9 GB on disk)
+once in a temporary directory, then in fresh subprocesses measures the peak resident set of
+(a) the whole model through transformers' ``from_pretrained``, (b) pqctl's loader for all 16
+layers, and (c) pqctl's loader for a 4-layer middle stage at 16 and at 4 bits. The ratio (c)/(a)
+shows that a stage reads only its own tensors.
+
+Usage: python bench/shard_loading.py
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MAKE = """
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+torch.manual_seed(0)
+config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
+                     num_attention_heads=16, num_key_value_heads=8, vocab_size=32000,
+                     max_position_embeddings=1024, tie_word_embeddings=False)
+AutoModelForCausalLM.from_config(config).save_pretrained({path!r})
+"""
+
+BASELINE = """
+import resource, torch
+import runtime.shard, transformers
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(base * 1024)
+"""
+
+WHOLE_HF = """
+import resource, torch
+import runtime.shard
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained({path!r}, dtype=torch.float32)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+STAGE = """
+import resource, torch
+from pathlib import Path
+import transformers
+from runtime.arch import arch_from_config, read_config
+from runtime.shard import StageSpec, load_shard
+path = Path({path!r})
+arch = arch_from_config(read_config(path), str(path))
+start, stop = {layers}
+spec = StageSpec((start, stop), ({bits},) * (stop - start), start == 0, stop == arch.num_layers,
+                 128, 1, 64)
+shard = load_shard(path, arch, spec)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def peak_bytes(code: str) -> int:
+    """Peak resident set of a fresh interpreter running ``code``, bytes."""
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "llama-16l")
+        subprocess.run(
+            [sys.executable, "-c", MAKE.format(path=path)], cwd=ROOT, check=True, timeout=600
+        )
+        size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+        base = peak_bytes(BASELINE)
+        rows = [
+            ("whole model, transformers from_pretrained", peak_bytes(WHOLE_HF.format(path=path))),
+            (
+                "whole model, pqctl loader (16 layers, 16-bit)",
+                peak_bytes(STAGE.format(path=path, layers=(0, 16), bits=16)),
+            ),
+            (
+                "middle stage, pqctl loader (layers 6-9, 16-bit)",
+                peak_bytes(STAGE.format(path=path, layers=(6, 10), bits=16)),
+            ),
+            (
+                "middle stage, pqctl loader (layers 6-9, 4-bit)",
+                peak_bytes(STAGE.format(path=path, layers=(6, 10), bits=4)),
+            ),
+        ]
+    gib = 1024**3
+    print(
+        f"checkpoint {size / gib:.2f} GiB on disk; interpreter + libraries alone "
+        f"{base / gib:.2f} GiB peak"
+    )
+    whole = rows[0][1] - base
+    print(f"{'what':<50} {'peak GiB':>9} {'above base':>11} {'÷ whole':>8}")
+    for name, peak in rows:
+        print(
+            f"{name:<50} {peak / gib:>9.2f} {(peak - base) / gib:>11.2f} "
+            f"{(peak - base) / whole:>8.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Loading a stage: only its own tensors, and clear errors before anything half-loads."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import GPT2Config
+
+from planner.catalogue import cpu_device_type
+from planner.cluster import ClusterSpec, DeviceSpec, HostSpec
+from planner.indicator import prior_indicator
+from planner.make_plan import make_plan
+from planner.model_spec import load_model_spec
+from planner.plan import Plan, Workload
+from planner.problem import PlanningProblem
+from runtime import shard as shard_module
+from runtime.arch import arch_from_config, read_config
+from runtime.checkpoint import Checkpoint
+from runtime.errors import (
+    CheckpointError,
+    PlanMismatchError,
+    StageMemoryError,
+    UnsupportedArchitectureError,
+)
+from runtime.shard import StageSpec, load_shard
+from runtime.stages import load_plan_stage, resolve_checkpoint
+from tests.runtime.checkpoints import save_checkpoint, tiny_configs
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_checkpoint(tiny_configs()["llama"], tmp_path_factory.mktemp("llama"))
+
+
+def spec(layers: tuple[int, int], first: bool, last: bool, bits: int = 16) -> StageSpec:
+    return StageSpec(layers, (bits,) * (layers[1] - layers[0]), first, last, 32, 2, 16)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_middle_stage_reads_only_its_layers(llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    read: list[str] = []
+    original = Checkpoint.load
+
+    def spy(self: Checkpoint, names):  # type: ignore[no-untyped-def]
+        names = list(names)
+        read.extend(names)
+        return original(self, names)
+
+    monkeypatch.setattr(Checkpoint, "load", spy)
+    arch = arch_from_config(read_config(llama), "llama")
+    load_shard(llama, arch, spec((1, 3), first=False, last=False))
+    assert read and all(n.startswith(("model.layers.1.", "model.layers.2.")) for n in read)
+    assert {n.split(".")[2] for n in read} == {"1", "2"}
+
+
+def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
+    directory = save_checkpoint(
+        GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64), tmp_path / "gpt2"
+    )
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        arch_from_config(read_config(directory), str(directory))
+    assert str(err.value) == (
+        f'unsupported architecture "gpt2" in {directory}; supported: llama, mistral, opt, qwen2'
+    )
+
+
+def test_missing_weights_file(llama: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "empty"
+    directory.mkdir()
+    shutil.copy(llama / "config.json", directory)
+    arch = arch_from_config(read_config(directory), "x")
+    with pytest.raises(CheckpointError, match=r"no \*\.safetensors weights"):
+        load_shard(directory, arch, spec((0, 4), True, True))
+
+
+def test_truncated_file_fails_before_loading(llama: Path, tmp_path: Path) -> None:
+    directory = copy_checkpoint(llama, tmp_path / "cut")
+    weights = directory / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 1000])
+    arch = arch_from_config(read_config(directory), "x")
+    with pytest.raises(CheckpointError) as err:
+        load_shard(directory, arch, spec((0, 1), True, False))
+    assert str(err.value) == (
+        f"{weights}: truncated: {len(data) - 1000} bytes, the header announces {len(data)}"
+    )
+
+
+def test_missing_tensor_is_named(llama: Path, tmp_path: Path) -> None:
+    directory = copy_checkpoint(llama, tmp_path / "holes")
+    tensors = load_file(directory / "model.safetensors")
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    arch = arch_from_config(read_config(directory), "x")
+    load_shard(directory, arch, spec((0, 2), True, False))  # layers 0-1 are intact
+    with pytest.raises(CheckpointError) as err:
+        load_shard(directory, arch, spec((2, 4), False, True))
+    assert str(err.value) == f"{directory}: tensor model.layers.2.mlp.up_proj.weight is missing"
+
+
+def test_wrong_shape_is_named(llama: Path, tmp_path: Path) -> None:
+    directory = copy_checkpoint(llama, tmp_path / "shape")
+    tensors = load_file(directory / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(32, 64)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    arch = arch_from_config(read_config(directory), "x")
+    with pytest.raises(
+        CheckpointError,
+        match=r"q_proj.weight has shape \[32, 64\], expected "
+        r"\[64, 64\]",
+    ):
+        load_shard(directory, arch, spec((0, 1), True, False))
+
+
+def test_stage_that_does_not_fit_fails_before_reading(
+    llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shard_module, "available_bytes", lambda device: 1000)
+
+    def never(self: Checkpoint, names):  # type: ignore[no-untyped-def]
+        raise AssertionError("weights were read although the stage cannot fit")
+
+    monkeypatch.setattr(Checkpoint, "load", never)
+    arch = arch_from_config(read_config(llama), "x")
+    with pytest.raises(StageMemoryError, match=r"layers 0–3 need 0\.00 GiB on cpu"):
+        load_shard(llama, arch, spec((0, 4), True, True))
+
+
+def plan_for(model_source: str) -> Plan:
+    """A real plan for ``model_source`` on one 8 GiB CPU."""
+    model = load_model_spec(model_source)
+    cpu = cpu_device_type(
+        cores=2, memory_bytes=8 * 1024**3, memory_bandwidth_gb_s=10, fp32_tflops=0.1
+    )
+    cluster = ClusterSpec("test", (HostSpec("here"),), (DeviceSpec("here", -1, cpu),))
+    problem = PlanningProblem(
+        model=model,
+        cluster=cluster,
+        workload=Workload(2, 8, 4, 4),
+        indicator=prior_indicator(model, 32),
+        group_size=32,
+    )
+    return make_plan(problem)
+
+
+def test_plan_for_another_model_is_refused(llama: Path) -> None:
+    plan = plan_for("opt-13b")
+    with pytest.raises(PlanMismatchError) as err:
+        load_plan_stage(plan, 0, checkpoint=llama)
+    assert str(err.value) == (
+        f"the plan's model.family is opt but the checkpoint {llama} has llama; re-plan for "
+        "this model"
+    )
+
+
+def test_plan_stage_loads_on_the_planned_device(llama: Path) -> None:
+    plan = plan_for(str(llama))
+    shard = load_plan_stage(plan, 0)
+    assert shard.device == torch.device("cpu")
+    assert shard.spec.layer_range == (0, 4)
+    assert shard.cache.keys[0].shape == (2, 2, 12, 16)  # slots = batch, length = s + n
+
+
+def test_checkpoint_sources_resolve(llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_checkpoint(str(llama)) == llama
+    assert resolve_checkpoint(str(llama / "config.json")) == llama
+    assert resolve_checkpoint("bard-tiny").name == "bard-tiny"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="not a local directory and the hub"):
+        resolve_checkpoint("nobody/no-such-model")
