@@ -449,6 +449,17 @@ def _check_weight(weight: Tensor, bias: Tensor | None) -> None:
         )
 
 
+def packed_nbytes(rows: int, cols: int, bits: int, group_size: int, dense_bytes: int) -> int:
+    """Resident bytes of a (rows × cols) weight stored at ``bits`` in this module's format,
+    without building it: dense at 16 (``dense_bytes`` per weight), int8 plus one 16-bit scale
+    per row at 8, packed codes plus a 16-bit scale and zero per group below."""
+    if bits == 16:
+        return rows * cols * dense_bytes
+    if bits == 8:
+        return rows * cols + rows * 2
+    return math.ceil(cols * bits / 8) * rows + rows * math.ceil(cols / group_size) * 4
+
+
 def _module_bytes(module: nn.Module) -> int:
     tensors = [*module.buffers(), *module.parameters()]
     return sum(t.nbytes for t in tensors)

@@ -30,7 +30,7 @@ from runtime.model import (
     StepContext,
     layer_norm,
 )
-from runtime.quant import quantize_linear
+from runtime.quant import packed_nbytes, quantize_linear
 from runtime.rope import rotary_parameters
 
 Impl = Literal["auto", "reference"]
@@ -121,15 +121,6 @@ def end_tensors(
     return out
 
 
-def dense_linear_bytes(rows: int, cols: int, bits: int, group_size: int, dense: int) -> int:
-    """Resident bytes of a (rows × cols) weight at ``bits`` (the runtime's storage format)."""
-    if bits == 16:
-        return rows * cols * dense
-    if bits == 8:
-        return rows * cols + rows * 2
-    return math.ceil(cols * bits / 8) * rows + rows * math.ceil(cols / group_size) * 4
-
-
 def estimate_bytes(
     arch: ArchConfig, spec: StageSpec, ends: Mapping[str, tuple[int, ...]], dtype: torch.dtype
 ) -> int:
@@ -137,7 +128,7 @@ def estimate_bytes(
     dense = torch.empty((), dtype=dtype).element_size()
     per_bits = {
         bits: sum(
-            dense_linear_bytes(r, c, bits, spec.group_size, dense)
+            packed_nbytes(r, c, bits, spec.group_size, dense)
             for r, c in linear_shapes(arch).values()
         )
         for bits in set(spec.layer_bits)

@@ -303,3 +303,15 @@ def test_cuda_layer_multiplies_by_its_dequantized_weight(
     assert layer.resident_bytes() == pytest.approx(expected_bytes + 256 * bias.itemsize, 0.05)
     if bits == 4 and torch.cuda.get_device_capability() >= (8, 0):
         assert layer.kernel_path == "int4pack_mm_cuda"
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize(("rows", "cols", "group"), [(64, 192, 64), (96, 130, 32)])
+def test_packed_nbytes_predicts_resident_bytes(bits: int, rows: int, cols: int, group: int) -> None:
+    from runtime.quant import packed_nbytes, quantize_linear
+
+    weight = torch.randn(rows, cols)
+    layer = quantize_linear(
+        weight, None, bits, group, compute_dtype=torch.float32, device=torch.device("cpu")
+    )
+    assert layer.resident_bytes() == packed_nbytes(rows, cols, bits, group, 4)
