@@ -1,7 +1,7 @@
 """The ``pqctl`` command line: thin adapters over ``planner`` and ``runtime``.
 
 Exit codes: 0 success, 1 unexpected failure, 2 bad input (options or files), 3 no feasible
-plan, 130 interrupted.
+plan, 4 a stage failed while serving, 5 no deployment reachable, 130 interrupted.
 """
 
 from __future__ import annotations
@@ -20,12 +20,11 @@ from planner.errors import InfeasiblePlanError, PlannerError
 from planner.make_plan import make_plan
 from planner.plan import ALL_BITS, Plan, PlanValidationError
 from planner.search import SearchOptions
+from pqctl import serving
+from pqctl.exits import EXIT_BAD_INPUT, EXIT_INFEASIBLE, fail
 from pqctl.plan_view import render_plan
 from pqctl.planning import PlanRequest, build_problem, figures_source
 from runtime.assets import BUILTIN_MODEL_NAME
-
-EXIT_BAD_INPUT = 2
-EXIT_INFEASIBLE = 3
 
 app = typer.Typer(
     name="pqctl",
@@ -38,18 +37,13 @@ app = typer.Typer(
 )
 
 
-def _fail(title: str, message: str, code: int) -> typer.Exit:
-    Console(stderr=True).print(f"[bold red]error:[/] {title}: {message}", highlight=False)
-    return typer.Exit(code)
-
-
 def _parse_bits(text: str) -> tuple[int, ...]:
     try:
         bits = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         bits = ()
     if not bits or any(b not in ALL_BITS for b in bits):
-        raise _fail(
+        raise fail(
             "bad option",
             f'--bits: "{text}" is not a comma-separated list of {", ".join(map(str, ALL_BITS))}',
             EXIT_BAD_INPUT,
@@ -202,9 +196,9 @@ def plan(
 ) -> None:
     """Plan a deployment: partition, per-layer precision and micro-batch sizes."""
     if local and cluster is not None:
-        raise _fail("bad option", "--local and --cluster exclude each other", EXIT_BAD_INPUT)
+        raise fail("bad option", "--local and --cluster exclude each other", EXIT_BAD_INPUT)
     if time_limit <= 0 or not 0 <= gap < 1:
-        raise _fail(
+        raise fail(
             "bad option", "--time-limit must be positive and --gap in [0, 1)", EXIT_BAD_INPUT
         )
     request = PlanRequest(
@@ -228,9 +222,9 @@ def plan(
             request, options, show=sys.stderr.isatty() and not verbose
         )
     except InfeasiblePlanError as exc:
-        raise _fail(exc.title, exc.msg, EXIT_INFEASIBLE) from exc
+        raise fail(exc.title, exc.msg, EXIT_INFEASIBLE) from exc
     except PlannerError as exc:
-        raise _fail(exc.title, exc.msg, EXIT_BAD_INPUT) from exc
+        raise fail(exc.title, exc.msg, EXIT_BAD_INPUT) from exc
     if output is not None:
         result.save(output)
     if as_json:
@@ -254,13 +248,19 @@ def show(
     try:
         loaded = Plan.load(plan_file)
     except PlanValidationError as exc:
-        raise _fail(
+        raise fail(
             f"invalid plan {plan_file}", f"{exc.field}: {exc.problem}", EXIT_BAD_INPUT
         ) from exc
     if as_json:
         typer.echo(json.dumps(loaded.to_dict(), indent=2))
         return
     Console().print(render_plan(loaded, {}))
+
+
+app.command()(serving.apply)
+app.command()(serving.generate)
+app.command()(serving.stop)
+app.add_typer(serving.keys_app, name="keys")
 
 
 def main() -> None:

@@ -1,0 +1,131 @@
+"""Starting stage workers: behind an interface, so a stage can be started on another host.
+
+:class:`LocalLauncher` starts each stage as a child process of the gateway on this host. A
+multi-host launcher (``pqctl agent``) implements the same :class:`Launcher` protocol by asking
+the stage's host to start it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class StageLaunch:
+    """What a stage worker needs to start."""
+
+    plan: Path
+    stage: int
+    control: str
+    bind_host: str = "127.0.0.1"
+    checkpoint: Path | None = None
+    keys: Path | None = None
+    log: Path | None = None
+    impl: str = "auto"
+
+    def argv(self) -> list[str]:
+        args = [
+            sys.executable,
+            "-m",
+            "runtime.worker",
+            "--plan",
+            str(self.plan),
+            "--stage",
+            str(self.stage),
+            "--control",
+            self.control,
+            "--bind-host",
+            self.bind_host,
+            "--impl",
+            self.impl,
+        ]
+        if self.checkpoint is not None:
+            args += ["--checkpoint", str(self.checkpoint)]
+        if self.keys is not None:
+            args += ["--keys", str(self.keys)]
+        return args
+
+
+class StageHandle(Protocol):
+    """A started stage worker."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def exit_code(self) -> int | None:
+        """None while it runs."""
+        ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class Launcher(Protocol):
+    """Starts stage workers wherever their device is."""
+
+    def start(self, launch: StageLaunch) -> StageHandle: ...
+
+
+class LocalProcess:
+    """A stage worker that is a child process on this host."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+    def terminate(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+
+class LocalLauncher:
+    """Starts stage workers as child processes, stdout/stderr to a log file per stage."""
+
+    def start(self, launch: StageLaunch) -> LocalProcess:
+        env = dict(os.environ)
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        out = open(launch.log, "ab") if launch.log else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            process = subprocess.Popen(
+                launch.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        finally:
+            if launch.log:
+                out.close()  # type: ignore[union-attr]
+        return LocalProcess(process)
+
+
+def stop_all(handles: list[StageHandle], grace_s: float = 5.0) -> None:
+    """Ask every worker to stop, then kill those still running after ``grace_s``."""
+    for handle in handles:
+        handle.terminate()
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(h.exit_code() is None for h in handles):
+        time.sleep(0.05)
+    for handle in handles:
+        if handle.exit_code() is None:
+            handle.kill()

@@ -1,0 +1,447 @@
+"""The gateway process: starts a plan's stages, schedules requests through them, serves clients.
+
+Sockets (ZeroMQ, all bound here):
+- client ROUTER: the client protocol (``runtime.protocol``, docs/protocol.md);
+- control ROUTER: stage workers' hello / progress / ready / beats / failures; connect and stop;
+- results PULL: the last stage's sampled tokens;
+- status PUB: a status message every half second (stages, load progress, requests, failures);
+- and a PUSH connected to the first stage's data PULL.
+
+Run as ``python -m runtime.server --plan plan.json --name NAME``; ``pqctl apply`` does this.
+Exit codes: 0 stopped on request, 1 start-up failure, 4 a stage failed while serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from planner.plan import Plan, PlanValidationError
+from runtime.deployment import DeploymentState, check_name, state_dir
+from runtime.errors import RuntimeFailure
+from runtime.frames import FrameError, decode_step, encode_step
+from runtime.keys import CurveKeys, secure_client, secure_server, start_authenticator
+from runtime.launcher import Launcher, LocalLauncher, StageHandle, StageLaunch, stop_all
+from runtime.protocol import (
+    HARD_FRAME_BYTES,
+    INTERNAL,
+    PROTOCOL_VERSION,
+    SHUTTING_DOWN,
+    STAGE_FAILED,
+    CancelRequest,
+    GenerateRequest,
+    InfoRequest,
+    Limits,
+    ProtocolError,
+    pack,
+    parse_client_message,
+)
+from runtime.scheduler import Layout, Reply, Scheduler, Step
+from runtime.stages import check_plan_matches, resolve_checkpoint
+from runtime.tokenizer import load_tokenizer
+
+EXIT_STAGE_FAILED = 4
+STATUS_INTERVAL_S = 0.5
+
+
+@dataclass
+class StageState:
+    """What the gateway knows of one stage worker."""
+
+    index: int
+    handle: StageHandle
+    state: str = "starting"  # starting → loading → ready; failed
+    data: str | None = None
+    metrics: str | None = None
+    last_beat: float = field(default_factory=time.monotonic)
+    error: str | None = None
+    resident_bytes: int | None = None
+    kernel_paths: dict[str, list[str]] | None = None
+
+    def describe(self, plan: Plan) -> str:
+        stage = plan.stages[self.index]
+        dev = stage.device
+        where = "cpu" if dev.index < 0 else f"cuda:{dev.index}"
+        r = stage.layer_range
+        return f"stage {self.index} ({where} on {dev.host}, layers {r.start}–{r.stop - 1})"
+
+
+class Gateway:
+    """Sockets, stage supervision and the request loop (see the module docstring)."""
+
+    def __init__(
+        self,
+        plan_path: Path,
+        name: str,
+        client_endpoint: str,
+        launcher: Launcher,
+        *,
+        keys_dir: Path | None = None,
+        bind_host: str = "127.0.0.1",
+        beat_timeout_s: float = 30.0,
+        log_dir: Path | None = None,
+        impl: str = "auto",
+    ) -> None:
+        self.plan_path = plan_path.resolve()
+        self.plan = Plan.load(self.plan_path)
+        self.name = check_name(name)
+        self.checkpoint = resolve_checkpoint(self.plan.model.source)
+        self.tokenizer, pad_id, eos_ids = load_tokenizer(self.checkpoint)
+        from runtime.arch import arch_from_config, read_config
+
+        check_plan_matches(
+            self.plan,
+            arch_from_config(read_config(self.checkpoint), str(self.checkpoint)),
+            str(self.checkpoint),
+        )
+        w, mb = self.plan.workload, self.plan.micro_batching
+        self.limits = Limits(w.prompt_len, w.max_new_tokens)
+        layout = Layout(
+            w.global_batch, mb.prefill_size, mb.decode_size, w.prompt_len, w.max_new_tokens
+        )
+        self.scheduler = Scheduler(layout, self.tokenizer, pad_id, eos_ids)
+        self.launcher, self.bind_host, self.beat_timeout_s = launcher, bind_host, beat_timeout_s
+        self.keys_dir, self.impl = keys_dir, impl
+        keys = CurveKeys.load(keys_dir) if keys_dir else None
+        self.log_dir = log_dir or state_dir() / "logs" / name
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+        self.ctx = zmq.Context()
+        self.auth = start_authenticator(self.ctx, keys)
+        self.client = self._bind(zmq.ROUTER, client_endpoint, keys)
+        self.client.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.client.setsockopt(zmq.SNDHWM, 100_000)
+        self.client.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_BYTES)
+        self.control = self._bind(zmq.ROUTER, f"tcp://{bind_host}:*", keys)
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.results = self._bind(zmq.PULL, f"tcp://{bind_host}:*", keys)
+        self.status = self._bind(zmq.PUB, f"tcp://{bind_host}:*", keys)
+        self.to_first = self.ctx.socket(zmq.PUSH)
+        self.to_first.setsockopt(zmq.LINGER, 0)
+        secure_client(self.to_first, keys)
+        self.stages: list[StageState] = []
+        self.phase = "starting"
+        self.failure: str | None = None
+        self.stopping = False
+        self.state = DeploymentState(
+            name=self.name,
+            pid=os.getpid(),
+            plan=str(self.plan_path),
+            model=self.plan.model.source,
+            client_endpoint=self._endpoint(self.client),
+            status_endpoint=self._endpoint(self.status),
+            started=time.time(),
+            log_dir=str(self.log_dir),
+            keys=str(keys_dir) if keys_dir else None,
+        )
+        self.window_started, self.window_tokens = time.monotonic(), 0
+        self.tokens_per_s = 0.0
+
+    def _bind(self, kind: int, endpoint: str, keys: CurveKeys | None) -> zmq.Socket[bytes]:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        secure_server(sock, keys)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise RuntimeFailure(f"cannot bind {endpoint}: {exc}") from None
+        return sock
+
+    @staticmethod
+    def _endpoint(sock: zmq.Socket[bytes]) -> str:
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # ----------------------------------------------------------------- life cycle
+    def start_stages(self) -> None:
+        control = self._endpoint(self.control)
+        for index in range(len(self.plan.stages)):
+            launch = StageLaunch(
+                self.plan_path,
+                index,
+                control,
+                self.bind_host,
+                self.checkpoint,
+                self.keys_dir,
+                self.log_dir / f"stage-{index}.log",
+                self.impl,
+            )
+            self.stages.append(StageState(index, self.launcher.start(launch)))
+        self.phase = "loading"
+
+    def run(self) -> int:
+        """The loop: until stopped (0) or a stage fails (4)."""
+        self.state.save()
+        try:
+            self.start_stages()
+            poller = zmq.Poller()
+            for sock in (self.client, self.control, self.results):
+                poller.register(sock, zmq.POLLIN)
+            next_status = 0.0
+            while not self.stopping:
+                ready = dict(poller.poll(20))
+                if self.control in ready:
+                    self._on_control()
+                if self.results in ready:
+                    self._on_results()
+                if self.client in ready:
+                    self._on_clients()
+                if self.phase == "serving":
+                    self._send_steps(self.scheduler.admit())
+                self._check_stages()
+                if self.failure is not None:
+                    break
+                now = time.monotonic()
+                if now >= next_status:
+                    self._publish_status()
+                    next_status = now + STATUS_INTERVAL_S
+            if self.failure is None:
+                self.phase = "stopping"
+                self._reply(self.scheduler.fail_all(SHUTTING_DOWN, "the deployment is stopping"))
+            self._publish_status()
+            return 0 if self.failure is None else EXIT_STAGE_FAILED
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        for stage in self.stages:
+            self._tell(stage.index, {"type": "stop"})
+        stop_all([s.handle for s in self.stages])
+        self.state.remove()
+        for sock in (self.client, self.control, self.results, self.status, self.to_first):
+            sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()
+
+    def _fail(self, message: str) -> None:
+        self.failure = message
+        self.phase = "failed"
+        self._reply(self.scheduler.fail_all(STAGE_FAILED, message))
+
+    # ----------------------------------------------------------------- stages
+    def _tell(self, index: int, message: dict[str, Any]) -> None:
+        # Not connected (yet or any more): the liveness checks handle that.
+        with contextlib.suppress(zmq.ZMQError):
+            self.control.send_multipart(
+                [f"stage-{index}".encode(), msgpack.packb(message)], zmq.NOBLOCK
+            )
+
+    def _on_control(self) -> None:
+        while self.control.poll(0):
+            frames = self.control.recv_multipart()
+            try:
+                msg = msgpack.unpackb(frames[-1], raw=False)
+                index = int(msg["stage"])
+                stage = self.stages[index]
+                kind = msg["type"]
+            except Exception:
+                continue
+            if frames[0] != f"stage-{index}".encode():
+                continue
+            stage.last_beat = time.monotonic()
+            if kind == "hello":
+                stage.data, stage.metrics = str(msg["data"]), str(msg["metrics"])
+                self._wire()
+            elif kind == "loading":
+                stage.state = "loading"
+            elif kind == "ready":
+                stage.state = "ready"
+                stage.resident_bytes = msg.get("resident_bytes")
+                stage.kernel_paths = msg.get("kernel_paths")
+                if all(s.state == "ready" for s in self.stages) and self.phase == "loading":
+                    self.phase = "serving"
+            elif kind == "failed":
+                stage.state, stage.error = "failed", f"{msg.get('title')}: {msg.get('message')}"
+                self._fail(f"{stage.describe(self.plan)} failed: {stage.error}")
+            elif kind == "step_failed":
+                text = f"{stage.describe(self.plan)} could not run a step: {msg.get('message')}"
+                self._reply(self.scheduler.fail_group(int(msg.get("group", -1)), INTERNAL, text))
+
+    def _wire(self) -> None:
+        """Once every stage said where it listens: chain gateway → 0 → … → N-1 → gateway."""
+        if any(s.data is None for s in self.stages):
+            return
+        self.to_first.connect(str(self.stages[0].data))
+        for stage in self.stages:
+            nxt = (
+                self.stages[stage.index + 1].data
+                if stage.index + 1 < len(self.stages)
+                else self._endpoint(self.results)
+            )
+            self._tell(stage.index, {"type": "connect", "downstream": nxt})
+
+    def _check_stages(self) -> None:
+        now = time.monotonic()
+        for stage in self.stages:
+            code = stage.handle.exit_code()
+            if code is not None and not self.stopping:
+                stage.state = "failed"
+                stage.error = stage.error or f"exited with code {code}"
+                self._fail(f"{stage.describe(self.plan)} {stage.error}")
+                return
+            if stage.state == "ready" and now - stage.last_beat > self.beat_timeout_s:
+                stage.state, stage.error = "failed", "stopped answering"
+                self._fail(
+                    f"{stage.describe(self.plan)} sent no heartbeat for {self.beat_timeout_s:.0f} s"
+                )
+                return
+
+    # ----------------------------------------------------------------- data path
+    def _send_steps(self, steps: list[Step]) -> None:
+        for header, tensor in steps:
+            self.to_first.send_multipart(encode_step(header, tensor), copy=False)
+
+    def _on_results(self) -> None:
+        while self.results.poll(0):
+            frames = self.results.recv_multipart()
+            try:
+                header, _ = decode_step(frames)
+            except FrameError:
+                continue  # only the last stage reaches this socket
+            replies, steps = self.scheduler.on_result(header)
+            self._reply(replies)
+            self._send_steps(steps)
+
+    # ----------------------------------------------------------------- clients
+    def _on_clients(self) -> None:
+        while self.client.poll(0):
+            frames = self.client.recv_multipart()
+            identity, body = frames[0], frames[1:]
+            try:
+                message = parse_client_message(body, self.limits)
+                self._handle(identity, message)
+            except ProtocolError as exc:
+                self._reply([(identity, exc.reply())])
+
+    def _handle(
+        self, identity: bytes, message: GenerateRequest | CancelRequest | InfoRequest
+    ) -> None:
+        if isinstance(message, InfoRequest):
+            self._reply([(identity, self._info(message.id))])
+        elif isinstance(message, CancelRequest):
+            self._reply(self.scheduler.cancel(identity, message.id))
+        else:
+            if self.phase in ("stopping", "failed"):
+                raise ProtocolError(SHUTTING_DOWN, "the deployment is stopping", None, message.id)
+            ids = self.tokenizer.encode(message.prompt)
+            self.scheduler.submit(identity, message, ids)
+
+    def _info(self, request_id: str | None) -> dict[str, Any]:
+        w, mb = self.plan.workload, self.plan.micro_batching
+        return {
+            "type": "info",
+            "id": request_id,
+            "protocol": PROTOCOL_VERSION,
+            "model": self.plan.model.source,
+            "state": self.phase,
+            "limits": {
+                "max_prompt_tokens": self.limits.max_prompt_tokens,
+                "max_new_tokens": self.limits.max_new_tokens,
+            },
+            "global_batch": w.global_batch,
+            "prefill_micro_batch": mb.prefill_size,
+            "decode_micro_batch": mb.decode_size,
+            "stages": len(self.plan.stages),
+        }
+
+    def _reply(self, replies: list[Reply]) -> None:
+        for identity, message in replies:
+            if message.get("type") == "token":
+                self.window_tokens += len(message["token_ids"])
+            try:
+                self.client.send_multipart([identity, pack(message)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.scheduler.forget_client(identity)  # gone or not reading
+
+    # ----------------------------------------------------------------- status
+    def _publish_status(self) -> None:
+        now = time.monotonic()
+        span = now - self.window_started
+        if span >= 1.0:
+            self.tokens_per_s = self.window_tokens / span
+            self.window_started, self.window_tokens = now, 0
+        sched = self.scheduler
+        message = {
+            "type": "status",
+            "name": self.name,
+            "phase": self.phase,
+            "failure": self.failure,
+            "client_endpoint": self.state.client_endpoint,
+            "stages": [
+                {
+                    "index": s.index,
+                    "state": s.state,
+                    "pid": s.handle.pid,
+                    "metrics": s.metrics,
+                    "error": s.error,
+                    "resident_bytes": s.resident_bytes,
+                }
+                for s in self.stages
+            ],
+            "requests": {
+                "waiting": len(sched.waiting),
+                "active": sched.active_requests,
+                "completed": sched.completed,
+                "steps_in_flight": sched.in_flight,
+            },
+            "generated_tokens": sched.generated_tokens,
+            "time": time.time(),
+        }
+        self.status.send(msgpack.packb(message, use_bin_type=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.server", description=__doc__)
+    parser.add_argument("--plan", type=Path, required=True)
+    parser.add_argument("--name", default="default")
+    parser.add_argument("--endpoint", default="tcp://127.0.0.1:7460", help="client ROUTER endpoint")
+    parser.add_argument("--bind-host", default="127.0.0.1", help="address stage sockets bind to")
+    parser.add_argument("--keys", type=Path, default=None, help="CURVE key directory")
+    parser.add_argument("--beat-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--impl",
+        choices=("auto", "reference"),
+        default="auto",
+        help="stage compute: the platform's kernels, or dequantized weights (for checking)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        gateway = Gateway(
+            args.plan,
+            args.name,
+            args.endpoint,
+            LocalLauncher(),
+            keys_dir=args.keys,
+            bind_host=args.bind_host,
+            beat_timeout_s=args.beat_timeout,
+            impl=args.impl,
+        )
+    except (RuntimeFailure, PlanValidationError, OSError, ValueError) as exc:
+        title = getattr(exc, "title", "cannot start")
+        print(f"error: {title}: {exc}", file=sys.stderr)
+        return 1
+
+    def stop(*_: object) -> None:
+        gateway.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = gateway.run()
+    if gateway.failure:
+        print(f"error: {gateway.failure}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
