@@ -137,7 +137,7 @@ def apply(
         else:
             flag = _name_flag(name)
             console.print(
-                f"[bold green]serving[/] {plan.model.source} ({len(plan.stages)} stages) at "
+                f"[bold green]serving[/] {plan.model.source} ({_stages(len(plan.stages))}) at "
                 f"[bold]{state.client_endpoint}[/]\n"
                 f'  try: pqctl generate{flag} "ROMEO:"   stop: pqctl stop{flag}',
                 highlight=False,
@@ -148,6 +148,10 @@ def apply(
     finally:
         monitor.close()
     raise typer.Exit(code)
+
+
+def _stages(n: int) -> str:
+    return f"{n} stage" if n == 1 else f"{n} stages"
 
 
 def _name_flag(name: str) -> str:
@@ -262,14 +266,18 @@ def _device(plan: Plan, index: int) -> str:
 
 
 def _rate(value: float | None) -> str:
-    return "–" if value is None else f"{value:,.0f}"
+    if value is None:
+        return "–"
+    return f"{value / 1000:.1f}k" if value >= 10_000 else f"{value:,.0f}"
 
 
 def stage_table(monitor: Monitor, plan: Plan) -> Table:
     """Per stage: measured (busy) prefill/decode tokens/s beside the plan's prediction."""
     predicted = predicted_rates(plan)
     table = Table(
-        title=f"{plan.model.source}: per-stage throughput (tokens/s)", title_justify="left"
+        title=f"{plan.model.source}: per-stage throughput (tokens/s)",
+        title_justify="left",
+        caption="prefill, decode: measured per busy second; pred: the plan's prediction",
     )
     for column in (
         "stage",
@@ -298,7 +306,7 @@ def stage_table(monitor: Monitor, plan: Plan) -> Table:
             _rate(predicted[index].decode_tokens_per_s),
             f"{100 * m['busy']:.0f}%" if "busy" in m else "–",
             str(m.get("queue_depth", "–")),
-            f"{rss / 2**20:.0f} MiB" if rss else "–",
+            f"{rss / 2**20:.0f}M" if rss else "–",
         )
     return table
 
@@ -421,7 +429,9 @@ def generate(
     try:
         if stream and not as_json and len(texts) == 1:
             pieces = client.stream(texts[0], max_new_tokens=max_new, **options)
+            first = next(pieces, "")  # the request is accepted before anything is printed
             out.print(texts[0], end="", style="bold")
+            out.print(first, end="")
             for piece in pieces:
                 out.print(piece, end="")
             out.print()
