@@ -1,5 +1,6 @@
 # One entry point for setting up, running and checking pqctl.
-#   make run     set up .venv and run the main job on this host (plans the built-in model)
+#   make run     set up .venv and run the main job on this host: plan the built-in model, serve
+#                it (one process per stage), print a generated sample, stop
 #   make test    set up .venv and run the test suite
 #   make check   lint, type-check, import contracts and tests (what CI runs)
 
@@ -24,6 +25,9 @@ setup: $(STAMP)
 
 run: $(STAMP)
 	$(BIN)/pqctl plan --local -o plan.json
+	$(BIN)/pqctl apply plan.json --detach --name quickstart --endpoint 'tcp://127.0.0.1:*'
+	$(BIN)/pqctl generate --name quickstart --max-new 64 "ROMEO:"; \
+	status=$$?; $(BIN)/pqctl stop --name quickstart; exit $$status
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -38,12 +38,19 @@ class Served:
 
 
 def start_gateway(
-    plan: Path, state_dir: Path, name: str = "t", *extra: str, timeout_s: float = 90.0
+    plan: Path,
+    state_dir: Path,
+    name: str = "t",
+    *extra: str,
+    timeout_s: float = 90.0,
+    keys: Path | None = None,
 ) -> Served:
     """Start ``python -m runtime.server`` and wait until every stage is ready."""
     env = dict(os.environ, PQCTL_STATE_DIR=str(state_dir), PYTHONPATH=str(ROOT))
     argv = [sys.executable, "-m", "runtime.server", "--plan", str(plan), "--name", name]
     argv += ["--endpoint", "tcp://127.0.0.1:*", *extra]
+    if keys is not None:
+        argv += ["--keys", str(keys)]
     log = open(state_dir / f"{name}-gateway.log", "wb")  # noqa: SIM115
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     log.close()
@@ -61,7 +68,7 @@ def start_gateway(
     served = Served(process, state, state_dir)
     from runtime.client import Client
 
-    with Client(state.client_endpoint, timeout_s=5) as client:
+    with Client(state.client_endpoint, timeout_s=5, keys=keys) as client:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise AssertionError(served.log())

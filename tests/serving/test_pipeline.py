@@ -14,6 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from runtime.assets import builtin_model_dir
 from runtime.client import Client, ServerError
+from runtime.keys import CurveKeys, init_keys
+from runtime.monitor import Monitor
 from runtime.protocol import pack, unpack
 from tests.serving.conftest import Served, start_gateway, stop_gateway
 from tests.serving.plans import serving_plan, write_plan
@@ -198,3 +200,33 @@ def test_server_error_type_in_client(
         with pytest.raises(ServerError) as err:
             client.generate("ROMEO:", max_new_tokens=100)
         assert err.value.code == "bad_field" and err.value.field == "max_new_tokens"
+
+
+def test_curve_keys_admit_only_authorized_clients(
+    tmp_path: Path, state_dir: Path, gateways: list[Served]
+) -> None:
+    keys = tmp_path / "keys"
+    init_keys(keys)
+    plan = write_plan(serving_plan("bard-tiny", [0, 4], max_new=8), tmp_path)
+    served = start_gateway(plan, state_dir, "t", keys=keys)
+    gateways.append(served)
+    with Client(served.state.client_endpoint, keys=keys, timeout_s=30) as client:
+        assert client.generate("ROMEO:", max_new_tokens=4).usage["completion_tokens"] >= 1
+
+    stranger = tmp_path / "stranger"
+    init_keys(stranger)
+    (stranger / "server.key").write_bytes((keys / "server.key").read_bytes())
+    for other in (None, stranger):  # plain TCP, or CURVE with a key not in authorized/
+        with Client(served.state.client_endpoint, keys=other, timeout_s=1.5) as client:
+            with pytest.raises(TimeoutError):
+                client.info()
+
+    monitor = Monitor(served.state.status_endpoint, CurveKeys.load(keys, "client"))
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and 1 not in monitor.metrics:
+            monitor.poll(0.5)
+        assert monitor.status is not None and monitor.status["phase"] == "serving"
+        assert monitor.metrics[1]["stage"] == 1  # stage metrics are encrypted too
+    finally:
+        monitor.close()
