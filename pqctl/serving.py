@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -38,6 +37,7 @@ from runtime.deployment import (
     stop_deployment,
 )
 from runtime.keys import CurveKeys, init_keys
+from runtime.launcher import child_env
 from runtime.monitor import Monitor, predicted_rates
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:7460"
@@ -174,9 +174,7 @@ def _start_gateway(
     argv += ["--name", name, "--endpoint", endpoint]
     if keys is not None:
         argv += ["--keys", str(keys.resolve())]
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env = child_env()
     with open(log, "wb") as out:
         process = subprocess.Popen(
             argv,

@@ -97,13 +97,19 @@ class LocalProcess:
         self.process.wait(timeout=10)
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment, with the project root importable (runs from a checkout)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
 class LocalLauncher:
     """Starts stage workers as child processes, stdout/stderr to a log file per stage."""
 
     def start(self, launch: StageLaunch) -> LocalProcess:
-        env = dict(os.environ)
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env = child_env()
         out = open(launch.log, "ab") if launch.log else subprocess.DEVNULL  # noqa: SIM115
         try:
             process = subprocess.Popen(
