@@ -8,7 +8,9 @@ Sockets (ZeroMQ, all bound here):
 - and a PUSH connected to the first stage's data PULL.
 
 Run as ``python -m runtime.server --plan plan.json --name NAME``; ``pqctl apply`` does this.
-Exit codes: 0 stopped on request, 1 start-up failure, 4 a stage failed while serving.
+A stage that dies or stops sending heartbeats while serving fails the requests in flight (an
+error naming it) and is restarted (``--restarts`` times at most); waiting requests wait for it.
+Exit codes: 0 stopped on request, 1 start-up failure, 4 a stage failed for good.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class StageState:
     metrics: str | None = None
     last_beat: float = field(default_factory=time.monotonic)
     error: str | None = None
+    restarts: int = 0
     resident_bytes: int | None = None
     kernel_paths: dict[str, list[str]] | None = None
 
@@ -91,6 +94,7 @@ class Gateway:
         beat_timeout_s: float = 30.0,
         log_dir: Path | None = None,
         impl: str = "auto",
+        max_restarts: int = 3,
     ) -> None:
         self.plan_path = plan_path.resolve()
         self.plan = Plan.load(self.plan_path)
@@ -111,7 +115,7 @@ class Gateway:
         )
         self.scheduler = Scheduler(layout, self.tokenizer, pad_id, eos_ids)
         self.launcher, self.bind_host, self.beat_timeout_s = launcher, bind_host, beat_timeout_s
-        self.keys_dir, self.impl = keys_dir, impl
+        self.keys_dir, self.impl, self.max_restarts = keys_dir, impl, max_restarts
         keys = CurveKeys.load(keys_dir) if keys_dir else None
         self.log_dir = log_dir or state_dir() / "logs" / name
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -124,11 +128,11 @@ class Gateway:
         self.client.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_BYTES)
         self.control = self._bind(zmq.ROUTER, f"tcp://{bind_host}:*", keys)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted stage reuses its identity
         self.results = self._bind(zmq.PULL, f"tcp://{bind_host}:*", keys)
         self.status = self._bind(zmq.PUB, f"tcp://{bind_host}:*", keys)
-        self.to_first = self.ctx.socket(zmq.PUSH)
-        self.to_first.setsockopt(zmq.LINGER, 0)
-        secure_client(self.to_first, keys)
+        self.keys = keys
+        self.to_first = self._push()
         self.stages: list[StageState] = []
         self.phase = "starting"
         self.failure: str | None = None
@@ -158,25 +162,33 @@ class Gateway:
             raise RuntimeFailure(f"cannot bind {endpoint}: {exc}") from None
         return sock
 
+    def _push(self) -> zmq.Socket[bytes]:
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        secure_client(sock, self.keys)
+        return sock
+
     @staticmethod
     def _endpoint(sock: zmq.Socket[bytes]) -> str:
         return sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
     # ----------------------------------------------------------------- life cycle
+    def _launch(self, index: int) -> StageHandle:
+        launch = StageLaunch(
+            self.plan_path,
+            index,
+            self._endpoint(self.control),
+            self.bind_host,
+            self.checkpoint,
+            self.keys_dir,
+            self.log_dir / f"stage-{index}.log",
+            self.impl,
+        )
+        return self.launcher.start(launch)
+
     def start_stages(self) -> None:
-        control = self._endpoint(self.control)
         for index in range(len(self.plan.stages)):
-            launch = StageLaunch(
-                self.plan_path,
-                index,
-                control,
-                self.bind_host,
-                self.checkpoint,
-                self.keys_dir,
-                self.log_dir / f"stage-{index}.log",
-                self.impl,
-            )
-            self.stages.append(StageState(index, self.launcher.start(launch)))
+            self.stages.append(StageState(index, self._launch(index)))
         self.phase = "loading"
 
     def run(self) -> int:
@@ -252,18 +264,25 @@ class Gateway:
             stage.last_beat = time.monotonic()
             if kind == "hello":
                 stage.data, stage.metrics = str(msg["data"]), str(msg["metrics"])
-                self._wire()
+                if self.phase == "recovering":
+                    self._wire_around(index)
+                else:
+                    self._wire()
             elif kind == "loading":
                 stage.state = "loading"
             elif kind == "ready":
                 stage.state = "ready"
                 stage.resident_bytes = msg.get("resident_bytes")
                 stage.kernel_paths = msg.get("kernel_paths")
-                if all(s.state == "ready" for s in self.stages) and self.phase == "loading":
+                ready = all(s.state == "ready" for s in self.stages)
+                if ready and self.phase in ("loading", "recovering"):
                     self.phase = "serving"
             elif kind == "failed":
-                stage.state, stage.error = "failed", f"{msg.get('title')}: {msg.get('message')}"
-                self._fail(f"{stage.describe(self.plan)} failed: {stage.error}")
+                stage.error = f"failed: {msg.get('title')}: {msg.get('message')}"
+                if self.phase != "serving":  # loading failed: restarting would fail again
+                    stage.state = "failed"
+                    self._fail(f"{stage.describe(self.plan)} {stage.error}")
+                # while serving, the process exits next and is restarted
             elif kind == "step_failed":
                 text = f"{stage.describe(self.plan)} could not run a step: {msg.get('message')}"
                 self._reply(self.scheduler.fail_group(int(msg.get("group", -1)), INTERNAL, text))
@@ -281,21 +300,46 @@ class Gateway:
             )
             self._tell(stage.index, {"type": "connect", "downstream": nxt})
 
+    def _wire_around(self, index: int) -> None:
+        """A restarted stage listens somewhere new: reconnect its upstream, tell it its
+        downstream. Other links are untouched."""
+        stage = self.stages[index]
+        if index == 0:
+            self.to_first.close(linger=0)  # drops steps queued for the dead process
+            self.to_first = self._push()
+            self.to_first.connect(str(stage.data))
+        else:
+            self._tell(index - 1, {"type": "connect", "downstream": stage.data})
+        nxt = self.stages[index + 1].data if index + 1 < len(self.stages) else None
+        self._tell(index, {"type": "connect", "downstream": nxt or self._endpoint(self.results)})
+
     def _check_stages(self) -> None:
         now = time.monotonic()
         for stage in self.stages:
             code = stage.handle.exit_code()
             if code is not None and not self.stopping:
-                stage.state = "failed"
-                stage.error = stage.error or f"exited with code {code}"
-                self._fail(f"{stage.describe(self.plan)} {stage.error}")
+                self._stage_lost(stage, stage.error or f"exited with code {code}")
                 return
             if stage.state == "ready" and now - stage.last_beat > self.beat_timeout_s:
-                stage.state, stage.error = "failed", "stopped answering"
-                self._fail(
-                    f"{stage.describe(self.plan)} sent no heartbeat for {self.beat_timeout_s:.0f} s"
-                )
+                self._stage_lost(stage, f"sent no heartbeat for {self.beat_timeout_s:.0f} s")
                 return
+
+    def _stage_lost(self, stage: StageState, reason: str) -> None:
+        """Fail the requests in flight; restart the stage while restarts remain (waiting
+        requests wait for it), else stop the deployment."""
+        message = f"{stage.describe(self.plan)} {reason}"
+        if self.phase not in ("serving", "recovering") or stage.restarts >= self.max_restarts:
+            stage.state, stage.error = "failed", reason
+            self._fail(message)
+            return
+        for group in self.scheduler.groups:
+            self._reply(self.scheduler.fail_group(group.index, STAGE_FAILED, message))
+        stage.handle.kill()
+        stage.handle = self._launch(stage.index)
+        stage.state, stage.data, stage.error = "starting", None, reason
+        stage.restarts += 1
+        stage.last_beat = time.monotonic()
+        self.phase = "recovering"
 
     # ----------------------------------------------------------------- data path
     def _send_steps(self, steps: list[Step]) -> None:
@@ -385,6 +429,7 @@ class Gateway:
                     "pid": s.handle.pid,
                     "metrics": s.metrics,
                     "error": s.error,
+                    "restarts": s.restarts,
                     "resident_bytes": s.resident_bytes,
                 }
                 for s in self.stages
@@ -410,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keys", type=Path, default=None, help="CURVE key directory")
     parser.add_argument("--beat-timeout", type=float, default=30.0)
     parser.add_argument(
+        "--restarts", type=int, default=3, help="restarts of a failed stage before giving up"
+    )
+    parser.add_argument(
         "--impl",
         choices=("auto", "reference"),
         default="auto",
@@ -426,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
             bind_host=args.bind_host,
             beat_timeout_s=args.beat_timeout,
             impl=args.impl,
+            max_restarts=args.restarts,
         )
     except (RuntimeFailure, PlanValidationError, OSError, ValueError) as exc:
         title = getattr(exc, "title", "cannot start")

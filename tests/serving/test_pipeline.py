@@ -46,8 +46,9 @@ def serve(
     tmp_path: Path, state_dir: Path, gateways: list[Served], splits: list[int], **kw
 ) -> Served:  # type: ignore[no-untyped-def]
     impl = kw.pop("impl", "reference")
+    restarts = str(kw.pop("restarts", 3))
     plan = write_plan(serving_plan("bard-tiny", splits, **kw), tmp_path)
-    served = start_gateway(plan, state_dir, "t", "--impl", impl)
+    served = start_gateway(plan, state_dir, "t", "--impl", impl, "--restarts", restarts)
     gateways.append(served)
     return served
 
@@ -158,7 +159,7 @@ def test_bad_requests_get_errors_and_service_goes_on(
 def test_a_dead_stage_fails_requests_and_stops_everything(
     tmp_path: Path, state_dir: Path, gateways: list[Served]
 ) -> None:
-    served = serve(tmp_path, state_dir, gateways, [0, 4], impl="auto", max_new=48)
+    served = serve(tmp_path, state_dir, gateways, [0, 4], impl="auto", max_new=48, restarts=0)
     stages = served.stage_pids()
     assert len(stages) == 2
     with Client(served.state.client_endpoint, timeout_s=15) as client:
@@ -174,6 +175,27 @@ def test_a_dead_stage_fails_requests_and_stops_everything(
         assert time.monotonic() - started < 5
     assert served.process.wait(timeout=15) == 4
     assert not (state_dir / "t.json").exists()
+
+
+def test_a_dead_stage_is_restarted_and_service_resumes(
+    tmp_path: Path, state_dir: Path, gateways: list[Served]
+) -> None:
+    served = serve(tmp_path, state_dir, gateways, [0, 4], impl="auto", max_new=48)
+    with Client(served.state.client_endpoint, timeout_s=30) as client:
+        before = client.generate("KING:", max_new_tokens=16, ignore_eos=True)
+        first = client.submit("ROMEO:", max_new_tokens=48, ignore_eos=True, stream=True)
+        assert client.receive()["type"] == "token"
+        os.kill(served.stage_pids()[0], signal.SIGKILL)
+        while (message := client.receive())["type"] == "token":
+            pass
+        assert (message["type"], message["id"], message["code"]) == ("error", first, "stage_failed")
+        assert "stage 0 (cpu on localhost, layers 0–3) exited with code -9" in message["message"]
+        # Sent while the stage reloads: waits, then is served by the restarted stage.
+        after = client.generate("KING:", max_new_tokens=16, ignore_eos=True)
+        assert after.token_ids == before.token_ids
+        assert client.info()["state"] == "serving"
+    assert served.process.poll() is None
+    assert len(served.stage_pids()) == 2
 
 
 def test_shutdown_leaves_no_process_or_socket(
@@ -217,9 +239,11 @@ def test_curve_keys_admit_only_authorized_clients(
     init_keys(stranger)
     (stranger / "server.key").write_bytes((keys / "server.key").read_bytes())
     for other in (None, stranger):  # plain TCP, or CURVE with a key not in authorized/
-        with Client(served.state.client_endpoint, keys=other, timeout_s=1.5) as client:
-            with pytest.raises(TimeoutError):
-                client.info()
+        with (
+            Client(served.state.client_endpoint, keys=other, timeout_s=1.5) as client,
+            pytest.raises(TimeoutError),
+        ):
+            client.info()
 
     monitor = Monitor(served.state.status_endpoint, CurveKeys.load(keys, "client"))
     try:
