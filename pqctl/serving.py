@@ -88,14 +88,16 @@ def apply(
     ready_timeout: Annotated[
         float, typer.Option("--ready-timeout", help="Seconds to wait for every stage to load.")
     ] = 600.0,
+    restarts: Annotated[
+        int, typer.Option("--restarts", help="Restarts of a failed stage before giving up.", min=0)
+    ] = 3,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the deployment's state as JSON once serving.")
     ] = False,
 ) -> None:
     """Serve a plan on this host: one process per stage, a gateway for clients.
 
-    Shows each stage's loading, then (unless --detach) a live table of every stage's measured
-    prefill and decode throughput beside the plan's prediction, until Ctrl-C.
+    Then, unless --detach, a live table of measured vs predicted tokens/s per stage until Ctrl-C.
     """
     plan = _load_plan(plan_file)
     name = _check_name(name)
@@ -125,7 +127,7 @@ def apply(
         except ValueError as exc:
             raise fail("bad keys", str(exc), EXIT_BAD_INPUT) from exc
     console = Console(stderr=True)
-    process, log = _start_gateway(plan_file, name, endpoint, keys)
+    process, log = _start_gateway(plan_file, name, endpoint, keys, restarts)
     state = _wait_for_state(process, name, log)
     monitor = Monitor(state.status_endpoint, CurveKeys.load(keys, "client") if keys else None)
     try:
@@ -165,13 +167,13 @@ def _state_dict(state: DeploymentState) -> dict[str, Any]:
 
 
 def _start_gateway(
-    plan_file: Path, name: str, endpoint: str, keys: Path | None
+    plan_file: Path, name: str, endpoint: str, keys: Path | None, restarts: int = 3
 ) -> tuple[subprocess.Popen[bytes], Path]:
     logs = state_dir() / "logs" / name
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / "gateway.log"
     argv = [sys.executable, "-m", "runtime.server", "--plan", str(plan_file.resolve())]
-    argv += ["--name", name, "--endpoint", endpoint]
+    argv += ["--name", name, "--endpoint", endpoint, "--restarts", str(restarts)]
     if keys is not None:
         argv += ["--keys", str(keys.resolve())]
     env = child_env()
@@ -312,11 +314,19 @@ def stage_table(monitor: Monitor, plan: Plan) -> Table:
 def _summary(monitor: Monitor) -> Text:
     status = monitor.status or {}
     r = status.get("requests", {})
-    return Text(
-        f"requests: {r.get('waiting', 0)} waiting, {r.get('active', 0)} running, "
-        f"{r.get('completed', 0)} done; {status.get('generated_tokens', 0)} tokens generated. "
-        "Ctrl-C stops."
+    text = Text(
+        f"{status.get('phase', 'starting')}; requests: {r.get('waiting', 0)} waiting, "
+        f"{r.get('active', 0)} running, {r.get('completed', 0)} done; "
+        f"{status.get('generated_tokens', 0)} tokens generated. Ctrl-C stops."
     )
+    for stage in status.get("stages", []):
+        if stage.get("restarts") or stage.get("error"):
+            text.append(
+                f"\nstage {stage['index']}: restarted {stage.get('restarts', 0)}× "
+                f"(last: {stage.get('error')})",
+                style="yellow",
+            )
+    return text
 
 
 def _live_table(
