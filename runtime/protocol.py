@@ -201,13 +201,13 @@ def _parse_generate(m: dict[str, Any], limits: Limits) -> GenerateRequest:
             f"must be an integer from 1 to {limits.max_new_tokens} (the plan's limit), "
             f"got {max_new!r}",
         )
-    temperature = _number(m, "temperature", 0.0)
+    temperature = _number(m, "temperature", 0.0, "from 0 (greedy) to 100")
     if not 0.0 <= temperature <= 100.0:
         raise _bad("temperature", f"must be from 0 (greedy) to 100, got {temperature!r}")
     top_k = m.get("top_k", 0)
     if not _is_int(top_k) or top_k < 0:
         raise _bad("top_k", f"must be an integer ≥ 0 (0 = off), got {top_k!r}")
-    top_p = _number(m, "top_p", 1.0)
+    top_p = _number(m, "top_p", 1.0, "in (0, 1] (1 = off)")
     if not 0.0 < top_p <= 1.0:
         raise _bad("top_p", f"must be in (0, 1] (1 = off), got {top_p!r}")
     seed = m.get("seed")
@@ -267,10 +267,10 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _number(m: Mapping[str, Any], name: str, default: float) -> float:
+def _number(m: Mapping[str, Any], name: str, default: float, allowed: str) -> float:
     value = m.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise _bad(name, f"must be a finite number, got {value!r}")
+        raise _bad(name, f"must be a number {allowed}, got {value!r}")
     return float(value)
 
 

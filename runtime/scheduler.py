@@ -297,8 +297,8 @@ class Scheduler:
         usage = Usage(
             len(active.prompt_ids),
             active.generated,
-            (active.admitted or now) - active.received,
-            (active.first_token or now) - active.received,
+            (now if active.admitted is None else active.admitted) - active.received,
+            (now if active.first_token is None else active.first_token) - active.received,
             now - active.received,
             active.seed,
         )

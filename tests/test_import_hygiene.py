@@ -44,3 +44,16 @@ def test_runtime_imports_without_interface_libraries() -> None:
     assert len(modules) > 1
     watched = ["textual", "typer", "rich", "pqctl", "themes"]
     assert _loaded_after_import(modules, watched) == []
+
+
+def test_client_side_modules_import_without_torch_or_transformers() -> None:
+    """A client (and the status monitor) needs only pyzmq and msgpack, never the model stack."""
+    modules = [
+        "runtime.client",
+        "runtime.protocol",
+        "runtime.deployment",
+        "runtime.monitor",
+        "runtime.textstream",
+    ]
+    for module in modules:  # one fresh interpreter each, so none hides another's imports
+        assert _loaded_after_import([module], ["torch", "transformers"]) == [], module
