@@ -97,19 +97,28 @@ def gpu_device_type(
         activation_bytes=2,
         launch_overhead_s=5e-6,
         dequant_gelem_s=float(memory_bandwidth_gb_s) / 2,
+        dense_weight_bytes=2,
     )
 
 
 def cpu_device_type(
-    cores: int, memory_bytes: int, memory_bandwidth_gb_s: float, fp32_tflops: float
+    cores: int,
+    memory_bytes: int,
+    memory_bandwidth_gb_s: float,
+    fp32_tflops: float,
+    *,
+    native_bf16: bool = False,
 ) -> DeviceType:
     """The device type of a host's CPU (name and kind ``"cpu"``).
 
-    fp16/bf16 matmuls are upcast to fp32, so ``fp16_tflops`` equals ``fp32_tflops``; int8
-    weight-only matmuls reach about twice the fp32 rate. PyTorch has CPU int8 and int4
-    weight-only kernels, hence fast kernels for 4, 8 and 16 bits. The runtime reserve is the
-    Python + torch process baseline (0.75 GiB) and only 85 % of RAM is planned, as the OS and
-    other processes share it.
+    The runtime computes in fp32 on a CPU (4 activation bytes). fp16/bf16 matmuls are counted at
+    the fp32 rate, so ``fp16_tflops`` equals ``fp32_tflops``; int8 weight-only matmuls reach
+    about twice the fp32 rate. PyTorch has CPU int8 and int4 weight-only kernels, hence fast
+    kernels for 4, 8 and 16 bits. 16-bit weights (and per-call dequantized copies) are stored
+    as bf16 (2 bytes) where the CPU has native bf16 dot products, else as fp32 (4 bytes): the
+    rule of ``runtime.quant.dense_weight_dtype``. The runtime reserve is the Python + torch
+    process baseline (0.75 GiB) and only 85 % of RAM is planned, as the OS and other processes
+    share it.
 
     Args:
         cores: logical cores the stage process may use (must be positive; the figures below
@@ -117,6 +126,8 @@ def cpu_device_type(
         memory_bytes: RAM the process may use, bytes.
         memory_bandwidth_gb_s: DRAM bandwidth, GB/s.
         fp32_tflops: dense fp32 matmul throughput, TFLOPS.
+        native_bf16: the CPU has native bf16 dot products (``avx512_bf16`` or AMX; see
+            :func:`planner.local_host.cpu_has_native_bf16`).
 
     Returns:
         The CPU's device type.
@@ -143,6 +154,7 @@ def cpu_device_type(
         activation_bytes=4,
         launch_overhead_s=20e-6,
         dequant_gelem_s=0.5,
+        dense_weight_bytes=2 if native_bf16 else 4,
     )
 
 
@@ -206,8 +218,9 @@ def _catalogue() -> dict[str, DeviceType]:
         row("H100-80G", 80, 3350, 989, 67, 1979, ampere, 400),
         # NVIDIA H200 SXM datasheet: 141 GB HBM3e 4800 GB/s, compute as H100 SXM5.
         row("H200", 141, 4800, 989, 67, 1979, ampere, 400),
-        # Generic CPU template: 16 cores, 64 GiB, 40 GB/s, 0.05 fp32 TFLOPS per core. Use
-        # cpu_device_type() or planner.local_host.measure_local_cpu() for a real one.
+        # Generic CPU template: 16 cores, 64 GiB, 40 GB/s, 0.05 fp32 TFLOPS per core, no
+        # native bf16 (fp32 16-bit weights: the larger, safe count). Use cpu_device_type() or
+        # planner.local_host.measure_local_cpu() for a real one.
         cpu_device_type(16, 64 * GIB, 40.0, 16 * DEFAULT_CPU_TFLOPS_PER_CORE),
     ]
     return {t.name: t for t in types}

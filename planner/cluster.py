@@ -36,11 +36,16 @@ class DeviceType:
             allocator slack, or the process baseline on a CPU), bytes.
         usable_memory_fraction: share of ``memory_bytes`` the planner may fill.
         activation_bytes: bytes per element of the device's compute dtype (2 = fp16/bf16,
-            4 = fp32): activations, KV cache, and unquantized (16-bit) weights, biases, norms
-            and embeddings are held at this width.
+            4 = fp32): activations, KV cache, biases, norms, embeddings and the LM head are
+            held at this width.
         launch_overhead_s: fixed cost per operator call (kernel launch or dispatch), seconds.
         dequant_gelem_s: on-the-fly dequantization rate for precisions without a fast
             kernel, 10^9 weight elements per second.
+        dense_weight_bytes: bytes per weight of the linear layers stored unquantized (16-bit
+            layers) and of the per-call dequantized copies of the others. Equal to
+            ``activation_bytes`` except on a CPU with native bf16 dot products, where the
+            runtime stores them as bf16 (2) while computing in fp32 (4). Leaving it 0 at
+            construction means ``activation_bytes``; a built device type always holds the width.
     """
 
     name: str
@@ -58,6 +63,16 @@ class DeviceType:
     activation_bytes: int = 2
     launch_overhead_s: float = 5e-6
     dequant_gelem_s: float = 50.0
+    dense_weight_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dense_weight_bytes == 0:
+            object.__setattr__(self, "dense_weight_bytes", self.activation_bytes)
+        if self.dense_weight_bytes not in (2, 4):
+            raise ValueError(
+                f"dense_weight_bytes must be 2 (fp16/bf16) or 4 (fp32), "
+                f"got {self.dense_weight_bytes}"
+            )
 
     @property
     def usable_memory_bytes(self) -> int:

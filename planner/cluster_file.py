@@ -42,7 +42,9 @@ Devices (one inline table each, or ``[[hosts.devices]]`` tables):
   ``fp32_tflops``, ``int8_tops``, ``peer_bandwidth_gb_s``, ``runtime_reserve_gib``,
   ``usable_memory_fraction``, ``launch_overhead_s``, ``dequant_gelem_s``.
 - a ``cpu`` needs ``cores`` and ``memory_gib``; ``memory_bandwidth_gb_s`` defaults to 20 and
-  ``fp32_tflops`` to cores × 0.05. At most one cpu per host; it gets index -1.
+  ``fp32_tflops`` to cores × 0.05; ``native_bf16 = true`` says it has native bf16 dot products
+  (``avx512_bf16`` or ``amx_tile`` in its ``/proc/cpuinfo`` flags), so the runtime stores 16-bit
+  weights there as bf16 (default false: fp32). At most one cpu per host; it gets index -1.
 
 GPUs get indices 0, 1, ... per host in file order. Every problem raises
 :class:`~planner.errors.ClusterFileError` as ``"{path}:{line}: {field}: {problem}"`` (the line
@@ -100,7 +102,7 @@ _FIGURES = (  # device figures a file may give or override
 )
 _ZERO_OK = frozenset({"int8_tops", "runtime_reserve_gib", "launch_overhead_s"})
 _GPU_KEYS = ("type", "count", "bits", *_FIGURES)
-_CPU_KEYS = (*_GPU_KEYS, "cores")
+_CPU_KEYS = (*_GPU_KEYS, "cores", "native_bf16")
 _CPU_DEFAULT_BANDWIDTH_GB_S = 20.0
 
 
@@ -247,6 +249,12 @@ class _Reader:
             rule = "must be zero or positive" if zero_ok else "must be positive"
             self.fail(f"{field}{key}", f"{rule}, got {_show(value)}")
         return float(value)
+
+    def boolean(self, table: Mapping[str, Any], key: str, field: str) -> bool:
+        value = table.get(key, False)
+        if not isinstance(value, bool):
+            self.fail(f"{field}{key}", f"expected true or false, got {_show(value)}")
+        return value
 
     def positive_int(self, table: Mapping[str, Any], key: str, field: str) -> int:
         value = table[key]
@@ -451,6 +459,7 @@ class _Reader:
             memory_bytes=int(figures["memory_gib"] * GIB),
             memory_bandwidth_gb_s=figures.get("memory_bandwidth_gb_s", _CPU_DEFAULT_BANDWIDTH_GB_S),
             fp32_tflops=figures.get("fp32_tflops", cores * DEFAULT_CPU_TFLOPS_PER_CORE),
+            native_bf16=self.boolean(table, "native_bf16", f"{field}."),
         )
 
     def custom_gpu(self, type_name: str, field: str, figures: Mapping[str, float]) -> DeviceType:

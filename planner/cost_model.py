@@ -13,6 +13,11 @@ Roofline, per operator, written the ``estimate_mfu`` way::
 activations read and written, and in decode the KV cache read. A precision without a fast
 kernel on a device is dequantized into a temporary 16-bit copy on every call, which costs an
 extra pass over the weights and the device's dequantization rate.
+
+Widths: unquantized (16-bit) linear weights and the per-call dequantized copies take the
+device's ``dense_weight_bytes`` (bf16 on a CPU with native bf16 dot products, which computes in
+fp32); activations, KV cache, biases, norms, embeddings and the LM head take its
+``activation_bytes``.
 """
 
 from __future__ import annotations
@@ -45,8 +50,9 @@ TOKEN_ID_BYTES = 8
 def packed_linear_bytes(op: LinearOp, bits: int, group_size: int, dense_bytes: int = 2) -> int:
     """Resident bytes of one linear operator's weight at ``bits`` (bias excluded).
 
-    16 bits: unquantized, ``dense_bytes`` per weight (the device's compute dtype: 2 for
-    fp16/bf16 on GPUs, 4 for fp32 on CPUs). 8 bits: int8 weights and one fp16 scale per output row.
+    16 bits: unquantized, ``dense_bytes`` per weight (the device's ``dense_weight_bytes``: 2 for
+    fp16/bf16 on GPUs and on CPUs with native bf16, 4 for fp32 on other CPUs). 8 bits: int8
+    weights and one fp16 scale per output row.
     2/3/4 bits: ``bits`` per weight packed densely, per output row one fp16 scale and one fp16
     zero point for each group of ``group_size`` input weights.
     """
@@ -66,11 +72,19 @@ def default_group_size(model: ModelSpec, candidates: tuple[int, ...] = (128, 64,
     return next((g for g in candidates if all(w % g == 0 for w in widths)), candidates[0])
 
 
-def layer_weight_bytes(model: ModelSpec, bits: int, group_size: int, dense_bytes: int = 2) -> int:
+def layer_weight_bytes(
+    model: ModelSpec,
+    bits: int,
+    group_size: int,
+    dense_bytes: int = 2,
+    dense_weight_bytes: int | None = None,
+) -> int:
     """Resident bytes of one decoder layer's parameters at ``bits``: packed linear weights
-    plus biases and norms in the compute dtype (``dense_bytes`` per element)."""
+    (16 bits: ``dense_weight_bytes`` per weight, default ``dense_bytes``) plus biases and norms
+    in the compute dtype (``dense_bytes`` per element)."""
+    weight_bytes = dense_bytes if dense_weight_bytes is None else dense_weight_bytes
     linears = sum(
-        packed_linear_bytes(op, bits, group_size, dense_bytes) for op in model.layer_linears()
+        packed_linear_bytes(op, bits, group_size, weight_bytes) for op in model.layer_linears()
     )
     return linears + dense_bytes * (model.layer_bias_params + model.layer_norm_params)
 
@@ -97,7 +111,8 @@ def layer_memory_bytes(
     """Memory one decoder layer needs on ``device``: weights at ``bits`` plus its KV cache."""
     dense = device.activation_bytes
     kv = kv_cache_bytes_per_layer(model, global_batch, max_context, dense)
-    return layer_weight_bytes(model, bits, group_size, dense) + kv
+    weights = layer_weight_bytes(model, bits, group_size, dense, device.dense_weight_bytes)
+    return weights + kv
 
 
 def activation_peak_bytes(
@@ -123,7 +138,8 @@ def activation_peak_bytes(
 
 def dequant_scratch_bytes(model: ModelSpec, dense_bytes: int = 2) -> int:
     """Dense copy of the largest weight, needed by a stage running a precision that has no
-    fast kernel on its device (dequantized per call), bytes."""
+    fast kernel on its device (dequantized per call), bytes. ``dense_bytes`` is the device's
+    ``dense_weight_bytes``: the copy has the dtype of its 16-bit weights."""
     return dense_bytes * max(op.num_weights for op in model.layer_linears())
 
 
@@ -180,10 +196,10 @@ def linear_latency_s(
     """Time of one linear operator over ``tokens`` token rows at ``bits``, seconds."""
     flops = 2.0 * tokens * op.num_weights
     activations = tokens * (op.in_features + op.out_features) * device.activation_bytes
-    packed = packed_linear_bytes(op, bits, group_size, device.activation_bytes)
+    packed = packed_linear_bytes(op, bits, group_size, device.dense_weight_bytes)
     if bits == 16 or bits in device.fast_kernel_bits:
         return _roofline_s(device, flops, packed + activations, low_bit=bits != 16)
-    dense = op.num_weights * device.activation_bytes
+    dense = op.num_weights * device.dense_weight_bytes
     dequant_s = op.num_weights / (device.dequant_gelem_s * 1e9)
     unpack_s = _roofline_s(device, 0.0, packed + dense, low_bit=False)
     return dequant_s + unpack_s + _roofline_s(device, flops, dense + activations, low_bit=False)

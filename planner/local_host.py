@@ -3,7 +3,8 @@
 GPU discovery (NVML) belongs to the runtime; callers pass the GPUs' device types in. The CPU
 figures are measured with numpy: a single-threaded array copy for memory bandwidth (a lower bound
 for a multi-threaded torch process) and a float32 matmul through the BLAS numpy links for fp32
-throughput.
+throughput. Whether the CPU has native bf16 dot products (which decides the width the runtime
+stores 16-bit weights at) is read from the CPU flags in ``/proc/cpuinfo``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from planner.catalogue import cpu_device_type
 from planner.cluster import GIB, ClusterSpec, DeviceSpec, DeviceType, HostSpec
 
 _MEMINFO = Path("/proc/meminfo")
+_CPUINFO = Path("/proc/cpuinfo")
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_tile"})
+"""CPU flags meaning native bf16 dot products: the flags behind torch's
+``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported`` probes, which
+``runtime.quant`` uses to store 16-bit weights as bf16."""
 _FALLBACK_MEMORY_BYTES = 4 * GIB
 _COPY_BUFFER_BYTES = 128 * 1024**2
 
@@ -63,6 +69,31 @@ def _meminfo_entry(line: str) -> tuple[str, int]:
     parts = rest.split()
     scale = 1024 if len(parts) > 1 and parts[1].lower() == "kb" else 1
     return key.strip(), int(parts[0]) * scale if parts else 0
+
+
+def cpu_has_native_bf16(cpuinfo: Path = _CPUINFO) -> bool:
+    """Whether this CPU multiplies bf16 natively: any of :data:`NATIVE_BF16_FLAGS` among the
+    ``flags`` of ``/proc/cpuinfo``.
+
+    The same rule as ``runtime.quant.dense_weight_dtype`` (which asks torch), read without
+    torch. Where the file is missing or unreadable (not Linux) the answer is False, so 16-bit
+    weights are counted at 4 bytes: never less memory than the runtime uses there.
+
+    Args:
+        cpuinfo: the cpuinfo file to read (a parameter for tests).
+
+    Returns:
+        True when the first ``flags`` line names one of the flags.
+    """
+    try:
+        lines = cpuinfo.read_text(errors="replace").splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return not NATIVE_BF16_FLAGS.isdisjoint(value.split())
+    return False
 
 
 def _best_time_s(action: Callable[[], object], repeats: int) -> float:
@@ -123,7 +154,8 @@ def measure_fp32_tflops(repeats: int = 3) -> float:
 
 
 def measure_local_cpu() -> DeviceType:
-    """The local CPU as a device type: cores, available RAM, measured bandwidth and fp32 rate.
+    """The local CPU as a device type: cores, available RAM, measured bandwidth and fp32 rate,
+    and whether 16-bit weights are stored as bf16 (:func:`cpu_has_native_bf16`).
 
     Takes well under a second (a 128 MiB buffer copied and a few matmuls, best of 3 each).
 
@@ -135,6 +167,7 @@ def measure_local_cpu() -> DeviceType:
         memory_bytes=available_memory_bytes(),
         memory_bandwidth_gb_s=measure_memory_bandwidth_gb_s(),
         fp32_tflops=measure_fp32_tflops(),
+        native_bf16=cpu_has_native_bf16(),
     )
 
 

@@ -212,7 +212,9 @@ def build_tables(
             ],
             dtype=float,
         ),
-        dequant_scratch_bytes=_per_device(devices, lambda d: cm.dequant_scratch_bytes(model, d)),
+        dequant_scratch_bytes=np.array(
+            [float(cm.dequant_scratch_bytes(model, d.type.dense_weight_bytes)) for d in devices]
+        ),
         embedding_bytes=_per_device(devices, lambda d: cm.embedding_bytes(model, d)),
         head_bytes=_per_device(
             devices, lambda d: cm.head_bytes(model, max(prefill_micro_batch, decode_micro_batch), d)
@@ -240,7 +242,7 @@ def build_tables(
 
 
 def _per_device(devices: Sequence[DeviceSpec], bytes_of: Callable[[int], int]) -> np.ndarray:
-    """A per-device byte count from the device's compute-dtype width."""
+    """A per-device byte count from the device's compute-dtype width (``activation_bytes``)."""
     return np.array([float(bytes_of(d.type.activation_bytes)) for d in devices])
 
 

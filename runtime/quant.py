@@ -48,8 +48,9 @@ Decision: where the CPU has native bf16 dot products (avx512_bf16 or AMX), "16 b
 bf16 weights with activations cast to bf16 for the matmul: 2.2-5× faster than fp32 at every row
 count and half the memory, for a bf16 rounding of the activations (~3e-3 relative output error,
 as in the int8/int4 kernels). Elsewhere bf16 GEMM is emulated (278 ms at 128 rows in the
-reference notes) and 16 bits keeps fp32 weights. The planner must count 2 bytes/weight for
-16-bit layers on bf16-capable CPUs. ``impl="reference"`` keeps 16-bit weights in the compute
+reference notes) and 16 bits keeps fp32 weights. The planner counts 16-bit weights at its CPU
+device type's ``dense_weight_bytes`` (2 where ``planner.local_host.cpu_has_native_bf16`` reads
+the same flags from ``/proc/cpuinfo``). ``impl="reference"`` keeps 16-bit weights in the compute
 dtype (exact). Dequant-per-call layers dequantize into the same dtype as 16-bit weights: into
 bf16 a 4096×4096 layer takes ~15-22 ms (2-4 bit; fp32: ~25-38 ms), ~0.55-0.75 G weights/s.
 
@@ -349,7 +350,10 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor
 
 
 def _cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (avx512_bf16 or AMX); else bf16 is emulated."""
+    """Whether this CPU multiplies bf16 natively (avx512_bf16 or AMX); else bf16 is emulated.
+
+    ``planner.local_host.cpu_has_native_bf16`` applies the same rule to ``/proc/cpuinfo``.
+    """
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 

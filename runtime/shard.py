@@ -30,7 +30,7 @@ from runtime.model import (
     StepContext,
     layer_norm,
 )
-from runtime.quant import packed_nbytes, quantize_linear
+from runtime.quant import dense_weight_dtype, packed_nbytes, quantize_linear
 from runtime.rope import rotary_parameters
 
 Impl = Literal["auto", "reference"]
@@ -122,22 +122,35 @@ def end_tensors(
 
 
 def estimate_bytes(
-    arch: ArchConfig, spec: StageSpec, ends: Mapping[str, tuple[int, ...]], dtype: torch.dtype
+    arch: ArchConfig,
+    spec: StageSpec,
+    ends: Mapping[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    device: torch.device,
+    impl: Impl = "auto",
 ) -> int:
-    """Memory the stage will hold once loaded: weights at their precisions, ends, KV cache."""
-    dense = torch.empty((), dtype=dtype).element_size()
+    """Memory the stage will hold once loaded on ``device``, bytes.
+
+    Linear weights at their precisions (16-bit ones in :func:`dense_weight_dtype`, or in
+    ``dtype`` with ``impl="reference"``), biases, norms and the ends in ``dtype``, KV cache.
+    """
+    dense = dtype.itemsize
+    weight_dtype = dtype if impl == "reference" else dense_weight_dtype(dtype, device)
+    shapes = linear_shapes(arch).values()
     per_bits = {
         bits: sum(
-            packed_nbytes(r, c, bits, spec.group_size, dense)
-            for r, c in linear_shapes(arch).values()
+            packed_nbytes(r, c, bits, spec.group_size, weight_dtype.itemsize) for r, c in shapes
         )
         for bits in set(spec.layer_bits)
     }
     weights = sum(per_bits[b] for b in spec.layer_bits)
-    ends_bytes = sum(math.prod(s) for s in ends.values()) * dense
     layers = spec.layer_range[1] - spec.layer_range[0]
+    vectors = sum(  # biases and norms: the layer's 1-D tensors
+        math.prod(shape) for shape in layer_tensors(arch, 0).values() if len(shape) == 1
+    )
+    ends_bytes = sum(math.prod(s) for s in ends.values()) * dense
     kv = 2 * layers * spec.batch_slots * spec.max_len * arch.num_kv_heads * arch.head_dim * dense
-    return weights + ends_bytes + kv
+    return weights + layers * vectors * dense + ends_bytes + kv
 
 
 class StageShard(nn.Module):
@@ -249,7 +262,7 @@ def load_shard(
     for layer in range(start, stop):
         needed |= layer_tensors(arch, layer)
     checkpoint.require(needed)
-    need, free = estimate_bytes(arch, spec, ends, dtype), available_bytes(dev)
+    need, free = estimate_bytes(arch, spec, ends, dtype, dev, impl), available_bytes(dev)
     if need > free:
         gib = 1024**3
         raise StageMemoryError(

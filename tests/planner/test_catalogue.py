@@ -118,6 +118,20 @@ def test_cpu_device_type_follows_the_cpu_conventions() -> None:
     assert cpu.runtime_reserve_bytes == GIB * 3 // 4
     assert (cpu.usable_memory_fraction, cpu.activation_bytes) == (0.85, 4)
     assert (cpu.launch_overhead_s, cpu.dequant_gelem_s) == (20e-6, 0.5)
+    assert cpu.dense_weight_bytes == 4  # no native bf16: 16-bit weights stay fp32
+
+
+def test_a_cpu_with_native_bf16_stores_16_bit_weights_in_2_bytes() -> None:
+    cpu = cpu_device_type(cores=8, memory_bytes=32 * GIB, memory_bandwidth_gb_s=30.0,
+                          fp32_tflops=0.4, native_bf16=True)  # fmt: skip
+    assert (cpu.activation_bytes, cpu.dense_weight_bytes) == (4, 2)
+    assert CATALOGUE["cpu"].dense_weight_bytes == 4
+
+
+def test_gpus_store_16_bit_weights_at_their_compute_width() -> None:
+    for device_type in CATALOGUE.values():
+        if device_type.kind == "gpu":
+            assert device_type.dense_weight_bytes == device_type.activation_bytes == 2
 
 
 def test_cpu_device_type_rejects_non_positive_figures() -> None:

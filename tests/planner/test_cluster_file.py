@@ -200,6 +200,21 @@ def test_cpu_devices_take_cores_memory_and_defaults() -> None:
     assert small.fp32_tflops == pytest.approx(0.4)
 
 
+@pytest.mark.parametrize(("value", "width"), [(True, 2), (False, 4)])
+def test_a_cpu_with_native_bf16_stores_16_bit_weights_in_2_bytes(value: bool, width: int) -> None:
+    device = {"type": "cpu", "cores": 4, "memory_gib": 8, "native_bf16": value}
+    cluster = parse_cluster({"hosts": [{"name": "a", "devices": [device]}]}, "x")
+    assert cluster.devices[0].type.dense_weight_bytes == width
+    assert cluster.devices[0].type.activation_bytes == 4
+
+
+def test_native_bf16_must_be_a_boolean() -> None:
+    device = {"type": "cpu", "cores": 4, "memory_gib": 8, "native_bf16": 1}
+    with pytest.raises(ClusterFileError) as caught:
+        parse_cluster({"hosts": [{"name": "a", "devices": [device]}]}, "x")
+    assert str(caught.value) == "x: hosts[0].devices[0].native_bf16: expected true or false, got 1"
+
+
 def test_links_come_from_links_defaults_and_peer_bandwidth() -> None:
     cluster = load_cluster(DATA / "good-full.toml")
     by_key = {d.key: d for d in cluster.devices}

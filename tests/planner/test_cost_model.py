@@ -9,9 +9,12 @@ import math
 import pytest
 
 from planner import cost_model as cm
-from planner.catalogue import CATALOGUE, gpu_device_type
-from planner.cluster import DeviceType, LinkSpec
+from planner.catalogue import CATALOGUE, cpu_device_type, gpu_device_type
+from planner.cluster import GIB, ClusterSpec, DeviceSpec, DeviceType, HostSpec, LinkSpec
+from planner.indicator import prior_indicator
 from planner.model_spec import LinearOp, ModelSpec, load_model_spec
+from planner.plan import Workload
+from planner.problem import PlanningProblem, build_tables
 from planner.profiles import LatencyProfile, LatencySample, shape_key
 
 MIB = 2**20
@@ -381,8 +384,6 @@ def test_default_group_size_divides_every_input_width() -> None:
 
 
 def test_unquantized_weights_take_the_devices_compute_width() -> None:
-    from planner.catalogue import cpu_device_type
-
     model = load_model_spec("opt-13b")
     cpu = cpu_device_type(
         cores=8, memory_bytes=64 * 1024**3, memory_bandwidth_gb_s=20, fp32_tflops=0.5
@@ -397,3 +398,64 @@ def test_unquantized_weights_take_the_devices_compute_width() -> None:
     assert cm.layer_weight_bytes(model, 4, 128, 4) - cm.layer_weight_bytes(model, 4, 128, 2) == (
         2 * (model.layer_bias_params + model.layer_norm_params)
     )
+
+
+def _cpu(native_bf16: bool) -> DeviceType:
+    return cpu_device_type(
+        cores=8, memory_bytes=64 * GIB, memory_bandwidth_gb_s=20, fp32_tflops=0.5,
+        native_bf16=native_bf16,
+    )  # fmt: skip
+
+
+def test_a_bf16_cpu_counts_16_bit_weights_at_2_bytes_and_the_rest_at_4() -> None:
+    model = tiny_opt()  # biases and LayerNorm biases: the compute-dtype part is non-zero
+    bf16, fp32 = _cpu(native_bf16=True), _cpu(native_bf16=False)
+    assert (bf16.activation_bytes, bf16.dense_weight_bytes) == (4, 2)
+    assert (fp32.activation_bytes, fp32.dense_weight_bytes) == (4, 4)
+    vectors = 4 * (model.layer_bias_params + model.layer_norm_params)
+    kv = cm.kv_cache_bytes_per_layer(model, 2, 64, 4)
+    on_bf16 = cm.layer_memory_bytes(model, bf16, 16, 2, 64, 64)
+    assert on_bf16 == 2 * model.layer_weights + vectors + kv
+    assert cm.layer_memory_bytes(model, fp32, 16, 2, 64, 64) == 4 * model.layer_weights + (
+        vectors + kv
+    )
+    for bits in (8, 4, 3, 2):  # packed weights do not depend on the 16-bit width
+        assert cm.layer_memory_bytes(model, bf16, bits, 2, 64, 64) == cm.layer_memory_bytes(
+            model, fp32, bits, 2, 64, 64
+        )
+
+
+def test_a_bf16_cpu_moves_half_the_bytes_of_a_16_bit_linear() -> None:
+    bf16, fp32 = _cpu(native_bf16=True), _cpu(native_bf16=False)
+    bandwidth = bf16.memory_bandwidth_gb_s * 1e9 * cm.MEMORY_EFFICIENCY
+    activations = (4096 + 4096) * 4
+    for device, width in ((bf16, 2), (fp32, 4)):
+        expected = (SQUARE.num_weights * width + activations) / bandwidth
+        latency = cm.linear_latency_s(SQUARE, device, 16, 1, 128)
+        assert latency == pytest.approx(expected + device.launch_overhead_s, rel=1e-12)
+
+
+def test_a_bf16_cpu_dequantizes_into_bf16_scratch() -> None:
+    model = tiny_llama()
+    for native, width in ((True, 2), (False, 4)):
+        device = DeviceSpec("box", -1, _cpu(native))
+        problem = PlanningProblem(
+            model=model,
+            cluster=ClusterSpec("c", (HostSpec("box"),), (device,)),
+            workload=Workload(2, 8, 4, 4),
+            indicator=prior_indicator(model, 64),
+            group_size=64,
+        )
+        tables = build_tables(problem, (device,), 1, 1)
+        assert tables.dequant_scratch_bytes[0] == cm.dequant_scratch_bytes(model, width)
+        assert tables.embedding_bytes[0] == cm.embedding_bytes(model, 4)  # ends stay fp32
+
+
+def test_device_type_dense_weight_bytes_defaults_to_the_activation_width() -> None:
+    fp32_device = dataclasses.replace(T4, activation_bytes=4)  # replace keeps T4's 2
+    assert fp32_device.dense_weight_bytes == 2
+    fields = {f.name: getattr(T4, f.name) for f in dataclasses.fields(T4)}
+    fields |= {"activation_bytes": 4, "dense_weight_bytes": 0}
+    assert DeviceType(**fields).dense_weight_bytes == 4
+    with pytest.raises(ValueError, match="dense_weight_bytes must be 2"):
+        DeviceType(**(fields | {"dense_weight_bytes": 3}))

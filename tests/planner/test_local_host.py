@@ -11,6 +11,7 @@ from planner.catalogue import CATALOGUE
 from planner.cluster import GIB
 from planner.local_host import (
     available_memory_bytes,
+    cpu_has_native_bf16,
     local_cluster,
     measure_fp32_tflops,
     measure_local_cpu,
@@ -49,6 +50,33 @@ def test_available_memory_falls_back_to_sysconf(tmp_path: Path) -> None:
     garbled = tmp_path / "garbled"
     garbled.write_text("MemAvailable: lots\n")
     assert available_memory_bytes(garbled) > 0
+
+
+@pytest.mark.parametrize(
+    ("flags", "native"),
+    [
+        ("fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni", True),
+        ("fpu avx512f amx_bf16 amx_tile amx_int8", True),
+        ("fpu sse2 avx2 fma avx512f avx512bw", False),
+    ],
+)
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path: Path, flags: str, native: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n\n")
+    assert cpu_has_native_bf16(cpuinfo) is native
+
+
+def test_native_bf16_is_false_without_cpu_flags(tmp_path: Path) -> None:
+    assert cpu_has_native_bf16(tmp_path / "missing") is False
+    arm = tmp_path / "arm"
+    arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+    assert cpu_has_native_bf16(arm) is False
+
+
+def test_the_measured_cpu_takes_the_flags_width() -> None:
+    cpu = measure_local_cpu()
+    assert cpu.dense_weight_bytes == (2 if cpu_has_native_bf16() else 4)
+    assert cpu.activation_bytes == 4
 
 
 def test_local_cluster_without_gpus_is_the_cpu() -> None:

@@ -65,7 +65,7 @@ def check_plan(problem: PlanningProblem, plan: Plan) -> None:
             workload.max_context,
         )
         if any(b != 16 and b not in device.fast_kernel_bits for b in stage.layer_bits):
-            need += cm.dequant_scratch_bytes(model, device.activation_bytes)
+            need += cm.dequant_scratch_bytes(model, device.dense_weight_bytes)
         first, last = k == 0, k == len(plan.stages) - 1
         dense = device.activation_bytes
         head = cm.head_bytes(

@@ -10,15 +10,19 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config
 
+from planner import cost_model as cm
 from planner.catalogue import cpu_device_type
 from planner.cluster import ClusterSpec, DeviceSpec, HostSpec
 from planner.indicator import prior_indicator
+from planner.local_host import cpu_has_native_bf16, measure_local_cpu
 from planner.make_plan import make_plan
 from planner.model_spec import load_model_spec
 from planner.plan import Plan, Workload
 from planner.problem import PlanningProblem
+from runtime import quant
 from runtime import shard as shard_module
 from runtime.arch import arch_from_config, read_config
+from runtime.assets import builtin_model_dir
 from runtime.checkpoint import Checkpoint
 from runtime.errors import (
     CheckpointError,
@@ -26,9 +30,11 @@ from runtime.errors import (
     StageMemoryError,
     UnsupportedArchitectureError,
 )
-from runtime.shard import StageSpec, load_shard
+from runtime.shard import StageSpec, end_tensors, estimate_bytes, load_shard
 from runtime.stages import load_plan_stage, resolve_checkpoint
 from tests.runtime.checkpoints import save_checkpoint, tiny_configs
+
+CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +182,62 @@ def test_checkpoint_sources_resolve(llama: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointError, match="not a local directory and the hub"):
         resolve_checkpoint("nobody/no-such-model")
+
+
+# --------------------------------------------------------------------------- memory agreement
+
+BARD_STAGES = [((2, 6), False, False), ((0, 3), True, False), ((5, 8), False, True)]
+
+
+def test_the_planner_reads_the_same_bf16_flag_as_the_runtime() -> None:
+    assert cpu_has_native_bf16() == quant._cpu_has_native_bf16()
+    cpu = measure_local_cpu()
+    assert cpu.dense_weight_bytes == quant.dense_weight_dtype(torch.float32, CPU).itemsize
+
+
+def _planned_bytes(
+    native_bf16: bool, layers: tuple[int, int], first: bool, last: bool, directory: Path
+) -> int:
+    """The planner's memory for a 16-bit bard-tiny stage (batch 2, 64 tokens) on a CPU."""
+    model = load_model_spec(directory)
+    cpu = cpu_device_type(cores=2, memory_bytes=8 * 1024**3, memory_bandwidth_gb_s=10,
+                          fp32_tflops=0.1, native_bf16=native_bf16)  # fmt: skip
+    planned = (layers[1] - layers[0]) * cm.layer_memory_bytes(model, cpu, 16, 2, 64, 64)
+    planned += first * cm.embedding_bytes(model, cpu.activation_bytes)
+    return planned + last * cm.head_bytes(model, 0, cpu.activation_bytes)  # no logits buffer
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+@pytest.mark.parametrize(("layers", "first", "last"), BARD_STAGES)
+def test_planner_memory_matches_a_loaded_16_bit_stage(
+    monkeypatch: pytest.MonkeyPatch,
+    native_bf16: bool,
+    layers: tuple[int, int],
+    first: bool,
+    last: bool,
+) -> None:
+    """The planner's bytes for a 16-bit stage on a CPU with (or without) native bf16 are what
+    the runtime holds once the stage is loaded there (its probe forced to the same answer),
+    and the other width's count is not."""
+    monkeypatch.setattr(quant, "_cpu_has_native_bf16", lambda: native_bf16)
+    directory = builtin_model_dir()
+    arch = arch_from_config(read_config(directory), "bard-tiny")
+    stage = StageSpec(layers, (16,) * (layers[1] - layers[0]), first, last, 64, 2, 64)
+    held = load_shard(directory, arch, stage).resident_bytes()
+    assert held == pytest.approx(_planned_bytes(native_bf16, layers, first, last, directory), 0.05)
+    other = _planned_bytes(not native_bf16, layers, first, last, directory)
+    assert held != pytest.approx(other, rel=0.05)
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4, 3])
+@pytest.mark.parametrize(("layers", "first", "last"), BARD_STAGES)
+def test_the_shard_estimate_matches_what_it_holds(
+    bits: int, layers: tuple[int, int], first: bool, last: bool
+) -> None:
+    directory = builtin_model_dir()
+    arch = arch_from_config(read_config(directory), "bard-tiny")
+    stage = StageSpec(layers, (bits,) * (layers[1] - layers[0]), first, last, 64, 2, 64)
+    shard = load_shard(directory, arch, stage)
+    ends = end_tensors(arch, Checkpoint(directory), first, last)
+    estimate = estimate_bytes(arch, stage, ends, torch.float32, CPU)
+    assert shard.resident_bytes() == pytest.approx(estimate, rel=0.01)
