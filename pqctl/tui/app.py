@@ -1,0 +1,294 @@
+"""The ``pqctl`` dashboard: the App wires the four views, themes, bindings and commands.
+
+Views own their workers (solving, sampling, launching, streaming); the App holds what they
+share (the planning session) and forwards their messages to each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import partial
+from pathlib import Path
+from typing import ClassVar
+
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding, BindingType
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, TabbedContent, TabPane
+from textual.widgets._tabbed_content import ContentTabs
+from textual.worker import get_current_worker
+
+from planner.errors import PlannerError
+from pqctl.tui.launch import DEFAULT_ENDPOINT
+from pqctl.tui.messages import ClusterResolved, EndpointChanged, ExclusionChanged, PlanReady
+from pqctl.tui.screens.help import HelpScreen
+from pqctl.tui.screens.path_dialog import PathDialog
+from pqctl.tui.settings import Settings, load_settings, save_settings, user_theme_dir
+from pqctl.tui.solver import PlanningSession
+from pqctl.tui.views.cluster import ClusterView
+from pqctl.tui.views.plan import PlanView
+from pqctl.tui.views.prompt import PromptView
+from pqctl.tui.views.serve import ServeView
+from themes import BUILTIN_THEMES, DEFAULT_THEME, THEME_ALIASES, load_theme_dir
+
+TABS = (("cluster", "Cluster"), ("plan", "Plan"), ("serve", "Serve"), ("prompt", "Prompt"))
+FIRST_FOCUS = {
+    "cluster": "#devices",
+    "plan": "#model",
+    "serve": "#stage-monitors",
+    "prompt": "#prompt",
+}
+
+
+class DashboardError(Exception):
+    """The dashboard cannot start (e.g. an unknown ``--theme``); the message says why."""
+
+
+class PqctlApp(App[None]):
+    """Cluster, Plan, Serve and Prompt tabs over one planning session and one deployment."""
+
+    TITLE = "pqctl"
+    SUB_TITLE = "plan and serve LLMs on heterogeneous clusters"
+    CSS_PATH = "app.tcss"
+    BINDINGS: ClassVar[list[BindingType]] = [
+        *(
+            Binding(str(n), f"show_tab('{tab}')", label, show=False)
+            for n, (tab, label) in enumerate(TABS, 1)
+        ),
+        *(
+            Binding(f"alt+{n}", f"show_tab('{tab}')", label, show=False)
+            for n, (tab, label) in enumerate(TABS, 1)
+        ),
+        Binding("question_mark", "help", "Help"),
+        Binding("f1", "help", "Help", show=False),
+        Binding("ctrl+s", "save_plan", "Save plan"),
+        Binding("ctrl+o", "load_plan", "Load plan"),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    def __init__(
+        self,
+        theme: str | None = None,
+        cluster: Path | None = None,
+        model: str | None = None,
+        *,
+        endpoint: str = DEFAULT_ENDPOINT,
+        auto_solve: bool = True,
+    ) -> None:
+        """Raises DashboardError for a theme name that is neither built in nor a user theme."""
+        super().__init__()
+        self.session = PlanningSession(cluster)
+        self.model_name = model
+        self.endpoint = endpoint
+        self.auto_solve = auto_solve
+        self.startup_warnings: list[str] = []
+        for builtin in BUILTIN_THEMES.values():
+            self.register_theme(builtin)
+        loaded = load_theme_dir(user_theme_dir(), reserved=self.available_themes)
+        for user_theme in loaded.themes:
+            self.register_theme(user_theme)
+        self.own_themes = [*BUILTIN_THEMES, *(t.name for t in loaded.themes)]
+        self.startup_warnings += [f"theme file skipped: {e}" for e in loaded.errors]
+        self.settings, warning = load_settings()
+        if warning:
+            self.startup_warnings.append(warning)
+        self.initial_theme = self._initial_theme(theme)
+        self.remember_initial = theme is not None
+
+    def _initial_theme(self, requested: str | None) -> str:
+        if requested is not None:
+            name = self.theme_name(requested)
+            if name is None:
+                known = ", ".join(sorted([*THEME_ALIASES, *self.available_themes]))
+                raise DashboardError(f'--theme: no theme "{requested}"; themes: {known}')
+            return name
+        remembered = self.settings.theme
+        if remembered and self.theme_name(remembered) is None:
+            self.startup_warnings.append(f'remembered theme "{remembered}" is gone; using default')
+            return DEFAULT_THEME
+        return self.theme_name(remembered) if remembered else DEFAULT_THEME  # type: ignore[return-value]
+
+    def theme_name(self, name: str) -> str | None:
+        """The registered theme called ``name`` (or by its alias, e.g. "light")."""
+        name = THEME_ALIASES.get(name, name)
+        return name if name in self.available_themes else None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with TabbedContent(initial="cluster", id="tabs"):
+            for n, (tab, label) in enumerate(TABS, 1):
+                with TabPane(f"{n} {label}", id=tab):
+                    yield self._view(tab)
+        yield Footer()
+
+    def _view(self, tab: str) -> ClusterView | PlanView | ServeView | PromptView:
+        if tab == "cluster":
+            return ClusterView(id="cluster-view")
+        if tab == "plan":
+            return PlanView(self.session, self.model_name, id="plan-view")
+        if tab == "serve":
+            return ServeView(self.endpoint, id="serve-view")
+        return PromptView(id="prompt-view")
+
+    def on_mount(self) -> None:
+        self.theme = self.initial_theme
+        self.theme_changed_signal.subscribe(self, self._remember_theme)
+        if self.remember_initial:
+            self._remember_theme(self.current_theme)
+        for warning in self.startup_warnings:
+            self.notify(warning, severity="warning", timeout=15)
+        self.query_one("#devices", DataTable).focus()
+        self.resolve_cluster()
+
+    def _remember_theme(self, theme: object) -> None:
+        name = getattr(theme, "name", None)
+        if name and name != self.settings.theme:
+            self.settings = Settings(theme=name)
+            warning = save_settings(self.settings)
+            if warning:
+                self.notify(warning, severity="warning")
+
+    # ----------------------------------------------------------------- views
+    @property
+    def cluster_view(self) -> ClusterView:
+        return self.query_one(ClusterView)
+
+    @property
+    def plan_view(self) -> PlanView:
+        return self.query_one(PlanView)
+
+    @property
+    def serve_view(self) -> ServeView:
+        return self.query_one(ServeView)
+
+    @property
+    def prompt_view(self) -> PromptView:
+        return self.query_one(PromptView)
+
+    def action_show_tab(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
+        self._focus_tab(tab)
+
+    def _focus_tab(self, tab: str) -> None:
+        self.query_one(FIRST_FOCUS[tab]).focus()
+
+    def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        if isinstance(self.focused, ContentTabs | None) and event.pane.id in FIRST_FOCUS:
+            self.call_after_refresh(self._focus_tab, event.pane.id)
+
+    # ----------------------------------------------------------------- cluster
+    def resolve_cluster(self) -> None:
+        self.run_worker(self._resolve, thread=True, group="resolve", exit_on_error=False)
+
+    def _resolve(self) -> None:
+        """Resolve the cluster (measures this host's CPU) and its devices' figure sources."""
+        worker = get_current_worker()
+        try:
+            resolved = self.session.resolved()
+        except PlannerError as exc:
+            self.post_message(ClusterResolved(None, error=f"{exc.title}: {exc.msg}"))
+            return
+        try:
+            sources = self.session.sources(self.model_name)
+        except PlannerError:
+            sources = {}  # a bad model is reported when solving
+        if not worker.is_cancelled:
+            self.post_message(ClusterResolved(resolved, sources))
+
+    def on_cluster_resolved(self, message: ClusterResolved) -> None:
+        if message.resolved is None:
+            self.notify(message.error or "cannot read the cluster", severity="error", timeout=30)
+            return
+        self.cluster_view.show_cluster(message.resolved, message.sources)
+        self.plan_view.set_defaults(self.session.default_model(), message.resolved.workload)
+        if self.auto_solve:
+            self.plan_view.action_solve()
+
+    def on_exclusion_changed(self, message: ExclusionChanged) -> None:
+        self.plan_view.set_excluded(message.excluded)
+
+    def on_plan_ready(self, message: PlanReady) -> None:
+        stage_of = {s.device.key: k for k, s in enumerate(message.plan.stages)}
+        self.cluster_view.set_plan_devices(stage_of)
+        self.serve_view.set_plan(message.plan)
+
+    def on_endpoint_changed(self, message: EndpointChanged) -> None:
+        self.prompt_view.set_endpoint(message.endpoint, message.name, message.max_new_tokens)
+
+    # ----------------------------------------------------------------- actions
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    def action_save_plan(self) -> None:
+        if self.plan_view.plan is None:
+            self.notify("no plan to save yet", severity="warning")
+            return
+        self.push_screen(PathDialog("Save the plan to:", "plan.json"), self._save_to)
+
+    def _save_to(self, path: Path | None) -> None:
+        if path is not None:
+            self.notify(self.plan_view.save_plan(path))
+
+    def action_load_plan(self) -> None:
+        self.push_screen(PathDialog("Load a plan from:", "plan.json"), self._load_from)
+
+    def _load_from(self, path: Path | None) -> None:
+        if path is not None:
+            message = self.plan_view.load_plan(path)
+            self.notify(message, severity="information" if "loaded" in message else "error")
+            self.action_show_tab("plan")
+
+    def action_launch(self) -> None:
+        self.action_show_tab("serve")
+        self.serve_view.action_launch()
+
+    def action_stop(self) -> None:
+        self.serve_view.action_stop()
+
+    def action_solve(self) -> None:
+        self.action_show_tab("plan")
+        self.plan_view.action_solve()
+
+    async def action_quit(self) -> None:
+        """Stop the deployment this dashboard launched (off the UI loop), then exit."""
+        if self.serve_view.running:
+            self.notify("stopping the deployment…")
+            await self.run_worker(self.serve_view.stop_now, thread=True, group="quit").wait()
+        self.exit()
+
+    def get_system_commands(self, screen: Screen[object]) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for tab, label in TABS:
+            yield SystemCommand(
+                f"Show {label}", f"Go to the {label} tab", partial(self.action_show_tab, tab)
+            )
+        yield SystemCommand("Solve plan", "Plan the form's model and workload", self.action_solve)
+        yield SystemCommand(
+            "Cancel solving", "Drop the running solve", partial(self.plan_view.action_cancel_solve)
+        )
+        yield SystemCommand(
+            "Save plan", "Write the plan to a plan.json file", self.action_save_plan
+        )
+        yield SystemCommand("Load plan", "Read a plan.json file", self.action_load_plan)
+        yield SystemCommand("Launch plan", "Serve the plan on this host", self.action_launch)
+        yield SystemCommand("Stop deployment", "Stop what the dashboard launched", self.action_stop)
+        yield SystemCommand("Help", "Keys and what each tab does", self.action_help)
+        for name in self.own_themes:
+            yield SystemCommand(
+                f"Theme: {name}",
+                "Switch to this theme (remembered)",
+                partial(setattr, self, "theme", name),
+                discover=False,
+            )
+
+
+def run_dashboard(theme: str | None, cluster: Path | None, model: str | None) -> None:
+    """Open the dashboard in this terminal; returns when the operator quits.
+
+    Raises:
+        DashboardError: an unknown theme, or a cluster file that cannot be read.
+    """
+    if cluster is not None and not cluster.is_file():
+        raise DashboardError(f"--cluster: no file {cluster}")
+    PqctlApp(theme=theme, cluster=cluster, model=model).run()

@@ -1,0 +1,138 @@
+"""Starting and stopping the deployment the dashboard owns.
+
+The gateway is started the way ``pqctl apply --detach`` starts it (``python -m runtime.server``
+in a new session, the project importable through :func:`runtime.launcher.child_env`); it then
+starts one process per stage. The dashboard watches it through :class:`runtime.monitor.Monitor`
+and stops it on request and on exit. Everything here blocks: call it from a thread worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from planner.plan import Plan
+from pqctl.tui.telemetry import local_host_names
+from runtime.deployment import DeploymentError, DeploymentState, state_dir, stop_deployment
+from runtime.launcher import child_env
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:*"
+"""The dashboard binds any free port on loopback; the Serve view shows the one it got."""
+
+
+class LaunchError(RuntimeError):
+    """The deployment could not be started; the message says why and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class Launched:
+    """A running deployment this dashboard started and must stop."""
+
+    process: subprocess.Popen[bytes]
+    state: DeploymentState
+    plan_file: Path
+    log: Path
+
+    @property
+    def log_dir(self) -> Path:
+        return self.log.parent
+
+
+def remote_hosts(plan: Plan) -> list[str]:
+    """Hosts of the plan's stages that are not this host (they need pqctl agent)."""
+    local = local_host_names()
+    return sorted({s.device.host for s in plan.stages if s.device.host not in local})
+
+
+def free_name(base: str = "dashboard") -> str:
+    """``base``, or ``base-2``, ``base-3``... : the first name no running deployment uses."""
+    for n in range(1, 100):
+        name = base if n == 1 else f"{base}-{n}"
+        try:
+            DeploymentState.load(name)
+        except DeploymentError:
+            return name
+    raise LaunchError(f"99 deployments named {base}-N are running; stop some with pqctl stop")
+
+
+def _tail(log: Path, lines: int = 8) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def launch(
+    plan: Plan,
+    name: str,
+    endpoint: str = DEFAULT_ENDPOINT,
+    timeout_s: float = 60.0,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> Launched:
+    """Start the gateway of ``plan`` and wait until its state file appears (sockets bound).
+
+    Stages load afterwards: follow them with a Monitor on ``state.status_endpoint``.
+
+    Raises:
+        LaunchError: stages on other hosts, the gateway exited, or no state file in time.
+    """
+    remote = remote_hosts(plan)
+    if remote:
+        raise LaunchError(
+            f"the plan puts stages on {', '.join(remote)}, not this host; multi-host launch "
+            "needs pqctl agent on each host. Plan on this host (no cluster file) to serve here."
+        )
+    logs = state_dir() / "logs" / name
+    logs.mkdir(parents=True, exist_ok=True)
+    plan_file, log = logs / "plan.json", logs / "gateway.log"
+    plan.save(plan_file)
+    argv = [sys.executable, "-m", "runtime.server", "--plan", str(plan_file)]
+    argv += ["--name", name, "--endpoint", endpoint]
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not cancelled():
+        code = process.poll()
+        if code is not None:
+            raise LaunchError(f"the gateway exited ({code}): {_tail(log) or 'no output'}")
+        with contextlib.suppress(DeploymentError):
+            state = DeploymentState.load(name)
+            if state.pid == process.pid:
+                return Launched(process, state, plan_file, log)
+        time.sleep(0.1)
+    _kill(process)
+    if cancelled():
+        raise LaunchError("launch cancelled")
+    raise LaunchError(f"the gateway wrote no state file in {timeout_s:.0f} s; see {log}")
+
+
+def _kill(process: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(5)
+
+
+def stop(launched: Launched, timeout_s: float = 20.0) -> bool:
+    """Stop the gateway (it stops its stages) and reap it; whether it stopped cleanly."""
+    clean = stop_deployment(launched.state, timeout_s)
+    try:
+        launched.process.wait(5)
+    except subprocess.TimeoutExpired:
+        _kill(launched.process)
+        clean = False
+    return clean

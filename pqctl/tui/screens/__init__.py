@@ -1,0 +1,1 @@
+"""Modal screens of the dashboard: help, and the plan file dialog."""

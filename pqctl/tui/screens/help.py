@@ -1,0 +1,64 @@
+"""The help screen: what each tab does and its keys."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Markdown
+
+HELP = """\
+# pqctl dashboard
+
+Plan and serve a language model on a heterogeneous cluster. Tabs: **1** Cluster, **2** Plan,
+**3** Serve, **4** Prompt (or click them). **Ctrl+P** opens the command palette (every action
+below, and **Theme** to change and remember the theme). **?** or **F1** shows this help,
+**Ctrl+Q** quits (stopping the deployment the dashboard launched).
+
+## Cluster
+Every host and device: type, memory used/total, utilisation and memory sparklines (this host's
+devices, every second, from NVML or /proc; other hosts show N/A), the precisions each device
+can run, and whether its latency figures come from a profile or the datasheet.
+**x** excludes the selected device from planning (again: include it); the plan is re-solved.
+
+## Plan
+Model, batch, prompt length, new tokens and the quality target (Σω ≤ budget, the normalised
+ω indicator: 0 = every layer at 16 bits, 1 = every layer at 2 bits). **Enter** in any field or
+**F5** solves (in the background: the interface never blocks); **Esc** cancels. The result shows
+each stage (device, layers, a strip of per-layer precision: 16 8 4 3 2 bits, predicted prefill
+and decode time per micro-batch, memory), the bottleneck stage highlighted, and the baselines.
+**Ctrl+S** saves the plan to a file, **Ctrl+O** loads one.
+
+## Serve
+**l** launches the plan on this host (one process per stage and a gateway on a free loopback
+port), shows each stage loading, then its measured prefill and decode tokens/s (per busy
+second) beside the plan's prediction, queue depth, memory and errors. **s** stops it.
+
+## Prompt
+Type a prompt and press **Enter**; tokens stream in. Options: max new tokens, temperature
+(0 = greedy), top-k, top-p, seed. **Esc** cancels.
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    """Help over the dashboard; Esc, q or ? closes it."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "dismiss", "Close"),
+        Binding("q", "dismiss", "Close", show=False),
+        Binding("question_mark", "dismiss", "Close", show=False),
+    ]
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    HelpScreen > VerticalScroll {
+        width: 90%; max-width: 100; height: 90%;
+        border: thick $primary; background: $surface; padding: 0 1;
+    }
+    """
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll():
+            yield Markdown(HELP)

@@ -1,0 +1,1 @@
+"""The dashboard's four views (tabs): Cluster, Plan, Serve and Prompt."""

@@ -1,0 +1,267 @@
+"""Serve view: launch the plan on this host, watch each stage load and then its measured
+prefill/decode throughput beside the prediction; stop it.
+
+The dashboard owns the deployment it launched and stops it on exit. Launching, watching
+(ZeroMQ SUB via :class:`runtime.monitor.Monitor`) and stopping run in thread workers.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+from textual import work
+from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Vertical, VerticalScroll
+from textual.markup import escape
+from textual.widgets import Log, Static
+from textual.worker import get_current_worker
+
+from planner.plan import Plan
+from pqctl.tui import launch as launching
+from pqctl.tui.messages import (
+    DeploymentFailed,
+    DeploymentSnapshot,
+    DeploymentStarted,
+    DeploymentStopped,
+    EndpointChanged,
+)
+from pqctl.tui.widgets.figures import human_rate
+from pqctl.tui.widgets.stage_monitor import StageMonitor
+from runtime.monitor import Monitor, predicted_rates
+
+SNAPSHOT_INTERVAL_S = 0.5
+
+
+class ServeView(Vertical):
+    """``l`` launches the current plan, ``s`` stops the deployment."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("l", "launch", "Launch"),
+        Binding("s", "stop", "Stop"),
+    ]
+    DEFAULT_CSS = """
+    ServeView #serve-status { height: auto; padding: 0 1; }
+    ServeView #serve-requests { height: 1; padding: 0 1; color: $text-muted; }
+    ServeView #stage-monitors { height: 1fr; padding: 0 1; }
+    ServeView #serve-log { height: 5; border-top: solid $panel; }
+    """
+
+    def __init__(self, endpoint: str = launching.DEFAULT_ENDPOINT, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.endpoint = endpoint
+        self.plan: Plan | None = None
+        self.serving_plan: Plan | None = None
+        self.launched: launching.Launched | None = None
+        self.phase = "idle"  # idle, starting, loading, serving, stopping, failed
+        self.status: dict[str, Any] | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static("no plan yet: solve or load one on the Plan tab", id="serve-status")
+        yield Static("", id="serve-requests")
+        yield VerticalScroll(id="stage-monitors")
+        yield Log(id="serve-log", max_lines=500)
+
+    # ----------------------------------------------------------------- state
+    def set_plan(self, plan: Plan) -> None:
+        """The plan ``l`` will launch (a running deployment keeps its own plan)."""
+        self.plan = plan
+        if self.launched is None:
+            self._show_status()
+
+    @property
+    def running(self) -> bool:
+        return self.launched is not None
+
+    @property
+    def client_endpoint(self) -> str | None:
+        """Where clients reach the dashboard's deployment, once it serves."""
+        if self.launched is None or self.phase != "serving":
+            return None
+        return self.launched.state.client_endpoint
+
+    def log_line(self, text: str) -> None:
+        self.query_one("#serve-log", Log).write_line(f"{time.strftime('%H:%M:%S')} {text}")
+
+    def _show_status(self) -> None:
+        if self.launched is None:
+            if self.plan is None:
+                text = "no plan yet: solve or load one on the Plan tab"
+            else:
+                remote = launching.remote_hosts(self.plan)
+                where = (
+                    f"[$warning]stages on {escape(', '.join(remote))}: multi-host launch needs "
+                    "pqctl agent[/]"
+                    if remote
+                    else "l launches it on this host"
+                )
+                text = (
+                    f"ready to launch {escape(self.plan.model.source)} ({len(self.plan.stages)}"
+                    f" stages) · {where}"
+                )
+            if self.phase == "failed":
+                text = "[$error]failed[/] (see the log below) · " + text
+        else:
+            state = self.launched.state
+            colour = {"serving": "$success", "failed": "$error"}.get(self.phase, "$warning")
+            text = (
+                f"[{colour}]{self.phase}[/] [b]{escape(state.name)}[/] at "
+                f"[b]{escape(state.client_endpoint)}[/] · s stops · logs {escape(state.log_dir)}"
+            )
+        self.query_one("#serve-status", Static).update(text)
+
+    # ----------------------------------------------------------------- launch
+    def action_launch(self) -> None:
+        if self.launched is not None or self.phase == "starting":
+            self.app.notify("a deployment is already running: s stops it", severity="warning")
+            return
+        if self.plan is None:
+            self.app.notify("no plan to launch: solve one on the Plan tab", severity="warning")
+            return
+        self.serving_plan = self.plan
+        self.phase = "starting"
+        self.log_line(f"launching {self.plan.model.source} ({len(self.plan.stages)} stages)")
+        self.query_one("#serve-status", Static).update("[$warning]starting the gateway…[/]")
+        monitors = self.query_one("#stage-monitors", VerticalScroll)
+        monitors.remove_children()
+        rates = predicted_rates(self.plan)
+        monitors.mount_all(
+            StageMonitor(k, s, (rates[k].prefill_tokens_per_s, rates[k].decode_tokens_per_s))
+            for k, s in enumerate(self.plan.stages)
+        )
+        self.start_deployment(self.plan)
+
+    @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
+    def start_deployment(self, plan: Plan) -> None:
+        worker = get_current_worker()
+        try:
+            launched = launching.launch(
+                plan, launching.free_name(), self.endpoint, cancelled=lambda: worker.is_cancelled
+            )
+        except launching.LaunchError as exc:
+            self.post_message(DeploymentFailed(str(exc)))
+            return
+        except Exception as exc:  # reported in the view rather than crashing the dashboard
+            self.post_message(DeploymentFailed(f"could not launch: {exc!r}"))
+            return
+        if worker.is_cancelled:
+            launching.stop(launched)
+            return
+        self.post_message(DeploymentStarted(launched))
+
+    def on_deployment_started(self, message: DeploymentStarted) -> None:
+        self.launched = message.launched
+        self.phase = "loading"
+        self.log_line(f"gateway up (pid {message.launched.state.pid}); stages loading")
+        self._show_status()
+        self.watch_deployment(message.launched)
+
+    def on_deployment_failed(self, message: DeploymentFailed) -> None:
+        self.phase = "failed"
+        self.log_line(f"error: {message.error}")
+        self.app.notify(message.error, title="deployment failed", severity="error")
+        self._show_status()
+
+    # ----------------------------------------------------------------- watching
+    @work(thread=True, exclusive=True, group="monitor", exit_on_error=False)
+    def watch_deployment(self, launched: launching.Launched) -> None:
+        """Relay the gateway's status and the stages' metrics until it exits or we stop."""
+        worker = get_current_worker()
+        monitor = Monitor(launched.state.status_endpoint)
+        try:
+            next_post = 0.0
+            while not worker.is_cancelled:
+                monitor.poll(0.1)
+                code = launched.process.poll()
+                if code is not None:
+                    self.post_message(
+                        DeploymentSnapshot(monitor.status, dict(monitor.metrics), code)
+                    )
+                    return
+                if time.monotonic() >= next_post:
+                    self.post_message(DeploymentSnapshot(monitor.status, dict(monitor.metrics)))
+                    next_post = time.monotonic() + SNAPSHOT_INTERVAL_S
+        finally:
+            monitor.close()
+
+    def on_deployment_snapshot(self, message: DeploymentSnapshot) -> None:
+        if self.launched is None:
+            return
+        status = message.status
+        if status is not None:
+            self._apply_status(status)
+        for index, metrics in message.metrics.items():
+            for monitor in self.query(f"#stage-monitor-{index}").results(StageMonitor):
+                monitor.add_metrics(metrics)
+        if message.exit_code is not None and self.phase != "stopping":
+            failure = (status or {}).get("failure") or f"gateway exited ({message.exit_code})"
+            self.launched = None
+            self.phase = "failed"
+            self.post_message(EndpointChanged(None))
+            self.log_line(f"deployment ended: {failure}")
+            self.app.notify(str(failure), title="deployment ended", severity="error")
+            self._show_status()
+            self.post_message(DeploymentStopped(clean=False))
+
+    def _apply_status(self, status: dict[str, Any]) -> None:
+        phase = str(status.get("phase", "loading"))
+        if phase != self.phase and self.phase != "stopping":
+            if phase == "serving" and self.launched is not None and self.serving_plan:
+                self.log_line("every stage is loaded: serving")
+                self.post_message(
+                    EndpointChanged(
+                        self.launched.state.client_endpoint,
+                        self.launched.state.name,
+                        self.serving_plan.workload.max_new_tokens,
+                    )
+                )
+            if status.get("failure"):
+                self.log_line(f"error: {status['failure']}")
+            self.phase = phase
+            self._show_status()
+        for stage in status.get("stages", []):
+            for monitor in self.query(f"#stage-monitor-{stage.get('index')}").results(StageMonitor):
+                monitor.set_state(str(stage.get("state")), stage.get("error"))
+        r = status.get("requests", {})
+        self.query_one("#serve-requests", Static).update(
+            f"requests: {r.get('waiting', 0)} waiting, {r.get('active', 0)} running, "
+            f"{r.get('completed', 0)} done · {status.get('generated_tokens', 0)} tokens generated"
+            f" · plan predicts {human_rate(self._predicted_total())} tokens/s at full batch"
+        )
+
+    def _predicted_total(self) -> float | None:
+        plan = self.serving_plan
+        return plan.prediction.throughput_tokens_per_s if plan else None
+
+    # ----------------------------------------------------------------- stopping
+    def action_stop(self) -> None:
+        if self.launched is None:
+            self.app.notify("nothing is running", severity="warning")
+            return
+        self.phase = "stopping"
+        self._show_status()
+        self.log_line("stopping…")
+        self.workers.cancel_group(self, "monitor")
+        self.post_message(EndpointChanged(None))
+        self.stop_deployment(self.launched)
+
+    @work(thread=True, exclusive=True, group="stop", exit_on_error=False)
+    def stop_deployment(self, launched: launching.Launched) -> None:
+        self.post_message(DeploymentStopped(launching.stop(launched)))
+
+    def on_deployment_stopped(self, message: DeploymentStopped) -> None:
+        if self.phase == "stopping":
+            self.launched = None
+            self.phase = "idle"
+            self.log_line("stopped" if message.clean else "stopped (had to kill what was left)")
+            self._show_status()
+
+    def on_unmount(self) -> None:
+        self.stop_now()  # the dashboard owns its deployment: never leave it behind
+
+    def stop_now(self) -> None:
+        """Stop the deployment synchronously (at exit, when the UI is going away)."""
+        launched, self.launched = self.launched, None
+        if launched is not None and launched.process.poll() is None:
+            launching.stop(launched, timeout_s=10.0)

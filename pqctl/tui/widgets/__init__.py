@@ -1,0 +1,1 @@
+"""Small widgets and text renderers of the dashboard, one concept per module."""
