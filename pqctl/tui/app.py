@@ -36,7 +36,7 @@ FIRST_FOCUS = {
     "cluster": "#devices",
     "plan": "#model",
     "serve": "#stage-monitors",
-    "prompt": "#prompt",
+    "prompt": "#prompt-text",
 }
 
 

@@ -32,7 +32,7 @@ class PromptView(Vertical):
 
     BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel", show=False)]
     DEFAULT_CSS = """
-    PromptView #prompt { margin: 0 1; }
+    PromptView #prompt-text { margin: 0 1; }
     PromptView #prompt-options { height: 1; padding: 0 1; margin-top: 1; }
     PromptView #prompt-options Label { padding: 0 1; }
     PromptView #prompt-target { height: auto; padding: 0 1; color: $text-muted; }
@@ -49,7 +49,7 @@ class PromptView(Vertical):
         self.generated = ""
 
     def compose(self) -> ComposeResult:
-        yield Input(placeholder="a prompt, e.g. ROMEO:  (Enter sends)", id="prompt")
+        yield Input(placeholder="a prompt, e.g. ROMEO:  (Enter sends)", id="prompt-text")
         with Horizontal(id="prompt-options"):
             for field, label, width, default, _kind in OPTION_FIELDS:
                 yield Label(label)
@@ -69,7 +69,8 @@ class PromptView(Vertical):
         self.endpoint = endpoint
         if max_new_tokens:
             box = self.query_one("#max-new-tokens", Input)
-            box.value = str(min(max_new_tokens, int(box.value or max_new_tokens)))
+            current = int(box.value) if box.value.isdigit() else max_new_tokens
+            box.value = str(min(max_new_tokens, current))
         self.query_one("#prompt-target", Static).update(
             f"sends to [b]{escape(name)}[/] at {escape(endpoint)} · Esc cancels"
             if endpoint
@@ -93,7 +94,7 @@ class PromptView(Vertical):
         self.send()
 
     def send(self) -> None:
-        prompt = self.query_one("#prompt", Input).value
+        prompt = self.query_one("#prompt-text", Input).value
         if not prompt.strip():
             self._usage("[$warning]type a prompt first[/]")
             return

@@ -56,6 +56,7 @@ class ServeView(Vertical):
         self.launched: launching.Launched | None = None
         self.phase = "idle"  # idle, starting, loading, serving, stopping, failed
         self.status: dict[str, Any] | None = None
+        self.monitors: dict[int, StageMonitor] = {}
 
     def compose(self) -> ComposeResult:
         yield Static("no plan yet: solve or load one on the Plan tab", id="serve-status")
@@ -123,13 +124,14 @@ class ServeView(Vertical):
         self.phase = "starting"
         self.log_line(f"launching {self.plan.model.source} ({len(self.plan.stages)} stages)")
         self.query_one("#serve-status", Static).update("[$warning]starting the gateway…[/]")
-        monitors = self.query_one("#stage-monitors", VerticalScroll)
-        monitors.remove_children()
+        container = self.query_one("#stage-monitors", VerticalScroll)
+        container.remove_children()
         rates = predicted_rates(self.plan)
-        monitors.mount_all(
-            StageMonitor(k, s, (rates[k].prefill_tokens_per_s, rates[k].decode_tokens_per_s))
+        self.monitors = {
+            k: StageMonitor(k, s, (rates[k].prefill_tokens_per_s, rates[k].decode_tokens_per_s))
             for k, s in enumerate(self.plan.stages)
-        )
+        }
+        container.mount_all(self.monitors.values())
         self.start_deployment(self.plan)
 
     @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
@@ -192,8 +194,8 @@ class ServeView(Vertical):
         if status is not None:
             self._apply_status(status)
         for index, metrics in message.metrics.items():
-            for monitor in self.query(f"#stage-monitor-{index}").results(StageMonitor):
-                monitor.add_metrics(metrics)
+            if index in self.monitors:
+                self.monitors[index].add_metrics(metrics)
         if message.exit_code is not None and self.phase != "stopping":
             failure = (status or {}).get("failure") or f"gateway exited ({message.exit_code})"
             self.launched = None
@@ -221,7 +223,8 @@ class ServeView(Vertical):
             self.phase = phase
             self._show_status()
         for stage in status.get("stages", []):
-            for monitor in self.query(f"#stage-monitor-{stage.get('index')}").results(StageMonitor):
+            monitor = self.monitors.get(stage.get("index", -1))
+            if monitor is not None:
                 monitor.set_state(str(stage.get("state")), stage.get("error"))
         r = status.get("requests", {})
         self.query_one("#serve-requests", Static).update(

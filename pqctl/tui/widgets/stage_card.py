@@ -40,7 +40,7 @@ class StageCard(Vertical):
     """
 
     def __init__(self, index: int, stage: Stage, bottleneck: str = "") -> None:
-        super().__init__(id=f"stage-card-{index}")
+        super().__init__(classes=f"stage-{index}")
         self.index, self.stage, self.bottleneck = index, stage, bottleneck
         self.set_class(bool(bottleneck), "-bottleneck")
 

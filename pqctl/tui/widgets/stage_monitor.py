@@ -27,7 +27,7 @@ class StageMonitor(Static):
     """
 
     def __init__(self, index: int, stage: Stage, predicted: tuple[float, float]) -> None:
-        super().__init__(id=f"stage-monitor-{index}")
+        super().__init__(classes=f"stage-{index}")
         self.index, self.stage = index, stage
         self.predicted_prefill, self.predicted_decode = predicted
         self.prefill: deque[float | None] = deque(maxlen=HISTORY)

@@ -1,0 +1,13 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def dashboard_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Settings, user themes and deployment state live in the test's own directory."""
+    monkeypatch.setenv("PQCTL_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.setenv("PQCTL_STATE_DIR", str(tmp_path / "state"))
+    return tmp_path
