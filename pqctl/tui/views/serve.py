@@ -207,6 +207,7 @@ class ServeView(Vertical):
             self.post_message(DeploymentStopped(clean=False))
 
     def _apply_status(self, status: dict[str, Any]) -> None:
+        self.status = status
         phase = str(status.get("phase", "loading"))
         if phase != self.phase and self.phase != "stopping":
             if phase == "serving" and self.launched is not None and self.serving_plan:

@@ -1,0 +1,109 @@
+"""The Serve and Prompt tabs driven by Textual's pilot with real processes: launch the built-in
+model on this host, watch per-stage throughput, stream a prompt, stop. Every wait is bounded and
+whatever a test starts is stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from textual.widgets import Input
+
+from pqctl.tui.app import PqctlApp
+from pqctl.tui.widgets.stage_monitor import StageMonitor
+from runtime.deployment import DeploymentState, pid_alive
+from tests.pqctl.tui.helpers import HOME_LAB, PLAN_FILE, wait_for
+
+
+def _kill_leftovers(state_dir: Path) -> None:
+    for path in state_dir.glob("*.json"):
+        with contextlib.suppress(Exception):
+            os.killpg(DeploymentState.load(path.stem, state_dir).pid, signal.SIGKILL)
+
+
+@pytest.mark.multiproc
+async def test_launch_watch_prompt_and_stop_the_builtin_model(dashboard_dirs: Path) -> None:
+    state_dir = dashboard_dirs / "state"
+    app = PqctlApp()  # the embedded default: this host, the built-in model
+    pids: list[int] = []
+    try:
+        async with app.run_test(size=(100, 30)) as pilot:
+            await wait_for(pilot, lambda: app.plan_view.plan is not None, 30, "default plan")
+            await pilot.press("alt+2")
+            for field, value in (("batch", "4"), ("prompt-len", "32"), ("max-new", "16")):
+                app.query_one(f"#{field}", Input).value = value
+            await pilot.press("enter")
+            await wait_for(
+                pilot,
+                lambda: app.serve_view.plan and app.serve_view.plan.workload.global_batch == 4,
+                30,
+                "small plan",
+            )
+            plan = app.serve_view.plan
+            assert plan is not None and plan.model.source == "bard-tiny"
+
+            await pilot.press("alt+3", "l")
+            await wait_for(pilot, lambda: app.serve_view.phase == "serving", 90, "serving")
+            launched = app.serve_view.launched
+            assert launched is not None and launched.state.name == "dashboard"
+            assert DeploymentState.load("dashboard", state_dir).pid == launched.state.pid
+            pids = [launched.state.pid] + [
+                s["pid"] for s in (app.serve_view.status or {}).get("stages", [])
+            ]
+            monitors = list(app.query(StageMonitor))
+            assert len(monitors) == len(plan.stages)
+            assert all(m.state == "ready" for m in monitors)
+
+            await pilot.press("alt+4")
+            prompt = app.prompt_view
+            await wait_for(pilot, lambda: prompt.endpoint is not None, 10, "prompt endpoint")
+            assert prompt.endpoint == launched.state.client_endpoint
+            await pilot.press(*"ROMEO:", "enter")
+            await wait_for(pilot, lambda: prompt.generated, 30, "first tokens")
+            await wait_for(pilot, lambda: not prompt.running, 30, "generation done")
+            usage = str(app.query_one("#prompt-usage").render())
+            assert "length" in usage or "eos" in usage, usage
+            assert str(app.query_one("#completion").render()).startswith("ROMEO:")
+
+            await wait_for(
+                pilot,
+                lambda: all(m.measured[1] is not None for m in monitors),
+                10,
+                "measured decode tokens/s",
+            )
+            line = str(monitors[-1].render())
+            assert "tok/s" in line and "pred" in line
+            requests = app.query_one("#serve-requests")
+            await wait_for(pilot, lambda: "1 done" in str(requests.render()), 10, "request count")
+
+            await pilot.press("alt+3", "s")
+            await wait_for(pilot, lambda: app.serve_view.phase == "idle", 30, "stopped")
+            assert app.prompt_view.endpoint is None
+        assert pids and not any(pid_alive(pid) for pid in pids)
+        assert not list(state_dir.glob("*.json"))
+    finally:
+        _kill_leftovers(state_dir)
+
+
+async def test_a_plan_on_other_hosts_is_not_launched() -> None:
+    app = PqctlApp(cluster=HOME_LAB, auto_solve=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.plan_view.load_plan(PLAN_FILE)
+        await pilot.press("alt+3")
+        assert "multi-host launch needs pqctl agent" in str(app.query_one("#serve-status").render())
+        await pilot.press("l")
+        await wait_for(pilot, lambda: app.serve_view.phase == "failed", 10, "refused")
+        assert app.serve_view.launched is None
+        assert any("gaming-pc" in n.message for n in app._notifications)
+
+
+async def test_prompt_without_a_deployment_says_what_to_do() -> None:
+    app = PqctlApp(cluster=HOME_LAB, auto_solve=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("alt+4", *"hello", "enter")
+        assert "launch one on the Serve tab" in str(app.query_one("#prompt-usage").render())
+        await pilot.press("alt+3", "s")
+        assert any("nothing is running" in n.message for n in app._notifications)
