@@ -14,7 +14,7 @@ from typing import ClassVar
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, Header, Input, TabbedContent, TabPane
 from textual.widgets._tabbed_content import ContentTabs
 from textual.worker import get_current_worker
 
@@ -40,6 +40,10 @@ FIRST_FOCUS = {
 }
 
 
+TAB_ACTIONS = {"exclude": "cluster", "solve": "plan", "launch": "serve", "stop": "serve"}
+"""Actions bound to a key that only works on (and shows in the footer of) one tab."""
+
+
 class DashboardError(Exception):
     """The dashboard cannot start (e.g. an unknown ``--theme``); the message says why."""
 
@@ -59,6 +63,11 @@ class PqctlApp(App[None]):
             Binding(f"alt+{n}", f"show_tab('{tab}')", label, show=False)
             for n, (tab, label) in enumerate(TABS, 1)
         ),
+        Binding("x", "exclude", "Exclude device"),
+        Binding("f5", "solve", "Solve"),
+        Binding("l", "launch", "Launch"),
+        Binding("s", "stop", "Stop"),
+        Binding("escape", "escape", "Cancel / leave field", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("f1", "help", "Help", show=False),
         Binding("ctrl+s", "save_plan", "Save plan"),
@@ -173,6 +182,7 @@ class PqctlApp(App[None]):
         self.query_one(FIRST_FOCUS[tab]).focus()
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
+        self.refresh_bindings()
         if isinstance(self.focused, ContentTabs | None) and event.pane.id in FIRST_FOCUS:
             self.call_after_refresh(self._focus_tab, event.pane.id)
 
@@ -216,6 +226,29 @@ class PqctlApp(App[None]):
         self.prompt_view.set_endpoint(message.endpoint, message.name, message.max_new_tokens)
 
     # ----------------------------------------------------------------- actions
+    @property
+    def active_tab(self) -> str:
+        return str(self.query_one(TabbedContent).active)
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Tab actions (x, F5, l, s) are live, and in the footer, on their own tab only."""
+        tab = TAB_ACTIONS.get(action)
+        tabs = self.query(TabbedContent)
+        return tab is None or not tabs or tabs.first().active == tab
+
+    def action_exclude(self) -> None:
+        self.cluster_view.action_toggle_exclude()
+
+    def action_escape(self) -> None:
+        """Cancel what runs on this tab (a solve, a generation), else leave the text field."""
+        tab = self.active_tab
+        if tab == "plan" and self.plan_view.solving:
+            self.plan_view.action_cancel_solve()
+        elif tab == "prompt" and self.prompt_view.running:
+            self.prompt_view.action_cancel()
+        elif isinstance(self.focused, Input):
+            self.query_one(ContentTabs).focus()
+
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
             self.push_screen(HelpScreen())
@@ -240,14 +273,16 @@ class PqctlApp(App[None]):
             self.action_show_tab("plan")
 
     def action_launch(self) -> None:
-        self.action_show_tab("serve")
+        if self.active_tab != "serve":
+            self.action_show_tab("serve")
         self.serve_view.action_launch()
 
     def action_stop(self) -> None:
         self.serve_view.action_stop()
 
     def action_solve(self) -> None:
-        self.action_show_tab("plan")
+        if self.active_tab != "plan":
+            self.action_show_tab("plan")
         self.plan_view.action_solve()
 
     async def action_quit(self) -> None:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable
-from typing import ClassVar
 
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
-from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.markup import escape
 from textual.widgets import DataTable, Static
@@ -37,10 +35,13 @@ COLUMNS = (
 )
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class ClusterView(Vertical):
     """The devices of the cluster; ``x`` excludes the selected one from planning."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("x", "toggle_exclude", "Exclude device")]
     DEFAULT_CSS = """
     ClusterView #cluster-title { height: auto; padding: 0 1; }
     ClusterView DataTable { height: 1fr; }
@@ -80,9 +81,9 @@ class ClusterView(Vertical):
         hosts = len({d.host for d in cluster.devices})
         notes = "".join(f"\n[$warning]{escape(n)}[/]" for n in resolved.notes)
         self.query_one("#cluster-title", Static).update(
-            f"[b]{escape(cluster.name)}[/] from {escape(resolved.source)} · {hosts} host"
-            f"{'s' * (hosts != 1)} · {len(cluster.devices)} devices · x excludes a device"
-            f"{notes}"
+            f"[b]{escape(cluster.name)}[/] from {escape(resolved.source)} · "
+            f"{_count(hosts, 'host')} · {_count(len(cluster.devices), 'device')} · x excludes a "
+            f"device{notes}"
         )
         table = self.query_one("#devices", DataTable)
         table.clear()

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar
 
 from textual import work
 from textual.app import ComposeResult
-from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.markup import escape
 from textual.suggester import SuggestFromList
@@ -64,10 +62,6 @@ def bottlenecks(plan: Plan) -> dict[int, str]:
 class PlanView(Vertical):
     """Enter in any field (or F5) solves; Esc cancels; the result replaces the last plan."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("f5", "solve", "Solve"),
-        Binding("escape", "cancel_solve", "Cancel", show=False),
-    ]
     DEFAULT_CSS = """
     PlanView #plan-form { height: auto; padding: 0 1; }
     PlanView #plan-form Label { padding: 0 1 0 1; }

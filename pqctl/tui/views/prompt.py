@@ -4,11 +4,10 @@ tokens stream. The client (``runtime.client.Client``, blocking pyzmq) runs in a 
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar
+from typing import Any
 
 from textual import work
 from textual.app import ComposeResult
-from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.markup import escape
 from textual.widgets import Input, Label, Static
@@ -30,7 +29,6 @@ OPTION_FIELDS = (  # input id, label, width, default, kind
 class PromptView(Vertical):
     """Enter sends the prompt; Esc cancels the request in flight."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel", show=False)]
     DEFAULT_CSS = """
     PromptView #prompt-text { margin: 0 1; }
     PromptView #prompt-options { height: 1; padding: 0 1; margin-top: 1; }

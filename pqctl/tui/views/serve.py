@@ -8,11 +8,10 @@ The dashboard owns the deployment it launched and stops it on exit. Launching, w
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar
+from typing import Any
 
 from textual import work
 from textual.app import ComposeResult
-from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
 from textual.markup import escape
 from textual.widgets import Log, Static
@@ -37,13 +36,9 @@ SNAPSHOT_INTERVAL_S = 0.5
 class ServeView(Vertical):
     """``l`` launches the current plan, ``s`` stops the deployment."""
 
-    BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("l", "launch", "Launch"),
-        Binding("s", "stop", "Stop"),
-    ]
     DEFAULT_CSS = """
     ServeView #serve-status { height: auto; padding: 0 1; }
-    ServeView #serve-requests { height: 1; padding: 0 1; color: $text-muted; }
+    ServeView #serve-requests { height: auto; padding: 0 1; color: $text-muted; }
     ServeView #stage-monitors { height: 1fr; padding: 0 1; }
     ServeView #serve-log { height: 5; border-top: solid $panel; }
     """
@@ -97,9 +92,10 @@ class ServeView(Vertical):
                     if remote
                     else "l launches it on this host"
                 )
+                n = len(self.plan.stages)
                 text = (
-                    f"ready to launch {escape(self.plan.model.source)} ({len(self.plan.stages)}"
-                    f" stages) · {where}"
+                    f"ready to launch {escape(self.plan.model.source)} ({n} stage"
+                    f"{'s' * (n != 1)}) · {where}"
                 )
             if self.phase == "failed":
                 text = "[$error]failed[/] (see the log below) · " + text
@@ -122,7 +118,8 @@ class ServeView(Vertical):
             return
         self.serving_plan = self.plan
         self.phase = "starting"
-        self.log_line(f"launching {self.plan.model.source} ({len(self.plan.stages)} stages)")
+        n = len(self.plan.stages)
+        self.log_line(f"launching {self.plan.model.source} ({n} stage{'s' * (n != 1)})")
         self.query_one("#serve-status", Static).update("[$warning]starting the gateway…[/]")
         container = self.query_one("#stage-monitors", VerticalScroll)
         container.remove_children()
