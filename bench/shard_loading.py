@@ -5,7 +5,11 @@ once in a temporary directory, then in fresh subprocesses measures the peak resi
 (a) the whole model through transformers' ``from_pretrained``, (b) pqctl's loader for all 16
 layers, and (c) pqctl's loader for a 4-layer middle stage at 16 and at 4 bits. The ratio (c)/(b)
 shows that a stage reads only its own tensors (transformers memory-maps the file and touches
-pages lazily, so its peak is printed for reference only).
+pages lazily, so its peak is printed for reference only). For pqctl's loader it also prints what
+the shard holds once loaded (``StageShard.resident_bytes``) and the transient above that (peak
+above the baseline, less what is held): the loading overhead. The last line is the 4-bit stage's
+peak above baseline over the 16-bit stage's: 16-bit weights are bf16 on a CPU with native bf16
+(see ``runtime.quant``), fp32 elsewhere.
 
 Usage: python bench/shard_loading.py
 """
@@ -56,12 +60,13 @@ start, stop = {layers}
 spec = StageSpec((start, stop), ({bits},) * (stop - start), start == 0, stop == arch.num_layers,
                  128, 1, 64)
 shard = load_shard(path, arch, spec)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, shard.resident_bytes())
 """
 
 
-def peak_bytes(code: str) -> int:
-    """Peak resident set of a fresh interpreter running ``code``, bytes."""
+def measure(code: str) -> tuple[int, int | None]:
+    """Peak resident set of a fresh interpreter running ``code``, and the bytes the shard it
+    loaded holds (None when it loads none), bytes."""
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
@@ -70,7 +75,13 @@ def peak_bytes(code: str) -> int:
         timeout=600,
         check=True,
     )
-    return int(out.stdout.strip().splitlines()[-1])
+    fields = out.stdout.strip().splitlines()[-1].split()
+    return int(fields[0]), int(fields[1]) if len(fields) > 1 else None
+
+
+def stage(path: str, layers: tuple[int, int], bits: int) -> tuple[int, int | None]:
+    """Peak and held bytes of pqctl's loader for ``layers`` at ``bits``."""
+    return measure(STAGE.format(path=path, layers=layers, bits=bits))
 
 
 def main() -> None:
@@ -80,34 +91,36 @@ def main() -> None:
             [sys.executable, "-c", MAKE.format(path=path)], cwd=ROOT, check=True, timeout=600
         )
         size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-        base = peak_bytes(BASELINE)
+        base, _ = measure(BASELINE)
         rows = [
-            ("whole model, transformers from_pretrained", peak_bytes(WHOLE_HF.format(path=path))),
-            (
-                "whole model, pqctl loader (16 layers, 16-bit)",
-                peak_bytes(STAGE.format(path=path, layers=(0, 16), bits=16)),
-            ),
-            (
-                "middle stage, pqctl loader (layers 6-9, 16-bit)",
-                peak_bytes(STAGE.format(path=path, layers=(6, 10), bits=16)),
-            ),
-            (
-                "middle stage, pqctl loader (layers 6-9, 4-bit)",
-                peak_bytes(STAGE.format(path=path, layers=(6, 10), bits=4)),
-            ),
+            ("whole model, transformers from_pretrained", measure(WHOLE_HF.format(path=path))),
+            ("whole model, pqctl loader (16 layers, 16-bit)", stage(path, (0, 16), 16)),
+            ("middle stage, pqctl loader (layers 6-9, 16-bit)", stage(path, (6, 10), 16)),
+            ("middle stage, pqctl loader (layers 6-9, 4-bit)", stage(path, (6, 10), 4)),
         ]
+    print_table(size, base, rows)
+
+
+def print_table(size: int, base: int, rows: list[tuple[str, tuple[int, int | None]]]) -> None:
+    """One line per measurement, in GiB, then the 4-bit / 16-bit stage ratio."""
     gib = 1024**3
     print(
         f"checkpoint {size / gib:.2f} GiB on disk; interpreter + libraries alone "
         f"{base / gib:.2f} GiB peak"
     )
-    whole = rows[1][1] - base  # transformers maps the file lazily: its RSS is not comparable
-    print(f"{'what':<50} {'peak GiB':>9} {'above base':>11} {'÷ whole':>8}")
-    for name, peak in rows:
+    whole = rows[1][1][0] - base  # transformers maps the file lazily: its RSS is not comparable
+    header = f"{'what':<50} {'peak GiB':>9} {'above base':>11} {'held':>6} {'transient':>10}"
+    print(f"{header} {'÷ whole':>8}")
+    for name, (peak, held) in rows:
+        above = peak - base
+        kept = "-" if held is None else f"{held / gib:.2f}"
+        extra = "-" if held is None else f"{(above - held) / gib:.2f}"
         print(
-            f"{name:<50} {peak / gib:>9.2f} {(peak - base) / gib:>11.2f} "
-            f"{(peak - base) / whole:>8.2f}"
+            f"{name:<50} {peak / gib:>9.2f} {above / gib:>11.2f} {kept:>6} {extra:>10} "
+            f"{above / whole:>8.2f}"
         )
+    ratio = (rows[3][1][0] - base) / (rows[2][1][0] - base)
+    print(f"middle stage peak above base, 4-bit / 16-bit: {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -2,32 +2,65 @@
 
 Headers are parsed first (names, shapes, dtypes, byte offsets), so a missing tensor, a wrong
 shape or a truncated file is reported before any weight is loaded; then only the tensors a
-stage asks for are read (memory-mapped), never the whole model.
+stage asks for are read, one at a time, never the whole model.
+
+Each tensor is read from its byte range straight into memory it owns (no memory map): a tensor
+dropped by the loader gives its memory back at once, and no mapping of the file keeps the pages
+it touched resident. safetensors' own ``get_tensor`` returns views of a private mapping of the
+whole file, which lives (with every page read through it) as long as any tensor from it does.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
-from safetensors import safe_open
 
 from runtime.errors import CheckpointError
 
 _HEADER_LIMIT = 100 * 1024 * 1024
 
+DTYPES: Mapping[str, torch.dtype] = MappingProxyType(
+    {
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }
+)
+"""torch dtype of each safetensors dtype name the reader understands."""
+
 
 @dataclass(frozen=True, slots=True)
 class TensorInfo:
-    """Where one tensor lives and what it is."""
+    """Where one tensor lives and what it is.
+
+    Attributes:
+        file: the safetensors file holding it.
+        dtype: safetensors dtype name, e.g. ``"F32"``.
+        shape: its shape.
+        offset: position of its first byte in ``file``, bytes.
+        nbytes: length of its data, bytes.
+    """
 
     file: Path
     dtype: str
     shape: tuple[int, ...]
+    offset: int
+    nbytes: int
 
 
 def _read_header(path: Path) -> dict[str, TensorInfo]:
@@ -51,13 +84,47 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        data_end = max(data_end, int(entry["data_offsets"][1]))
-        infos[name] = TensorInfo(path, str(entry["dtype"]), tuple(int(d) for d in entry["shape"]))
+        begin, end = (int(x) for x in entry["data_offsets"])
+        data_end = max(data_end, end)
+        info = TensorInfo(
+            path,
+            str(entry["dtype"]),
+            tuple(int(d) for d in entry["shape"]),
+            8 + header_len + begin,
+            end - begin,
+        )
+        _check_extent(info, name)
+        infos[name] = info
     if 8 + header_len + data_end > size:
         raise CheckpointError(
             f"{path}: truncated: {size} bytes, the header announces {8 + header_len + data_end}"
         )
     return infos
+
+
+def _check_extent(info: TensorInfo, name: str) -> None:
+    """The byte range the header gives a tensor fits its shape and dtype."""
+    dtype = DTYPES.get(info.dtype)
+    if dtype is None:
+        return  # reported when (if ever) the tensor is read
+    expected = math.prod(info.shape) * dtype.itemsize
+    if info.nbytes != expected:
+        raise CheckpointError(
+            f"{info.file}: corrupt safetensors header: tensor {name} spans {info.nbytes} bytes, "
+            f"its shape {list(info.shape)} of {info.dtype} needs {expected}"
+        )
+
+
+def _read_exactly(path: Path, offset: int, buffer: memoryview) -> None:
+    """Fill ``buffer`` with the bytes of ``path`` from ``offset`` on."""
+    with path.open("rb", buffering=0) as f:
+        f.seek(offset)
+        done = 0
+        while done < len(buffer):
+            count = f.readinto(buffer[done:])
+            if not count:
+                raise CheckpointError(f"{path}: truncated while reading at byte {offset + done}")
+            done += count
 
 
 class Checkpoint:
@@ -101,14 +168,26 @@ class Checkpoint:
                     f"{list(shape)}"
                 )
 
+    def read(self, name: str) -> torch.Tensor:
+        """Read one named tensor into CPU memory that it owns (nothing else is read).
+
+        Raises:
+            CheckpointError: the tensor's dtype is not one of :data:`DTYPES`, the file got
+                shorter since its header was read, or the machine is big-endian.
+        """
+        info = self.tensors[name]
+        dtype = DTYPES.get(info.dtype)
+        if dtype is None:
+            known = ", ".join(DTYPES)
+            raise CheckpointError(
+                f"{info.file}: tensor {name} has dtype {info.dtype}; readable dtypes: {known}"
+            )
+        if sys.byteorder != "little":
+            raise CheckpointError("safetensors files are little-endian; this machine is not")
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        _read_exactly(info.file, info.offset, raw.numpy().data)
+        return raw.view(dtype).view(info.shape)
+
     def load(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Read the named tensors (and nothing else) into CPU memory."""
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.tensors[name].file, []).append(name)
-        out: dict[str, torch.Tensor] = {}
-        for file, wanted in by_file.items():
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in wanted:
-                    out[name] = f.get_tensor(name)
-        return out
+        """Read the named tensors (and nothing else) into CPU memory, one at a time."""
+        return {name: self.read(name) for name in names}

@@ -93,6 +93,9 @@ TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 """Group sizes the int4 kernels accept."""
 DEQUANT_CHUNK_ELEMENTS = 1 << 20
 """Weights dequantized per step of a dequant-per-call layer (bounds its scratch to ~9 MiB)."""
+QUANT_CHUNK_ELEMENTS = 1 << 20
+"""Weights quantized per step of :func:`quantize_rtn` (bounds its fp32 temporaries to a few
+MiB, so quantizing a weight needs little more than the weight and its packed result)."""
 
 
 # --------------------------------------------------------------------------- packing
@@ -162,7 +165,8 @@ def _unpack_words(packed: Tensor, bits: int, cols: int) -> Tensor:
         gathered = torch.empty(rows, words, 4, dtype=torch.uint8, device=packed.device)
         word = gathered.copy_(windows).view(torch.int32).view(rows, words)
     shifts = torch.arange(per_word, dtype=torch.int32, device=packed.device) * bits
-    codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [rows, words, per_word]
+    codes = word.unsqueeze(-1) >> shifts  # [rows, words, per_word]
+    codes &= (1 << bits) - 1
     return codes.view(rows, words * per_word)
 
 
@@ -219,12 +223,12 @@ def _round_up_to(value: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.where(stored.float() < value, torch.nextafter(stored, stored + 1), stored)
 
 
-def _quantize_symmetric8(w: Tensor, scale_dtype: torch.dtype) -> QuantizedTensor:
-    rows, cols = w.shape  # w: [out, in] fp32
+def _symmetric8(w: Tensor, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor, None]:
+    """(int8 codes as uint8 [rows, in], scales [rows], None) of ``w`` [rows, in] fp32."""
     scales = _round_up_to(w.abs().amax(dim=1) / 127, scale_dtype)
     divisor = torch.where(scales == 0, 1.0, scales.float()).unsqueeze(1)
     codes = torch.clamp(torch.round(w / divisor), -127, 127).to(torch.int8).view(torch.uint8)
-    return QuantizedTensor(8, cols, (rows, cols), codes, scales, None)
+    return codes, scales, None
 
 
 def _grouped(w: Tensor, group_size: int) -> Tensor:
@@ -236,18 +240,47 @@ def _grouped(w: Tensor, group_size: int) -> Tensor:
     return padded.view(rows, -1, group_size)
 
 
-def _check_quantizable(
-    weight: Tensor, bits: int, group_size: int, scale_dtype: torch.dtype
-) -> None:
+def _asymmetric(
+    w: Tensor, bits: int, group_size: int, scale_dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(packed codes, scales [rows, groups], zeros [rows, groups]) of ``w`` [rows, in] fp32."""
+    rows, cols = w.shape
+    groups = _grouped(w, group_size)  # [rows, groups, group_size]
+    low, high = groups.amin(dim=2), groups.amax(dim=2)
+    mid, top = 1 << (bits - 1), (1 << bits) - 1
+    scales = _round_up_to((high - low) / top, scale_dtype)
+    zeros = (low + mid * scales.float()).to(scale_dtype)
+    divisor = torch.where(scales == 0, 1.0, scales.float()).unsqueeze(2)
+    steps = groups - zeros.float().unsqueeze(2)  # one fp32 temporary, then in place
+    steps.div_(divisor).round_().add_(mid).clamp_(0, top)
+    codes = steps.to(torch.uint8).view(rows, -1)[:, :cols]
+    return pack_codes(codes, bits), scales, zeros
+
+
+def _check_quantizable(bits: int, group_size: int, scale_dtype: torch.dtype) -> None:
     _check_bits(bits)
-    if weight.dim() != 2 or not weight.is_floating_point():
-        raise QuantizationError(f"expected a 2-D float weight, got {tuple(weight.shape)}")
     if scale_dtype not in (torch.float16, torch.bfloat16):
         raise QuantizationError(f"scales must be float16 or bfloat16, not {scale_dtype}")
     if group_size < 1:
         raise QuantizationError(f"group size must be at least 1, got {group_size}")
-    if not bool(torch.isfinite(weight).all()):
-        raise QuantizationError("the weight holds NaN or infinite values; check the checkpoint")
+
+
+def _empty_quantized(
+    shape: tuple[int, int],
+    bits: int,
+    group_size: int,
+    scale_dtype: torch.dtype,
+    device: torch.device,
+) -> QuantizedTensor:
+    """Uninitialised storage for a weight of ``shape`` at ``bits`` (the module doc's format)."""
+    rows, cols = shape
+    group = cols if bits == 8 else group_size
+    groups = -(-cols // max(group, 1))
+    codes = torch.empty(rows, math.ceil(cols * bits / 8), dtype=torch.uint8, device=device)
+    scale_shape = (rows,) if bits == 8 else (rows, groups)
+    scales = torch.empty(scale_shape, dtype=scale_dtype, device=device)
+    zeros = None if bits == 8 else torch.empty(scale_shape, dtype=scale_dtype, device=device)
+    return QuantizedTensor(bits, group, shape, codes, scales, zeros)
 
 
 def quantize_rtn(
@@ -255,8 +288,12 @@ def quantize_rtn(
 ) -> QuantizedTensor:
     """Round-to-nearest weight-only quantization of a linear layer's weight.
 
+    Works through blocks of rows of about ``QUANT_CHUNK_ELEMENTS`` weights (each row is
+    quantized on its own, so the result does not depend on the blocks): beyond ``weight`` and
+    the result, it needs a few MiB, whatever the weight's size or dtype.
+
     Args:
-        weight: float [out_features, in_features].
+        weight: float [out_features, in_features], any float dtype.
         bits: 2, 3, 4 (group-wise asymmetric) or 8 (per-row symmetric).
         group_size: input weights per scale/zero group (ignored at 8 bits); ≥ 1.
         scale_dtype: torch.float16 or torch.bfloat16 for scales and zeros.
@@ -268,21 +305,25 @@ def quantize_rtn(
     Raises:
         QuantizationError: unsupported bits, group size or scale dtype, or non-finite weights.
     """
-    _check_quantizable(weight, bits, group_size, scale_dtype)
-    w = weight.detach().float()  # w: [out, in] fp32
-    if bits == 8:
-        return _quantize_symmetric8(w, scale_dtype)
-    rows, cols = w.shape
-    groups = _grouped(w, group_size)  # [out, groups, group_size]
-    low, high = groups.amin(dim=2), groups.amax(dim=2)
-    mid, top = 1 << (bits - 1), (1 << bits) - 1
-    scales = _round_up_to((high - low) / top, scale_dtype)
-    zeros = (low + mid * scales.float()).to(scale_dtype)
-    divisor = torch.where(scales == 0, 1.0, scales.float()).unsqueeze(2)
-    steps = torch.round((groups - zeros.float().unsqueeze(2)) / divisor) + mid
-    codes = torch.clamp(steps, 0, top).to(torch.uint8).view(rows, -1)[:, :cols]
-    packed = pack_codes(codes, bits)
-    return QuantizedTensor(bits, group_size, (rows, cols), packed, scales, zeros)
+    _check_quantizable(bits, group_size, scale_dtype)
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise QuantizationError(f"expected a 2-D float weight, got {tuple(weight.shape)}")
+    rows, cols = weight.shape  # weight: [out, in]
+    q = _empty_quantized((rows, cols), bits, group_size, scale_dtype, weight.device)
+    step = max(1, QUANT_CHUNK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):  # row blocks, not elements
+        stop = min(start + step, rows)
+        w = weight[start:stop].detach().float()  # [block, in] fp32
+        if not bool(torch.isfinite(w).all()):
+            raise QuantizationError("the weight holds NaN or infinite values; check the checkpoint")
+        if bits == 8:
+            codes, scales, zeros = _symmetric8(w, scale_dtype)
+        else:
+            codes, scales, zeros = _asymmetric(w, bits, group_size, scale_dtype)
+        q.codes[start:stop], q.scales[start:stop] = codes, scales
+        if q.zeros is not None and zeros is not None:
+            q.zeros[start:stop] = zeros
+    return q
 
 
 def _affine_into(
@@ -542,11 +583,30 @@ def _tinygemm_scales_and_zeros(q: QuantizedTensor) -> Tensor:
     return torch.stack([q.scales.t(), q.zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
 
 
+INT4_CPU_TILE_ROWS = 64
+"""Output rows the CPU int4 layout packs together: tiles of 64 rows (and the last, shorter one)
+convert independently, so a weight is converted a block of tiles at a time."""
+
+
+def _int4_cpu_weight(q: QuantizedTensor, device: torch.device) -> Tensor:
+    """uint8 [out, in / 2]: the CPU int4 kernel's layout, converted from int32 codes a block of
+    whole tiles at a time so the int32 copy stays a few MiB."""
+    rows, cols = q.shape
+    packed = q.codes.to(device)
+    out = torch.empty(rows, cols // 2, dtype=torch.uint8, device=device)
+    tiles = max(1, QUANT_CHUNK_ELEMENTS // (cols * INT4_CPU_TILE_ROWS))
+    step = tiles * INT4_CPU_TILE_ROWS
+    for start in range(0, rows, step):  # blocks of tiles, not elements
+        stop = min(start + step, rows)
+        codes = _unpack_words(packed[start:stop], 4, cols)[:, :cols]  # [block, in] int32
+        out[start:stop] = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    return out
+
+
 def _int4_kernel_weight(q: QuantizedTensor, path: KernelPath, device: torch.device) -> Tensor:
     """The packed tensor an int4 kernel reads, ``out * in / 2`` bytes, built from our codes."""
     if path == "int4pack_mm_cpu":
-        codes = unpack_codes(q.codes.to(device), 4, q.shape[1]).to(torch.int32)  # [out, in]
-        return torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+        return _int4_cpu_weight(q, device)
     # CUDA (untested here): uint8 [out, in/2] with the even code in the high nibble.
     packed = q.codes.to(device)
     swapped = ((packed & 0x0F) << 4) | (packed >> 4)

@@ -2,7 +2,10 @@
 where the plan puts them, with every layer at its planned precision and the stage's KV cache.
 
 :func:`load_shard` reads only the stage's own tensors from the checkpoint and checks
-everything (tensor presence, shapes, file integrity, memory) before loading anything.
+everything (tensor presence, shapes, file integrity, memory) before loading anything. It then
+streams: each linear weight is read on its own, quantized (or converted) into its layer and
+released before the next is read, so a low-bit stage peaks near what it keeps, not near its
+16-bit size.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from runtime.arch import LINEAR_NAMES, NORM_NAMES, ArchConfig, layer_prefix
 from runtime.checkpoint import Checkpoint
 from runtime.errors import QuantizationError, StageMemoryError
 from runtime.kv_cache import KVCache
-from runtime.memory import available_bytes
+from runtime.memory import available_bytes, release_freed_host_memory
 from runtime.model import (
     DecoderLayer,
     Embedding,
@@ -293,40 +296,57 @@ def _build_layer(
     device: torch.device,
     impl: Impl,
 ) -> DecoderLayer:
-    names = layer_tensors(arch, layer)
-    tensors = checkpoint.load(names)
+    """One decoder layer at ``bits``, its linears read and quantized one after the other."""
     prefix = layer_prefix(arch, layer)
     linears: dict[str, nn.Module] = {}
     for short in linear_shapes(arch):
         name = prefix + LINEAR_NAMES[arch.family][short]
-        weight = tensors[f"{name}.weight"].float()
-        bias = tensors.get(f"{name}.bias")
-        linears[short] = quantize_linear(
-            weight,
-            None if bias is None else bias.float(),
-            bits,
-            group_size,
-            compute_dtype=dtype,
-            device=device,
-            impl=impl,
+        has_bias = _bias_of(arch, short)
+        linears[short] = _load_linear(
+            checkpoint, name, has_bias, bits, group_size, dtype, device, impl
         )
+        release_freed_host_memory()  # the fp32 weight and the quantizer's temporaries
     norms = tuple(
-        _norm(arch, tensors, f"{prefix}{NORM_NAMES[arch.family][key]}", dtype, device)
+        _norm(arch, checkpoint, f"{prefix}{NORM_NAMES[arch.family][key]}", dtype, device)
         for key in ("attn_norm", "mlp_norm")
     )
     return DecoderLayer(arch, layer, linears, (norms[0], norms[1]))
 
 
+def _load_linear(
+    checkpoint: Checkpoint,
+    name: str,
+    has_bias: bool,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    impl: Impl,
+) -> nn.Module:
+    """Read one linear operator's weight (and bias) and build its layer at ``bits``.
+
+    The weight stays in the checkpoint's dtype (the quantizer converts blocks of rows to fp32)
+    and lives only until the layer is built: the caller reads the next one after this returns.
+    Loading a stage so needs, beyond what the stage keeps, one linear's weight as stored, a
+    few MiB of quantizer blocks, and for an int4 kernel an int32 copy of its codes.
+    """
+    weight = checkpoint.read(f"{name}.weight")  # [out, in]
+    bias = checkpoint.read(f"{name}.bias") if has_bias else None
+    return quantize_linear(
+        weight, bias, bits, group_size, compute_dtype=dtype, device=device, impl=impl
+    )
+
+
 def _norm(
     arch: ArchConfig,
-    tensors: Mapping[str, Tensor],
+    checkpoint: Checkpoint,
     name: str,
     dtype: torch.dtype,
     device: torch.device,
 ) -> nn.Module:
-    weight = tensors[f"{name}.weight"].to(device=device, dtype=dtype)
+    weight = checkpoint.read(f"{name}.weight").to(device=device, dtype=dtype)
     if arch.family == "opt":
-        bias = tensors[f"{name}.bias"].to(device=device, dtype=dtype)
+        bias = checkpoint.read(f"{name}.bias").to(device=device, dtype=dtype)
         return layer_norm(weight, bias, arch.norm_eps)
     return RMSNorm(weight, arch.norm_eps)
 

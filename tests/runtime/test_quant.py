@@ -134,6 +134,22 @@ def test_chunked_dequantization_matches(monkeypatch: pytest.MonkeyPatch) -> None
     assert torch.equal(dequantize(q, torch.bfloat16), whole.bfloat16())
 
 
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantizing_in_row_blocks_matches_one_block(
+    monkeypatch: pytest.MonkeyPatch, bits: int, dtype: torch.dtype
+) -> None:
+    w = _weight(37, 100).to(dtype)
+    whole = quantize_rtn(w, bits, 32)
+    monkeypatch.setattr(quant, "QUANT_CHUNK_ELEMENTS", 250)  # 2 rows a block, 1 row left
+    blocks = quantize_rtn(w, bits, 32)
+    assert torch.equal(blocks.codes, whole.codes) and torch.equal(blocks.scales, whole.scales)
+    assert whole.zeros is None or (
+        blocks.zeros is not None and torch.equal(blocks.zeros, whole.zeros)
+    )
+    assert torch.equal(quantize_rtn(w.float(), bits, 32).codes, whole.codes)  # dtype-independent
+
+
 def test_non_finite_weights_are_refused() -> None:
     w = _weight(4, 32)
     w[1, 3] = float("nan")
@@ -232,6 +248,17 @@ def test_int4_kernel_keeps_only_its_packed_copy(big_layers: dict[int, torch.nn.M
     assert set(tensors) == {"qweight", "scales", "bias"}
     assert tensors["qweight"].nbytes == 4096 * 4096 // 2
     assert tensors["scales"].shape == (4096 // 128, 4096, 2)
+
+
+@pytest.mark.parametrize(("rows", "cols"), [(2816, 1024), (2832, 256), (16, 128), (80, 512)])
+def test_int4_cpu_layout_converted_in_tiles_matches_one_conversion(
+    monkeypatch: pytest.MonkeyPatch, rows: int, cols: int
+) -> None:
+    q = quantize_rtn(_weight(rows, cols), 4, 32, torch.bfloat16)
+    codes = unpack_codes(q.codes, 4, cols).to(torch.int32)  # [out, in]
+    whole = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    monkeypatch.setattr(quant, "QUANT_CHUNK_ELEMENTS", 1)  # one 64-row tile a step
+    assert torch.equal(quant._int4_cpu_weight(q, CPU), whole)
 
 
 def test_three_bit_storage_is_packed() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import weakref
 from pathlib import Path
 
 import pytest
@@ -53,18 +54,61 @@ def copy_checkpoint(src: Path, dst: Path) -> Path:
 
 def test_a_middle_stage_reads_only_its_layers(llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     read: list[str] = []
-    original = Checkpoint.load
+    original = Checkpoint.read
 
-    def spy(self: Checkpoint, names):  # type: ignore[no-untyped-def]
-        names = list(names)
-        read.extend(names)
-        return original(self, names)
+    def spy(self: Checkpoint, name: str) -> torch.Tensor:
+        read.append(name)
+        return original(self, name)
 
-    monkeypatch.setattr(Checkpoint, "load", spy)
+    monkeypatch.setattr(Checkpoint, "read", spy)
     arch = arch_from_config(read_config(llama), "llama")
     load_shard(llama, arch, spec((1, 3), first=False, last=False))
     assert read and all(n.startswith(("model.layers.1.", "model.layers.2.")) for n in read)
     assert {n.split(".")[2] for n in read} == {"1", "2"}
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_a_linear_weight_is_gone_before_the_next_is_read(
+    llama: Path, monkeypatch: pytest.MonkeyPatch, bits: int
+) -> None:
+    """Quantize while streaming: each linear weight read from the checkpoint is released once
+    its layer is built, before the next one is read."""
+    weights: list[weakref.ref[torch.Tensor]] = []
+    live_at_each_read: list[int] = []
+    original = Checkpoint.read
+
+    def spy(self: Checkpoint, name: str) -> torch.Tensor:
+        tensor = original(self, name)
+        if tensor.dim() == 2:
+            live_at_each_read.append(sum(ref() is not None for ref in weights))
+            weights.append(weakref.ref(tensor))
+        return tensor
+
+    monkeypatch.setattr(Checkpoint, "read", spy)
+    arch = arch_from_config(read_config(llama), "llama")
+    load_shard(llama, arch, spec((1, 3), first=False, last=False, bits=bits))
+    assert len(live_at_each_read) == 2 * 7  # two layers of seven linears
+    assert live_at_each_read == [0] * 14
+
+
+def test_a_tensor_read_owns_its_memory(llama: Path) -> None:
+    checkpoint = Checkpoint(llama)
+    reference = load_file(llama / "model.safetensors")
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.norm.weight"):
+        tensor = checkpoint.read(name)
+        assert torch.equal(tensor, reference[name])
+        assert tensor.untyped_storage().nbytes() == tensor.nbytes  # not a view of a file map
+
+
+def test_a_header_whose_byte_range_does_not_fit_the_shape_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(4, 4)}, path)
+    data = bytearray(path.read_bytes())
+    header = data[8 : 8 + int.from_bytes(data[:8], "little")].decode()
+    data[8 : 8 + len(header)] = header.replace('"shape":[4,4]', '"shape":[4,2]').encode()
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="tensor w spans 64 bytes, its shape"):
+        Checkpoint(tmp_path)
 
 
 def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
@@ -131,10 +175,10 @@ def test_stage_that_does_not_fit_fails_before_reading(
 ) -> None:
     monkeypatch.setattr(shard_module, "available_bytes", lambda device: 1000)
 
-    def never(self: Checkpoint, names):  # type: ignore[no-untyped-def]
+    def never(self: Checkpoint, name: str) -> torch.Tensor:
         raise AssertionError("weights were read although the stage cannot fit")
 
-    monkeypatch.setattr(Checkpoint, "load", never)
+    monkeypatch.setattr(Checkpoint, "read", never)
     arch = arch_from_config(read_config(llama), "x")
     with pytest.raises(StageMemoryError, match=r"layers 0–3 need 0\.00 GiB on cpu"):
         load_shard(llama, arch, spec((0, 4), True, True))
