@@ -23,16 +23,17 @@ from pqctl.tui.widgets.theme_styles import theme_style
 
 HISTORY = 60
 SAMPLE_INTERVAL_S = 1.0
-COLUMNS = (
+COLUMNS = (  # most telling first: at 80 columns the last ones scroll out of view
     ("device", "device"),
+    ("role", "role"),
     ("type", "type"),
-    ("memory used/total", "memory"),
+    ("memory", "memory"),
     ("util", "util"),
-    ("mem trend", "mem_trend"),
+    ("mem", "mem_trend"),
     ("bits", "bits"),
     ("figures", "figures"),
-    ("role", "role"),
 )
+SPARK_WIDTH = 6
 
 
 def _count(n: int, noun: str) -> str:
@@ -120,7 +121,7 @@ class ClusterView(Vertical):
             if wanted is not None and device.key not in wanted:
                 continue
             for (_, column), cell in zip(COLUMNS, self._cells(device), strict=True):
-                table.update_cell(device.key, column, cell)
+                table.update_cell(device.key, column, cell, update_width=True)
         self._show_detail()
 
     def _cells(self, device: DeviceSpec) -> list[object]:
@@ -138,17 +139,19 @@ class ClusterView(Vertical):
         util = self.util_history.get(key, ())
         mem = self.memory_history.get(key, ())
         last_util = sample.utilisation_percent if sample else None
-        util_text = Text(spark(list(util), 8, 100.0), style=theme_style(self.app, "primary"))
+        util_text = Text(
+            spark(list(util), SPARK_WIDTH, 100.0), style=theme_style(self.app, "primary")
+        )
         util_text.append(f" {last_util:3.0f}%" if last_util is not None else " N/A", style=muted)
         return [
             name,
+            role,
             Text(device.type.name, style=muted),
             self._memory_cell(device, sample),
             util_text,
-            Text(spark(list(mem), 8, 1.0), style=theme_style(self.app, "secondary")),
+            Text(spark(list(mem), SPARK_WIDTH, 1.0), style=theme_style(self.app, "secondary")),
             " ".join(str(b) for b in sorted(device.type.supported_bits, reverse=True)),
             self.sources.get(key, "datasheet"),
-            role,
         ]
 
     def _memory_cell(self, device: DeviceSpec, sample: DeviceSample | None) -> Text:
@@ -158,7 +161,7 @@ class ClusterView(Vertical):
         fraction = used / total if used is not None and total else None
         ok, high, critical = (theme_style(self.app, v) for v in ("success", "warning", "error"))
         style = level_style(fraction, ok, high, critical)
-        text = bar(fraction, 8, style, theme_style(self.app, "text-disabled"))
+        text = bar(fraction, 6, style, theme_style(self.app, "text-disabled"))
         text.append(f" {human_bytes(used)}/{human_bytes(total)}")
         return text
 
@@ -170,11 +173,12 @@ class ClusterView(Vertical):
         d = devices[table.cursor_row]
         t = d.type
         fast = "/".join(str(b) for b in sorted(t.fast_kernel_bits, reverse=True)) or "none"
+        bits = "/".join(str(b) for b in sorted(t.supported_bits, reverse=True))
         self.query_one("#device-detail", Static).update(
             f"[b]{escape(d.key)}[/] {escape(t.name)} ({t.kind}): {t.memory_bytes / 2**30:,.1f} "
             f"GiB, usable {t.usable_memory_bytes / 2**30:,.1f} · {t.memory_bandwidth_gb_s:,.0f} "
-            f"GB/s · fp16 {t.fp16_tflops:g} TFLOPS · fast kernels: {fast} bits · latency "
-            f"figures: {self.sources.get(d.key, 'datasheet')}"
+            f"GB/s · fp16 {t.fp16_tflops:.4g} TFLOPS · runs {bits} bits (fast kernels {fast})"
+            f" · latency figures: {self.sources.get(d.key, 'datasheet')}"
             + (" · [$warning]excluded from planning[/]" if d.key in self.excluded else "")
         )
 

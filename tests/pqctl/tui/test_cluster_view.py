@@ -27,12 +27,12 @@ async def test_lists_every_device_with_type_precisions_and_figures() -> None:
             "cpu-server/cpu",
         ]
         gpu = _row(table, "gaming-pc/cuda:0")
-        assert gpu[1] == "RTX4090"
-        assert "24.0G" in gpu[2] and "N/A" in gpu[2]  # another host: capacity, no live figure
-        assert gpu[5] == "16 8 4 3 2" and gpu[6] == "datasheet"
-        assert gpu[7] == "stage 0"
+        assert gpu[2] == "RTX4090"
+        assert "24.0G" in gpu[3] and "N/A" in gpu[3]  # another host: capacity, no live figure
+        assert gpu[6] == "16 8 4 3 2" and gpu[7] == "datasheet"
+        assert gpu[1] == "stage 0"
         assert "3 hosts · 4 devices" in str(app.query_one("#cluster-title").render())
-        assert "fast kernels" in str(app.query_one("#device-detail").render())
+        assert "bits (fast kernels" in str(app.query_one("#device-detail").render())
 
 
 async def test_excluding_a_device_replans_without_it() -> None:
@@ -46,12 +46,12 @@ async def test_excluding_a_device_replans_without_it() -> None:
         table.focus()
         table.move_cursor(row=2)  # workstation/cuda:1
         await pilot.press("x")
-        assert _row(table, "workstation/cuda:1")[7] == "excluded"
+        assert _row(table, "workstation/cuda:1")[1] == "excluded"
         await wait_for(pilot, lambda: app.plan_view.plan is not first, 30, "re-plan")
         second = app.plan_view.plan
         assert second is not None
         assert "workstation/cuda:1" not in {s.device.key for s in second.stages}
-        assert "excluded" in _row(table, "workstation/cuda:1")[7]
+        assert "excluded" in _row(table, "workstation/cuda:1")[1]
 
         await pilot.press("x")  # include it again
         await wait_for(pilot, lambda: app.plan_view.plan is not second, 30, "re-plan")
@@ -84,5 +84,5 @@ async def test_this_host_shows_live_utilisation_and_memory() -> None:
         history = app.cluster_view.util_history
         await wait_for(pilot, lambda: any(v is not None for v in history[key]), 10, "samples")
         row = _row(app.query_one("#devices", DataTable), key)
-        assert row[3].endswith("%") and "N/A" not in row[2]
+        assert row[4].endswith("%") and "N/A" not in row[3]
         assert app.cluster_view.memory_history[key][-1] is not None
