@@ -9,7 +9,7 @@ pages lazily, so its peak is printed for reference only). For pqctl's loader it 
 the shard holds once loaded (``StageShard.resident_bytes``) and the transient above that (peak
 above the baseline, less what is held): the loading overhead. The last line is the 4-bit stage's
 peak above baseline over the 16-bit stage's: 16-bit weights are bf16 on a CPU with native bf16
-(see ``runtime.quant``), fp32 elsewhere.
+(see ``runtime.kernels``), fp32 elsewhere.
 
 Usage: python bench/shard_loading.py
 """

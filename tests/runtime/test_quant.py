@@ -1,9 +1,7 @@
-"""Tests of runtime/quant.py: packing, RTN error bounds, layer numerics per kernel path, resident
-memory against the planner's model, kernel paths and errors."""
+"""Tests of runtime/quant.py: layer numerics per kernel path, resident memory against the
+planner's model, kernel paths and errors, and the names it re-exports."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -14,13 +12,9 @@ from planner.model_spec import LinearOp
 from runtime import quant
 from runtime.errors import QuantizationError
 from runtime.quant import (
-    QuantizedTensor,
     dense_weight_dtype,
-    dequantize,
-    pack_codes,
+    packed_nbytes,
     quantize_linear,
-    quantize_rtn,
-    unpack_codes,
 )
 
 CPU = torch.device("cpu")
@@ -45,116 +39,6 @@ def _build(rows: int, cols: int, bits: int, group: int, impl: str = "auto") -> t
     return quantize_linear(
         _weight(rows, cols), bias, bits, group, compute_dtype=FP32, device=CPU, impl=impl
     )  # type: ignore[arg-type]
-
-
-def _per_element(values: torch.Tensor, q: QuantizedTensor) -> torch.Tensor:
-    """[out, groups] per-group values spread over [out, in]."""
-    return values.float().repeat_interleave(q.group_size, dim=1)[:, : q.shape[1]]
-
-
-# --------------------------------------------------------------------------- packing
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-@pytest.mark.parametrize("cols", [1, 3, 7, 8, 9, 33, 64, 100])
-def test_pack_unpack_round_trip(bits: int, cols: int) -> None:
-    gen = torch.Generator().manual_seed(cols)
-    codes = torch.randint(0, 1 << bits, (5, cols), generator=gen, dtype=torch.uint8)
-    packed = pack_codes(codes, bits)
-    assert packed.dtype == torch.uint8
-    assert packed.shape == (5, math.ceil(cols * bits / 8))
-    assert torch.equal(unpack_codes(packed, bits, cols), codes)
-
-
-def test_three_bits_take_three_bytes_per_eight_values() -> None:
-    codes = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0] * 2], dtype=torch.uint8)
-    packed = pack_codes(codes, 3)
-    assert packed.shape == (1, 6)
-    stream = sum(int(c) << (3 * i) for i, c in enumerate(codes[0, :8]))
-    assert packed[0, :3].tolist() == [(stream >> (8 * k)) & 0xFF for k in range(3)]
-    assert pack_codes(codes[:, :3], 3).shape == (1, 2)  # 9 bits -> 2 bytes
-
-
-def test_four_and_two_bits_pack_low_bits_first() -> None:
-    assert pack_codes(torch.tensor([[1, 2]], dtype=torch.uint8), 4).tolist() == [[0x21]]
-    assert pack_codes(torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8), 2).tolist() == [[0x39]]
-
-
-@pytest.mark.parametrize("bits", [1, 5, 16])
-def test_packing_rejects_other_widths(bits: int) -> None:
-    with pytest.raises(QuantizationError):
-        pack_codes(torch.zeros(1, 8, dtype=torch.uint8), bits)
-
-
-# --------------------------------------------------------------------------- quantization
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize(("cols", "group"), [(256, 64), (100, 32), (50, 64)])
-@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
-def test_rtn_error_is_at_most_half_a_step(
-    bits: int, cols: int, group: int, scale_dtype: torch.dtype
-) -> None:
-    w = _weight(24, cols)
-    q = quantize_rtn(w, bits, group, scale_dtype)
-    assert q.scales.shape == (24, math.ceil(cols / group)) and q.scales.dtype == scale_dtype
-    assert q.zeros is not None
-    scale, zero = _per_element(q.scales, q), _per_element(q.zeros, q)
-    ulp = zero.abs() * torch.finfo(scale_dtype).eps + 1e-7  # 16-bit rounding of the zero
-    assert bool(((dequantize(q) - w).abs() <= scale / 2 + ulp).all())
-
-
-def test_rtn_8_bit_is_symmetric_per_row() -> None:
-    w = _weight(16, 96)
-    q = quantize_rtn(w, 8, 32)
-    assert q.zeros is None and q.scales.shape == (16,) and q.group_size == 96
-    assert q.codes.shape == (16, 96)
-    bound = q.scales.float().unsqueeze(1) / 2 + 1e-7
-    assert bool(((dequantize(q) - w).abs() <= bound).all())
-
-
-def test_rtn_error_decreases_with_bits() -> None:
-    w = _weight(64, 256)
-    errors = [_relative(dequantize(quantize_rtn(w, bits, 64)), w) for bits in (2, 3, 4, 8)]
-    assert errors == sorted(errors, reverse=True)
-    assert errors[-1] < 0.01 < errors[0]
-
-
-def test_constant_groups_dequantize_exactly() -> None:
-    w = torch.full((4, 64), 0.25)
-    for bits in (2, 3, 4):
-        assert torch.equal(dequantize(quantize_rtn(w, bits, 32)), w)
-
-
-def test_chunked_dequantization_matches(monkeypatch: pytest.MonkeyPatch) -> None:
-    q = quantize_rtn(_weight(37, 100), 3, 32)
-    whole = dequantize(q)
-    monkeypatch.setattr(quant, "DEQUANT_CHUNK_ELEMENTS", 250)  # 2 rows a step
-    assert torch.equal(dequantize(q), whole)
-    assert torch.equal(dequantize(q, torch.bfloat16), whole.bfloat16())
-
-
-@pytest.mark.parametrize("bits", [8, 4, 3, 2])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantizing_in_row_blocks_matches_one_block(
-    monkeypatch: pytest.MonkeyPatch, bits: int, dtype: torch.dtype
-) -> None:
-    w = _weight(37, 100).to(dtype)
-    whole = quantize_rtn(w, bits, 32)
-    monkeypatch.setattr(quant, "QUANT_CHUNK_ELEMENTS", 250)  # 2 rows a block, 1 row left
-    blocks = quantize_rtn(w, bits, 32)
-    assert torch.equal(blocks.codes, whole.codes) and torch.equal(blocks.scales, whole.scales)
-    assert whole.zeros is None or (
-        blocks.zeros is not None and torch.equal(blocks.zeros, whole.zeros)
-    )
-    assert torch.equal(quantize_rtn(w.float(), bits, 32).codes, whole.codes)  # dtype-independent
-
-
-def test_non_finite_weights_are_refused() -> None:
-    w = _weight(4, 32)
-    w[1, 3] = float("nan")
-    with pytest.raises(QuantizationError, match="NaN"):
-        quantize_rtn(w, 4, 32)
 
 
 # --------------------------------------------------------------------------- layers
@@ -250,17 +134,6 @@ def test_int4_kernel_keeps_only_its_packed_copy(big_layers: dict[int, torch.nn.M
     assert tensors["scales"].shape == (4096 // 128, 4096, 2)
 
 
-@pytest.mark.parametrize(("rows", "cols"), [(2816, 1024), (2832, 256), (16, 128), (80, 512)])
-def test_int4_cpu_layout_converted_in_tiles_matches_one_conversion(
-    monkeypatch: pytest.MonkeyPatch, rows: int, cols: int
-) -> None:
-    q = quantize_rtn(_weight(rows, cols), 4, 32, torch.bfloat16)
-    codes = unpack_codes(q.codes, 4, cols).to(torch.int32)  # [out, in]
-    whole = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-    monkeypatch.setattr(quant, "QUANT_CHUNK_ELEMENTS", 1)  # one 64-row tile a step
-    assert torch.equal(quant._int4_cpu_weight(q, CPU), whole)
-
-
 def test_three_bit_storage_is_packed() -> None:
     layer = _build(40, 100, 3, 32)
     assert layer.qweight.dtype == torch.uint8 and layer.qweight.shape == (40, 38)
@@ -335,10 +208,23 @@ def test_cuda_layer_multiplies_by_its_dequantized_weight(
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize(("rows", "cols", "group"), [(64, 192, 64), (96, 130, 32)])
 def test_packed_nbytes_predicts_resident_bytes(bits: int, rows: int, cols: int, group: int) -> None:
-    from runtime.quant import packed_nbytes, quantize_linear
-
     weight = torch.randn(rows, cols)
     layer = quantize_linear(
         weight, None, bits, group, compute_dtype=torch.float32, device=torch.device("cpu")
     )
     assert layer.resident_bytes() == packed_nbytes(rows, cols, bits, group, 4)
+
+
+# --------------------------------------------------------------------------- re-exports
+
+
+def test_the_storage_and_kernel_names_are_reachable_from_quant() -> None:
+    from runtime import kernels, packing
+
+    for name in quant.__all__:
+        assert hasattr(quant, name), name
+    assert quant.quantize_rtn is packing.quantize_rtn and quant.dequantize is packing.dequantize
+    assert quant.pack_codes is packing.pack_codes and quant.unpack_codes is packing.unpack_codes
+    assert quant.packed_nbytes is packing.packed_nbytes
+    assert quant.dense_weight_dtype is kernels.dense_weight_dtype
+    assert quant.choose_kernel_path is kernels.choose_kernel_path

@@ -20,7 +20,7 @@ from planner.make_plan import make_plan
 from planner.model_spec import load_model_spec
 from planner.plan import Plan, Workload
 from planner.problem import PlanningProblem
-from runtime import quant
+from runtime import kernels
 from runtime import shard as shard_module
 from runtime.arch import arch_from_config, read_config
 from runtime.assets import builtin_model_dir
@@ -234,9 +234,9 @@ BARD_STAGES = [((2, 6), False, False), ((0, 3), True, False), ((5, 8), False, Tr
 
 
 def test_the_planner_reads_the_same_bf16_flag_as_the_runtime() -> None:
-    assert cpu_has_native_bf16() == quant._cpu_has_native_bf16()
+    assert cpu_has_native_bf16() == kernels._cpu_has_native_bf16()
     cpu = measure_local_cpu()
-    assert cpu.dense_weight_bytes == quant.dense_weight_dtype(torch.float32, CPU).itemsize
+    assert cpu.dense_weight_bytes == kernels.dense_weight_dtype(torch.float32, CPU).itemsize
 
 
 def _planned_bytes(
@@ -263,7 +263,7 @@ def test_planner_memory_matches_a_loaded_16_bit_stage(
     """The planner's bytes for a 16-bit stage on a CPU with (or without) native bf16 are what
     the runtime holds once the stage is loaded there (its probe forced to the same answer),
     and the other width's count is not."""
-    monkeypatch.setattr(quant, "_cpu_has_native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(kernels, "_cpu_has_native_bf16", lambda: native_bf16)
     directory = builtin_model_dir()
     arch = arch_from_config(read_config(directory), "bard-tiny")
     stage = StageSpec(layers, (16,) * (layers[1] - layers[0]), first, last, 64, 2, 64)
