@@ -16,7 +16,8 @@ HELP = """\
 Plan and serve a language model on a heterogeneous cluster. Tabs: **1** Cluster, **2** Plan,
 **3** Serve, **4** Prompt (or click them). **Ctrl+P** opens the command palette (every action
 below, and **Theme** to change and remember the theme). **?** or **F1** shows this help,
-**Ctrl+Q** quits (stopping the deployment the dashboard launched).
+**Ctrl+Q** quits (stopping the deployment the dashboard launched). **Esc** cancels what runs
+(a solve, a generation), else leaves the text field so that the number keys switch tabs again.
 
 ## Cluster
 Every host and device: type, memory used/total, utilisation and memory sparklines (this host's

@@ -59,12 +59,29 @@ class ServeView(Vertical):
         yield VerticalScroll(id="stage-monitors")
         yield Log(id="serve-log", max_lines=500)
 
+    def on_mount(self) -> None:
+        self.query_one("#serve-log", Log).write_line("launch progress, errors and stops show here")
+
     # ----------------------------------------------------------------- state
     def set_plan(self, plan: Plan) -> None:
         """The plan ``l`` will launch (a running deployment keeps its own plan)."""
         self.plan = plan
-        if self.launched is None:
+        if self.launched is None and self.phase != "starting":
+            self._show_stages(plan, "not started")
             self._show_status()
+
+    def _show_stages(self, plan: Plan, state: str) -> None:
+        """One monitor per stage of ``plan``, showing the plan's predicted tokens/s."""
+        container = self.query_one("#stage-monitors", VerticalScroll)
+        container.remove_children()
+        rates = predicted_rates(plan)
+        self.monitors = {
+            k: StageMonitor(k, s, (rates[k].prefill_tokens_per_s, rates[k].decode_tokens_per_s))
+            for k, s in enumerate(plan.stages)
+        }
+        for monitor in self.monitors.values():
+            monitor.state = state
+        container.mount_all(self.monitors.values())
 
     @property
     def running(self) -> bool:
@@ -121,14 +138,7 @@ class ServeView(Vertical):
         n = len(self.plan.stages)
         self.log_line(f"launching {self.plan.model.source} ({n} stage{'s' * (n != 1)})")
         self.query_one("#serve-status", Static).update("[$warning]starting the gateway…[/]")
-        container = self.query_one("#stage-monitors", VerticalScroll)
-        container.remove_children()
-        rates = predicted_rates(self.plan)
-        self.monitors = {
-            k: StageMonitor(k, s, (rates[k].prefill_tokens_per_s, rates[k].decode_tokens_per_s))
-            for k, s in enumerate(self.plan.stages)
-        }
-        container.mount_all(self.monitors.values())
+        self._show_stages(self.plan, "starting")
         self.start_deployment(self.plan)
 
     @work(thread=True, exclusive=True, group="launch", exit_on_error=False)
@@ -256,6 +266,8 @@ class ServeView(Vertical):
             self.launched = None
             self.phase = "idle"
             self.log_line("stopped" if message.clean else "stopped (had to kill what was left)")
+            for monitor in self.monitors.values():
+                monitor.set_state("stopped")
             self._show_status()
 
     def on_unmount(self) -> None:
