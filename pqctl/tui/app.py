@@ -6,6 +6,7 @@ share (the planning session) and forwards their messages to each other.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from functools import partial
 from pathlib import Path
@@ -322,8 +323,14 @@ def run_dashboard(theme: str | None, cluster: Path | None, model: str | None) ->
     """Open the dashboard in this terminal; returns when the operator quits.
 
     Raises:
-        DashboardError: an unknown theme, or a cluster file that cannot be read.
+        DashboardError: no such cluster file, an unknown theme, or no terminal.
     """
     if cluster is not None and not cluster.is_file():
         raise DashboardError(f"--cluster: no file {cluster}")
-    PqctlApp(theme=theme, cluster=cluster, model=model).run()
+    app = PqctlApp(theme=theme, cluster=cluster, model=model)
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        raise DashboardError(
+            "the dashboard needs a terminal; for scripts use pqctl plan / apply / generate "
+            "(pqctl --help lists the commands)"
+        )
+    app.run()

@@ -233,7 +233,9 @@ class ServeView(Vertical):
         for stage in status.get("stages", []):
             monitor = self.monitors.get(stage.get("index", -1))
             if monitor is not None:
-                monitor.set_state(str(stage.get("state")), stage.get("error"))
+                monitor.set_state(
+                    str(stage.get("state")), stage.get("error"), stage.get("resident_bytes")
+                )
         r = status.get("requests", {})
         self.query_one("#serve-requests", Static).update(
             f"requests: {r.get('waiting', 0)} waiting, {r.get('active', 0)} running, "

@@ -36,6 +36,7 @@ class StageMonitor(Static):
         self.error: str | None = None
         self.metrics: dict[str, Any] = {}
         self.last_time: float | None = None
+        self.resident_bytes: int | None = None
 
     def on_mount(self) -> None:
         self._render_lines()
@@ -49,9 +50,12 @@ class StageMonitor(Static):
         self.decode.append(metrics.get("decode", {}).get("busy_tokens_per_s"))
         self._render_lines()
 
-    def set_state(self, state: str, error: str | None = None) -> None:
-        if (state, error) != (self.state, self.error):
-            self.state, self.error = state, error
+    def set_state(
+        self, state: str, error: str | None = None, resident_bytes: int | None = None
+    ) -> None:
+        """The gateway's view of the stage; while loading, the weights resident so far."""
+        if (state, error, resident_bytes) != (self.state, self.error, self.resident_bytes):
+            self.state, self.error, self.resident_bytes = state, error, resident_bytes
             self.set_class(state == "failed", "-failed")
             self._render_lines()
 
@@ -79,9 +83,10 @@ class StageMonitor(Static):
         colour = STATE_COLOURS.get(self.state, "$text-muted")
         queue = m.get("queue_depth", "–")
         busy = f"{100 * m['busy']:.0f}%" if "busy" in m else "–"
+        memory = m.get("rss_bytes") or self.resident_bytes
         head = (
             f"[b]{self.index}[/]  {escape(s.device.key)}  layers {r.start}–{r.stop - 1}  "
-            f"[{colour}]{escape(self.state)}[/]  mem {human_bytes(m.get('rss_bytes'))}  "
+            f"[{colour}]{escape(self.state)}[/]  mem {human_bytes(memory)}  "
             f"queue {queue}  busy {busy}"
         )
         lines = [

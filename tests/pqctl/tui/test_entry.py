@@ -1,0 +1,67 @@
+"""Opening the dashboard: errors before any screen is drawn, and quitting stops what the
+dashboard launched."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pqctl.tui import launch
+from pqctl.tui.app import DashboardError, PqctlApp, run_dashboard
+from runtime.deployment import DeploymentState, pid_alive
+from tests.pqctl.tui.helpers import HOME_LAB, ROOT, wait_for
+
+
+def test_errors_name_the_option(tmp_path: Path) -> None:
+    with pytest.raises(DashboardError, match="--cluster: no file"):
+        run_dashboard(None, tmp_path / "missing.toml", None)
+    with pytest.raises(DashboardError, match='--theme: no theme "neon"'):
+        run_dashboard("neon", HOME_LAB, None)
+    with pytest.raises(DashboardError, match="needs a terminal"):
+        run_dashboard("light", HOME_LAB, None)  # pytest's stdin is not a terminal
+
+
+def test_module_entry_point_reports_and_exits_2(dashboard_dirs: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pqctl.tui", "--theme", "neon"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 2
+    assert 'error: --theme: no theme "neon"' in out.stderr
+
+
+async def test_quit_stops_the_deployment_it_launched(dashboard_dirs: Path) -> None:
+    # a stand-in gateway: a process with a state file, stopped the way pqctl stop does it
+    process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    state = DeploymentState(
+        "dashboard",
+        process.pid,
+        "plan.json",
+        "m",
+        "tcp://127.0.0.1:1",
+        "tcp://127.0.0.1:2",
+        time.time(),
+        str(dashboard_dirs),
+    )
+    state.save()
+    app = PqctlApp(cluster=HOME_LAB, auto_solve=False)
+    try:
+        async with app.run_test(size=(80, 24)) as pilot:
+            app.serve_view.launched = launch.Launched(
+                process, state, dashboard_dirs / "plan.json", dashboard_dirs / "gateway.log"
+            )
+            await pilot.press("ctrl+q")
+            await wait_for(pilot, lambda: not pid_alive(process.pid), 15, "gateway stopped")
+        assert process.poll() is not None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
