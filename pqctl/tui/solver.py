@@ -136,3 +136,30 @@ class PlanningSession:
         plan = make_plan(problem, options or SearchOptions(time_limit_s=30.0), progress)
         plan = replace(plan, notes=plan.notes + self.resolved().notes)
         return SolvedPlan(plan, figures_source(problem), time.perf_counter() - started)
+
+
+class SolveJob:
+    """One search on a daemon thread, so that an abandoned search (HiGHS cannot be interrupted
+    mid-MILP) never holds up the dashboard, not even its exit. Read ``result`` or ``error``
+    once ``done`` is set."""
+
+    def __init__(
+        self, session: PlanningSession, request: PlanRequest, progress: ProgressFn | None = None
+    ) -> None:
+        self.done = threading.Event()
+        self.result: SolvedPlan | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run, args=(session, request, progress), name="pqctl-solve", daemon=True
+        )
+        self._thread.start()
+
+    def _run(
+        self, session: PlanningSession, request: PlanRequest, progress: ProgressFn | None
+    ) -> None:
+        try:
+            self.result = session.solve(request, progress=progress)
+        except BaseException as exc:  # handed to the waiting worker, which reports it
+            self.error = exc
+        finally:
+            self.done.set()

@@ -22,7 +22,7 @@ from planner.model_spec import example_model_names
 from planner.plan import Plan, PlanValidationError
 from pqctl.planning import DEFAULT_WORKLOAD, PlanRequest
 from pqctl.tui.messages import PlanReady, SolveFinished, SolveProgress
-from pqctl.tui.solver import PlanningSession
+from pqctl.tui.solver import PlanningSession, SolveJob
 from pqctl.tui.widgets.bits_strip import BitsLegend
 from pqctl.tui.widgets.figures import human_rate
 from pqctl.tui.widgets.stage_card import StageCard
@@ -207,12 +207,15 @@ class PlanView(Vertical):
             if not worker.is_cancelled:
                 self.post_message(SolveProgress(generation, done, total))
 
-        try:
-            solved = self.session.solve(request, progress=progress)
-        except PlannerError as exc:
-            result = SolveFinished(generation, error_title=exc.title, error=exc.msg)
-        except Exception as exc:  # the UI reports any failure of a solve rather than dying
-            result = SolveFinished(generation, error_title="unexpected error", error=repr(exc))
+        job = SolveJob(self.session, request, progress)
+        while not job.done.wait(0.05):
+            if worker.is_cancelled:
+                return  # the search finishes on its own thread; its result is dropped
+        error, solved = job.error, job.result
+        if isinstance(error, PlannerError):
+            result = SolveFinished(generation, error_title=error.title, error=error.msg)
+        elif error is not None or solved is None:  # reported, never fatal to the dashboard
+            result = SolveFinished(generation, error_title="unexpected error", error=repr(error))
         else:
             result = SolveFinished(generation, solved.plan, solved.sources, solved.elapsed_s)
         if not worker.is_cancelled:

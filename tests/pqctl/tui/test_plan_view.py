@@ -4,6 +4,7 @@ new target, cancel, validate the form, save and load plan.json."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 from planner.plan import Plan
@@ -129,3 +130,24 @@ async def test_save_and_load_plan_files(tmp_path: Path) -> None:
         await pilot.pause()
         assert app.plan_view.plan == loaded  # a bad file leaves the plan alone
         assert any("invalid plan" in n.message for n in app._notifications)
+
+
+async def test_quitting_does_not_wait_for_a_running_solve() -> None:
+    app = PqctlApp(cluster=HOME_LAB, auto_solve=False)
+    release, started = threading.Event(), threading.Event()
+
+    def stuck_solve(request: PlanRequest, *_: object, **__: object) -> SolvedPlan:
+        started.set()
+        release.wait(30)
+        raise AssertionError("never reached in time")
+
+    app.session.solve = stuck_solve  # type: ignore[method-assign]
+    try:
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.press("2", "f5")
+            await wait_for(pilot, started.is_set, 10, "solve started")
+            began = time.monotonic()
+            await pilot.press("ctrl+q")
+        assert time.monotonic() - began < 5
+    finally:
+        release.set()
