@@ -220,6 +220,7 @@ class PqctlApp(App[None]):
 
     def on_plan_ready(self, message: PlanReady) -> None:
         stage_of = {s.device.key: k for k, s in enumerate(message.plan.stages)}
+        self.cluster_view.sources.update(message.sources)  # the planned model's figures
         self.cluster_view.set_plan_devices(stage_of)
         self.serve_view.set_plan(message.plan)
 
