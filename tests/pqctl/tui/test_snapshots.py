@@ -14,6 +14,8 @@ from textual.widgets._tabbed_content import ContentTabs
 from pqctl.tui.app import PqctlApp
 from tests.pqctl.tui.helpers import PLAN_FILE, ROOT, wait_for
 
+pytest.importorskip("pytest_textual_snapshot", reason="pip install -e '.[dev]'")
+
 CLUSTER = Path("examples") / "clusters" / "mixed-home-lab.toml"  # relative: stable text
 
 
