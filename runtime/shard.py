@@ -223,12 +223,16 @@ class StageShard(nn.Module):
         return logits
 
     def resident_bytes(self) -> int:
-        """Bytes of every parameter, buffer and cache tensor the stage holds."""
+        """Bytes of every parameter, buffer and cache tensor the stage holds; a tensor shared by
+        two modules (a tied embedding and LM head) counts once."""
         quantized = [m for m in self.modules() if hasattr(m, "kernel_path")]
         inside = {id(t) for m in quantized for t in (*m.parameters(), *m.buffers())}
-        plain = sum(t.nbytes for t in (*self.parameters(), *self.buffers()) if id(t) not in inside)
+        storages: dict[int, int] = {}  # storage address -> bytes
+        for t in (*self.parameters(), *self.buffers()):
+            if id(t) not in inside:
+                storages[t.untyped_storage().data_ptr()] = t.nbytes
         held = sum(int(m.resident_bytes()) for m in quantized)  # type: ignore[operator,misc]
-        return held + int(plain) + self.cache.nbytes
+        return held + sum(storages.values()) + self.cache.nbytes
 
     def kernel_paths(self) -> dict[int, list[str]]:
         """Per global layer index, the compute path of each of its linear operators."""

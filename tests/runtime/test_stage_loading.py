@@ -230,7 +230,12 @@ def test_checkpoint_sources_resolve(llama: Path, monkeypatch: pytest.MonkeyPatch
 
 # --------------------------------------------------------------------------- memory agreement
 
-BARD_STAGES = [((2, 6), False, False), ((0, 3), True, False), ((5, 8), False, True)]
+BARD_STAGES = [
+    ((2, 6), False, False),
+    ((0, 3), True, False),
+    ((5, 8), False, True),
+    ((0, 8), True, True),  # both ends of a tied model: one embedding matrix
+]
 
 
 def test_the_planner_reads_the_same_bf16_flag_as_the_runtime() -> None:
@@ -248,6 +253,7 @@ def _planned_bytes(
                           fp32_tflops=0.1, native_bf16=native_bf16)  # fmt: skip
     planned = (layers[1] - layers[0]) * cm.layer_memory_bytes(model, cpu, 16, 2, 64, 64)
     planned += first * cm.embedding_bytes(model, cpu.activation_bytes)
+    planned -= (first and last) * cm.tied_saving_bytes(model, cpu.activation_bytes)
     return planned + last * cm.head_bytes(model, 0, cpu.activation_bytes)  # no logits buffer
 
 
