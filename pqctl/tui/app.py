@@ -109,8 +109,12 @@ class PqctlApp(App[None]):
         if requested is not None:
             name = self.theme_name(requested)
             if name is None:
-                known = ", ".join(sorted([*THEME_ALIASES, *self.available_themes]))
-                raise DashboardError(f'--theme: no theme "{requested}"; themes: {known}')
+                ours = ", ".join([*THEME_ALIASES][:3] + self.own_themes[len(BUILTIN_THEMES) :])
+                raise DashboardError(
+                    f'--theme: no theme "{requested}"; use {ours} (or pqctl-dark, pqctl-light, '
+                    "pqctl-high-contrast), a Textual theme such as nord or gruvbox, or a theme "
+                    "file in the config directory (docs/themes.md)"
+                )
             return name
         remembered = self.settings.theme
         if remembered and self.theme_name(remembered) is None:

@@ -65,3 +65,12 @@ async def test_quit_stops_the_deployment_it_launched(dashboard_dirs: Path) -> No
         if process.poll() is None:
             process.kill()
             process.wait(5)
+
+
+def test_the_command_line_loads_textual_only_for_the_dashboard() -> None:
+    code = "import sys, pqctl.cli; print('textual' in sys.modules, 'themes' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]

@@ -38,7 +38,7 @@ def test_settings_round_trip_and_broken_files(tmp_path: Path) -> None:
 
 
 def test_unknown_theme_is_an_error_naming_the_choices() -> None:
-    with pytest.raises(DashboardError, match=r'no theme "neon".*pqctl-light'):
+    with pytest.raises(DashboardError, match=r'no theme "neon"; use dark, light, high-contrast'):
         PqctlApp(theme="neon")
 
 
