@@ -8,6 +8,7 @@ The dashboard owns the deployment it launched and stops it on exit. Launching, w
 from __future__ import annotations
 
 import time
+from collections import deque
 from typing import Any
 
 from textual import work
@@ -26,7 +27,7 @@ from pqctl.tui.messages import (
     DeploymentStopped,
     EndpointChanged,
 )
-from pqctl.tui.widgets.figures import human_rate
+from pqctl.tui.widgets.figures import human_rate, spark
 from pqctl.tui.widgets.stage_monitor import StageMonitor
 from runtime.monitor import Monitor, predicted_rates
 
@@ -52,6 +53,8 @@ class ServeView(Vertical):
         self.phase = "idle"  # idle, starting, loading, serving, stopping, failed
         self.status: dict[str, Any] | None = None
         self.monitors: dict[int, StageMonitor] = {}
+        self.generation_rate: deque[float | None] = deque(maxlen=60)
+        self.last_generated: tuple[float, int] | None = None
 
     def compose(self) -> ComposeResult:
         yield Static("no plan yet: solve or load one on the Plan tab", id="serve-status")
@@ -135,6 +138,8 @@ class ServeView(Vertical):
             return
         self.serving_plan = self.plan
         self.phase = "starting"
+        self.generation_rate.clear()
+        self.last_generated = None
         n = len(self.plan.stages)
         self.log_line(f"launching {self.plan.model.source} ({n} stage{'s' * (n != 1)})")
         self.query_one("#serve-status", Static).update("[$warning]starting the gateway…[/]")
@@ -237,11 +242,26 @@ class ServeView(Vertical):
                     str(stage.get("state")), stage.get("error"), stage.get("resident_bytes")
                 )
         r = status.get("requests", {})
+        generated, stamp = int(status.get("generated_tokens", 0)), float(status.get("time", 0.0))
+        if self.last_generated is None or stamp != self.last_generated[0]:  # a new message
+            self.generation_rate.append(self._rate(stamp, generated))
         self.query_one("#serve-requests", Static).update(
             f"requests: {r.get('waiting', 0)} waiting, {r.get('active', 0)} running, "
-            f"{r.get('completed', 0)} done · {status.get('generated_tokens', 0)} tokens generated"
-            f" · plan predicts {human_rate(self._predicted_total())} tokens/s at full batch"
+            f"{r.get('completed', 0)} done · {generated} tokens generated "
+            f"[$primary]{spark(list(self.generation_rate), 12)}[/] "
+            f"{human_rate(self._last_rate())} tokens/s · the plan predicts "
+            f"{human_rate(self._predicted_total())} at full batch"
         )
+
+    def _rate(self, now: float, generated: int) -> float | None:
+        """Tokens per second generated since the previous status message (None at first)."""
+        previous, self.last_generated = self.last_generated, (now, generated)
+        if previous is None or now <= previous[0]:
+            return None
+        return max(0.0, (generated - previous[1]) / (now - previous[0]))
+
+    def _last_rate(self) -> float | None:
+        return next((v for v in reversed(self.generation_rate) if v is not None), None)
 
     def _predicted_total(self) -> float | None:
         plan = self.serving_plan
