@@ -6,6 +6,9 @@ share (the planning session) and forwards their messages to each other.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
 import sys
 from collections.abc import Iterable
 from functools import partial
@@ -92,6 +95,7 @@ class PqctlApp(App[None]):
         self.endpoint = endpoint
         self.auto_solve = auto_solve
         self.startup_warnings: list[str] = []
+        self.serve: ServeView | None = None
         for builtin in BUILTIN_THEMES.values():
             self.register_theme(builtin)
         loaded = load_theme_dir(user_theme_dir(), reserved=self.available_themes)
@@ -141,7 +145,8 @@ class PqctlApp(App[None]):
         if tab == "plan":
             return PlanView(self.session, self.model_name, id="plan-view")
         if tab == "serve":
-            return ServeView(self.endpoint, id="serve-view")
+            self.serve = ServeView(self.endpoint, id="serve-view")  # outlives the DOM at exit
+            return self.serve
         return PromptView(id="prompt-view")
 
     def on_mount(self) -> None:
@@ -338,4 +343,18 @@ def run_dashboard(theme: str | None, cluster: Path | None, model: str | None) ->
             "the dashboard needs a terminal; for scripts use pqctl plan / apply / generate "
             "(pqctl --help lists the commands)"
         )
-    app.run()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGHUP, signal.SIGTERM)}
+
+    def leave(_signum: int, _frame: object) -> None:  # terminal closed, or kill: exit cleanly
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop().call_soon_threadsafe(app.exit)
+
+    for sig in previous:
+        signal.signal(sig, leave)
+    try:
+        app.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if app.serve is not None:
+            app.serve.stop_now()  # never leave the deployment behind, however the app ended

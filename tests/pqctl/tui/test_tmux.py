@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.deployment import DeploymentState, pid_alive
 from tests.pqctl.tui.helpers import HOME_LAB, ROOT
 
 pytestmark = pytest.mark.skipif(
@@ -50,19 +52,22 @@ class Tmux:
         raise AssertionError(f"{text!r} not on screen after {timeout_s:.0f} s:\n{screen}")
 
 
-def test_dashboard_starts_draws_and_quits_in_a_real_terminal(tmp_path: Path) -> None:
-    tmux = Tmux(f"pqctl-test-{os.getpid()}")
+def _start(tmux: Tmux, tmp_path: Path, *args: str) -> None:
+    """``python -m pqctl.tui ARGS`` in an 80×24 tmux window; then ``pqctl-exit=<code>``."""
     env = {
         "PQCTL_CONFIG_DIR": str(tmp_path / "config"),
         "PQCTL_STATE_DIR": str(tmp_path / "state"),
         "TERM": "xterm-256color",
     }
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-    command = (
-        f"env {exports} {shlex.quote(sys.executable)} -m pqctl.tui --cluster "
-        f"{shlex.quote(str(HOME_LAB))}; echo pqctl-exit=$?; sleep 60"
-    )
+    argv = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "pqctl.tui", *args))
+    command = f"env {exports} {argv}; echo pqctl-exit=$?; sleep 60"
     tmux.run("new-session", "-d", "-s", "pqctl", "-x", "80", "-y", "24", "-c", str(ROOT), command)
+
+
+def test_dashboard_starts_draws_and_quits_in_a_real_terminal(tmp_path: Path) -> None:
+    tmux = Tmux(f"pqctl-test-{os.getpid()}")
+    _start(tmux, tmp_path, "--cluster", str(HOME_LAB))
     try:
         screen = tmux.wait_for("gaming-pc/cuda:0", 60)
         lines = screen.splitlines()
@@ -76,3 +81,28 @@ def test_dashboard_starts_draws_and_quits_in_a_real_terminal(tmp_path: Path) -> 
         tmux.wait_for("pqctl-exit=0", 20)
     finally:
         subprocess.run(["tmux", "-L", tmux.socket, "kill-server"], capture_output=True, timeout=10)
+
+
+@pytest.mark.multiproc
+def test_closing_the_terminal_stops_the_launched_deployment(tmp_path: Path) -> None:
+    tmux = Tmux(f"pqctl-hangup-{os.getpid()}")
+    _start(tmux, tmp_path)  # this host, the built-in model
+    state_dir = tmp_path / "state"
+    pid = None
+    try:
+        tmux.wait_for("stage 0", 60)
+        tmux.run("send-keys", "-t", "pqctl", "3")
+        tmux.wait_for("l launches it", 10)
+        tmux.run("send-keys", "-t", "pqctl", "l")
+        tmux.wait_for("serving", 90)
+        pid = DeploymentState.load("dashboard", state_dir).pid
+        subprocess.run(["tmux", "-L", tmux.socket, "kill-server"], timeout=10)  # SIGHUP
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and pid_alive(pid):
+            time.sleep(0.2)
+        assert not pid_alive(pid), "the gateway outlived the dashboard"
+        assert not (state_dir / "dashboard.json").exists()
+    finally:
+        subprocess.run(["tmux", "-L", tmux.socket, "kill-server"], capture_output=True, timeout=10)
+        if pid is not None and pid_alive(pid):
+            os.killpg(pid, signal.SIGKILL)
