@@ -18,8 +18,7 @@ from typing import ClassVar
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding, BindingType
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Input, TabbedContent, TabPane
-from textual.widgets._tabbed_content import ContentTabs
+from textual.widgets import DataTable, Footer, Header, Input, TabbedContent, TabPane, Tabs
 from textual.worker import get_current_worker
 
 from planner.errors import PlannerError
@@ -121,10 +120,12 @@ class PqctlApp(App[None]):
                 )
             return name
         remembered = self.settings.theme
-        if remembered and self.theme_name(remembered) is None:
-            self.startup_warnings.append(f'remembered theme "{remembered}" is gone; using default')
+        if remembered is None:
             return DEFAULT_THEME
-        return self.theme_name(remembered) if remembered else DEFAULT_THEME  # type: ignore[return-value]
+        name = self.theme_name(remembered)
+        if name is None:
+            self.startup_warnings.append(f'remembered theme "{remembered}" is gone; using default')
+        return name or DEFAULT_THEME
 
     def theme_name(self, name: str) -> str | None:
         """The registered theme called ``name`` (or by its alias, e.g. "light")."""
@@ -193,7 +194,7 @@ class PqctlApp(App[None]):
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         self.refresh_bindings()
-        if isinstance(self.focused, ContentTabs | None) and event.pane.id in FIRST_FOCUS:
+        if isinstance(self.focused, Tabs | None) and event.pane.id in FIRST_FOCUS:
             self.call_after_refresh(self._focus_tab, event.pane.id)
 
     # ----------------------------------------------------------------- cluster
@@ -258,7 +259,7 @@ class PqctlApp(App[None]):
         elif tab == "prompt" and self.prompt_view.running:
             self.prompt_view.action_cancel()
         elif isinstance(self.focused, Input):
-            self.query_one(ContentTabs).focus()
+            self.query_one(Tabs).focus()
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

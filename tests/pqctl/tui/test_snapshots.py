@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from textual.pilot import Pilot
-from textual.widgets._tabbed_content import ContentTabs
+from textual.widgets import Tabs
 
 from pqctl.tui.app import PqctlApp
 from tests.pqctl.tui.helpers import PLAN_FILE, ROOT, wait_for
@@ -32,7 +32,7 @@ def _showing(tab: str) -> Callable[[Pilot[Any]], Any]:
         app.plan_view.load_plan(PLAN_FILE.relative_to(ROOT))
         app.action_show_tab(tab)
         await pilot.pause()
-        app.query_one(ContentTabs).focus()  # no blinking text cursor in the picture
+        app.query_one(Tabs).focus()  # no blinking text cursor in the picture
         await pilot.pause()
 
     return run_before
