@@ -239,7 +239,10 @@ class ServeView(Vertical):
             monitor = self.monitors.get(stage.get("index", -1))
             if monitor is not None:
                 monitor.set_state(
-                    str(stage.get("state")), stage.get("error"), stage.get("resident_bytes")
+                    str(stage.get("state")),
+                    stage.get("error"),
+                    stage.get("resident_bytes"),
+                    int(stage.get("restarts") or 0),
                 )
         r = status.get("requests", {})
         generated, stamp = int(status.get("generated_tokens", 0)), float(status.get("time", 0.0))

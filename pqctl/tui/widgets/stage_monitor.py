@@ -37,6 +37,7 @@ class StageMonitor(Static):
         self.metrics: dict[str, Any] = {}
         self.last_time: float | None = None
         self.resident_bytes: int | None = None
+        self.restarts = 0
 
     def on_mount(self) -> None:
         self._render_lines()
@@ -51,11 +52,17 @@ class StageMonitor(Static):
         self._render_lines()
 
     def set_state(
-        self, state: str, error: str | None = None, resident_bytes: int | None = None
+        self,
+        state: str,
+        error: str | None = None,
+        resident_bytes: int | None = None,
+        restarts: int = 0,
     ) -> None:
-        """The gateway's view of the stage; while loading, the weights resident so far."""
-        if (state, error, resident_bytes) != (self.state, self.error, self.resident_bytes):
-            self.state, self.error, self.resident_bytes = state, error, resident_bytes
+        """The gateway's view of the stage: its state, last error, the weights resident so far
+        (while loading) and how often it was restarted."""
+        new = (state, error, resident_bytes, restarts)
+        if new != (self.state, self.error, self.resident_bytes, self.restarts):
+            self.state, self.error, self.resident_bytes, self.restarts = new
             self.set_class(state == "failed", "-failed")
             self._render_lines()
 
@@ -88,6 +95,7 @@ class StageMonitor(Static):
             f"[b]{self.index}[/]  {escape(s.device.key)}  layers {r.start}–{r.stop - 1}  "
             f"[{colour}]{escape(self.state)}[/]  mem {human_bytes(memory)}  "
             f"queue {queue}  busy {busy}"
+            + (f"  [$warning]restarted {self.restarts}×[/]" if self.restarts else "")
         )
         lines = [
             head,
