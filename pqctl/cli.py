@@ -29,12 +29,52 @@ from runtime.assets import BUILTIN_MODEL_NAME
 app = typer.Typer(
     name="pqctl",
     help="Serve large language models on heterogeneous clusters: one solver picks the pipeline "
-    "partition, every layer's weight precision and the micro-batch sizes.",
-    no_args_is_help=True,
+    "partition, every layer's weight precision and the micro-batch sizes. With no command, pqctl "
+    "opens its dashboard in this terminal.",
+    no_args_is_help=False,
+    invoke_without_command=True,
     rich_markup_mode="rich",
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def dashboard(
+    ctx: typer.Context,
+    theme: Annotated[
+        str | None,
+        typer.Option(
+            help="Dashboard theme: pqctl-dark, pqctl-light, pqctl-high-contrast or a "
+            "user theme's name (remembered; see docs/themes.md)."
+        ),
+    ] = None,
+    cluster: Annotated[
+        Path | None,
+        typer.Option(help="Cluster file for the dashboard (default: this host).", dir_okay=False),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="Model the dashboard plans (default: the built-in one)."),
+    ] = None,
+) -> None:
+    """With no command, open the dashboard: cluster, plans, serving and prompts in one terminal
+    UI. The commands below do the same from scripts."""
+    if ctx.invoked_subcommand is not None:
+        if (theme, cluster, model) != (None, None, None):
+            raise fail(
+                "bad option",
+                "--theme, --cluster and --model before a command apply to the dashboard only; "
+                "give the command's own options after its name",
+                EXIT_BAD_INPUT,
+            )
+        return
+    from pqctl.tui.app import DashboardError, run_dashboard  # Textual loads only for the UI
+
+    try:
+        run_dashboard(theme, cluster, model)
+    except DashboardError as exc:
+        raise fail("cannot open the dashboard", str(exc), EXIT_BAD_INPUT) from exc
 
 
 def _parse_bits(text: str) -> tuple[int, ...]:

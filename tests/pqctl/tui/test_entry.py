@@ -74,3 +74,27 @@ def test_the_command_line_loads_textual_only_for_the_dashboard() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_pqctl_without_a_command_opens_the_dashboard_or_says_why(dashboard_dirs: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pqctl"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 2
+    said = " ".join(out.stderr.split())  # rich wraps at the terminal width
+    assert "error: cannot open the dashboard: the dashboard needs a terminal" in said
+    out = subprocess.run(
+        [sys.executable, "-m", "pqctl", "--theme", "neon", "show", "plan.json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 2
+    assert "before a command apply to the dashboard only" in " ".join(out.stderr.split())

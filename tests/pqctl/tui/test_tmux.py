@@ -53,14 +53,15 @@ class Tmux:
 
 
 def _start(tmux: Tmux, tmp_path: Path, *args: str) -> None:
-    """``python -m pqctl.tui ARGS`` in an 80×24 tmux window; then ``pqctl-exit=<code>``."""
+    """``pqctl ARGS`` (no command: the dashboard) in an 80×24 tmux window; then
+    ``pqctl-exit=<code>``."""
     env = {
         "PQCTL_CONFIG_DIR": str(tmp_path / "config"),
         "PQCTL_STATE_DIR": str(tmp_path / "state"),
         "TERM": "xterm-256color",
     }
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-    argv = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "pqctl.tui", *args))
+    argv = " ".join(shlex.quote(a) for a in (sys.executable, "-m", "pqctl", *args))
     command = f"env {exports} {argv}; echo pqctl-exit=$?; sleep 60"
     tmux.run("new-session", "-d", "-s", "pqctl", "-x", "80", "-y", "24", "-c", str(ROOT), command)
 
