@@ -254,10 +254,20 @@ def _loading_view(status: dict[str, Any], plan: Plan) -> Table:
             str(s["index"]),
             _device(plan, s["index"]),
             f"{stage.layer_range.start}–{stage.layer_range.stop - 1}",
-            s["state"],
+            load_state(s),
             f"{memory / 2**20:.0f} MiB" if memory else "",
         )
     return table
+
+
+def load_state(stage: dict[str, Any]) -> str:
+    """A stage's state from the gateway's status, with its load progress while loading:
+    "loading 3/9" (decoder layers, then the embedding/head part, loaded of all)."""
+    state = str(stage.get("state"))
+    loaded = stage.get("loaded")
+    if state == "loading" and isinstance(loaded, list) and len(loaded) == 2:
+        return f"loading {loaded[0]}/{loaded[1]}"
+    return state
 
 
 def _device(plan: Plan, index: int) -> str:

@@ -70,6 +70,7 @@ class StageState:
     restarts: int = 0
     resident_bytes: int | None = None
     kernel_paths: dict[str, list[str]] | None = None
+    loaded: tuple[int, int] | None = None  # (parts loaded, parts in all) while loading
 
     def describe(self, plan: Plan) -> str:
         stage = plan.stages[self.index]
@@ -269,7 +270,13 @@ class Gateway:
                 else:
                     self._wire()
             elif kind == "loading":
-                stage.state = "loading"
+                stage.state, stage.loaded = "loading", None
+            elif kind == "progress":
+                done, total = msg.get("done"), msg.get("total")
+                if isinstance(done, int) and isinstance(total, int) and 0 <= done <= total:
+                    stage.loaded = (done, total)
+                if isinstance(msg.get("rss_bytes"), int):
+                    stage.resident_bytes = msg["rss_bytes"]
             elif kind == "ready":
                 stage.state = "ready"
                 stage.resident_bytes = msg.get("resident_bytes")
@@ -431,6 +438,7 @@ class Gateway:
                     "error": s.error,
                     "restarts": s.restarts,
                     "resident_bytes": s.resident_bytes,
+                    "loaded": list(s.loaded) if s.loaded else None,
                 }
                 for s in self.stages
             ],

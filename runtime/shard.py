@@ -11,7 +11,7 @@ released before the next is read, so a low-bit stage peaks near what it keeps, n
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -251,8 +251,12 @@ def load_shard(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     impl: Impl = "auto",
+    progress: Callable[[int, int], None] | None = None,
 ) -> StageShard:
     """Build a stage from only its own tensors, quantized per ``spec.layer_bits``.
+
+    ``progress(done, total)`` is called as parts are loaded: once before the first, then after
+    each decoder layer and after the embedding / final norm / LM head (one part together).
 
     Raises:
         CheckpointError: a needed tensor is missing, misshapen, or its file is truncated.
@@ -276,10 +280,15 @@ def load_shard(
             f"layers {start}–{stop - 1} need {need / gib:.2f} GiB on {dev}, {free / gib:.2f} GiB "
             "is free; re-plan with this device's real memory or fewer layers here"
         )
-    layers = [
-        _build_layer(arch, checkpoint, layer, bits, spec.group_size, dtype, dev, impl)
-        for layer, bits in zip(range(start, stop), spec.layer_bits, strict=True)
-    ]
+    total = stop - start + (1 if ends else 0)
+    report = progress or (lambda done, total: None)
+    report(0, total)
+    layers = []
+    for layer, bits in zip(range(start, stop), spec.layer_bits, strict=True):
+        layers.append(
+            _build_layer(arch, checkpoint, layer, bits, spec.group_size, dtype, dev, impl)
+        )
+        report(len(layers), total)
     tensors = {k: v.to(device=dev, dtype=dtype) for k, v in checkpoint.load(ends).items()}
     embedding = _embedding(arch, tensors) if spec.holds_embedding else None
     head = _head(arch, tensors) if spec.holds_lm_head else None
@@ -287,7 +296,10 @@ def load_shard(
     if arch.family == "llama":
         inv_freq, scaling = rotary_parameters(arch)
         rope = RotaryTable(inv_freq.to(dev), scaling)
-    return StageShard(arch, spec, layers, embedding, head, rope, dtype, dev)
+    shard = StageShard(arch, spec, layers, embedding, head, rope, dtype, dev)
+    if ends:
+        report(total, total)
+    return shard
 
 
 def _build_layer(

@@ -4,6 +4,7 @@ load one stage on its device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -97,8 +98,10 @@ def load_plan_stage(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     impl: Impl = "auto",
+    progress: Callable[[int, int], None] | None = None,
 ) -> StageShard:
-    """Load stage ``index`` of ``plan`` (checkpoint and device default to the plan's)."""
+    """Load stage ``index`` of ``plan`` (checkpoint and device default to the plan's);
+    ``progress(done, total)`` as in :func:`runtime.shard.load_shard`."""
     directory = checkpoint or resolve_checkpoint(plan.model.source)
     arch = arch_from_config(read_config(directory), str(directory))
     check_plan_matches(plan, arch, str(directory))
@@ -110,4 +113,5 @@ def load_plan_stage(
         dtype=dtype or compute_dtype(dev),
         device=dev,
         impl=impl,
+        progress=progress,
     )

@@ -290,7 +290,15 @@ def main(argv: list[str] | None = None) -> int:
                     f"the plan has {len(plan.stages)} stages, no stage {args.stage}"
                 )
             worker.send_control("loading")
-            shard = load_plan_stage(plan, args.stage, checkpoint=args.checkpoint, impl=args.impl)
+            shard = load_plan_stage(
+                plan,
+                args.stage,
+                checkpoint=args.checkpoint,
+                impl=args.impl,
+                progress=lambda done, total: worker.send_control(
+                    "progress", done=done, total=total, rss_bytes=_rss_bytes()
+                ),
+            )
         except (RuntimeFailure, PlanValidationError, OSError) as exc:
             title = getattr(exc, "title", type(exc).__name__)
             worker.send_control("failed", title=title, message=str(exc))

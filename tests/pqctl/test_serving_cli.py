@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from planner.plan import Plan
+from pqctl import serving
 from runtime.assets import builtin_model_dir
 from runtime.deployment import DeploymentState, pid_alive
 from tests.serving.plans import serving_plan, write_plan
@@ -159,3 +160,9 @@ def test_apply_refuses_bad_plans_and_other_hosts(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "the plan puts stages on gpu-node-7" in out.stderr
     assert not state.exists() or not list(state.glob("*.json"))
+
+
+def test_loading_state_names_the_parts_loaded() -> None:
+    assert serving.load_state({"state": "loading", "loaded": [2, 6]}) == "loading 2/6"
+    assert serving.load_state({"state": "loading", "loaded": None}) == "loading"
+    assert serving.load_state({"state": "ready", "loaded": [6, 6]}) == "ready"

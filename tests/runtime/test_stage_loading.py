@@ -291,3 +291,13 @@ def test_the_shard_estimate_matches_what_it_holds(
     ends = end_tensors(arch, Checkpoint(directory), first, last)
     estimate = estimate_bytes(arch, stage, ends, torch.float32, CPU)
     assert shard.resident_bytes() == pytest.approx(estimate, rel=0.01)
+
+
+def test_progress_counts_layers_then_the_end_part(llama: Path) -> None:
+    arch = arch_from_config(read_config(llama), str(llama))
+    seen: list[tuple[int, int]] = []
+    load_shard(llama, arch, spec((0, 2), True, False), progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]  # two layers, then the embedding
+    seen.clear()
+    load_shard(llama, arch, spec((1, 2), False, False), progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(0, 1), (1, 1)]  # a middle stage has no end part

@@ -243,6 +243,7 @@ class ServeView(Vertical):
                     stage.get("error"),
                     stage.get("resident_bytes"),
                     int(stage.get("restarts") or 0),
+                    _loaded(stage.get("loaded")),
                 )
         r = status.get("requests", {})
         generated, stamp = int(status.get("generated_tokens", 0)), float(status.get("time", 0.0))
@@ -303,3 +304,10 @@ class ServeView(Vertical):
         launched, self.launched = self.launched, None
         if launched is not None and launched.process.poll() is None:
             launching.stop(launched, timeout_s=10.0)
+
+
+def _loaded(value: object) -> tuple[int, int] | None:
+    """The status's ``loaded`` field, [parts loaded, parts], when well formed."""
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return (value[0], value[1])
+    return None

@@ -38,6 +38,7 @@ class StageMonitor(Static):
         self.last_time: float | None = None
         self.resident_bytes: int | None = None
         self.restarts = 0
+        self.loaded: tuple[int, int] | None = None
 
     def on_mount(self) -> None:
         self._render_lines()
@@ -57,12 +58,13 @@ class StageMonitor(Static):
         error: str | None = None,
         resident_bytes: int | None = None,
         restarts: int = 0,
+        loaded: tuple[int, int] | None = None,
     ) -> None:
-        """The gateway's view of the stage: its state, last error, the weights resident so far
-        (while loading) and how often it was restarted."""
-        new = (state, error, resident_bytes, restarts)
-        if new != (self.state, self.error, self.resident_bytes, self.restarts):
-            self.state, self.error, self.resident_bytes, self.restarts = new
+        """The gateway's view of the stage: its state, last error, its memory so far (while
+        loading), how often it was restarted and, while loading, (parts loaded, parts)."""
+        new = (state, error, resident_bytes, restarts, loaded)
+        if new != (self.state, self.error, self.resident_bytes, self.restarts, self.loaded):
+            self.state, self.error, self.resident_bytes, self.restarts, self.loaded = new
             self.set_class(state == "failed", "-failed")
             self._render_lines()
 
@@ -85,6 +87,11 @@ class StageMonitor(Static):
             f"{ratio}[/]"
         )
 
+    def _state_text(self) -> str:
+        if self.state == "loading" and self.loaded is not None:
+            return f"loading {self.loaded[0]}/{self.loaded[1]}"
+        return self.state
+
     def _render_lines(self) -> None:
         s, r, m = self.stage, self.stage.layer_range, self.metrics
         colour = STATE_COLOURS.get(self.state, "$text-muted")
@@ -93,7 +100,7 @@ class StageMonitor(Static):
         memory = m.get("rss_bytes") or self.resident_bytes
         head = (
             f"[b]{self.index}[/]  {escape(s.device.key)}  layers {r.start}–{r.stop - 1}  "
-            f"[{colour}]{escape(self.state)}[/]  mem {human_bytes(memory)}  "
+            f"[{colour}]{escape(self._state_text())}[/]  mem {human_bytes(memory)}  "
             f"queue {queue}  busy {busy}"
             + (f"  [$warning]restarted {self.restarts}×[/]" if self.restarts else "")
         )

@@ -107,3 +107,22 @@ async def test_prompt_without_a_deployment_says_what_to_do() -> None:
         assert "launch one on the Serve tab" in str(app.query_one("#prompt-usage").render())
         await pilot.press("alt+3", "s")
         assert any("nothing is running" in n.message for n in app._notifications)
+
+
+async def test_stage_cards_show_load_progress() -> None:
+    app = PqctlApp(cluster=HOME_LAB, auto_solve=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        app.plan_view.load_plan(PLAN_FILE)
+        await pilot.press("alt+3")
+        monitors = list(app.query(StageMonitor))
+        assert len(monitors) >= 2
+        stages = [
+            {"index": 0, "state": "loading", "loaded": [3, 9], "resident_bytes": 300 << 20},
+            {"index": 1, "state": "loading", "loaded": "3 of 9"},  # malformed: state only
+        ]
+        app.serve_view._apply_status({"phase": "loading", "stages": stages})
+        await pilot.pause()
+        assert "loading 3/9" in str(monitors[0].render())
+        assert "300" in str(monitors[0].render())  # MiB so far
+        second = str(monitors[1].render())
+        assert "loading" in second and "3/9" not in second
