@@ -29,6 +29,7 @@ class StageLaunch:
     keys: Path | None = None
     log: Path | None = None
     impl: str = "auto"
+    threads: int | None = None  # CPU threads for the stage's kernels (None: torch's default)
 
     def argv(self) -> list[str]:
         args = [
@@ -50,6 +51,8 @@ class StageLaunch:
             args += ["--checkpoint", str(self.checkpoint)]
         if self.keys is not None:
             args += ["--keys", str(self.keys)]
+        if self.threads is not None:
+            args += ["--threads", str(self.threads)]
         return args
 
 
@@ -110,6 +113,8 @@ class LocalLauncher:
 
     def start(self, launch: StageLaunch) -> LocalProcess:
         env = child_env()
+        if launch.threads is not None:  # OpenMP / MKL pools sized before torch starts them
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(launch.threads)
         out = open(launch.log, "ab") if launch.log else subprocess.DEVNULL  # noqa: SIM115
         try:
             process = subprocess.Popen(
@@ -123,6 +128,24 @@ class LocalLauncher:
             if launch.log:
                 out.close()  # type: ignore[union-attr]
         return LocalProcess(process)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def stage_threads(cpu_stages: list[int], cores: int) -> dict[int, int]:
+    """CPU threads for each of ``cpu_stages`` sharing ``cores``: the cores split evenly (at
+    least one each) when there are several, so the stages' kernels run side by side instead of
+    every stage's thread pool contending for every core; none when one stage has the CPU."""
+    if len(cpu_stages) < 2:
+        return {}
+    share = max(1, cores // len(cpu_stages))
+    return {index: share for index in cpu_stages}
 
 
 def stop_all(handles: list[StageHandle], grace_s: float = 5.0) -> None:

@@ -33,7 +33,15 @@ from runtime.deployment import DeploymentState, check_name, state_dir
 from runtime.errors import RuntimeFailure
 from runtime.frames import FrameError, decode_step, encode_step
 from runtime.keys import CurveKeys, secure_client, secure_server, start_authenticator
-from runtime.launcher import Launcher, LocalLauncher, StageHandle, StageLaunch, stop_all
+from runtime.launcher import (
+    Launcher,
+    LocalLauncher,
+    StageHandle,
+    StageLaunch,
+    available_cores,
+    stage_threads,
+    stop_all,
+)
 from runtime.protocol import (
     HARD_FRAME_BYTES,
     INTERNAL,
@@ -117,6 +125,8 @@ class Gateway:
         self.scheduler = Scheduler(layout, self.tokenizer, pad_id, eos_ids)
         self.launcher, self.bind_host, self.beat_timeout_s = launcher, bind_host, beat_timeout_s
         self.keys_dir, self.impl, self.max_restarts = keys_dir, impl, max_restarts
+        cpu_stages = [i for i, st in enumerate(self.plan.stages) if st.device.index < 0]
+        self.threads = stage_threads(cpu_stages, available_cores())
         keys = CurveKeys.load(keys_dir) if keys_dir else None
         self.log_dir = log_dir or state_dir() / "logs" / name
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +194,7 @@ class Gateway:
             self.keys_dir,
             self.log_dir / f"stage-{index}.log",
             self.impl,
+            self.threads.get(index),
         )
         return self.launcher.start(launch)
 

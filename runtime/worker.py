@@ -108,6 +108,7 @@ def metrics_message(
         "resident_bytes": shard.resident_bytes(),
         "rss_bytes": _rss_bytes(),
         "kernel_paths": {str(k): v for k, v in paths.items()},
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -271,12 +272,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, default=None)
     parser.add_argument("--keys", type=Path, default=None, help="CURVE key directory")
     parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for the stage's kernels"
+    )
+    parser.add_argument(
         "--impl",
         choices=("auto", "reference"),
         default="auto",
         help="auto: the platform's kernels; reference: dequantized weights in the compute dtype",
     )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway decides when stages stop
     keys = CurveKeys.load(args.keys, "stage") if args.keys else None
     worker = Worker(args.stage, args.control, args.bind_host, keys)

@@ -68,6 +68,18 @@ def test_served_tokens_equal_transformers_generate(
         assert completion.token_ids == reference[prompt], prompt
         assert completion.finish_reason == "length"
         assert completion.usage["completion_tokens"] == 12
+    if len(splits) > 1:  # CPU stages on one host run on an even share of its cores each
+        monitor = Monitor(served.state.status_endpoint)
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and len(monitor.metrics) < len(splits):
+                monitor.poll(0.5)
+            share = max(1, len(os.sched_getaffinity(0)) // len(splits))
+            assert [monitor.metrics[i]["threads"] for i in range(len(splits))] == [share] * len(
+                splits
+            )
+        finally:
+            monitor.close()
 
 
 def test_streaming_sampling_stop_and_cancel(

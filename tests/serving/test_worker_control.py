@@ -51,3 +51,13 @@ def test_worker_reports_load_progress_then_ready(tmp_path: Path) -> None:
             worker.wait(10)
         router.close()
         ctx.term()
+
+
+def test_cpu_stages_sharing_a_host_split_its_cores() -> None:
+    from runtime.launcher import StageLaunch, stage_threads
+
+    assert stage_threads([0], 16) == {}  # one stage keeps torch's default
+    assert stage_threads([0, 1], 16) == {0: 8, 1: 8}
+    assert stage_threads([0, 1, 2], 2) == {0: 1, 1: 1, 2: 1}  # never below one
+    launch = StageLaunch(Path("p.json"), 1, "tcp://127.0.0.1:1", threads=4)
+    assert launch.argv()[-2:] == ["--threads", "4"]
