@@ -173,6 +173,7 @@ def _split_between(
     extra = {
         j: float(tables.embed_decode_s[j]) * (j == first)
         + float(tables.head_decode_s[j]) * (j == last)
+        + float(tables.stage_decode_s[j])
         for j in span
     }
     room = {j: _layers_that_fit(tables, j, k, j == first, j == last) for j in span}

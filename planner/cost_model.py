@@ -254,24 +254,74 @@ def layer_latency_s(
     )
 
 
-def embedding_latency_s(model: ModelSpec, device: DeviceType, point: OperatingPoint) -> float:
-    """Token (and position) embedding lookup on the first stage, seconds."""
+def embedding_latency_s(
+    model: ModelSpec,
+    device: DeviceType,
+    point: OperatingPoint,
+    profile: LatencyProfile | None = None,
+) -> float:
+    """Token (and position) embedding lookup on the first stage, seconds (measured when the
+    profile times it)."""
+    measured = _measured_part(profile, "embedding", point)
+    if measured is not None:
+        return measured
     tokens = point.micro_batch * point.new_tokens
     num_bytes = 2 * tokens * (model.embed_dim + model.hidden_size) * device.activation_bytes
     return _roofline_s(device, 0.0, num_bytes, low_bit=False)
 
 
-def head_latency_s(model: ModelSpec, device: DeviceType, point: OperatingPoint) -> float:
-    """Final norm, LM head and sampling on the last stage, seconds.
+def head_latency_s(
+    model: ModelSpec,
+    device: DeviceType,
+    point: OperatingPoint,
+    profile: LatencyProfile | None = None,
+) -> float:
+    """Final norm, LM head and sampling on the last stage, seconds (measured when the profile
+    times it).
 
     Only the last position of each sequence reaches the LM head, in prefill too.
     """
+    measured = _measured_part(profile, "head", point)
+    if measured is not None:
+        return measured
     rows = point.micro_batch
     flops = 2.0 * rows * model.embed_dim * model.vocab_size
     weights = device.activation_bytes * model.embed_dim * model.vocab_size
     logits = rows * model.vocab_size * 4 * 3  # written, read by softmax/argmax, read by sampling
     norm = point.micro_batch * point.new_tokens * model.hidden_size * device.activation_bytes * 2
     return _roofline_s(device, flops, weights + logits + norm, low_bit=False)
+
+
+def stage_overhead_s(point: OperatingPoint, profile: LatencyProfile | None = None) -> float:
+    """Fixed cost of one stage call per micro-batch outside its layers (step context: masks,
+    rotary table; dispatch), seconds: measured when the profile times it, else 0 (the
+    roofline charges launch overheads per operator instead)."""
+    measured = _measured_part(profile, "stage", point)
+    return 0.0 if measured is None else measured
+
+
+def _measured_part(
+    profile: LatencyProfile | None, part: str, point: OperatingPoint
+) -> float | None:
+    if profile is None:
+        return None
+    return profile.part_latency_s(part, point.phase, point.micro_batch, point.context)
+
+
+def measured_link(link: LinkSpec, profile: LatencyProfile | None, gpu: bool) -> LinkSpec:
+    """The path between two stage processes of one host, with the profile's measured hop
+    (ZeroMQ over loopback) when it has one, else ``link``.
+
+    Its latency is the measured one. Between CPU stages the measured bandwidth replaces the
+    catalogue's; a GPU stage's frame also crosses the device's peer path (``link``), so the
+    two bandwidths combine in series and a GPU hop never looks faster than either part.
+    """
+    if profile is None or profile.transfer is None:
+        return link
+    bandwidth = profile.transfer.bandwidth_gb_s
+    if gpu:
+        bandwidth = 1.0 / (1.0 / bandwidth + 1.0 / link.bandwidth_gb_s)
+    return LinkSpec(bandwidth_gb_s=bandwidth, latency_s=profile.transfer.latency_s)
 
 
 def hidden_transfer_bytes(model: ModelSpec, point: OperatingPoint, activation_bytes: int) -> int:

@@ -15,6 +15,7 @@ Data (``planner.problem.CostTables``)
                        running a precision without a fast kernel
     E, H, T            embedding (first stage), LM head + logits (last stage), tied saving
     ep_j, ed_j / hp_j, hd_j   embedding / LM-head time per micro-batch on j
+    op_j, od_j         per-call stage overhead on j (measured; 0 from the datasheet)
     cp[j,l], cd[j,l]   hidden-state hop j → l;  r[l,j] token ids l → j          [c^p, c^d]
     m_p, m_d           micro-batches per phase;  σ = μ_n − 1 decode steps
     ω[i,k]             normalised quality indicator;  q budget;  θ trade-off (s per unit ω)
@@ -39,7 +40,7 @@ Constraints
     slow        L s_j ≥ Σ_{k slow on j} n[j,k]
     hops        h[j,l] ≥ u_j + u_l − 1 − Σ_{j<m<l} u_m;     g[l,j] ≥ f_l + e_j − 1   (l > j)
     memory      Σ_k M[j,k] n[j,k] + A_j u_j + S s_j + E e_j + H f_j − T t_j ≤ C_j;  t_j ≤ e_j, f_j
-    stage time  P_j ≥ Σ_k lp[j,k] n[j,k] + ep_j e_j + hp_j f_j;   D_j likewise with ld, ed, hd
+    stage time  P_j ≥ Σ_k lp[j,k] n[j,k] + ep_j e_j + hp_j f_j + op_j u_j;   D_j likewise
     prefill     P* ≥ P_j;   P* ≥ Σ_l cp[j,l] h[j,l]
     decode      R ≥ Σ_j D_j + Σ cd h + Σ r g;   R ≥ m_d D_j;   R ≥ m_d Σ_l cd[j,l] h[j,l];
                 R ≥ m_d Σ_j r[l,j] g[l,j]
@@ -335,16 +336,17 @@ class PartitionMilp:
     def _add_stage_times(self) -> None:
         t = self.t
         phases = (
-            ("P", t.layer_prefill_s, t.embed_prefill_s, t.head_prefill_s),
-            ("D", t.layer_decode_s, t.embed_decode_s, t.head_decode_s),
+            ("P", t.layer_prefill_s, t.embed_prefill_s, t.head_prefill_s, t.stage_prefill_s),
+            ("D", t.layer_decode_s, t.embed_decode_s, t.head_decode_s, t.stage_decode_s),
         )
-        for var, layer_s, embed_s, head_s in phases:
+        for var, layer_s, embed_s, head_s, stage_s in phases:
             for j in self.devices:
                 finite = np.where(np.isfinite(layer_s[j]), layer_s[j], 0.0)
                 terms = [(c, -v) for c, v in self._n_terms(j, finite)]
                 terms += [
                     (self._v("e", j), -float(embed_s[j])),
                     (self._v("f", j), -float(head_s[j])),
+                    (self._v("u", j), -float(stage_s[j])),
                     (self._v(var, j), 1.0),
                 ]
                 self.m.row(terms, lo=0.0)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from planner import cost_model as cm
-from planner.cluster import ClusterSpec, DeviceSpec
+from planner.cluster import ClusterSpec, DeviceSpec, LinkSpec
 from planner.errors import WorkloadError
 from planner.indicator import BITS_COLUMN, QualityIndicator
 from planner.model_spec import ModelSpec
@@ -127,6 +127,8 @@ class CostTables:
     embed_decode_s: np.ndarray
     head_prefill_s: np.ndarray
     head_decode_s: np.ndarray
+    stage_prefill_s: np.ndarray
+    stage_decode_s: np.ndarray
     hop_prefill_s: np.ndarray
     hop_decode_s: np.ndarray
     token_return_s: np.ndarray
@@ -164,6 +166,7 @@ def build_tables(
     dec_pt = cm.decode_point(decode_micro_batch, workload.prompt_len, workload.expected_new_tokens)
     lp, ld = np.full((n, nb), math.inf), np.full((n, nb), math.inf)
     mem, slow = np.zeros((n, nb)), np.zeros((n, nb), dtype=bool)
+    dp = [(d, problem.profile_for(d)) for d in devices]  # each device with its profile
     for j, device in enumerate(devices):
         profile = problem.profile_for(device)
         for k, b in enumerate(bits):
@@ -220,10 +223,12 @@ def build_tables(
             devices, lambda d: cm.head_bytes(model, max(prefill_micro_batch, decode_micro_batch), d)
         ),
         tied_saving_bytes=_per_device(devices, lambda d: cm.tied_saving_bytes(model, d)),
-        embed_prefill_s=np.array([cm.embedding_latency_s(model, d.type, pre_pt) for d in devices]),
-        embed_decode_s=np.array([cm.embedding_latency_s(model, d.type, dec_pt) for d in devices]),
-        head_prefill_s=np.array([cm.head_latency_s(model, d.type, pre_pt) for d in devices]),
-        head_decode_s=np.array([cm.head_latency_s(model, d.type, dec_pt) for d in devices]),
+        embed_prefill_s=np.array([cm.embedding_latency_s(model, d.type, pre_pt, p) for d, p in dp]),
+        embed_decode_s=np.array([cm.embedding_latency_s(model, d.type, dec_pt, p) for d, p in dp]),
+        head_prefill_s=np.array([cm.head_latency_s(model, d.type, pre_pt, p) for d, p in dp]),
+        head_decode_s=np.array([cm.head_latency_s(model, d.type, dec_pt, p) for d, p in dp]),
+        stage_prefill_s=np.array([cm.stage_overhead_s(pre_pt, p) for _, p in dp]),
+        stage_decode_s=np.array([cm.stage_overhead_s(dec_pt, p) for _, p in dp]),
         hop_prefill_s=_hops(problem, devices, pre_pt),
         hop_decode_s=_hops(problem, devices, dec_pt),
         token_return_s=np.array(
@@ -261,3 +266,11 @@ def _hops(
             for a in devices
         ]
     )
+
+
+def _link(problem: PlanningProblem, a: DeviceSpec, b: DeviceSpec) -> LinkSpec:
+    """The path a → b; between devices of one host, the hop the sender's profile measured."""
+    link = problem.cluster.link(a, b)
+    if a.host != b.host:
+        return link
+    return cm.measured_link(link, problem.profile_for(a), a.type.kind == "gpu")

@@ -25,6 +25,22 @@ LLM-PQ's cost model (b = micro-batch, s = prompt length, p = context)::
 
     prefill:  t = a1*b + a2*s + a3*b*s + a4*b*s^2 + c
     decode:   t = b1*b*(1 + p) + b2*b + b3*p + c
+
+Optional sections (written by ``pqctl profile``; files without them load as before)::
+
+    "end_samples": [{"part": "stage", "phase": "decode", "micro_batch": 4,
+                     "context_len": 192, "latency_s": 0.00021}, ...],
+    "transfer": {"samples": [{"bytes": 65536, "latency_s": 0.00009}, ...]},
+    "fit_error": [{"phase": "prefill", "bits": 16, "held_out_mape": 0.031, "samples": 9}, ...],
+    "measured": {...}
+
+``end_samples`` time the per-stage parts outside the decoder layers: ``stage`` (building a
+micro-batch's step context, once per stage), ``embedding`` (first stage) and ``head`` (final
+norm and LM head, last stage); each (part, phase) is fitted with the phase's form.
+``transfer`` times one activation frame over a ZeroMQ hop between two processes of the host,
+fitted as t = latency_s + bytes / (bandwidth_gb_s * 1e9). ``fit_error`` (held-out mean absolute
+percentage error of each fit when it was measured) and ``measured`` (torch version, threads,
+kernel paths, grid) are kept for people and round-tripped unread.
 """
 
 from __future__ import annotations
@@ -33,7 +49,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +62,9 @@ PROFILE_FORMAT = "pqctl-latency-profile"
 PROFILE_VERSION = 1
 _PHASES = ("prefill", "decode")
 _MIN_SAMPLES = {"prefill": 5, "decode": 4}
+_NOTE_SECTIONS = ("fit_error", "measured")
+END_PARTS = ("stage", "embedding", "head")
+"""Per-stage parts outside the decoder layers a profile may time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,22 +126,97 @@ class PhaseFit:
 
 
 def fit_phase(phase: str, samples: Sequence[LatencySample]) -> PhaseFit:
-    """Ordinary least squares of the phase's regression form over ``samples``."""
+    """Least squares of the phase's regression form over ``samples``, in relative terms (each
+    row divided by its latency), so the small operating points count as much as the large."""
     x = np.array([_features(phase, s.micro_batch, s.context_len) for s in samples])
     y = np.array([s.latency_s for s in samples])
-    coefficients, *_ = np.linalg.lstsq(x, y, rcond=None)
+    coefficients, *_ = np.linalg.lstsq(x / y[:, None], np.ones_like(y), rcond=None)
     return PhaseFit(phase, tuple(float(c) for c in coefficients), float(y.min()) / 2)
+
+
+def held_out_error(phase: str, samples: Sequence[LatencySample]) -> float | None:
+    """Mean absolute percentage error of the phase's regression on held-out samples, as a
+    fraction.
+
+    Each sample whose removal keeps the grid's extent (every one but the corners) is predicted
+    by a fit of all the others: the error of interpolating within the measured range, which
+    is how the planner uses a profile. None when no sample can be held out with enough left
+    (the form's coefficients plus one).
+    """
+    errors = []
+    for k, sample in enumerate(samples):
+        rest = [s for i, s in enumerate(samples) if i != k]
+        if len(rest) < len(_features(phase, 1, 1)) + 1 or not _inside(sample, rest):
+            continue
+        predicted = fit_phase(phase, rest).predict_s(sample.micro_batch, sample.context_len)
+        errors.append(abs(predicted - sample.latency_s) / sample.latency_s)
+    return float(np.mean(errors)) if errors else None
+
+
+def _inside(sample: LatencySample, others: Sequence[LatencySample]) -> bool:
+    """Whether ``sample`` lies within the range of ``others`` in both grid dimensions."""
+    batches = [s.micro_batch for s in others]
+    contexts = [s.context_len for s in others]
+    return min(batches) <= sample.micro_batch <= max(batches) and min(
+        contexts
+    ) <= sample.context_len <= max(contexts)
+
+
+@dataclass(frozen=True, slots=True)
+class EndSample:
+    """One measurement of a per-stage part outside the layers (see ``END_PARTS``), seconds."""
+
+    part: str
+    phase: str
+    micro_batch: int
+    context_len: int
+    latency_s: float
+
+    def as_layer_sample(self) -> LatencySample:
+        """The same point in the layer-sample form the fits take."""
+        return LatencySample(self.phase, 16, self.micro_batch, self.context_len, self.latency_s)
+
+
+@dataclass(frozen=True, slots=True)
+class TransferFit:
+    """One activation frame between two processes of a host: latency + bytes / bandwidth."""
+
+    latency_s: float
+    bandwidth_gb_s: float
+    samples: tuple[tuple[int, float], ...]  # (bytes, seconds)
+
+    @classmethod
+    def from_samples(cls, samples: Iterable[tuple[int, float]]) -> TransferFit:
+        """Least squares of t = latency_s + bytes / bandwidth over (bytes, seconds) samples;
+        the latency is kept non-negative and the bandwidth positive."""
+        pairs = tuple((int(n), float(t)) for n, t in samples)
+        x = np.array([[1.0, n] for n, _ in pairs])
+        y = np.array([t for _, t in pairs])
+        (alpha, per_byte), *_ = np.linalg.lstsq(x, y, rcond=None)
+        if per_byte <= 0:  # flat or noisy: charge everything to the largest frame's rate
+            per_byte = max(t / n for n, t in pairs)
+        return cls(max(float(alpha), 0.0), 1e-9 / float(per_byte), pairs)
+
+    def transfer_s(self, num_bytes: float) -> float:
+        """Time to move ``num_bytes``, seconds."""
+        return self.latency_s + num_bytes / (self.bandwidth_gb_s * 1e9)
 
 
 @dataclass(frozen=True)
 class LatencyProfile:
-    """Measured latencies of one model shape on one device type, fitted per (phase, bits)."""
+    """Measured latencies of one model shape on one device type, fitted per (phase, bits);
+    optionally the per-stage parts outside the layers (per (part, phase)) and the hop between
+    two processes of the host."""
 
     device_type: str
     shape: ShapeKey
     samples: tuple[LatencySample, ...]
     unavailable_bits: frozenset[int]
     fits: Mapping[tuple[str, int], PhaseFit]
+    end_samples: tuple[EndSample, ...] = ()
+    end_fits: Mapping[tuple[str, str], PhaseFit] = field(default_factory=dict)
+    transfer: TransferFit | None = None
+    notes: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_samples(
@@ -131,16 +225,36 @@ class LatencyProfile:
         shape: ShapeKey,
         samples: Iterable[LatencySample],
         unavailable_bits: Iterable[int] = (),
+        *,
+        end_samples: Iterable[EndSample] = (),
+        transfer: TransferFit | None = None,
+        notes: Mapping[str, Any] | None = None,
     ) -> LatencyProfile:
-        """Fit every (phase, bits) that has enough distinct samples."""
-        samples = tuple(samples)
+        """Fit every (phase, bits) and (part, phase) that has enough distinct samples.
+
+        ``notes`` holds the file's unread sections (``fit_error``, ``measured``)."""
+        samples, ends = tuple(samples), tuple(end_samples)
         fits: dict[tuple[str, int], PhaseFit] = {}
         for phase in _PHASES:
             for bits in sorted({s.bits for s in samples if s.phase == phase}):
                 group = [s for s in samples if s.phase == phase and s.bits == bits]
-                if len({(s.micro_batch, s.context_len) for s in group}) >= _MIN_SAMPLES[phase]:
+                if _enough(phase, group):
                     fits[(phase, bits)] = fit_phase(phase, group)
-        return cls(device_type, shape, samples, frozenset(unavailable_bits), fits)
+        end_fits: dict[tuple[str, str], PhaseFit] = {}
+        for part in END_PARTS:
+            for phase in _PHASES:
+                points = [e.as_layer_sample() for e in ends if (e.part, e.phase) == (part, phase)]
+                if _enough(phase, points):
+                    end_fits[(part, phase)] = fit_phase(phase, points)
+        return cls(
+            device_type, shape, samples, frozenset(unavailable_bits), fits,
+            ends, end_fits, transfer, dict(notes or {}),
+        )  # fmt: skip
+
+    def part_latency_s(self, part: str, phase: str, micro_batch: int, context: int) -> float | None:
+        """Predicted time of a per-stage part (``END_PARTS``), seconds; None if not measured."""
+        fit = self.end_fits.get((part, phase))
+        return None if fit is None else fit.predict_s(micro_batch, context)
 
     def covers(self, bits: int) -> bool:
         """Whether both phases of ``bits`` are measured, or it is marked unavailable."""
@@ -156,7 +270,7 @@ class LatencyProfile:
 
     def to_dict(self) -> dict[str, Any]:
         """The profile in its file format."""
-        return {
+        data: dict[str, Any] = {
             "format": PROFILE_FORMAT,
             "version": PROFILE_VERSION,
             "device_type": self.device_type,
@@ -166,6 +280,21 @@ class LatencyProfile:
                 {f: getattr(s, f) for f in LatencySample.__dataclass_fields__} for s in self.samples
             ],
         }
+        if self.end_samples:
+            data["end_samples"] = [
+                {f: getattr(e, f) for f in EndSample.__dataclass_fields__} for e in self.end_samples
+            ]
+        if self.transfer is not None:
+            data["transfer"] = {
+                "latency_s": self.transfer.latency_s,
+                "bandwidth_gb_s": self.transfer.bandwidth_gb_s,
+                "samples": [{"bytes": n, "latency_s": t} for n, t in self.transfer.samples],
+            }
+        return data | {k: v for k, v in self.notes.items() if k in _NOTE_SECTIONS}
+
+
+def _enough(phase: str, samples: Sequence[LatencySample]) -> bool:
+    return len({(s.micro_batch, s.context_len) for s in samples}) >= _MIN_SAMPLES[phase]
 
 
 def save_profile(profile: LatencyProfile, path: str | Path) -> None:
@@ -201,7 +330,46 @@ def parse_profile(data: Any, source: str) -> LatencyProfile:
     if not isinstance(raw_samples, list):
         raise ProfileError(f"{source}: samples: expected a list")
     samples = [_parse_sample(s, f"{source}: samples[{k}]") for k, s in enumerate(raw_samples)]
-    return LatencyProfile.from_samples(device_type, shape, samples, unavailable)
+    raw_ends = data.get("end_samples", [])
+    if not isinstance(raw_ends, list):
+        raise ProfileError(f"{source}: end_samples: expected a list")
+    ends = [_parse_end(e, f"{source}: end_samples[{k}]") for k, e in enumerate(raw_ends)]
+    transfer = _parse_transfer(data.get("transfer"), f"{source}: transfer")
+    notes = {k: data[k] for k in _NOTE_SECTIONS if k in data}
+    return LatencyProfile.from_samples(
+        device_type, shape, samples, unavailable, end_samples=ends, transfer=transfer, notes=notes
+    )
+
+
+def _parse_end(raw: Any, where: str) -> EndSample:
+    if not isinstance(raw, dict) or raw.get("part") not in END_PARTS:
+        raise ProfileError(f"{where}.part: expected one of {', '.join(END_PARTS)}")
+    sample = _parse_sample(raw | {"bits": 16}, where)
+    return EndSample(
+        raw["part"], sample.phase, sample.micro_batch, sample.context_len, sample.latency_s
+    )
+
+
+def _parse_transfer(raw: Any, where: str) -> TransferFit | None:
+    if raw is None:
+        return None
+    samples = raw.get("samples") if isinstance(raw, dict) else None
+    if not isinstance(samples, list) or len(samples) < 2:
+        raise ProfileError(f"{where}.samples: expected a list of at least two frames")
+    pairs = []
+    for k, item in enumerate(samples):
+        ok = isinstance(item, dict) and _positive_int(item.get("bytes"))
+        latency = item.get("latency_s") if ok else None
+        if not ok or not _positive_seconds(latency):
+            raise ProfileError(f"{where}.samples[{k}]: expected bytes and latency_s > 0")
+        pairs.append((item["bytes"], float(item["latency_s"])))
+    return TransferFit.from_samples(pairs)
+
+
+def _positive_seconds(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return bool(value > 0 and math.isfinite(value))
 
 
 def _is_bits(value: Any) -> bool:

@@ -1,7 +1,8 @@
 """Score any plan with the cost model: per-stage times and memory, latency, throughput, Σω.
 
 Pipeline timing (seconds; P_k, D_k are stage k's time per prefill / decode micro-batch, with
-the embedding charged once to the first stage and the LM head once to the last; c_k is the
+the embedding charged once to the first stage, the LM head once to the last and a measured
+per-call overhead, where a profile has one, once to every stage; c_k is the
 hop from stage k to k+1, r the token ids going back from the last stage to the first)::
 
     prefill = Σ_k P_k + Σ_k c^p_k + (m_p - 1) · max(max_k P_k, max_k c^p_k)
@@ -82,8 +83,8 @@ def _stage_times(
 ) -> tuple[float, float]:
     j = stage.position
     cols = [tables.bits.index(b) for b in stage.layer_bits]
-    prefill = sum(float(tables.layer_prefill_s[j, k]) for k in cols)
-    decode = sum(float(tables.layer_decode_s[j, k]) for k in cols)
+    prefill = sum(float(tables.layer_prefill_s[j, k]) for k in cols) + tables.stage_prefill_s[j]
+    decode = sum(float(tables.layer_decode_s[j, k]) for k in cols) + tables.stage_decode_s[j]
     if first:
         prefill += tables.embed_prefill_s[j]
         decode += tables.embed_decode_s[j]

@@ -1,0 +1,421 @@
+"""Per-layer latency of the runtime's own quantized kernels, measured on one device.
+
+``pqctl profile`` calls :func:`measure_device` once per local device (each GPU and the CPU).
+For a model shape it writes a small random-weight checkpoint (``stack_layers`` decoder layers,
+embedding, final norm and LM head) and loads stage shards from it through
+:func:`runtime.shard.load_shard`, so every precision is quantized and run by the same code
+that serves: ``runtime.quant``'s layers and the kernel path ``runtime.kernels`` picks.
+
+What one grid point times (shortest of ``repeats`` calls after a warm-up, seconds; a point is a
+micro-batch and a prompt length for prefill, a micro-batch and the attended context for
+decode)::
+
+    stage      an empty stage: step context (mask, rotary table) and the call itself
+    layer      (stack of N layers at bits − empty stage) / N
+    embedding  embedding-only stage − empty stage
+    head       head-only stage (final norm, LM head on the last position) − empty stage
+
+Decode points attend to a real preallocated KV cache of ``context_len`` positions. Within each
+repeat the stages take turns, so a burst of load from another process lands on all of them.
+A precision whose layers cannot be built or whose kernel raises is reported unavailable with
+the reason; nothing of it is timed.
+
+The grid is trimmed to a time budget: per precision and phase the first points of the grid's
+order (its corners, enough for the regression forms: 5 prefill and 4 decode points) are always
+measured; further points follow, cheapest first, while their estimated cost fits the budget.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from runtime.arch import ArchConfig
+from runtime.errors import QuantizationError, StageMemoryError
+from runtime.shard import StageShard, StageSpec, end_tensors, layer_tensors, load_shard
+from runtime.stages import compute_dtype
+
+Phase = Literal["prefill", "decode"]
+Part = Literal["layer", "stage", "embedding", "head"]
+MIN_POINTS: dict[str, int] = {"prefill": 5, "decode": 4}
+"""Fewest distinct points per (bits, phase) the regression forms need."""
+_MIN_LATENCY_S = 1e-7
+STABLE_WITHIN = 0.03
+"""Relative gap between the two shortest times of a point at which its timing stops."""
+
+
+@dataclass(frozen=True, slots=True)
+class GridPoint:
+    """One operating point: ``context_len`` is the prompt length (prefill) or the attended
+    context, past + 1 (decode)."""
+
+    phase: Phase
+    micro_batch: int
+    context_len: int
+
+    @property
+    def work(self) -> int:
+        """Token rows times attended positions: a cost proxy for ordering and estimates."""
+        rows = self.micro_batch * (self.context_len if self.phase == "prefill" else 1)
+        return rows * (1 + self.context_len // 64)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileGrid:
+    """The points to measure and how.
+
+    Attributes:
+        prefill_batches, prompt_lens: the prefill grid (every pair).
+        decode_batches, contexts: the decode grid (every pair).
+        repeats: timed calls per point and stage (the shortest counts).
+        stack_layers: decoder layers in the timed stack (at most the model's).
+    """
+
+    prefill_batches: tuple[int, ...]
+    prompt_lens: tuple[int, ...]
+    decode_batches: tuple[int, ...]
+    contexts: tuple[int, ...]
+    repeats: int = 5
+    stack_layers: int = 4
+
+    def points(self, phase: Phase) -> list[GridPoint]:
+        """The phase's points, the four corners and the centre first, then cheapest first."""
+        if phase == "prefill":
+            batches, lens = self.prefill_batches, self.prompt_lens
+        else:
+            batches, lens = self.decode_batches, self.contexts
+        grid = [GridPoint(phase, b, n) for b in sorted(set(batches)) for n in sorted(set(lens))]
+        if not grid:
+            return []
+        bs, ns = sorted(set(batches)), sorted(set(lens))
+        centre = GridPoint(phase, bs[len(bs) // 2], ns[len(ns) // 2])
+        corners = [GridPoint(phase, b, n) for b in (bs[0], bs[-1]) for n in (ns[0], ns[-1])]
+        first = list(dict.fromkeys([*corners, centre]))
+        return first + sorted((p for p in grid if p not in first), key=lambda p: p.work)
+
+    def clipped(self, max_len: int) -> ProfileGrid:
+        """The grid without lengths beyond ``max_len`` tokens (the model's positions)."""
+        return ProfileGrid(
+            self.prefill_batches,
+            tuple(n for n in self.prompt_lens if n <= max_len) or (max_len,),
+            self.decode_batches,
+            tuple(n for n in self.contexts if n <= max_len) or (max_len,),
+            self.repeats,
+            self.stack_layers,
+        )
+
+
+QUICK_GRID = ProfileGrid((1, 2, 4), (32, 64, 128), (1, 2, 4, 8), (64, 128, 256), repeats=5)
+FULL_GRID = ProfileGrid(
+    (1, 2, 4, 8), (64, 128, 256, 512), (1, 2, 4, 8, 16), (128, 256, 512, 1024), repeats=7
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Timing:
+    """One measured time, seconds. ``bits`` is 0 for the parts that have no precision."""
+
+    part: Part
+    phase: Phase
+    bits: int
+    micro_batch: int
+    context_len: int
+    latency_s: float
+
+
+@dataclass
+class DeviceMeasurement:
+    """Everything measured on one device.
+
+    Attributes:
+        device: the torch device, e.g. ``"cpu"`` or ``"cuda:0"``.
+        timings: layer timings per bits and the stage / embedding / head timings.
+        unavailable: bits whose layers could not be built or run, with the reason.
+        kernel_paths: per measured bits, the compute paths its linears took.
+        trimmed: grid points left out to keep to the time budget.
+        elapsed_s: wall time of the measurement, seconds.
+    """
+
+    device: str
+    timings: list[Timing] = field(default_factory=list)
+    unavailable: dict[int, str] = field(default_factory=dict)
+    kernel_paths: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    trimmed: int = 0
+    elapsed_s: float = 0.0
+
+
+ProgressFn = Callable[[int, int], None]
+"""Called with (points done, points planned) as the measurement goes."""
+
+
+def write_random_checkpoint(arch: ArchConfig, layers: int, directory: Path) -> Path:
+    """A seeded random-weight checkpoint of ``layers`` decoder layers plus both ends (bf16).
+
+    Linear weights and embeddings ~ N(0, 0.02²), norms 1, biases 0: the shapes
+    :func:`runtime.shard.layer_tensors` and :func:`runtime.shard.end_tensors` name.
+    """
+    gen = torch.Generator().manual_seed(0)
+
+    class _Untied:  # end_tensors asks which head tensors the checkpoint has
+        tensors = {} if arch.tied_embeddings else {"lm_head.weight": None}
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in range(layers):
+        shapes |= layer_tensors(arch, layer)
+    shapes |= end_tensors(arch, _Untied(), True, True)  # type: ignore[arg-type]
+    tensors: dict[str, Tensor] = {}
+    for name, shape in shapes.items():
+        if len(shape) == 2:
+            tensors[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16)
+        elif name.endswith(".bias"):
+            tensors[name] = torch.zeros(shape, dtype=torch.bfloat16)
+        else:
+            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+    save_file(tensors, str(directory / "model.safetensors"))
+    return directory
+
+
+def _inputs(arch: ArchConfig, point: GridPoint, ids: bool, device: torch.device) -> Tensor:
+    rows = point.context_len if point.phase == "prefill" else 1
+    if ids:
+        return torch.randint(0, arch.vocab_size, (point.micro_batch, rows), device=device)
+    return torch.randn(point.micro_batch, rows, arch.hidden_size, device=device) * 0.5
+
+
+def _step(shard: StageShard, point: GridPoint, x: Tensor) -> Callable[[], object]:
+    """One call of the stage at ``point``, as a worker makes it (context, then forward)."""
+    b, n = point.micro_batch, point.context_len
+    past = 0 if point.phase == "prefill" else n - 1
+    new = n - past
+    positions = torch.arange(past, n).expand(b, new)  # [bsz, new tokens]
+    key_valid = torch.ones(b, n, dtype=torch.bool)  # [bsz, past + new]
+
+    def call() -> object:
+        return shard(x, shard.context((0, b), past, positions, key_valid))
+
+    return call
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Stages:
+    """The stages built from one random checkpoint on one device."""
+
+    def __init__(
+        self, arch: ArchConfig, grid: ProfileGrid, directory: Path, device: torch.device
+    ) -> None:
+        self.arch, self.grid, self.directory, self.device = arch, grid, directory, device
+        self.dtype = compute_dtype(device)  # what a serving stage on this device computes in
+        self.slots = max((*grid.prefill_batches, *grid.decode_batches))
+        self.max_len = max((*grid.prompt_lens, *grid.contexts))
+
+    def build(
+        self, bits: int, group_size: int, first: bool = False, last: bool = False
+    ) -> StageShard:
+        """A stage of ``stack_layers`` layers at ``bits`` (0: no layers) and the given ends."""
+        layers = self.grid.stack_layers if bits else 0
+        spec = StageSpec(
+            (0, layers), (bits,) * layers, first, last, group_size, self.slots, self.max_len
+        )
+        return load_shard(self.directory, self.arch, spec, dtype=self.dtype, device=self.device)
+
+    def time_calls(self, calls: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+        """Shortest time of each call, seconds: ``repeats`` rounds after a warm-up round, and
+        up to twice as many more until each call's two shortest times agree within
+        :data:`STABLE_WITHIN` (a burst of load from another process inflates single calls)."""
+        times: list[list[float]] = [[] for _ in calls]
+        for round_ in range(3 * repeats + 1):
+            for k, call in enumerate(calls):
+                _sync(self.device)
+                start = time.perf_counter()
+                call()
+                _sync(self.device)
+                if round_:
+                    times[k].append(time.perf_counter() - start)
+            if round_ >= repeats and all(_stable(t) for t in times):
+                break
+        return [min(t) for t in times]
+
+
+def _stable(times: list[float]) -> bool:
+    if len(times) < 2:
+        return True
+    first, second = sorted(times)[:2]
+    return second <= first * (1 + STABLE_WITHIN)
+
+
+_KERNEL_FAILURES = (RuntimeError, NotImplementedError, QuantizationError)
+"""What a missing or failing kernel raises: torch's errors, or the quantizer's refusal."""
+
+
+class _Session:
+    """One device's measurement: the empty and end stages, the budget, the results."""
+
+    def __init__(
+        self,
+        stages: _Stages,
+        group_size: int,
+        budget_s: float | None,
+        progress: ProgressFn | None,
+    ) -> None:
+        self.stages, self.group_size = stages, group_size
+        self.budget_s, self.progress = budget_s, progress
+        self.start = time.perf_counter()
+        self.empty = stages.build(0, group_size)
+        self.first = stages.build(0, group_size, first=True)
+        self.last = stages.build(0, group_size, last=True)
+        self.ends_done: set[GridPoint] = set()
+        self.cost_s: dict[GridPoint, float] = {}  # wall time each measured point took
+        self.result = DeviceMeasurement(str(stages.device))
+        self.done = self.planned = 0
+
+    def tick(self, planned: int = 0) -> None:
+        self.planned += planned
+        if self.progress is not None:
+            self.progress(self.done, self.planned)
+
+    def measure_bits(self, bits: int, points: Sequence[GridPoint], share_s: float) -> None:
+        """Every mandatory point of ``points`` at ``bits``, then the others that fit
+        ``share_s`` seconds."""
+        started = time.perf_counter()
+        try:
+            shard = self.stages.build(bits, self.group_size)
+            warm = points[0]
+            _step(shard, warm, _inputs(self.stages.arch, warm, False, self.stages.device))()
+        except _KERNEL_FAILURES as exc:
+            self.result.unavailable[bits] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            self.done += len(points)
+            self.tick()
+            return
+        paths = {p for ps in shard.kernel_paths().values() for p in ps}
+        self.result.kernel_paths[bits] = tuple(sorted(paths))
+        mandatory = _mandatory(points)
+        for point in points:
+            spent = time.perf_counter() - started
+            if point not in mandatory and spent + self.estimate_s(point) > share_s:
+                self.result.trimmed += 1
+            else:
+                self.measure_point(shard, bits, point)
+            self.done += 1
+            self.tick()
+        del shard
+
+    def estimate_s(self, point: GridPoint) -> float:
+        """Wall time measuring ``point`` will take, scaled from the nearest measured point."""
+        same = [p for p in self.cost_s if p.phase == point.phase]
+        if not same:
+            return 0.0
+        ref = min(same, key=lambda p: abs(math.log(p.work / point.work)))
+        return self.cost_s[ref] * point.work / ref.work
+
+    def measure_point(self, shard: StageShard, bits: int, point: GridPoint) -> None:
+        arch, device, repeats = self.stages.arch, self.stages.device, self.stages.grid.repeats
+        started = time.perf_counter()
+        hidden = _inputs(arch, point, False, device)
+        calls = [_step(self.empty, point, hidden), _step(shard, point, hidden)]
+        with_ends = point not in self.ends_done
+        if with_ends:
+            ids = _inputs(arch, point, True, device)
+            calls += [_step(self.first, point, ids), _step(self.last, point, hidden)]
+        times = self.stages.time_calls(calls, repeats)
+        empty_s, phase = times[0], point.phase
+        per_layer = (times[1] - empty_s) / self.stages.grid.stack_layers
+        add = self.result.timings.append
+        add(Timing("layer", phase, bits, point.micro_batch, point.context_len, _pos(per_layer)))
+        if with_ends:
+            self.ends_done.add(point)
+            parts: tuple[tuple[Part, float], ...] = (
+                ("stage", empty_s), ("embedding", times[2] - empty_s), ("head", times[3] - empty_s)
+            )  # fmt: skip
+            for part, t in parts:
+                add(Timing(part, phase, 0, point.micro_batch, point.context_len, _pos(t)))
+        self.cost_s[point] = time.perf_counter() - started
+
+
+def _pos(latency_s: float) -> float:
+    """A difference of two noisy times, kept positive (the file format needs it)."""
+    return max(latency_s, _MIN_LATENCY_S)
+
+
+def _mandatory(points: Sequence[GridPoint]) -> set[GridPoint]:
+    """The first points of each phase that the regression forms need."""
+    out: set[GridPoint] = set()
+    for phase, need in MIN_POINTS.items():
+        out.update([p for p in points if p.phase == phase][:need])
+    return out
+
+
+def measure_device(
+    arch: ArchConfig,
+    device: str | torch.device,
+    bits: Sequence[int],
+    grid: ProfileGrid,
+    *,
+    group_size: int,
+    budget_s: float | None = None,
+    progress: ProgressFn | None = None,
+) -> DeviceMeasurement:
+    """Time one decoder layer of ``arch``'s shape at every precision in ``bits`` on ``device``.
+
+    Args:
+        arch: the model's architecture (only its shape and family matter; weights are random).
+        device: ``"cpu"`` or ``"cuda:N"``.
+        bits: precisions to measure.
+        grid: the points and repeats (lengths beyond the model's positions are dropped).
+        group_size: quantization group size of the 2-4-bit layers.
+        budget_s: wall-clock budget of the whole measurement, seconds (None: the whole grid).
+            Each precision gets an equal share of what is left; the mandatory points are
+            measured even past it.
+        progress: called with (points done, points planned).
+
+    Returns:
+        The timings, the unavailable precisions and what was trimmed.
+
+    Raises:
+        StageMemoryError: even the empty stage does not fit ``device``.
+    """
+    grid = grid.clipped(arch.max_positions)
+    grid = replace(grid, stack_layers=max(1, min(grid.stack_layers, arch.num_layers)))
+    dev = torch.device(device)
+    points = grid.points("prefill") + grid.points("decode")
+    order = _mandatory(points)
+    ordered = [p for p in points if p in order] + sorted(
+        (p for p in points if p not in order), key=lambda p: p.work
+    )
+    with tempfile.TemporaryDirectory(prefix="pqctl-profile-") as tmp:
+        directory = write_random_checkpoint(arch, grid.stack_layers, Path(tmp))
+        session = _Session(_Stages(arch, grid, directory, dev), group_size, budget_s, progress)
+        session.tick(len(ordered) * len(bits))
+        for k, b in enumerate(bits):
+            left_s = math.inf
+            if budget_s is not None:
+                left_s = budget_s - (time.perf_counter() - session.start)
+            session.measure_bits(b, ordered, max(left_s, 0.0) / (len(bits) - k))
+    session.result.elapsed_s = time.perf_counter() - session.start
+    return session.result
+
+
+__all__ = [
+    "FULL_GRID",
+    "MIN_POINTS",
+    "QUICK_GRID",
+    "DeviceMeasurement",
+    "GridPoint",
+    "ProfileGrid",
+    "StageMemoryError",
+    "Timing",
+    "measure_device",
+    "write_random_checkpoint",
+]
