@@ -20,7 +20,7 @@ from planner.errors import InfeasiblePlanError, PlannerError
 from planner.make_plan import make_plan
 from planner.plan import ALL_BITS, Plan, PlanValidationError
 from planner.search import SearchOptions
-from pqctl import serving
+from pqctl import profile_cmd, serving
 from pqctl.exits import EXIT_BAD_INPUT, EXIT_INFEASIBLE, fail
 from pqctl.plan_view import render_plan
 from pqctl.planning import PlanRequest, build_problem, figures_source
@@ -300,6 +300,7 @@ def show(
 app.command()(serving.apply)
 app.command()(serving.generate)
 app.command()(serving.stop)
+app.command()(profile_cmd.profile)
 app.add_typer(serving.keys_app, name="keys")
 
 
