@@ -144,7 +144,8 @@ def dequant_scratch_bytes(model: ModelSpec, dense_bytes: int = 2) -> int:
 
 
 def embedding_bytes(model: ModelSpec, dense_bytes: int = 2) -> int:
-    """Token/position embedding held by the first stage, in the compute dtype, bytes."""
+    """Token/position embedding held by the first stage, stored like the device's 16-bit
+    weights (``dense_bytes`` each), bytes."""
     return dense_bytes * model.embedding_params
 
 
@@ -286,7 +287,7 @@ def head_latency_s(
         return measured
     rows = point.micro_batch
     flops = 2.0 * rows * model.embed_dim * model.vocab_size
-    weights = device.activation_bytes * model.embed_dim * model.vocab_size
+    weights = device.dense_weight_bytes * model.embed_dim * model.vocab_size
     logits = rows * model.vocab_size * 4 * 3  # written, read by softmax/argmax, read by sampling
     norm = point.micro_batch * point.new_tokens * model.hidden_size * device.activation_bytes * 2
     return _roofline_s(device, flops, weights + logits + norm, low_bit=False)

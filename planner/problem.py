@@ -218,11 +218,11 @@ def build_tables(
         dequant_scratch_bytes=np.array(
             [float(cm.dequant_scratch_bytes(model, d.type.dense_weight_bytes)) for d in devices]
         ),
-        embedding_bytes=_per_device(devices, lambda d: cm.embedding_bytes(model, d)),
-        head_bytes=_per_device(
+        embedding_bytes=_weights_per_device(devices, lambda d: cm.embedding_bytes(model, d)),
+        head_bytes=_weights_per_device(
             devices, lambda d: cm.head_bytes(model, max(prefill_micro_batch, decode_micro_batch), d)
         ),
-        tied_saving_bytes=_per_device(devices, lambda d: cm.tied_saving_bytes(model, d)),
+        tied_saving_bytes=_weights_per_device(devices, lambda d: cm.tied_saving_bytes(model, d)),
         embed_prefill_s=np.array([cm.embedding_latency_s(model, d.type, pre_pt, p) for d, p in dp]),
         embed_decode_s=np.array([cm.embedding_latency_s(model, d.type, dec_pt, p) for d, p in dp]),
         head_prefill_s=np.array([cm.head_latency_s(model, d.type, pre_pt, p) for d, p in dp]),
@@ -246,9 +246,12 @@ def build_tables(
     )
 
 
-def _per_device(devices: Sequence[DeviceSpec], bytes_of: Callable[[int], int]) -> np.ndarray:
-    """A per-device byte count from the device's compute-dtype width (``activation_bytes``)."""
-    return np.array([float(bytes_of(d.type.activation_bytes)) for d in devices])
+def _weights_per_device(
+    devices: Sequence[DeviceSpec], bytes_of: Callable[[int], int]
+) -> np.ndarray:
+    """A per-device byte count from the width of the device's 16-bit weights
+    (``dense_weight_bytes``): the embedding tables and LM head are stored like them."""
+    return np.array([float(bytes_of(d.type.dense_weight_bytes)) for d in devices])
 
 
 def _hops(

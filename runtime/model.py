@@ -156,9 +156,14 @@ class Embedding(nn.Module):
     """Token (and, for OPT, learned position) embedding of the first stage."""
 
     def __init__(
-        self, tokens: Tensor, positions: Tensor | None = None, project_in: Tensor | None = None
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        project_in: Tensor | None = None,
+        out_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.out_dtype = out_dtype or tokens.dtype  # the tables may be stored narrower
         self.tokens = nn.Parameter(tokens, requires_grad=False)
         self.positions = None if positions is None else nn.Parameter(positions, requires_grad=False)
         self.project_in = (
@@ -169,8 +174,9 @@ class Embedding(nn.Module):
         x = F.embedding(ids, self.tokens)  # ids: [bsz, seqlen] → [bsz, seqlen, embed_dim]
         if self.project_in is not None:
             x = F.linear(x, self.project_in)
-        if self.positions is not None:
-            x = x + F.embedding(positions + 2, self.positions)  # OPT's offset of 2
+        x = x.to(self.out_dtype)
+        if self.positions is not None:  # OPT's learned positions, offset by 2
+            x = x + F.embedding(positions + 2, self.positions).to(self.out_dtype)
         return x
 
 
@@ -191,6 +197,7 @@ class LMHead(nn.Module):
         # x: [bsz, seqlen, hidden] → logits [bsz, seqlen, vocab] in fp32
         if self.norm is not None:
             x = self.norm(x)
+        x = x.to(self.weight.dtype)  # the projections may be stored narrower (bf16 on a CPU)
         if self.project_out is not None:
             x = F.linear(x, self.project_out)
         return F.linear(x, self.weight).float()

@@ -135,7 +135,8 @@ def estimate_bytes(
     """Memory the stage will hold once loaded on ``device``, bytes.
 
     Linear weights at their precisions (16-bit ones in :func:`dense_weight_dtype`, or in
-    ``dtype`` with ``impl="reference"``), biases, norms and the ends in ``dtype``, KV cache.
+    ``dtype`` with ``impl="reference"``) and the ends' matrices (embedding tables, LM head) in
+    that same dtype; biases, norms and the KV cache in ``dtype``.
     """
     dense = dtype.itemsize
     weight_dtype = dtype if impl == "reference" else dense_weight_dtype(dtype, device)
@@ -151,7 +152,9 @@ def estimate_bytes(
     vectors = sum(  # biases and norms: the layer's 1-D tensors
         math.prod(shape) for shape in layer_tensors(arch, 0).values() if len(shape) == 1
     )
-    ends_bytes = sum(math.prod(s) for s in ends.values()) * dense
+    ends_bytes = sum(  # matrices (tables, projections) as 16-bit weights, vectors in dtype
+        math.prod(s) * (weight_dtype.itemsize if len(s) == 2 else dense) for s in ends.values()
+    )
     kv = 2 * layers * spec.batch_slots * spec.max_len * arch.num_kv_heads * arch.head_dim * dense
     return weights + layers * vectors * dense + ends_bytes + kv
 
@@ -289,8 +292,12 @@ def load_shard(
             _build_layer(arch, checkpoint, layer, bits, spec.group_size, dtype, dev, impl)
         )
         report(len(layers), total)
-    tensors = {k: v.to(device=dev, dtype=dtype) for k, v in checkpoint.load(ends).items()}
-    embedding = _embedding(arch, tensors) if spec.holds_embedding else None
+    matrix_dtype = dtype if impl == "reference" else dense_weight_dtype(dtype, dev)
+    tensors = {  # embedding tables and head projections as 16-bit weights; norms in ``dtype``
+        k: v.to(device=dev, dtype=matrix_dtype if v.dim() == 2 else dtype)
+        for k, v in checkpoint.load(ends).items()
+    }
+    embedding = _embedding(arch, tensors, dtype) if spec.holds_embedding else None
     head = _head(arch, tensors) if spec.holds_lm_head else None
     rope = None
     if arch.family == "llama":
@@ -367,14 +374,15 @@ def _norm(
     return RMSNorm(weight, arch.norm_eps)
 
 
-def _embedding(arch: ArchConfig, t: Mapping[str, Tensor]) -> Embedding:
+def _embedding(arch: ArchConfig, t: Mapping[str, Tensor], dtype: torch.dtype) -> Embedding:
     if arch.family == "opt":
         return Embedding(
             t["model.decoder.embed_tokens.weight"],
             t["model.decoder.embed_positions.weight"],
             t.get("model.decoder.project_in.weight"),
+            out_dtype=dtype,
         )
-    return Embedding(t["model.embed_tokens.weight"])
+    return Embedding(t["model.embed_tokens.weight"], out_dtype=dtype)
 
 
 def _head(arch: ArchConfig, t: Mapping[str, Tensor]) -> LMHead:

@@ -448,7 +448,8 @@ def test_a_bf16_cpu_dequantizes_into_bf16_scratch() -> None:
         )
         tables = build_tables(problem, (device,), 1, 1)
         assert tables.dequant_scratch_bytes[0] == cm.dequant_scratch_bytes(model, width)
-        assert tables.embedding_bytes[0] == cm.embedding_bytes(model, 4)  # ends stay fp32
+        assert tables.embedding_bytes[0] == cm.embedding_bytes(model, width)  # stored alike
+        assert tables.tied_saving_bytes[0] == cm.tied_saving_bytes(model, width)
 
 
 def test_device_type_dense_weight_bytes_defaults_to_the_activation_width() -> None:
