@@ -154,7 +154,17 @@ class Client:
     ) -> list[Completion]:
         """Send every prompt at once (the server batches them); completions in prompt order."""
         ids = [self.submit(p, max_new_tokens=max_new_tokens, **options) for p in prompts]
-        return [_completion(self._until(i, "done")) for i in ids]
+        return [self.wait(i) for i in ids]
+
+    def wait(self, request_id: str) -> Completion:
+        """The completion of a request sent with :meth:`submit` (its token messages, if it
+        streams, are skipped).
+
+        Raises:
+            ServerError: the server rejected or failed the request.
+            TimeoutError: no reply for ``timeout_s``.
+        """
+        return _completion(self._until(request_id, "done"))
 
     def stream(self, prompt: str, *, max_new_tokens: int, **options: Any) -> Iterator[str]:
         """Generate, yielding text as it arrives; the iterator's return value (``StopIteration

@@ -178,6 +178,10 @@ class Scheduler:
     def in_flight(self) -> int:
         return sum(len(g.pending) for g in self.groups)
 
+    def free_capacity(self) -> int:
+        """Requests the free groups would take now."""
+        return sum(g.slots[1] - g.slots[0] for g in self.groups if not (g.busy or g.pending))
+
     # ----------------------------------------------------------------- steps out
     def admit(self) -> list[Step]:
         """Fill free groups from the queue; the prefill steps to send."""

@@ -62,6 +62,8 @@ from runtime.tokenizer import load_tokenizer
 
 EXIT_STAGE_FAILED = 4
 STATUS_INTERVAL_S = 0.5
+GATHER_GAP_S = 0.005  # a pause this long ends a burst of requests (see Gateway._on_clients)
+GATHER_MAX_S = 0.05
 
 
 @dataclass
@@ -377,14 +379,28 @@ class Gateway:
 
     # ----------------------------------------------------------------- clients
     def _on_clients(self) -> None:
-        while self.client.poll(0):
-            frames = self.client.recv_multipart()
-            identity, body = frames[0], frames[1:]
-            try:
-                message = parse_client_message(body, self.limits)
-                self._handle(identity, message)
-            except ProtocolError as exc:
-                self._reply([(identity, exc.reply())])
+        """Every client message that has arrived. While new requests would go into a free
+        group, keep reading until the clients pause (``GATHER_GAP_S``, at most ``GATHER_MAX_S``
+        in all): a burst of requests sent together is then admitted together, not split into
+        a group of the first few and a later wave of the rest."""
+        deadline = time.monotonic() + GATHER_MAX_S
+        while True:
+            queued = len(self.scheduler.waiting)
+            while self.client.poll(0):
+                frames = self.client.recv_multipart()
+                identity, body = frames[0], frames[1:]
+                try:
+                    message = parse_client_message(body, self.limits)
+                    self._handle(identity, message)
+                except ProtocolError as exc:
+                    self._reply([(identity, exc.reply())])
+            gathering = (
+                len(self.scheduler.waiting) > queued
+                and self.scheduler.free_capacity() > len(self.scheduler.waiting)
+                and time.monotonic() < deadline
+            )
+            if not (gathering and self.client.poll(GATHER_GAP_S * 1000)):
+                return
 
     def _handle(
         self, identity: bytes, message: GenerateRequest | CancelRequest | InfoRequest

@@ -266,3 +266,23 @@ def test_curve_keys_admit_only_authorized_clients(
         assert monitor.metrics[1]["stage"] == 1  # stage metrics are encrypted too
     finally:
         monitor.close()
+
+
+def test_requests_sent_together_are_admitted_together(
+    tmp_path: Path, state_dir: Path, gateways: list[Served]
+) -> None:
+    """One decode group of 4: four prompts sent in a burst (about a millisecond apart) share
+    its prefill, so none waits for the others to finish; a fifth, over the batch, waits."""
+    served = serve(tmp_path, state_dir, gateways, [0], batch=4, prefill=4, decode=4)
+    with Client(served.state.client_endpoint, timeout_s=60) as client:
+        ids = []
+        for prompt in [*PROMPTS, "MACBETH:"]:
+            ids.append(client.submit(prompt, max_new_tokens=12, ignore_eos=True))
+            pause = time.perf_counter() + 0.0012
+            while time.perf_counter() < pause:  # a busy wait: sleep() may overshoot
+                pass
+        done = [client.wait(i) for i in ids]
+    together, last = done[:4], done[4]
+    wave = min(c.usage["total_s"] - c.usage["queued_s"] for c in together)
+    assert all(c.usage["queued_s"] < wave / 2 for c in together), [c.usage for c in done]
+    assert last.usage["queued_s"] >= wave / 2

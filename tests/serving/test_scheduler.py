@@ -605,3 +605,15 @@ def test_step_headers_follow_the_plans_layout(model: Model) -> None:
     replay.run()
     assert replay.done("again")["token_ids"] == done[0]["token_ids"]
     assert [s.group for s in replay.sent if s.phase == "prefill"] == [0, 1]
+
+
+def test_free_capacity_counts_the_slots_of_idle_groups(harness: Harness) -> None:
+    h = harness
+    total = h.scheduler.free_capacity()
+    assert total == h.plan.workload.global_batch
+    h.submit("a", PROMPTS[0], 4, ignore_eos=True)
+    h.admit()  # the first group is now busy
+    first = h.scheduler.groups[0].slots
+    assert h.scheduler.free_capacity() == total - (first[1] - first[0])
+    h.run()
+    assert h.scheduler.free_capacity() == total
