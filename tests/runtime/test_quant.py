@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from planner.cost_model import packed_linear_bytes
 from planner.model_spec import LinearOp
-from runtime import quant
+from runtime import kernels, quant
 from runtime.errors import QuantizationError
 from runtime.quant import (
     dense_weight_dtype,
@@ -67,6 +67,32 @@ def test_auto_and_reference_agree(bits: int) -> None:
     x = torch.randn(9, 512, generator=torch.Generator().manual_seed(4))
     assert _relative(auto(x), reference(x)) < KERNEL_TOLERANCE
     assert _relative(auto.dequantized_weight(), reference.dequantized_weight()) < 5e-3
+
+
+def test_int8_prefill_runs_bf16_gemm_over_dequantized_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layer = _build(192, 512, 8, 64)
+    assert layer.kernel_path == "int8pack_mm"
+    kernel_calls: list[int] = []
+    kernel = torch._weight_int8pack_mm
+
+    def counted(x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        kernel_calls.append(x.shape[0])
+        return kernel(x, *args)
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", counted)
+    gen = torch.Generator().manual_seed(5)
+    decode = torch.randn(kernels.INT8_DENSE_ROWS - 1, 512, generator=gen)
+    prefill = torch.randn(kernels.INT8_DENSE_ROWS, 512, generator=gen)
+    weight = layer.dequantized_weight()
+    assert _relative(layer(decode), F.linear(decode, weight, layer.bias)) < KERNEL_TOLERANCE
+    assert kernel_calls == [kernels.INT8_DENSE_ROWS - 1]  # decode: the int8 kernel
+    whole = layer(prefill)
+    assert kernel_calls == [kernels.INT8_DENSE_ROWS - 1]  # prefill: bf16 GEMM instead
+    assert _relative(whole, F.linear(prefill, weight, layer.bias)) < KERNEL_TOLERANCE
+    monkeypatch.setattr(kernels, "INT8_DENSE_BLOCK_ELEMENTS", 50 * 512)  # 4 blocks, last short
+    assert torch.equal(layer(prefill), whole)
 
 
 def test_bf16_activations_stay_bf16() -> None:
