@@ -399,7 +399,7 @@ class Gateway:
                 and self.scheduler.free_capacity() > len(self.scheduler.waiting)
                 and time.monotonic() < deadline
             )
-            if not (gathering and self.client.poll(GATHER_GAP_S * 1000)):
+            if not (gathering and self.client.poll(round(GATHER_GAP_S * 1000))):
                 return
 
     def _handle(
