@@ -26,6 +26,17 @@ Statistics file (JSON, written by ``pqctl calibrate``)::
 the mean over groups of (max - min)² of the weights; ``row_absmax_sq_mean`` the mean over output
 rows of max|w|².
 
+Version 2 (what ``pqctl calibrate`` writes; version-1 files still load) adds, optionally:
+
+- per operator, ``"output_error_sq": {"8": ..., "4": ..., "3": ..., "2": ...}``: the output
+  error variance of Theorem 1 measured rather than modelled, E[((W − Ŵ_b) x)²] over calibration
+  tokens and outputs with Ŵ_b the runtime quantizer's weight (``runtime.calibration``). When
+  every operator has it, ω uses it (indicator "measured"); otherwise the formula above
+  ("variance");
+- ``seq_len`` and ``text``: how the statistics were collected;
+- ``ppl_mapping``: the calibrated relation between Σω and perplexity increase
+  (``planner.quality_target``).
+
 Prior (no statistics): inputs of unit second moment (they leave a norm) and Gaussian weights of
 variance 1/D_in, whose expected group range is 2·sqrt(2·ln g)/sqrt(D_in) and row maximum
 sqrt(2·ln D_in)/sqrt(D_in). Every layer then scores the same; the plan records which indicator
@@ -48,7 +59,9 @@ from planner.model_spec import LinearOp, ModelSpec
 from planner.plan import ALL_BITS
 
 STATS_FORMAT = "pqctl-activation-stats"
-STATS_VERSION = 1
+STATS_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+MEASURED_BITS = (8, 4, 3, 2)
 LOWEST_BITS = 2
 BITS_COLUMN = {bits: k for k, bits in enumerate(ALL_BITS)}
 """Column of each precision in an ω table."""
@@ -62,6 +75,8 @@ class OpStats:
     input_sq_mean: float
     group_range_sq_mean: float
     row_absmax_sq_mean: float
+    output_error_sq: Mapping[int, float] | None = None
+    """Measured output error variance per precision (8, 4, 3, 2), when calibrated so."""
 
 
 def quantization_step_sq(stats: OpStats, bits: int) -> float:
@@ -74,7 +89,12 @@ def quantization_step_sq(stats: OpStats, bits: int) -> float:
 
 
 def op_omega(stats: OpStats, bits: int) -> float:
-    """Output error variance of one operator quantized to ``bits`` (Theorem 1)."""
+    """Output error variance of one operator quantized to ``bits``: measured when the
+    statistics hold it, else Theorem 1's D_in · E[x²] · Δ²/12."""
+    if bits == 16:
+        return 0.0
+    if stats.output_error_sq is not None:
+        return stats.output_error_sq[bits]
     return stats.in_features * stats.input_sq_mean * quantization_step_sq(stats, bits) / 12
 
 
@@ -146,7 +166,14 @@ def load_stats_indicator(
         raise ProfileError(f"{path}: cannot read ({exc.strerror})") from exc
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{path}: not valid JSON: {exc}") from exc
-    return indicator_from_stats(parse_stats(data, str(path), model, group_size))
+    layer_stats = parse_stats(data, str(path), model, group_size)
+    return indicator_from_stats(layer_stats, name=stats_indicator_name(layer_stats))
+
+
+def stats_indicator_name(layer_stats: Sequence[Sequence[OpStats]]) -> str:
+    """ "measured" when every operator has measured output errors, else "variance"."""
+    measured = all(s.output_error_sq is not None for ops in layer_stats for s in ops)
+    return "measured" if measured else "variance"
 
 
 def parse_stats(
@@ -156,8 +183,9 @@ def parse_stats(
     given): one entry per layer and operator."""
     if not isinstance(data, dict) or data.get("format") != STATS_FORMAT:
         raise ProfileError(f'{source}: format: expected "{STATS_FORMAT}"')
-    if data.get("version") != STATS_VERSION:
-        raise ProfileError(f"{source}: version: expected {STATS_VERSION}")
+    if data.get("version") not in READABLE_VERSIONS:
+        versions = " or ".join(map(str, READABLE_VERSIONS))
+        raise ProfileError(f"{source}: version: expected {versions}")
     found = data.get("group_size")
     if isinstance(found, bool) or not isinstance(found, int) or found <= 0:
         raise ProfileError(f"{source}: group_size: expected a positive integer")
@@ -194,4 +222,21 @@ def _parse_op(layer: Any, op: LinearOp, where: str) -> OpStats:
         if not math.isfinite(value) or value < 0:
             raise ProfileError(f"{where}.{name}: expected a non-negative number")
         values[name] = float(value)
-    return OpStats(in_features=op.in_features, **values)
+    measured = _parse_measured(raw.get("output_error_sq"), f"{where}.output_error_sq")
+    return OpStats(in_features=op.in_features, output_error_sq=measured, **values)
+
+
+def _parse_measured(raw: Any, where: str) -> dict[int, float] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, Mapping):
+        raise ProfileError(f"{where}: expected an object of precision → error")
+    out: dict[int, float] = {}
+    for bits in MEASURED_BITS:
+        value = raw.get(str(bits))
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            value = math.nan
+        if not math.isfinite(value) or value < 0:
+            raise ProfileError(f'{where}."{bits}": expected a non-negative number')
+        out[bits] = float(value)
+    return out

@@ -249,7 +249,7 @@ def _break(edit: str) -> dict[str, Any]:
     elif edit == "wrong-format":
         data["format"] = "pqctl-latency-profile"
     elif edit == "wrong-version":
-        data["version"] = 2
+        data["version"] = 3
     return data
 
 
@@ -267,7 +267,7 @@ def _break(edit: str) -> dict[str, Any]:
         ("bool-value", "layers[1].v_proj.group_range_sq_mean: expected a non-negative number"),
         ("nan-value", "layers[1].v_proj.group_range_sq_mean: expected a non-negative number"),
         ("wrong-format", 'format: expected "pqctl-activation-stats"'),
-        ("wrong-version", "version: expected 1"),
+        ("wrong-version", "version: expected 1 or 2"),
     ],
 )
 def test_bad_statistics_file(tmp_path: Path, edit: str, message: str) -> None:
