@@ -25,15 +25,23 @@ def test_errors_name_the_option(tmp_path: Path) -> None:
         run_dashboard("light", HOME_LAB, None)  # pytest's stdin is not a terminal
 
 
-def test_module_entry_point_reports_and_exits_2(dashboard_dirs: Path) -> None:
+def _run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` without a terminal; stderr's whitespace collapsed (rich wraps
+    at the terminal width)."""
     out = subprocess.run(
-        [sys.executable, "-m", "pqctl.tui", "--theme", "neon"],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=60,
         stdin=subprocess.DEVNULL,
     )
+    out.stderr = " ".join(out.stderr.split())
+    return out
+
+
+def test_module_entry_point_reports_and_exits_2(dashboard_dirs: Path) -> None:
+    out = _run_module("pqctl.tui", "--theme", "neon")
     assert out.returncode == 2
     assert 'error: --theme: no theme "neon"' in out.stderr
 
@@ -77,24 +85,9 @@ def test_the_command_line_loads_textual_only_for_the_dashboard() -> None:
 
 
 def test_pqctl_without_a_command_opens_the_dashboard_or_says_why(dashboard_dirs: Path) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "pqctl"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    out = _run_module("pqctl")
     assert out.returncode == 2
-    said = " ".join(out.stderr.split())  # rich wraps at the terminal width
-    assert "error: cannot open the dashboard: the dashboard needs a terminal" in said
-    out = subprocess.run(
-        [sys.executable, "-m", "pqctl", "--theme", "neon", "show", "plan.json"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
+    assert "error: cannot open the dashboard: the dashboard needs a terminal" in out.stderr
+    out = _run_module("pqctl", "--theme", "neon", "show", "plan.json")
     assert out.returncode == 2
-    assert "before a command apply to the dashboard only" in " ".join(out.stderr.split())
+    assert "before a command apply to the dashboard only" in out.stderr
