@@ -165,12 +165,19 @@ class Prediction:
 
 @dataclass(frozen=True, slots=True)
 class QualityReport:
-    """The quality indicator of the plan: Σω, normalised so all-16-bit = 0 and all-lowest = 1."""
+    """The quality indicator of the plan: Σω, normalised so all-16-bit = 0 and all-lowest = 1.
+
+    ``max_ppl_increase`` is the operator's target as a relative perplexity increase (0.02 =
+    2 %) when the budget came from one, and ``predicted_ppl_increase`` what the calibrated
+    mapping predicts for this plan's Σω (``pqctl eval`` measures it).
+    """
 
     indicator: str
     omega_sum: float
     budget: float | None
     theta_s: float
+    max_ppl_increase: float | None = None
+    predicted_ppl_increase: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -230,6 +230,7 @@ class Calibration:
     path: Path
     indicator: QualityIndicator
     mapping: PplMapping | None
+    group_size: int
 
 
 def load_calibration(
@@ -256,4 +257,4 @@ def load_calibration(
                 f"{path}: ppl_mapping.indicator: fitted with the {mapping.indicator} indicator "
                 f"but the statistics give the {indicator.name} one; recalibrate"
             )
-    return Calibration(Path(path), indicator, mapping)
+    return Calibration(Path(path), indicator, mapping, int(data["group_size"]))

@@ -20,10 +20,10 @@ from planner.errors import InfeasiblePlanError, PlannerError
 from planner.make_plan import make_plan
 from planner.plan import ALL_BITS, Plan, PlanValidationError
 from planner.search import SearchOptions
-from pqctl import profile_cmd, serving
+from pqctl import profile_cmd, quality_cmd, serving
 from pqctl.exits import EXIT_BAD_INPUT, EXIT_INFEASIBLE, fail
 from pqctl.plan_view import render_plan
-from pqctl.planning import PlanRequest, build_problem, figures_source
+from pqctl.planning import PlanRequest, build_problem, figures_source, record_ppl_target
 from runtime.assets import BUILTIN_MODEL_NAME
 
 app = typer.Typer(
@@ -111,6 +111,7 @@ def _solve_with_progress(
             plan = make_plan(
                 problem, options, lambda done, total: bar.update(task, completed=done, total=total)
             )
+    plan = record_ppl_target(plan, resolved.ppl_target)
     return replace(plan, notes=plan.notes + tuple(notes)), figures_source(problem)
 
 
@@ -172,14 +173,23 @@ def plan(
         ),
     ] = None,
     quality: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--quality",
             "-q",
             help="Quality budget: most Σω allowed, 0 (every layer 16-bit) to "
-            "1 (every layer 2-bit). Negative: no budget.",
+            "1 (every layer 2-bit). Negative: no budget. Default: 0.05.",
         ),
-    ] = 0.05,
+    ] = None,
+    max_ppl_increase: Annotated[
+        str | None,
+        typer.Option(
+            "--max-ppl-increase",
+            help='Quality target as a perplexity increase over 16 bits ("2%" or 0.02), '
+            "turned into a Σω budget by the model's calibration (pqctl calibrate); "
+            "excludes --quality.",
+        ),
+    ] = None,
     theta: Annotated[
         float,
         typer.Option(
@@ -241,6 +251,10 @@ def plan(
         raise fail(
             "bad option", "--time-limit must be positive and --gap in [0, 1)", EXIT_BAD_INPUT
         )
+    if quality is not None and max_ppl_increase is not None:
+        raise fail(
+            "bad option", "--quality and --max-ppl-increase exclude each other", EXIT_BAD_INPUT
+        )
     request = PlanRequest(
         model=model,
         cluster_file=cluster,
@@ -248,7 +262,8 @@ def plan(
         prompt_len=prompt_len,
         max_new=max_new,
         expected_new=expected_new,
-        quality=quality if quality >= 0 else None,
+        quality=0.05 if quality is None else (quality if quality >= 0 else None),
+        max_ppl_increase=quality_cmd.ppl_increase_option(max_ppl_increase),
         theta_s=theta,
         bits=_parse_bits(bits),
         group_size=group_size,
@@ -297,6 +312,8 @@ def show(
     Console().print(render_plan(loaded, {}))
 
 
+app.command()(quality_cmd.calibrate)
+app.command(name="eval")(quality_cmd.evaluate)
 app.command()(serving.apply)
 app.command()(serving.generate)
 app.command()(serving.stop)

@@ -75,6 +75,16 @@ def figures_line(plan: Plan, sources: Mapping[str, str]) -> str:
     )
 
 
+def _ppl_target(plan: Plan) -> str:
+    q = plan.quality
+    if q.max_ppl_increase is None or q.predicted_ppl_increase is None:
+        return ""
+    return (
+        f"; perplexity target +{q.max_ppl_increase:.2%}, predicted "
+        f"+{q.predicted_ppl_increase:.2%} (confirm with pqctl eval --plan)"
+    )
+
+
 def summary(plan: Plan, sources: Mapping[str, str]) -> Text:
     """Micro-batches, predicted times and throughput, quality, solver."""
     p, q, s, m = plan.prediction, plan.quality, plan.solver, plan.micro_batching
@@ -88,7 +98,7 @@ def summary(plan: Plan, sources: Mapping[str, str]) -> Text:
         f"predicted: prefill {p.prefill_s:,.3f} s + decode {p.decode_s:,.3f} s = "
         f"{p.total_s:,.3f} s  →  {p.throughput_tokens_per_s:,.1f} tokens/s",
         f"quality: Σω = {q.omega_sum:.4f} (budget {budget}, θ {q.theta_s:g} s, "
-        f"indicator {q.indicator})",
+        f"indicator {q.indicator})" + _ppl_target(plan),
         f"solver: {s.status}, gap {s.mip_gap:.2%}, {s.time_s:.2f} s, {s.milps_solved} MILPs "
         f"over {s.orders_tried} device orders, {s.formulation} form"
         + (f", layers grouped by {s.layer_group_size}" if s.layer_group_size > 1 else ""),

@@ -14,12 +14,13 @@ from planner.cluster import ClusterSpec, DeviceType
 from planner.cluster_file import load_cluster_file
 from planner.cost_model import default_group_size
 from planner.errors import WorkloadError
-from planner.indicator import QualityIndicator, load_stats_indicator, prior_indicator
+from planner.indicator import QualityIndicator, prior_indicator
 from planner.local_host import local_cluster
 from planner.model_spec import ModelSpec, load_model_spec
-from planner.plan import ALL_BITS, Workload
+from planner.plan import ALL_BITS, Plan, Workload
 from planner.problem import PlanningProblem
 from planner.profiles import LatencyProfile, load_profiles
+from planner.quality_target import Calibration, PplMapping, default_stats_path, load_calibration
 from runtime.assets import BUILTIN_MODEL_NAME, builtin_model_dir
 from runtime.discovery import discover_gpus
 
@@ -38,6 +39,7 @@ class PlanRequest:
     max_new: int | None = None
     expected_new: int | None = None
     quality: float | None = 0.05
+    max_ppl_increase: float | None = None
     theta_s: float = 0.0
     bits: tuple[int, ...] = ALL_BITS
     group_size: int | None = None
@@ -55,6 +57,15 @@ class ResolvedCluster:
     model: str | None
     workload: Mapping[str, int]
     notes: tuple[str, ...] = ()
+    ppl_target: PplTarget | None = None
+
+
+@dataclass(frozen=True)
+class PplTarget:
+    """A perplexity target and the calibrated mapping that turned it into an ω budget."""
+
+    max_increase: float
+    mapping: PplMapping
 
 
 def resolve_model(name: str | None) -> ModelSpec:
@@ -110,13 +121,85 @@ def resolve_workload(request: PlanRequest, suggested: Mapping[str, int]) -> Work
     )
 
 
+SHIPPED_STATS = "calibration.json"
+"""Calibration statistics shipped beside the built-in model's weights."""
+
+
+def find_stats_file(model: ModelSpec, stats_file: Path | None) -> Path | None:
+    """``stats_file`` when given; else the model's file in the default statistics directory
+    (``pqctl calibrate`` writes it); else, for the built-in model, the shipped one."""
+    if stats_file is not None:
+        return stats_file
+    default = default_stats_path(model.source)
+    if default.is_file():
+        return default
+    shipped = builtin_model_dir() / SHIPPED_STATS
+    if model.source == BUILTIN_MODEL_NAME and shipped.is_file():
+        return shipped
+    return None
+
+
+def resolve_calibration(
+    model: ModelSpec, stats_file: Path | None, group_size: int
+) -> Calibration | None:
+    """The model's calibration statistics (:func:`find_stats_file`), or None. A file given
+    with ``stats_file`` must match ``group_size``; one found by itself is skipped if not."""
+    found = find_stats_file(model, stats_file)
+    if found is None:
+        return None
+    calibration = load_calibration(found, model, group_size if stats_file else None)
+    return calibration if calibration.group_size == group_size else None
+
+
 def resolve_indicator(
     model: ModelSpec, stats_file: Path | None, group_size: int
 ) -> QualityIndicator:
-    """Calibration statistics when given, else the documented prior."""
-    if stats_file is not None:
-        return load_stats_indicator(stats_file, model, group_size)
-    return prior_indicator(model, group_size)
+    """Calibration statistics when given or found, else the documented prior."""
+    calibration = resolve_calibration(model, stats_file, group_size)
+    return prior_indicator(model, group_size) if calibration is None else calibration.indicator
+
+
+def _quality(
+    request: PlanRequest, model: ModelSpec, group_size: int
+) -> tuple[QualityIndicator, float | None, PplTarget | None, list[str]]:
+    """Indicator, Σω budget, perplexity target and the notes saying where they came from."""
+    calibration = resolve_calibration(model, request.stats_file, group_size)
+    if calibration is None:
+        indicator = prior_indicator(model, group_size)
+        notes = [
+            "quality indicator: the prior (no calibration statistics for this model and "
+            "group size; "
+            "run pqctl calibrate)"
+        ]
+    else:
+        indicator = calibration.indicator
+        notes = [f"quality indicator: {indicator.name}, from {calibration.path}"]
+    if request.max_ppl_increase is None:
+        return indicator, request.quality, None, notes
+    if calibration is None or calibration.mapping is None:
+        where = "no calibration statistics" if calibration is None else "statistics without"
+        raise WorkloadError(
+            f"--max-ppl-increase: {where} a perplexity mapping for {model.source}; run "
+            f"pqctl calibrate --model {model.source} (or pass --stats with a file it wrote)"
+        )
+    mapping = calibration.mapping
+    budget = min(1.0, mapping.omega_budget(request.max_ppl_increase))
+    notes.append(
+        f"--max-ppl-increase {request.max_ppl_increase:.2%}: Σω ≤ {budget:.4f} under the "
+        f"calibrated mapping ln(ppl/ppl16) = {mapping.slope:.4g}·Σω"
+    )
+    return indicator, budget, PplTarget(request.max_ppl_increase, mapping), notes
+
+
+def record_ppl_target(plan: Plan, target: PplTarget | None) -> Plan:
+    """The plan with its perplexity target and the mapping's prediction recorded."""
+    if target is None:
+        return plan
+    predicted = target.mapping.predicted_increase(plan.quality.omega_sum)
+    quality = replace(
+        plan.quality, max_ppl_increase=target.max_increase, predicted_ppl_increase=predicted
+    )
+    return replace(plan, quality=quality)
 
 
 def _check_excluded(cluster: ClusterSpec, exclude: Sequence[str]) -> ClusterSpec:
@@ -135,18 +218,19 @@ def build_problem(request: PlanRequest) -> tuple[PlanningProblem, ResolvedCluste
     group_size = default_group_size(model) if request.group_size is None else request.group_size
     if group_size <= 0:
         raise WorkloadError(f"--group-size: must be positive, got {group_size}")
+    indicator, budget, target, notes = _quality(request, model, group_size)
     problem = PlanningProblem(
         model=model,
         cluster=_check_excluded(resolved.cluster, request.exclude),
         workload=resolve_workload(request, resolved.workload),
-        indicator=resolve_indicator(model, request.stats_file, group_size),
+        indicator=indicator,
         bits=tuple(sorted(set(request.bits), reverse=True)),
-        quality_budget=request.quality,
+        quality_budget=budget,
         theta_s=request.theta_s,
         group_size=group_size,
         profiles=tuple(profiles),
     )
-    return problem, resolved
+    return problem, replace(resolved, notes=resolved.notes + tuple(notes), ppl_target=target)
 
 
 def figures_source(problem: PlanningProblem) -> dict[str, str]:
