@@ -245,10 +245,9 @@ class QuantLinear(nn.Module):
         """``x`` [M, in] -> [M, out] in the path's output dtype."""
         path = self.kernel_path
         if path == "int8pack_mm":
-            x16 = x.to(torch.bfloat16)
             if x.shape[0] >= INT8_DENSE_ROWS and x.device.type == "cpu":
-                return int8_dense_matmul(x16, self.qweight, self.scales)
-            return torch._weight_int8pack_mm(x16, self.qweight, self.scales)
+                return int8_dense_matmul(x, self.qweight, self.scales, self.matmul_dtype)
+            return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales)
         if path == "int4pack_mm_cpu":
             x16 = x.to(torch.bfloat16)
             return torch._weight_int4pack_mm_for_cpu(

@@ -69,7 +69,7 @@ def test_auto_and_reference_agree(bits: int) -> None:
     assert _relative(auto.dequantized_weight(), reference.dequantized_weight()) < 5e-3
 
 
-def test_int8_prefill_runs_bf16_gemm_over_dequantized_blocks(
+def test_int8_prefill_runs_dense_gemm_over_dequantized_blocks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     layer = _build(192, 512, 8, 64)
@@ -89,7 +89,7 @@ def test_int8_prefill_runs_bf16_gemm_over_dequantized_blocks(
     assert _relative(layer(decode), F.linear(decode, weight, layer.bias)) < KERNEL_TOLERANCE
     assert kernel_calls == [kernels.INT8_DENSE_ROWS - 1]  # decode: the int8 kernel
     whole = layer(prefill)
-    assert kernel_calls == [kernels.INT8_DENSE_ROWS - 1]  # prefill: bf16 GEMM instead
+    assert kernel_calls == [kernels.INT8_DENSE_ROWS - 1]  # prefill: dense GEMM instead
     assert _relative(whole, F.linear(prefill, weight, layer.bias)) < KERNEL_TOLERANCE
     monkeypatch.setattr(kernels, "INT8_DENSE_BLOCK_ELEMENTS", 50 * 512)  # 4 blocks, last short
     assert torch.equal(layer(prefill), whole)
