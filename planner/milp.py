@@ -66,9 +66,12 @@ per-layer binaries and their symmetry.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import highspy
@@ -76,6 +79,34 @@ import numpy as np
 
 from planner.problem import CostTables
 from planner.simulator import StageAssignment
+
+
+@contextlib.contextmanager
+def _stdout_silenced() -> Iterator[None]:
+    """File descriptor 1 points at /dev/null inside (C libraries write there directly)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _absorb_banner() -> None:
+    """HiGHS prints its banner on standard output the first time a process creates a solver,
+    before any option can turn output off; that would corrupt ``pqctl plan --json``. One solver
+    is created here, at import (before any interface draws), with standard output silenced."""
+    try:
+        with _stdout_silenced():
+            highspy.Highs()  # type: ignore[no-untyped-call]
+    except (OSError, ValueError):  # no usable fd 1 (e.g. closed): nothing to protect
+        pass
+
+
+_absorb_banner()
 
 GIB = float(1024**3)
 _INF = highspy.kHighsInf

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,19 @@ def test_bad_input_is_reported_with_an_exit_code(
     assert got == code
     assert message in " ".join(err.split())
     assert out == ""
+
+
+def test_plan_json_from_a_process_is_only_json() -> None:
+    """Standard output of the real process (file descriptor 1, where C libraries such as HiGHS
+    print) carries the plan and nothing else."""
+    cluster = str(CLUSTERS / "cluster-03.toml")
+    out = subprocess.run(
+        [sys.executable, "-m", "pqctl", "plan", "--cluster", cluster, "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 0, out.stderr
+    assert Plan.from_json(out.stdout).stages
