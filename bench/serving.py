@@ -10,8 +10,10 @@ pqctl's 16-bit CPU path keeps bf16 weights where the CPU multiplies bf16 nativel
 (``runtime.quant.dense_weight_dtype``). Throughput is B·n generated tokens over the wall time
 of the whole batch (prefill included).
 
-Cases: 16 bits on 1 stage; 16 bits on 2 stages with two micro-batches of B/2 (as is, with one
-thread per stage process, and with one micro-batch of B so that the stages take turns); all
+Cases: 16 bits on 1 stage; 16 bits on 2 stages with two micro-batches of B/2 (as is; with 40 %
+of the layers on the last stage, which also holds the LM head, and prefill micro-batches of B/4
+for a shorter pipeline fill; with one thread per stage process; and with one micro-batch of B
+so that the stages take turns); all
 layers at 8 bits and all at 4 bits (1 stage). Every deployment is started and warmed
 up (the full batch, 2 tokens) before timing; then each repeat times the two baselines and every
 case in turn, so load from other processes falls on all of them; ratios use the best of the
@@ -111,6 +113,10 @@ class Case:
     """OMP_NUM_THREADS of the gateway and stage processes; None: torch's default (all cores)."""
     micro_batch: int | None = None
     """Prefill and decode micro-batch size; None: B / stages; 0: B (the stages take turns)."""
+    last_share: float | None = None
+    """Share of the layers on the last stage (it also holds the LM head); None: equal stages."""
+    prefill_micro: int | None = None
+    """Prefill micro-batch size when it differs from ``micro_batch`` (a shorter pipeline fill)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +165,7 @@ def cases() -> list[Case]:
     return [
         Case("16-bit, 1 stage", 1, 16, 1.0),
         Case("16-bit, 2 stages", 2, 16, 0.9),
+        Case("16-bit, 2 stages, head-balanced", 2, 16, 0.9, last_share=0.4, prefill_micro=-4),
         Case("16-bit, 2 stages, 1 thread each", 2, 16, None, threads=1),
         Case("16-bit, 2 stages, 1 micro-batch", 2, 16, None, micro_batch=0),
         Case("8-bit, 1 stage", 1, 8, 1.8),
@@ -170,7 +177,12 @@ def case_plan(setup: ModelSetup, case: Case, cpu: DeviceType) -> Plan:
     """The case's plan with per-stage predictions for this host's CPU."""
     b = setup.batch
     micro = b.size // case.stages if case.micro_batch is None else case.micro_batch or b.size
+    prefill = micro  # prefill_micro < 0: B / |prefill_micro|
+    if case.prefill_micro is not None:
+        prefill = case.prefill_micro if case.prefill_micro > 0 else b.size // -case.prefill_micro
     splits = [k * setup.layers // case.stages for k in range(case.stages)]
+    if case.last_share is not None:
+        splits[-1] = setup.layers - round(case.last_share * setup.layers)
     plan = serving_plan(
         setup.source,
         splits,
@@ -178,7 +190,7 @@ def case_plan(setup: ModelSetup, case: Case, cpu: DeviceType) -> Plan:
         batch=b.size,
         prompt_len=b.prompt_len,
         max_new=b.new_tokens,
-        prefill=micro,
+        prefill=max(1, prefill),
         decode=micro,
         group_size=setup.group_size,
     )
@@ -333,7 +345,9 @@ def overhead_ms(decode_ms_per_step: float, stages: list[dict[str, Any]]) -> floa
     return None if len(stages) != 1 or busy is None else decode_ms_per_step - busy
 
 
-def measure_model(setup: ModelSetup, repeats: int, cpu: DeviceType) -> dict[str, Any]:
+def measure_model(
+    setup: ModelSetup, repeats: int, cpu: DeviceType, only: str = ""
+) -> dict[str, Any]:
     """Deploy every case of ``setup``, warm up, time them all in turns; the summary."""
     from transformers import AutoTokenizer
 
@@ -342,7 +356,8 @@ def measure_model(setup: ModelSetup, repeats: int, cpu: DeviceType) -> dict[str,
     prompts = exact_prompts(tokenizer, batch.size, batch.prompt_len)
     ids = torch.tensor([tokenizer(p)["input_ids"] for p in prompts])
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        deployments = [deploy(stack, setup, c, cpu, Path(tmp)) for c in cases()]
+        chosen = [c for c in cases() if only in c.label]
+        deployments = [deploy(stack, setup, c, cpu, Path(tmp)) for c in chosen]
         models = load_baselines(setup.source)
         for model in models.values():
             time_generate(model, ids, 2)
@@ -411,6 +426,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="bard-tiny only, small batch")
     parser.add_argument("--json", action="store_true", help="machine-readable output only")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender")
+    parser.add_argument(
+        "--cases", default="", help="only the pqctl cases whose label contains this text"
+    )
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -437,7 +455,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for setup in setups(args.quick, Path(tmp)):
-            result = measure_model(setup, args.repeats, cpu)
+            result = measure_model(setup, args.repeats, cpu, args.cases)
             results.append(result)
             if not args.json:
                 print_throughput(result)
