@@ -207,6 +207,8 @@ def _check_excluded(cluster: ClusterSpec, exclude: Sequence[str]) -> ClusterSpec
     for key in exclude:
         if key not in keys:
             raise WorkloadError(f'--exclude: no device "{key}"; devices: {", ".join(sorted(keys))}')
+    if keys and keys <= set(exclude):
+        raise WorkloadError("--exclude: every device is excluded; keep at least one")
     return cluster.without(exclude)
 
 
@@ -214,7 +216,20 @@ def build_problem(request: PlanRequest) -> tuple[PlanningProblem, ResolvedCluste
     """Resolve every input of ``request`` into a planning problem."""
     resolved = resolve_cluster(request.cluster_file)
     model = resolve_model(request.model or resolved.model)
-    profiles: list[LatencyProfile] = load_profiles(request.profile_dir)
+    problem, target, notes = problem_on(
+        request, resolved, model, load_profiles(request.profile_dir)
+    )
+    return problem, replace(resolved, notes=resolved.notes + tuple(notes), ppl_target=target)
+
+
+def problem_on(
+    request: PlanRequest,
+    resolved: ResolvedCluster,
+    model: ModelSpec,
+    profiles: Sequence[LatencyProfile],
+) -> tuple[PlanningProblem, PplTarget | None, list[str]]:
+    """The planning problem of ``request`` on an already resolved cluster and model, its
+    perplexity target (if one was asked for) and notes on the quality indicator's source."""
     group_size = default_group_size(model) if request.group_size is None else request.group_size
     if group_size <= 0:
         raise WorkloadError(f"--group-size: must be positive, got {group_size}")
@@ -230,7 +245,7 @@ def build_problem(request: PlanRequest) -> tuple[PlanningProblem, ResolvedCluste
         group_size=group_size,
         profiles=tuple(profiles),
     )
-    return problem, replace(resolved, notes=resolved.notes + tuple(notes), ppl_target=target)
+    return problem, target, notes
 
 
 def figures_source(problem: PlanningProblem) -> dict[str, str]:

@@ -211,17 +211,20 @@ class PqctlApp(App[None]):
             return
         try:
             sources = self.session.sources(self.model_name)
+            ppl_target = self.session.has_ppl_mapping(self.model_name)
         except PlannerError:
-            sources = {}  # a bad model is reported when solving
+            sources, ppl_target = {}, False  # a bad model is reported when solving
         if not worker.is_cancelled:
-            self.post_message(ClusterResolved(resolved, sources))
+            self.post_message(ClusterResolved(resolved, sources, ppl_target=ppl_target))
 
     def on_cluster_resolved(self, message: ClusterResolved) -> None:
         if message.resolved is None:
             self.notify(message.error or "cannot read the cluster", severity="error", timeout=30)
             return
         self.cluster_view.show_cluster(message.resolved, message.sources)
-        self.plan_view.set_defaults(self.session.default_model(), message.resolved.workload)
+        self.plan_view.set_defaults(
+            self.session.default_model(), message.resolved.workload, message.ppl_target
+        )
         if self.auto_solve:
             self.plan_view.action_solve()
 

@@ -24,6 +24,7 @@ class ClusterResolved(Message):
     resolved: ResolvedCluster | None
     sources: dict[str, str] = field(default_factory=dict)
     error: str | None = None
+    ppl_target: bool = False  # the default model has calibration with a perplexity mapping
 
 
 @dataclass

@@ -14,7 +14,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from planner.cost_model import default_group_size
-from planner.errors import WorkloadError
 from planner.make_plan import make_plan
 from planner.model_spec import ModelSpec
 from planner.plan import Plan
@@ -23,12 +22,14 @@ from planner.profiles import LatencyProfile, load_profiles
 from planner.search import ProgressFn, SearchOptions
 from pqctl.planning import (
     PlanRequest,
+    PplTarget,
     ResolvedCluster,
     figures_source,
+    problem_on,
+    record_ppl_target,
+    resolve_calibration,
     resolve_cluster,
-    resolve_indicator,
     resolve_model,
-    resolve_workload,
 )
 from runtime.assets import BUILTIN_MODEL_NAME
 
@@ -88,36 +89,25 @@ class PlanningSession:
                 self._profiles = load_profiles(self.profile_dir)
             return self._profiles
 
-    def problem(self, request: PlanRequest) -> PlanningProblem:
-        """The planning problem of ``request`` on this session's cluster.
+    def problem(self, request: PlanRequest) -> tuple[PlanningProblem, PplTarget | None, list[str]]:
+        """The planning problem of ``request`` on this session's cluster, its perplexity target
+        and notes on the quality indicator (:func:`pqctl.planning.problem_on`).
 
         Raises:
             PlannerError: a bad model, workload, quality target or excluded device.
         """
-        resolved = self.resolved()
-        model = self.model(request.model)
-        group_size = default_group_size(model) if request.group_size is None else request.group_size
-        keys = {d.key for d in resolved.cluster.devices}
-        unknown = [k for k in request.exclude if k not in keys]
-        if unknown:
-            raise WorkloadError(f'no device "{unknown[0]}"; devices: {", ".join(sorted(keys))}')
-        if len(set(request.exclude)) >= len(keys):
-            raise WorkloadError("every device is excluded: include at least one (x on Cluster)")
-        return PlanningProblem(
-            model=model,
-            cluster=resolved.cluster.without(request.exclude),
-            workload=resolve_workload(request, resolved.workload),
-            indicator=resolve_indicator(model, request.stats_file, group_size),
-            bits=tuple(sorted(set(request.bits), reverse=True)),
-            quality_budget=request.quality,
-            theta_s=request.theta_s,
-            group_size=group_size,
-            profiles=tuple(self.profiles()),
-        )
+        return problem_on(request, self.resolved(), self.model(request.model), self.profiles())
+
+    def has_ppl_mapping(self, model: str | None = None) -> bool:
+        """Whether calibration with a perplexity mapping exists for ``model`` (then the quality
+        target can be a perplexity increase)."""
+        spec = self.model(model)
+        calibration = resolve_calibration(spec, None, default_group_size(spec))
+        return calibration is not None and calibration.mapping is not None
 
     def sources(self, model: str | None = None) -> dict[str, str]:
         """Per device of the whole cluster: "profile" or "datasheet" for ``model``."""
-        problem = self.problem(PlanRequest(model=model))
+        problem, _, _ = self.problem(PlanRequest(model=model))
         return figures_source(problem)
 
     def solve(
@@ -132,9 +122,10 @@ class PlanningSession:
             PlannerError: bad input, or no feasible plan (InfeasiblePlanError says why).
         """
         started = time.perf_counter()
-        problem = self.problem(request)
+        problem, target, notes = self.problem(request)
         plan = make_plan(problem, options or SearchOptions(time_limit_s=30.0), progress)
-        plan = replace(plan, notes=plan.notes + self.resolved().notes)
+        plan = record_ppl_target(plan, target)
+        plan = replace(plan, notes=plan.notes + self.resolved().notes + tuple(notes))
         return SolvedPlan(plan, figures_source(problem), time.perf_counter() - started)
 
 

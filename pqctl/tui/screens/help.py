@@ -26,8 +26,10 @@ can run, and whether its latency figures come from a profile or the datasheet.
 **x** excludes the selected device from planning (again: include it); the plan is re-solved.
 
 ## Plan
-Model, batch, prompt length, new tokens and the quality target (Σω ≤ budget, the normalised
-ω indicator: 0 = every layer at 16 bits, 1 = every layer at 2 bits). **Enter** in any field or
+Model, batch, prompt length, new tokens and the quality target: a maximum perplexity increase
+such as **1%** (where the model has calibration: pqctl calibrate; the built-in model ships it)
+or a Σω budget such as **0.05** (the normalised ω indicator: 0 = every layer at 16 bits, 1 =
+every layer at 2 bits). Empty fields take the defaults shown. **Enter** in any field or
 **F5** solves (in the background: the interface never blocks); **Esc** cancels. The result shows
 each stage (device, layers, a strip of per-layer precision: 16 8 4 3 2 bits, predicted prefill
 and decode time per micro-batch, memory), the bottleneck stage highlighted, and the baselines.

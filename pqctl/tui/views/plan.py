@@ -33,8 +33,11 @@ FIELDS = (  # input id, label, width, placeholder
     ("batch", "batch", 6, str(DEFAULT_WORKLOAD["batch"])),
     ("prompt-len", "prompt", 6, str(DEFAULT_WORKLOAD["prompt_len"])),
     ("max-new", "new", 5, str(DEFAULT_WORKLOAD["max_new"])),
-    ("quality", "Σω≤", 7, "0.05"),
+    ("quality", "quality", 7, "0.05"),
 )
+OMEGA_DEFAULT, PPL_DEFAULT = "0.05", "1%"
+"""The quality target when the field is empty: a 1 % perplexity increase where the model has
+calibration with a perplexity mapping, else a Σω budget of 0.05 (about uniform 4 bits)."""
 
 
 class PlanFormError(ValueError):
@@ -139,20 +142,48 @@ class PlanView(Vertical):
             PlanFormError: a field holds a bad value.
         """
         model = self.query_one("#model", Input).value.strip() or None
-        quality = self._number("quality", float)
+        quality, max_ppl_increase = self._quality()
         return PlanRequest(
             model=model,
             batch=self._number("batch", int),  # type: ignore[arg-type]
             prompt_len=self._number("prompt-len", int),  # type: ignore[arg-type]
             max_new=self._number("max-new", int),  # type: ignore[arg-type]
-            quality=0.05 if quality is None else quality,
+            quality=quality,
+            max_ppl_increase=max_ppl_increase,
             exclude=tuple(sorted(self.excluded)),
         )
 
-    def set_defaults(self, model: str, workload: Mapping[str, int]) -> None:
-        """Show the cluster's defaults (model, workload) as the fields' placeholders."""
+    def _quality(self) -> tuple[float, float | None]:
+        """(Σω budget, maximum perplexity increase or None) from the quality field: "1%" is a
+        perplexity increase, a plain number a Σω budget; empty: the placeholder's default."""
+        field = self.query_one("#quality", Input)
+        text = field.value.strip() or field.placeholder
+        if text.endswith("%"):
+            try:
+                percent = float(text[:-1])
+            except ValueError:
+                percent = -1.0
+            if not 0 < percent < 1000:
+                raise PlanFormError("quality", f'"{text}" is not a perplexity increase like 1%')
+            return float(OMEGA_DEFAULT), percent / 100
+        try:
+            budget = float(text)
+        except ValueError:
+            raise PlanFormError(
+                "quality", f'"{text}" is neither a Σω budget (0.05) nor a perplexity increase (1%)'
+            ) from None
+        if not 0 <= budget <= 1:
+            raise PlanFormError("quality", f"a Σω budget is from 0 to 1, got {text}")
+        return budget, None
+
+    def set_defaults(
+        self, model: str, workload: Mapping[str, int], ppl_target: bool = False
+    ) -> None:
+        """Show the cluster's defaults (model, workload) as the fields' placeholders, and the
+        default quality target: a perplexity increase when ``ppl_target`` (calibration exists)."""
         defaults = {**DEFAULT_WORKLOAD, **workload}
         self.query_one("#model", Input).placeholder = model
+        self.query_one("#quality", Input).placeholder = PPL_DEFAULT if ppl_target else OMEGA_DEFAULT
         for field, key in (
             ("batch", "batch"),
             ("prompt-len", "prompt_len"),
@@ -265,6 +296,11 @@ class PlanView(Vertical):
         )
         budget = "no budget" if q.budget is None else f"≤ {q.budget:g}"
         calibrated = "" if q.indicator != "prior" else " (prior: no calibration, ω budget)"
+        if q.max_ppl_increase is not None and q.predicted_ppl_increase is not None:
+            calibrated = (
+                f" · perplexity +{q.predicted_ppl_increase:.2%} predicted, target "
+                f"≤ +{q.max_ppl_increase:.2%} ({q.indicator} indicator)"
+            )
         used = sorted({st.device.key for st in plan.stages})
         profiled = [k for k in used if sources.get(k) == "profile"]
         figures = f"profile for {', '.join(profiled)}" if profiled else "datasheet"
@@ -334,9 +370,17 @@ class PlanView(Vertical):
             "batch": str(w.global_batch),
             "prompt-len": str(w.prompt_len),
             "max-new": str(w.max_new_tokens),
-            "quality": "" if plan.quality.budget is None else f"{plan.quality.budget:g}",
+            "quality": _quality_text(plan),
         }
         for field, value in values.items():
             self.query_one(f"#{field}", Input).value = value
         self.show_plan(plan, {}, f"loaded from {path}")
         return f"plan loaded from {path}"
+
+
+def _quality_text(plan: Plan) -> str:
+    """The quality field for a loaded plan: its perplexity target, else its Σω budget."""
+    q = plan.quality
+    if q.max_ppl_increase is not None:
+        return f"{100 * q.max_ppl_increase:g}%"
+    return "" if q.budget is None else f"{q.budget:g}"

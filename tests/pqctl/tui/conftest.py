@@ -12,5 +12,7 @@ def dashboard_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     animations (pilot waits for them)."""
     monkeypatch.setenv("PQCTL_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.setenv("PQCTL_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("PQCTL_STATS_DIR", str(tmp_path / "stats"))  # only shipped calibration
+    monkeypatch.setenv("PQCTL_PROFILE_DIR", str(tmp_path / "profiles"))  # datasheet figures
     monkeypatch.setattr(textual.constants, "TEXTUAL_ANIMATIONS", "none")
     return tmp_path

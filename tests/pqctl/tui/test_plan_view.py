@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+from textual.widgets import Input
+
 from planner.plan import Plan
 from pqctl.planning import PlanRequest
 from pqctl.tui.app import PqctlApp
@@ -50,6 +52,35 @@ async def test_a_new_quality_target_replans() -> None:
         assert second is not None and second.quality.budget == 0.005
         assert second.quality.omega_sum <= 0.005 + 1e-9 < first.quality.omega_sum
         assert max(second.layer_bits) > max(first.layer_bits)  # a tighter target: more bits
+
+
+async def test_the_target_is_a_perplexity_increase_where_calibration_exists() -> None:
+    app = PqctlApp()  # this host and the built-in model, which ships its calibration
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.plan_view.plan is not None, 60, "first plan")
+        quality = app.query_one("#quality", Input)
+        assert quality.placeholder == "1%"
+        first = app.plan_view.plan
+        assert first is not None and first.quality.max_ppl_increase == 0.01
+        predicted = first.quality.predicted_ppl_increase
+        assert predicted is not None and predicted <= 0.01
+        assert "target ≤ +1.00%" in str(app.query_one("#plan-summary").render())
+        await pilot.press("2")
+        quality.value = "lots%"
+        await pilot.press("f5")
+        await pilot.pause()
+        assert "not a perplexity increase" in str(app.query_one("#solve-status").render())
+        quality.value = "0.5"  # a Σω budget instead
+        await pilot.press("f5")
+        await wait_for(pilot, lambda: app.plan_view.plan is not first, 60, "re-plan")
+        second = app.plan_view.plan
+        assert second is not None and second.quality.max_ppl_increase is None
+        assert second.quality.budget == 0.5
+    other = PqctlApp(cluster=HOME_LAB, auto_solve=False)  # opt-30b: no calibration
+    async with other.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: other.cluster_view.resolved is not None, 30, "cluster")
+        await pilot.pause()
+        assert other.query_one("#quality", Input).placeholder == "0.05"
 
 
 async def test_a_bad_field_is_named_and_nothing_is_solved() -> None:
