@@ -10,8 +10,10 @@ the held-out play (text ``pqctl calibrate`` never reads). Reported: Spearman ran
 between Σω and the measured relative perplexity increase over 16 bits (target ≥ 0.9), for both
 indicators; and how many assignments the calibrated mapping's prediction bounds from above.
 
-Throughput. ``pqctl plan`` on this host (its CPU) for a batch of B prompts of s tokens and n
-new tokens, under ``--max-ppl-increase 1%`` and with every layer at 16 bits (``--quality 0``);
+Throughput. ``pqctl profile`` measures this host's CPU for the model (quick grid, into a
+temporary directory), then ``pqctl plan`` on this host with that profile, for a batch of B
+prompts of s tokens and n new tokens, under ``--max-ppl-increase 1%`` and with every layer at
+16 bits (``--quality 0``);
 both plans are served by real processes (``python -m runtime.server``) and timed on the same
 batch of Hamlet passages, alternating, best of the repeats; the 1 % plan's perplexity increase is
 measured on the held-out evaluation text.
@@ -41,7 +43,7 @@ from bench._serving_util import exact_prompts, start_deployment  # noqa: E402
 from planner.cost_model import default_group_size  # noqa: E402
 from planner.indicator import prior_indicator  # noqa: E402
 from planner.make_plan import make_plan  # noqa: E402
-from planner.plan import Plan  # noqa: E402
+from planner.plan import ALL_BITS, Plan  # noqa: E402
 from planner.search import SearchOptions  # noqa: E402
 from pqctl.planning import (  # noqa: E402
     PlanRequest,
@@ -50,9 +52,11 @@ from pqctl.planning import (  # noqa: E402
     resolve_calibration,
     resolve_model,
 )
+from pqctl.profiling import ProfileRequest, run_profile  # noqa: E402
 from runtime.assets import builtin_model_dir  # noqa: E402
 from runtime.client import Client  # noqa: E402
 from runtime.evaluate import evaluate_perplexity, held_out_ids  # noqa: E402
+from runtime.profiling import QUICK_GRID  # noqa: E402
 from tests.serving.conftest import stop_gateway  # noqa: E402
 
 CHOICES = ((16, 8, 4, 3, 2), (16, 8, 4, 3), "16/8/4 + 2")
@@ -172,11 +176,15 @@ def serve_and_time(
 
 
 def throughput(batch: int, prompt_len: int, new: int, repeats: int, tokens: int) -> dict[str, Any]:
-    shape = {"batch": batch, "prompt_len": prompt_len, "max_new": new}
-    plans = {
-        "ppl-1pct": plan_for(PlanRequest(**shape, quality=None, max_ppl_increase=0.01)),
-        "16-bit": plan_for(PlanRequest(**shape, quality=0.0)),
-    }
+    shape: dict[str, Any] = {"batch": batch, "prompt_len": prompt_len, "max_new": new}
+    with tempfile.TemporaryDirectory() as profiles:
+        request = ProfileRequest(None, "cpu", ALL_BITS, QUICK_GRID, None, Path(profiles))
+        run_profile(request)
+        shape["profile_dir"] = Path(profiles)
+        plans = {
+            "ppl-1pct": plan_for(PlanRequest(**shape, quality=None, max_ppl_increase=0.01)),
+            "16-bit": plan_for(PlanRequest(**shape, quality=0.0)),
+        }
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(builtin_model_dir()))
