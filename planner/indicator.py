@@ -45,7 +45,6 @@ it used.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from planner.errors import ProfileError
+from planner.json_file import read_json
 from planner.model_spec import LinearOp, ModelSpec
 from planner.plan import ALL_BITS
 
@@ -160,12 +160,7 @@ def load_stats_indicator(
 ) -> QualityIndicator:
     """Read a statistics file for ``model`` (collected at ``group_size``, when given);
     raises ProfileError naming file and field."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot read ({exc.strerror})") from exc
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"{path}: not valid JSON: {exc}") from exc
+    data = read_json(path)
     layer_stats = parse_stats(data, str(path), model, group_size)
     return indicator_from_stats(layer_stats, name=stats_indicator_name(layer_stats))
 

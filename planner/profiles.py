@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 
 from planner.errors import ProfileError
+from planner.json_file import read_json
 from planner.model_spec import ModelSpec
 
 PROFILE_FORMAT = "pqctl-latency-profile"
@@ -304,12 +305,7 @@ def save_profile(profile: LatencyProfile, path: str | Path) -> None:
 
 def load_profile(path: str | Path) -> LatencyProfile:
     """Read and fit a profile file; raises ProfileError naming the file and field."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot read ({exc.strerror})") from exc
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"{path}: not valid JSON: {exc}") from exc
+    data = read_json(path)
     return parse_profile(data, str(path))
 
 

@@ -33,7 +33,6 @@ given.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -49,6 +48,7 @@ from planner.indicator import (
     parse_stats,
     stats_indicator_name,
 )
+from planner.json_file import read_json
 from planner.model_spec import ModelSpec
 from planner.plan import ALL_BITS
 
@@ -241,12 +241,7 @@ def load_calibration(
     Raises:
         ProfileError: unreadable, malformed or made for another model, naming file and field.
     """
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot read ({exc.strerror})") from exc
-    except json.JSONDecodeError as exc:
-        raise ProfileError(f"{path}: not valid JSON: {exc}") from exc
+    data = read_json(path)
     layer_stats = parse_stats(data, str(path), model, group_size)
     indicator = indicator_from_stats(layer_stats, name=stats_indicator_name(layer_stats))
     mapping = None
