@@ -235,8 +235,11 @@ def profile(
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
 ) -> None:
-    """Measure per-layer latency of every precision on this host's devices for a model shape,
-    and the activation hop between stages; write the profiles pqctl plan uses."""
+    """Measure this host's devices for a model shape and write the profiles pqctl plan uses.
+
+    Times one decoder layer per precision (prefill and decode grids), the embedding, the head
+    and the activation hop between stages.
+    """
     if time_budget is not None and not time_budget > 0:
         raise fail(
             "bad option", f"--time-budget: must be positive, got {time_budget}", EXIT_BAD_INPUT
