@@ -180,7 +180,9 @@ def _eval_target(
         try:
             plan = Plan.load(plan_file)
         except PlanValidationError as exc:
-            raise fail(f"--plan: invalid plan {plan_file}", str(exc), EXIT_BAD_INPUT) from exc
+            raise fail(
+                f"--plan: invalid plan {plan_file}", f"{exc.field}: {exc.problem}", EXIT_BAD_INPUT
+            ) from exc
         checkpoint = resolve_checkpoint(model or plan.model.source)
         arch = arch_from_config(read_config(checkpoint), str(checkpoint))
         check_plan_matches(plan, arch, str(checkpoint))
