@@ -18,10 +18,10 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 
 from planner.errors import InfeasiblePlanError, PlannerError
 from planner.make_plan import make_plan
-from planner.plan import ALL_BITS, Plan, PlanValidationError
+from planner.plan import ALL_BITS, Plan
 from planner.search import SearchOptions
 from pqctl import profile_cmd, quality_cmd, serving
-from pqctl.exits import EXIT_BAD_INPUT, EXIT_INFEASIBLE, fail
+from pqctl.exits import EXIT_BAD_INPUT, EXIT_INFEASIBLE, fail, load_plan
 from pqctl.plan_view import render_plan
 from pqctl.planning import PlanRequest, build_problem, figures_source, record_ppl_target
 from runtime.assets import BUILTIN_MODEL_NAME
@@ -300,12 +300,7 @@ def show(
     ] = False,
 ) -> None:
     """Validate a plan file and show it."""
-    try:
-        loaded = Plan.load(plan_file)
-    except PlanValidationError as exc:
-        raise fail(
-            f"invalid plan {plan_file}", f"{exc.field}: {exc.problem}", EXIT_BAD_INPUT
-        ) from exc
+    loaded = load_plan(plan_file)
     if as_json:
         typer.echo(json.dumps(loaded.to_dict(), indent=2))
         return

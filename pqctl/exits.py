@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 from rich.console import Console
+
+from planner.plan import Plan, PlanValidationError
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -17,3 +21,13 @@ def fail(title: str, message: str, code: int) -> typer.Exit:
     """Print ``error: title: message`` on stderr; the exception to raise with ``code``."""
     Console(stderr=True).print(f"[bold red]error:[/] {title}: {message}", highlight=False)
     return typer.Exit(code)
+
+
+def load_plan(path: Path, option: str | None = None) -> Plan:
+    """Read and validate a plan file; on a bad one, report it (naming ``option`` when the file
+    came through one, and the bad field) and exit with EXIT_BAD_INPUT."""
+    try:
+        return Plan.load(path)
+    except PlanValidationError as exc:
+        title = f"invalid plan {path}" if option is None else f"{option}: invalid plan {path}"
+        raise fail(title, f"{exc.field}: {exc.problem}", EXIT_BAD_INPUT) from exc

@@ -15,10 +15,10 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from planner.cost_model import default_group_size
 from planner.errors import PlannerError
-from planner.plan import ALL_BITS, Plan, PlanValidationError
+from planner.plan import ALL_BITS, Plan
 from planner.quality_target import parse_ppl_increase
 from pqctl import quality
-from pqctl.exits import EXIT_BAD_INPUT, fail
+from pqctl.exits import EXIT_BAD_INPUT, fail, load_plan
 from runtime.arch import arch_from_config, read_config
 from runtime.assets import BUILTIN_MODEL_NAME
 from runtime.errors import RuntimeFailure
@@ -177,12 +177,7 @@ def _eval_target(
     if plan_file is not None:
         if group_size is not None:
             raise fail("bad option", "--group-size: the plan gives the group size", EXIT_BAD_INPUT)
-        try:
-            plan = Plan.load(plan_file)
-        except PlanValidationError as exc:
-            raise fail(
-                f"--plan: invalid plan {plan_file}", f"{exc.field}: {exc.problem}", EXIT_BAD_INPUT
-            ) from exc
+        plan = load_plan(plan_file, "--plan")
         checkpoint = resolve_checkpoint(model or plan.model.source)
         arch = arch_from_config(read_config(checkpoint), str(checkpoint))
         check_plan_matches(plan, arch, str(checkpoint))

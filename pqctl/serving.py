@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from planner.plan import Plan, PlanValidationError
+from planner.plan import Plan
 from pqctl.exits import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -25,6 +25,7 @@ from pqctl.exits import (
     EXIT_STAGE_FAILED,
     EXIT_UNREACHABLE,
     fail,
+    load_plan,
 )
 from runtime.client import Client, ServerError
 from runtime.deployment import (
@@ -60,13 +61,6 @@ def _local_hosts() -> set[str]:
     return LOCAL_HOSTS | {socket.gethostname(), socket.getfqdn()}
 
 
-def _load_plan(path: Path) -> Plan:
-    try:
-        return Plan.load(path)
-    except PlanValidationError as exc:
-        raise fail(f"invalid plan {path}", f"{exc.field}: {exc.problem}", EXIT_BAD_INPUT) from exc
-
-
 def _check_name(name: str) -> str:
     try:
         return check_name(name)
@@ -99,7 +93,7 @@ def apply(
 
     Then, unless --detach, a live table of measured vs predicted tokens/s per stage until Ctrl-C.
     """
-    plan = _load_plan(plan_file)
+    plan = load_plan(plan_file)
     name = _check_name(name)
     remote = [s for s in plan.stages if s.device.host not in _local_hosts()]
     if remote:
