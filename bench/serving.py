@@ -115,8 +115,9 @@ class Case:
     """Prefill and decode micro-batch size; None: B / stages; 0: B (the stages take turns)."""
     last_share: float | None = None
     """Share of the layers on the last stage (it also holds the LM head); None: equal stages."""
-    prefill_micro: int | None = None
-    """Prefill micro-batch size when it differs from ``micro_batch`` (a shorter pipeline fill)."""
+    prefill_parts: int | None = None
+    """Prefill in this many micro-batches of B / parts instead of ``micro_batch`` (a shorter
+    pipeline fill)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +166,7 @@ def cases() -> list[Case]:
     return [
         Case("16-bit, 1 stage", 1, 16, 1.0),
         Case("16-bit, 2 stages", 2, 16, 0.9),
-        Case("16-bit, 2 stages, head-balanced", 2, 16, 0.9, last_share=0.4, prefill_micro=-4),
+        Case("16-bit, 2 stages, head-balanced", 2, 16, 0.9, last_share=0.4, prefill_parts=4),
         Case("16-bit, 2 stages, 1 thread each", 2, 16, None, threads=1),
         Case("16-bit, 2 stages, 1 micro-batch", 2, 16, None, micro_batch=0),
         Case("8-bit, 1 stage", 1, 8, 1.8),
@@ -177,9 +178,7 @@ def case_plan(setup: ModelSetup, case: Case, cpu: DeviceType) -> Plan:
     """The case's plan with per-stage predictions for this host's CPU."""
     b = setup.batch
     micro = b.size // case.stages if case.micro_batch is None else case.micro_batch or b.size
-    prefill = micro  # prefill_micro < 0: B / |prefill_micro|
-    if case.prefill_micro is not None:
-        prefill = case.prefill_micro if case.prefill_micro > 0 else b.size // -case.prefill_micro
+    prefill = micro if case.prefill_parts is None else b.size // case.prefill_parts
     splits = [k * setup.layers // case.stages for k in range(case.stages)]
     if case.last_share is not None:
         splits[-1] = setup.layers - round(case.last_share * setup.layers)
