@@ -210,7 +210,8 @@ def profile(
         str | None, typer.Option("--contexts", help="Decode context lengths (past + 1).")
     ] = None,
     repeats: Annotated[
-        int | None, typer.Option("--repeats", help="Timed calls per point (the shortest counts).")
+        int | None,
+        typer.Option("--repeats", help="Passes over the grid (the shortest time counts)."),
     ] = None,
     group_size: Annotated[
         int | None,

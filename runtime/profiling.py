@@ -6,23 +6,31 @@ embedding, final norm and LM head) and loads stage shards from it through
 :func:`runtime.shard.load_shard`, so every precision is quantized and run by the same code
 that serves: ``runtime.quant``'s layers and the kernel path ``runtime.kernels`` picks.
 
-What one grid point times (shortest of ``repeats`` calls after a warm-up, seconds; a point is a
-micro-batch and a prompt length for prefill, a micro-batch and the attended context for
-decode)::
+What one grid point times (seconds; a point is a micro-batch and a prompt length for prefill, a
+micro-batch and the attended context for decode)::
 
     stage      an empty stage: step context (mask, rotary table) and the call itself
     layer      (stack of N layers at bits − empty stage) / N
     embedding  embedding-only stage − empty stage
     head       head-only stage (final norm, LM head on the last position) − empty stage
 
-Decode points attend to a real preallocated KV cache of ``context_len`` positions. Within each
-repeat the stages take turns, so a burst of load from another process lands on all of them.
+Decode points attend to a real preallocated KV cache of ``context_len`` positions.
+
+Each time is the shortest over ``repeats`` passes over a precision's grid, each pass calling
+every stage :data:`CALLS_PER_PASS` times in turn at each point. On a CPU shared with other
+tenants the machine's speed drifts for hundreds of milliseconds at a time (on a 2-core cloud
+VM, the best of 7 back-to-back calls of one decode-sized linear ranged over 1.9× in 150 s), so
+repeats back to back all see the same state; spread over passes, seconds apart, the shortest
+approaches the uncontended time (there, best of 8 spread samples: 5 % spread, best of 12: 3 %).
+``bench/costmodel.py`` measures served stages with the same statistic.
+
 A precision whose layers cannot be built or whose kernel raises is reported unavailable with
 the reason; nothing of it is timed.
 
 The grid is trimmed to a time budget: per precision and phase the first points of the grid's
 order (its corners, enough for the regression forms: 5 prefill and 4 decode points) are always
-measured; further points follow, cheapest first, while their estimated cost fits the budget.
+measured; further points follow, cheapest first, while their estimated cost over all passes
+fits the budget; passes after the first run while the budget allows.
 """
 
 from __future__ import annotations
@@ -49,8 +57,8 @@ Part = Literal["layer", "stage", "embedding", "head"]
 MIN_POINTS: dict[str, int] = {"prefill": 5, "decode": 4}
 """Fewest distinct points per (bits, phase) the regression forms need."""
 _MIN_LATENCY_S = 1e-7
-STABLE_WITHIN = 0.03
-"""Relative gap between the two shortest times of a point at which its timing stops."""
+CALLS_PER_PASS = 2
+"""Back-to-back calls of each stage per point and pass; the shorter counts."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +84,7 @@ class ProfileGrid:
     Attributes:
         prefill_batches, prompt_lens: the prefill grid (every pair).
         decode_batches, contexts: the decode grid (every pair).
-        repeats: timed calls per point and stage (the shortest counts).
+        repeats: passes over the grid per precision (the shortest time over passes counts).
         stack_layers: decoder layers in the timed stack (at most the model's). Eight rather
             than four: a stack that a real stage's weights outgrow stays partly in the CPU's
             caches and times decode too fast (bench/costmodel.py --quick on a 2-core AVX2
@@ -118,9 +126,9 @@ class ProfileGrid:
         )
 
 
-QUICK_GRID = ProfileGrid((1, 2, 4), (32, 64, 128), (1, 2, 4, 8), (64, 128, 256), repeats=5)
+QUICK_GRID = ProfileGrid((1, 2, 4), (32, 64, 128), (1, 2, 4, 8), (64, 128, 256), repeats=6)
 FULL_GRID = ProfileGrid(
-    (1, 2, 4, 8), (64, 128, 256, 512), (1, 2, 4, 8, 16), (128, 256, 512, 1024), repeats=7
+    (1, 2, 4, 8), (64, 128, 256, 512), (1, 2, 4, 8, 16), (128, 256, 512, 1024), repeats=8
 )
 
 
@@ -235,29 +243,18 @@ class _Stages:
         )
         return load_shard(self.directory, self.arch, spec, dtype=self.dtype, device=self.device)
 
-    def time_calls(self, calls: Sequence[Callable[[], object]], repeats: int) -> list[float]:
-        """Shortest time of each call, seconds: ``repeats`` rounds after a warm-up round, and
-        up to twice as many more until each call's two shortest times agree within
-        :data:`STABLE_WITHIN` (a burst of load from another process inflates single calls)."""
+    def time_calls(self, calls: Sequence[Callable[[], object]]) -> list[float]:
+        """Shortest of :data:`CALLS_PER_PASS` back-to-back timings of each call, seconds; the
+        calls take turns."""
         times: list[list[float]] = [[] for _ in calls]
-        for round_ in range(3 * repeats + 1):
+        for _ in range(CALLS_PER_PASS):
             for k, call in enumerate(calls):
                 _sync(self.device)
                 start = time.perf_counter()
                 call()
                 _sync(self.device)
-                if round_:
-                    times[k].append(time.perf_counter() - start)
-            if round_ >= repeats and all(_stable(t) for t in times):
-                break
+                times[k].append(time.perf_counter() - start)
         return [min(t) for t in times]
-
-
-def _stable(times: list[float]) -> bool:
-    if len(times) < 2:
-        return True
-    first, second = sorted(times)[:2]
-    return second <= first * (1 + STABLE_WITHIN)
 
 
 _KERNEL_FAILURES = (RuntimeError, NotImplementedError, QuantizationError)
@@ -291,61 +288,84 @@ class _Session:
             self.progress(self.done, self.planned)
 
     def measure_bits(self, bits: int, points: Sequence[GridPoint], share_s: float) -> None:
-        """Every mandatory point of ``points`` at ``bits``, then the others that fit
-        ``share_s`` seconds."""
+        """``repeats`` passes over the points at ``bits``: the first measures every mandatory
+        point and the others whose cost, times the passes, fits ``share_s`` seconds; the later
+        passes repeat what the first measured while the share allows (always one pass)."""
         started = time.perf_counter()
+        passes = self.stages.grid.repeats
         try:
             shard = self.stages.build(bits, self.group_size)
             warm = points[0]
             _step(shard, warm, _inputs(self.stages.arch, warm, False, self.stages.device))()
         except _KERNEL_FAILURES as exc:
             self.result.unavailable[bits] = f"{type(exc).__name__}: {exc}".splitlines()[0]
-            self.done += len(points)
+            self.done += len(points) * passes
             self.tick()
             return
         paths = {p for ps in shard.kernel_paths().values() for p in ps}
         self.result.kernel_paths[bits] = tuple(sorted(paths))
         mandatory = _mandatory(points)
+        ends = {p for p in points if p not in self.ends_done}
+        samples: dict[GridPoint, list[list[float]]] = {}
         for point in points:
             spent = time.perf_counter() - started
-            if point not in mandatory and spent + self.estimate_s(point) > share_s:
+            if point not in mandatory and spent + self.estimate_s(point) > share_s / passes:
                 self.result.trimmed += 1
+                self.done += passes
             else:
-                self.measure_point(shard, bits, point)
-            self.done += 1
+                samples[point] = [self.sample(shard, point, point in ends)]
+                self.done += 1
             self.tick()
+        pass_s = sum(self.cost_s[p] for p in samples)
+        for k in range(1, passes):
+            if time.perf_counter() - started + pass_s > share_s:
+                self.done += (passes - k) * len(samples)
+                self.tick()
+                break
+            for point in samples:
+                samples[point].append(self.sample(shard, point, point in ends))
+                self.done += 1
+                self.tick()
+        for point, runs in samples.items():
+            self.record(bits, point, [min(run[k] for run in runs) for k in range(len(runs[0]))])
+        self.ends_done.update(ends & samples.keys())
         del shard
 
     def estimate_s(self, point: GridPoint) -> float:
-        """Wall time measuring ``point`` will take, scaled from the nearest measured point."""
+        """Wall time one pass over ``point`` will take, scaled from the nearest measured
+        point."""
         same = [p for p in self.cost_s if p.phase == point.phase]
         if not same:
             return 0.0
         ref = min(same, key=lambda p: abs(math.log(p.work / point.work)))
         return self.cost_s[ref] * point.work / ref.work
 
-    def measure_point(self, shard: StageShard, bits: int, point: GridPoint) -> None:
-        arch, device, repeats = self.stages.arch, self.stages.device, self.stages.grid.repeats
+    def sample(self, shard: StageShard, point: GridPoint, with_ends: bool) -> list[float]:
+        """One pass's times at ``point``: the empty stage, the stack, and with ``with_ends``
+        the embedding-only and head-only stages, seconds."""
+        arch, device = self.stages.arch, self.stages.device
         started = time.perf_counter()
         hidden = _inputs(arch, point, False, device)
         calls = [_step(self.empty, point, hidden), _step(shard, point, hidden)]
-        with_ends = point not in self.ends_done
         if with_ends:
             ids = _inputs(arch, point, True, device)
             calls += [_step(self.first, point, ids), _step(self.last, point, hidden)]
-        times = self.stages.time_calls(calls, repeats)
+        times = self.stages.time_calls(calls)
+        self.cost_s[point] = time.perf_counter() - started
+        return times
+
+    def record(self, bits: int, point: GridPoint, times: list[float]) -> None:
+        """The timings of ``point`` from its shortest times per call (:meth:`sample`'s order)."""
         empty_s, phase = times[0], point.phase
         per_layer = (times[1] - empty_s) / self.stages.grid.stack_layers
         add = self.result.timings.append
         add(Timing("layer", phase, bits, point.micro_batch, point.context_len, _pos(per_layer)))
-        if with_ends:
-            self.ends_done.add(point)
+        if len(times) > 2:
             parts: tuple[tuple[Part, float], ...] = (
                 ("stage", empty_s), ("embedding", times[2] - empty_s), ("head", times[3] - empty_s)
             )  # fmt: skip
             for part, t in parts:
                 add(Timing(part, phase, 0, point.micro_batch, point.context_len, _pos(t)))
-        self.cost_s[point] = time.perf_counter() - started
 
 
 def _pos(latency_s: float) -> float:
@@ -401,7 +421,7 @@ def measure_device(
     with tempfile.TemporaryDirectory(prefix="pqctl-profile-") as tmp:
         directory = write_random_checkpoint(arch, grid.stack_layers, Path(tmp))
         session = _Session(_Stages(arch, grid, directory, dev), group_size, budget_s, progress)
-        session.tick(len(ordered) * len(bits))
+        session.tick(len(ordered) * len(bits) * grid.repeats)
         for k, b in enumerate(bits):
             left_s = math.inf
             if budget_s is not None:
@@ -412,6 +432,7 @@ def measure_device(
 
 
 __all__ = [
+    "CALLS_PER_PASS",
     "FULL_GRID",
     "MIN_POINTS",
     "QUICK_GRID",
