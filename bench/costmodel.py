@@ -11,10 +11,11 @@ For each model (the built-in bard-tiny and a random-weight Llama, hidden 1024, 8
 3. the stages are loaded with ``runtime.shard.load_shard`` (every layer at its planned
    precision) and run in this process with the plan's micro-batch layout: prefill micro-batches
    of ``prefill_size`` prompts, then decode steps of ``decode_size`` sequences for the expected
-   new tokens, ``repeats`` times after a warm-up run. Each stage call (step context + forward)
-   is timed as the profile times a grid point: the shorter of two back-to-back calls within a
-   run, the shortest over runs (seconds apart), per (micro-batch, step); then averaged over
-   micro-batches and steps.
+   new tokens. The plans take turns: a warm-up run, then at least ``repeats`` runs of each,
+   more until they span the grid's ``spread_s``, as the profile's passes do. Each stage call
+   (step context + forward) is timed as the profile times a grid point: the shorter of two
+   back-to-back calls within a run, the shortest over runs (seconds apart), per (micro-batch,
+   step); then averaged over micro-batches and steps.
 
 Printed: predicted and measured ms per stage and the mean absolute percentage error (MAPE) per
 model and phase (target ≤ 6 %), plus each profile fit's held-out error. Both sides estimate
@@ -56,11 +57,16 @@ from planner.simulator import StageAssignment, evaluate  # noqa: E402
 from pqctl.profiling import ProfileRequest, run_profile  # noqa: E402
 from runtime.arch import ArchConfig, arch_from_config, read_config  # noqa: E402
 from runtime.assets import builtin_model_dir  # noqa: E402
-from runtime.profiling import CALLS_PER_PASS, ProfileGrid, write_random_checkpoint  # noqa: E402
+from runtime.profiling import (  # noqa: E402
+    CALLS_PER_PASS,
+    MAX_PASS_FACTOR,
+    ProfileGrid,
+    write_random_checkpoint,
+)
 from runtime.shard import StageShard, StageSpec, load_shard  # noqa: E402
 
 WORKLOAD = Workload(global_batch=4, prompt_len=64, max_new_tokens=32, expected_new_tokens=32)
-GRID = ProfileGrid((1, 2, 4), (32, 64, 128), (1, 2, 4), (64, 96, 128), repeats=8)
+GRID = ProfileGrid((1, 2, 4), (32, 64, 128), (1, 2, 4), (64, 96, 128), repeats=8, spread_s=10.0)
 RANDOM_LLAMA = {
     "model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816,
     "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 8,
@@ -136,31 +142,53 @@ def timed_pass(
     return times
 
 
-def measure_case(
-    shards: list[StageShard], arch: ArchConfig, case: PlanCase, repeats: int
-) -> tuple[list[float], list[float]]:
-    """Per-stage mean seconds per prefill and per decode micro-batch (best of ``repeats``
-    runs)."""
-    batch, prompt = WORKLOAD.global_batch, WORKLOAD.prompt_len
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, arch.vocab_size, (batch, prompt), generator=gen)
-    prefill: dict[int, list[list[float]]] = {}
-    decode: dict[tuple[int, int], list[list[float]]] = {}
-    for _ in range(repeats + 1):  # the first run warms up
+class CaseRuns:
+    """One plan's stages and every run's stage times per prefill micro-batch and decode step."""
+
+    def __init__(self, shards: list[StageShard], arch: ArchConfig, case: PlanCase) -> None:
+        self.shards, self.case = shards, case
+        gen = torch.Generator().manual_seed(0)
+        shape = (WORKLOAD.global_batch, WORKLOAD.prompt_len)
+        self.ids = torch.randint(0, arch.vocab_size, shape, generator=gen)
+        self.prefill: dict[int, list[list[float]]] = {}
+        self.decode: dict[tuple[int, int], list[list[float]]] = {}
+
+    def run(self) -> None:
+        """The plan's prefill micro-batches, then its decode steps, as the pipeline runs them."""
+        batch, prompt, case = WORKLOAD.global_batch, WORKLOAD.prompt_len, self.case
         for m, start in enumerate(range(0, batch, case.prefill_size)):
             rows = (start, start + case.prefill_size)
-            prefill.setdefault(m, []).append(timed_pass(shards, ids[rows[0] : rows[1]], rows, 0))
+            times = timed_pass(self.shards, self.ids[rows[0] : rows[1]], rows, 0)
+            self.prefill.setdefault(m, []).append(times)
         for step in range(WORKLOAD.expected_new_tokens - 1):
             for m, start in enumerate(range(0, batch, case.decode_size)):
                 rows = (start, start + case.decode_size)
-                token = ids[rows[0] : rows[1], -1:]
-                times = timed_pass(shards, token, rows, prompt + step)
-                decode.setdefault((step, m), []).append(times)
-    return _best_mean(prefill.values()), _best_mean(decode.values())
+                token = self.ids[rows[0] : rows[1], -1:]
+                times = timed_pass(self.shards, token, rows, prompt + step)
+                self.decode.setdefault((step, m), []).append(times)
+
+    def result(self) -> tuple[list[float], list[float]]:
+        """Per-stage mean seconds per prefill and per decode micro-batch: the best run of each
+        call (the first run, a warm-up, dropped), averaged."""
+        return _best_mean(self.prefill.values()), _best_mean(self.decode.values())
+
+
+def measure_cases(runs: list[CaseRuns], repeats: int, spread_s: float) -> None:
+    """A warm-up run and at least ``repeats`` runs of every plan, the plans taking turns so
+    each plan's runs are spread over the whole measurement; more runs (up to
+    ``MAX_PASS_FACTOR × repeats``) until they span ``spread_s`` seconds, as the profile's
+    passes do."""
+    started, done = time.perf_counter(), 0
+    while done < MAX_PASS_FACTOR * repeats + 1:
+        if done > repeats and time.perf_counter() - started >= spread_s:
+            break
+        for case in runs:
+            case.run()
+        done += 1
 
 
 def _best_mean(runs_per_call: Any) -> list[float]:
-    """Per stage: the shortest of each call's repeats (the warm-up dropped), averaged."""
+    """Per stage: the shortest of each call's runs (the warm-up dropped), averaged."""
     best = [
         [min(run[k] for run in runs[1:]) for k in range(len(runs[0]))] for runs in runs_per_call
     ]
@@ -205,13 +233,13 @@ def run_model(
         ProfileRequest(str(directory), "cpu", used_bits(cases), grid, None, profile_dir,
                        threads=args.threads)
     )[0]  # fmt: skip
+    runs = [CaseRuns(load_stages(directory, arch, case, group), arch, case) for case in cases]
+    with torch.inference_mode():
+        measure_cases(runs, args.repeats, grid.spread_s)
     rows = []
-    for case in cases:
+    for case, case_runs in zip(cases, runs, strict=True):
         predicted = predict_case(directory, profile_dir, case, group)
-        shards = load_stages(directory, arch, case, group)
-        with torch.inference_mode():
-            prefill, decode = measure_case(shards, arch, case, args.repeats)
-        del shards
+        prefill, decode = case_runs.result()
         for k in range(len(case.stages)):
             rows.append({
                 "plan": case.name, "stage": k,

@@ -115,12 +115,10 @@ def _features(phase: str, micro_batch: float, context: float) -> list[float]:
 
 @dataclass(frozen=True, slots=True)
 class BatchFit:
-    """Latency against context length at one measured micro-batch size: a polynomial
-    (``coefficients`` from the constant up) fitted over contexts ``low`` to ``high``."""
+    """Latency against context length at one measured micro-batch size: a polynomial,
+    ``coefficients`` from the constant up."""
 
     coefficients: tuple[float, ...]
-    low: int
-    high: int
 
     def at(self, context: int) -> float:
         """The polynomial at ``context``, seconds."""
@@ -132,8 +130,8 @@ class PhaseFit:
     """One (phase, bits) regression: the phase's form over every sample (``coefficients``)
     and a fit against context at each measured micro-batch size (``by_batch``).
 
-    Inside the measured range (micro-batch between two measured sizes, context within both
-    sizes' contexts) a prediction interpolates linearly in the micro-batch between the two
+    Inside the measured range (micro-batch between two measured sizes, context within the
+    samples' ``contexts``) a prediction interpolates linearly in the micro-batch between the two
     sizes' fits: kernels are not linear in the micro-batch (a CPU's one-row GEMV is much
     cheaper per row than a two-row GEMM), so the form, linear in it, misses measured sizes by
     up to ~20 %. Outside it the form extrapolates. Predictions never fall below ``floor_s``
@@ -144,6 +142,7 @@ class PhaseFit:
     coefficients: tuple[float, ...]
     floor_s: float
     by_batch: Mapping[int, BatchFit] = field(default_factory=dict)
+    contexts: tuple[int, int] = (0, 0)
 
     def predict_s(self, micro_batch: int, context: int) -> float:
         """Predicted layer latency, seconds."""
@@ -156,11 +155,9 @@ class PhaseFit:
     def _interpolated_s(self, micro_batch: int, context: int) -> float | None:
         below = [b for b in self.by_batch if b <= micro_batch]
         above = [b for b in self.by_batch if b >= micro_batch]
-        if not below or not above:
+        if not below or not above or not self.contexts[0] <= context <= self.contexts[1]:
             return None
         lo, hi = self.by_batch[max(below)], self.by_batch[min(above)]
-        if not all(f.low <= context <= f.high for f in (lo, hi)):
-            return None
         if max(below) == min(above):
             return lo.at(context)
         share = (micro_batch - max(below)) / (min(above) - max(below))
@@ -182,7 +179,7 @@ def _batch_fit(phase: str, samples: Sequence[LatencySample]) -> BatchFit | None:
     degree = 2 if phase == "prefill" and len(contexts) >= 3 else 1
     x = np.array([[float(s.context_len) ** k for k in range(degree + 1)] for s in samples])
     y = np.array([s.latency_s for s in samples])
-    return BatchFit(_relative_lstsq(x, y), contexts[0], contexts[-1])
+    return BatchFit(_relative_lstsq(x, y))
 
 
 def fit_phase(phase: str, samples: Sequence[LatencySample]) -> PhaseFit:
@@ -196,7 +193,8 @@ def fit_phase(phase: str, samples: Sequence[LatencySample]) -> PhaseFit:
         fit = _batch_fit(phase, [s for s in samples if s.micro_batch == b])
         if fit is not None:
             by_batch[b] = fit
-    return PhaseFit(phase, _relative_lstsq(x, y), float(y.min()) / 2, by_batch)
+    contexts = (min(s.context_len for s in samples), max(s.context_len for s in samples))
+    return PhaseFit(phase, _relative_lstsq(x, y), float(y.min()) / 2, by_batch, contexts)
 
 
 def held_out_error(phase: str, samples: Sequence[LatencySample]) -> float | None:

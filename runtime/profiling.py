@@ -59,6 +59,8 @@ MIN_POINTS: dict[str, int] = {"prefill": 5, "decode": 4}
 _MIN_LATENCY_S = 1e-7
 CALLS_PER_PASS = 2
 """Back-to-back calls of each stage per point and pass; the shorter counts."""
+MAX_PASS_FACTOR = 4
+"""At most this many times ``repeats`` passes when passes are quick (``spread_s``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +87,9 @@ class ProfileGrid:
         prefill_batches, prompt_lens: the prefill grid (every pair).
         decode_batches, contexts: the decode grid (every pair).
         repeats: passes over the grid per precision (the shortest time over passes counts).
+        spread_s: the passes of one precision span at least this many seconds: when
+            ``repeats`` passes are quicker, more follow (up to ``MAX_PASS_FACTOR × repeats``),
+            so the samples of a small model's points are as far apart as a large one's.
         stack_layers: decoder layers in the timed stack (at most the model's). Eight rather
             than four: a stack that a real stage's weights outgrow stays partly in the CPU's
             caches and times decode too fast (bench/costmodel.py --quick on a 2-core AVX2
@@ -98,6 +103,7 @@ class ProfileGrid:
     contexts: tuple[int, ...]
     repeats: int = 5
     stack_layers: int = 8
+    spread_s: float = 0.0
 
     def points(self, phase: Phase) -> list[GridPoint]:
         """The phase's points, the four corners and the centre first, then cheapest first."""
@@ -123,12 +129,20 @@ class ProfileGrid:
             tuple(n for n in self.contexts if n <= max_len) or (max_len,),
             self.repeats,
             self.stack_layers,
+            self.spread_s,
         )
 
 
-QUICK_GRID = ProfileGrid((1, 2, 4), (32, 64, 128), (1, 2, 4, 8), (64, 128, 256), repeats=6)
+QUICK_GRID = ProfileGrid(
+    (1, 2, 4), (32, 64, 128), (1, 2, 4, 8), (64, 128, 256), repeats=6, spread_s=10.0
+)
 FULL_GRID = ProfileGrid(
-    (1, 2, 4, 8), (64, 128, 256, 512), (1, 2, 4, 8, 16), (128, 256, 512, 1024), repeats=8
+    (1, 2, 4, 8),
+    (64, 128, 256, 512),
+    (1, 2, 4, 8, 16),
+    (128, 256, 512, 1024),
+    repeats=8,
+    spread_s=20.0,
 )
 
 
@@ -307,6 +321,7 @@ class _Session:
         mandatory = _mandatory(points)
         ends = {p for p in points if p not in self.ends_done}
         samples: dict[GridPoint, list[list[float]]] = {}
+        first_pass = time.perf_counter()
         for point in points:
             spent = time.perf_counter() - started
             if point not in mandatory and spent + self.estimate_s(point) > share_s / passes:
@@ -317,15 +332,22 @@ class _Session:
                 self.done += 1
             self.tick()
         pass_s = sum(self.cost_s[p] for p in samples)
-        for k in range(1, passes):
-            if time.perf_counter() - started + pass_s > share_s:
-                self.done += (passes - k) * len(samples)
-                self.tick()
+        grid, done = self.stages.grid, 1
+        most = passes if grid.spread_s <= 0 else MAX_PASS_FACTOR * passes
+        while done < most:
+            now = time.perf_counter()
+            spread = done >= passes and now - first_pass >= grid.spread_s
+            if spread or now - started + pass_s > share_s:
                 break
+            if done >= passes:
+                self.tick(planned=len(samples))  # an extra pass: the planned ones were quick
             for point in samples:
                 samples[point].append(self.sample(shard, point, point in ends))
                 self.done += 1
                 self.tick()
+            done += 1
+        self.done += max(passes - done, 0) * len(samples)
+        self.tick()
         for point, runs in samples.items():
             self.record(bits, point, [min(run[k] for run in runs) for k in range(len(runs[0]))])
         self.ends_done.update(ends & samples.keys())

@@ -21,6 +21,7 @@ from planner.profiles import (
     default_profile_dir,
     find_profile,
     fit_phase,
+    held_out_error,
     load_profile,
     load_profiles,
     parse_profile,
@@ -134,6 +135,46 @@ def test_floor_prevents_negative_predictions() -> None:
     assert fit.predict_s(1, 10_000) > 0
     # On the grid the floor does not bite.
     assert fit.predict_s(2, 257) == pytest.approx(decode_s(2, 257, falling), rel=1e-9)
+
+
+def gemv_decode_s(b: int, p: int) -> float:
+    """A CPU-like decode layer: one row takes a GEMV, two or more a GEMM that costs ~1.8x the
+    GEMV and grows slowly per row; plus attention over ``p`` positions per row."""
+    weights = 3.9e-3 if b == 1 else 6.5e-3 + 0.45e-3 * (b - 2)
+    return weights + 2e-7 * b * p
+
+
+def test_measured_micro_batches_are_predicted_from_their_own_fit() -> None:
+    samples = [
+        LatencySample("decode", 16, b, p, gemv_decode_s(b, p))
+        for b in (1, 2, 4)
+        for p in (64, 96, 128)
+    ]
+    fit = fit_phase("decode", samples)
+    # the regression form, linear in the micro-batch, cannot follow the GEMV step
+    form = float(np.dot(fit.coefficients, [2 * (1 + 80), 2, 80, 1]))
+    assert abs(form - gemv_decode_s(2, 80)) / gemv_decode_s(2, 80) > 0.1
+    for b, p in [(1, 64), (2, 80), (2, 128), (4, 100)]:
+        assert fit.predict_s(b, p) == pytest.approx(gemv_decode_s(b, p), rel=1e-9)
+    # between measured sizes: linear in the micro-batch (exact here: linear from 2 up)
+    assert fit.predict_s(3, 96) == pytest.approx(gemv_decode_s(3, 96), rel=1e-9)
+    # outside the measured range the form extrapolates
+    assert fit.predict_s(8, 96) == pytest.approx(
+        float(np.dot(fit.coefficients, [8 * 97, 8, 96, 1])), rel=1e-9
+    )
+    assert fit.predict_s(2, 512) == pytest.approx(
+        float(np.dot(fit.coefficients, [2 * 513, 2, 512, 1])), rel=1e-9
+    )
+
+
+def test_held_out_error_of_interpolation_is_small_where_the_form_misses() -> None:
+    samples = [
+        LatencySample("decode", 16, b, p, gemv_decode_s(b, p))
+        for b in (1, 2, 4, 8)
+        for p in (64, 96, 128)
+    ]
+    error = held_out_error("decode", samples)
+    assert error is not None and error < 0.02
 
 
 def test_too_few_distinct_points_leave_a_phase_unfitted() -> None:
