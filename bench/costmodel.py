@@ -1,31 +1,35 @@
-"""Cost-model accuracy: per-stage prefill and decode time predicted from a fresh profile vs
-measured by running the same stage shards, in one run.
+"""Cost-model accuracy: per-stage prefill and decode time predicted from a profile vs measured
+by running the same stage shards, in one run.
 
 For each model (the built-in bard-tiny and a random-weight Llama, hidden 1024, 8 layers):
 
-1. ``pqctl profile`` (``pqctl.profiling.run_profile``) measures this CPU for the model's shape
-   into a temporary directory;
-2. for several plans (1-3 stages; uniform and mixed precisions) the planner's cost model
-   (``planner.problem.build_tables`` + ``planner.simulator.evaluate``, reading that profile)
-   predicts each stage's time per prefill and per decode micro-batch;
-3. the stages are loaded with ``runtime.shard.load_shard`` (every layer at its planned
-   precision) and run in this process with the plan's micro-batch layout: prefill micro-batches
-   of ``prefill_size`` prompts, then decode steps of ``decode_size`` sequences for the expected
-   new tokens. The plans take turns: a warm-up run, then at least ``repeats`` runs of each,
-   more until they span the grid's ``spread_s``, as the profile's passes do. Each stage call
-   (step context + forward) is timed as the profile times a grid point: the shorter of two
-   back-to-back calls within a run, the shortest over runs (seconds apart), per (micro-batch,
-   step); then averaged over micro-batches and steps.
+1. the plans' stages (1-3 stages; uniform and mixed precisions) are loaded with
+   ``runtime.shard.load_shard``, every layer at its planned precision;
+2. in each of ``--rounds`` rounds, ``runtime.profiling.measure_device`` (what ``pqctl profile``
+   runs) takes one pass over the profile grid at every precision the plans use, then every
+   plan runs once in this process with its micro-batch layout: prefill micro-batches of
+   ``prefill_size`` prompts, then decode steps of ``decode_size`` sequences for the expected
+   new tokens;
+3. each profile timing keeps its shortest time over the rounds (as ``pqctl profile`` keeps the
+   shortest over passes) and becomes a profile file (``pqctl.profiling.to_profile``); the
+   planner's cost model (``planner.problem.build_tables`` + ``planner.simulator.evaluate``,
+   reading it) predicts each stage's time per prefill and per decode micro-batch;
+4. each measured stage call (step context + forward) is timed as the profile times a grid
+   point: the shorter of two back-to-back calls within a round, the shortest over rounds, per
+   (micro-batch, step); then averaged over micro-batches and steps.
+
+Why rounds: on a shared cloud CPU the machine's speed drifts, at its best for a minute and
+10-20 % slower for the next (``runtime/profiling.py``); a profile taken in one stretch and a
+measurement taken in the next compare two machines. Interleaved, both estimate the
+uncontended time over the same minutes.
 
 Printed: predicted and measured ms per stage and the mean absolute percentage error (MAPE) per
-model and phase (target ≤ 6 %), plus each profile fit's held-out error. Both sides estimate
-the uncontended time (the best over runs spread in time: on a shared cloud CPU the speed
-drifts for hundreds of milliseconds at a time, see ``runtime/profiling.py``), on one torch
-thread (``--threads``): on a CPU shared with other processes a second thread is often
-descheduled and stalls every op. The load average is printed at start and end; figures are
-only comparable within one run.
+model and phase (target ≤ 6 %), plus each profile fit's held-out error. One torch thread
+(``--threads``): on a CPU shared with other processes a second thread is often descheduled
+and stalls every op. The load average is printed at start and end; figures are only
+comparable within one run.
 
-Usage: python bench/costmodel.py [--quick] [--json] [--threads 1] [--repeats 8]
+Usage: python bench/costmodel.py [--quick] [--json] [--threads 1] [--rounds 8]
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,21 +56,27 @@ from planner.local_host import local_cluster  # noqa: E402
 from planner.model_spec import load_model_spec  # noqa: E402
 from planner.plan import Workload  # noqa: E402
 from planner.problem import PlanningProblem, build_tables  # noqa: E402
-from planner.profiles import load_profiles  # noqa: E402
+from planner.profiles import (  # noqa: E402
+    load_profiles,
+    save_profile,
+    shape_key,
+)
 from planner.simulator import StageAssignment, evaluate  # noqa: E402
-from pqctl.profiling import ProfileRequest, run_profile  # noqa: E402
+from pqctl.profiling import fit_errors, profile_file_name, to_profile  # noqa: E402
 from runtime.arch import ArchConfig, arch_from_config, read_config  # noqa: E402
 from runtime.assets import builtin_model_dir  # noqa: E402
 from runtime.profiling import (  # noqa: E402
     CALLS_PER_PASS,
-    MAX_PASS_FACTOR,
+    DeviceMeasurement,
     ProfileGrid,
+    Timing,
+    measure_device,
     write_random_checkpoint,
 )
 from runtime.shard import StageShard, StageSpec, load_shard  # noqa: E402
 
 WORKLOAD = Workload(global_batch=4, prompt_len=64, max_new_tokens=32, expected_new_tokens=32)
-GRID = ProfileGrid((1, 2, 4), (32, 64, 128), (1, 2, 4), (64, 96, 128), repeats=8, spread_s=10.0)
+GRID = ProfileGrid((1, 2, 4), (32, 64, 128), (1, 2, 4), (64, 96, 128), repeats=1)
 RANDOM_LLAMA = {
     "model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816,
     "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 8,
@@ -173,18 +183,36 @@ class CaseRuns:
         return _best_mean(self.prefill.values()), _best_mean(self.decode.values())
 
 
-def measure_cases(runs: list[CaseRuns], repeats: int, spread_s: float) -> None:
-    """A warm-up run and at least ``repeats`` runs of every plan, the plans taking turns so
-    each plan's runs are spread over the whole measurement; more runs (up to
-    ``MAX_PASS_FACTOR × repeats``) until they span ``spread_s`` seconds, as the profile's
-    passes do."""
-    started, done = time.perf_counter(), 0
-    while done < MAX_PASS_FACTOR * repeats + 1:
-        if done > repeats and time.perf_counter() - started >= spread_s:
-            break
+TimingKey = tuple[str, str, int, int, int]
+
+
+def profile_and_measure(
+    arch: ArchConfig, runs: list[CaseRuns], bits: tuple[int, ...], group: int, rounds: int
+) -> DeviceMeasurement:
+    """``rounds`` rounds, each one profile pass over every precision (``measure_device``)
+    then one run of every plan; the first run of each plan warms it up. Each profile timing
+    keeps its shortest time over rounds, as ``pqctl profile`` keeps the shortest over passes,
+    so the profile and the measurement sample the same stretch of the machine's time."""
+    best: dict[TimingKey, Timing] = {}
+    merged = DeviceMeasurement("cpu")
+    started = time.perf_counter()
+    with torch.inference_mode():
         for case in runs:
-            case.run()
-        done += 1
+            case.run()  # warm-up
+    for _ in range(rounds):
+        m = measure_device(arch, "cpu", bits, GRID, group_size=group)
+        merged.unavailable |= m.unavailable
+        merged.kernel_paths |= m.kernel_paths
+        for t in m.timings:
+            key = (t.part, t.phase, t.bits, t.micro_batch, t.context_len)
+            if key not in best or t.latency_s < best[key].latency_s:
+                best[key] = t
+        with torch.inference_mode():
+            for case in runs:
+                case.run()
+    merged.timings = list(best.values())
+    merged.elapsed_s = time.perf_counter() - started
+    return merged
 
 
 def _best_mean(runs_per_call: Any) -> list[float]:
@@ -228,14 +256,11 @@ def run_model(
     spec = load_model_spec(directory)
     group = default_group_size(spec)
     profile_dir = work / f"profiles-{name}"
-    grid = replace(GRID, repeats=args.repeats)
-    outcome = run_profile(
-        ProfileRequest(str(directory), "cpu", used_bits(cases), grid, None, profile_dir,
-                       threads=args.threads)
-    )[0]  # fmt: skip
+    profile_dir.mkdir()
     runs = [CaseRuns(load_stages(directory, arch, case, group), arch, case) for case in cases]
-    with torch.inference_mode():
-        measure_cases(runs, args.repeats, grid.spread_s)
+    measured = profile_and_measure(arch, runs, used_bits(cases), group, args.rounds)
+    profile = to_profile("cpu", shape_key(spec), measured)
+    save_profile(profile, profile_dir / profile_file_name("cpu", shape_key(spec)))
     rows = []
     for case, case_runs in zip(cases, runs, strict=True):
         predicted = predict_case(directory, profile_dir, case, group)
@@ -256,14 +281,14 @@ def run_model(
     }
     fits = [
         {"fit": e.what, "phase": e.phase, "held_out_mape": e.held_out_mape}
-        for e in outcome.fit_errors
+        for e in fit_errors(profile)
     ]
-    return {"model": name, "profile_s": outcome.measurement.elapsed_s, "stages": rows,
+    return {"model": name, "elapsed_s": measured.elapsed_s, "stages": rows,
             "mape": mape, "fit_error": fits}  # fmt: skip
 
 
 def print_model(result: dict[str, Any]) -> None:
-    print(f"\n== {result['model']} (profiled in {result['profile_s']:.0f} s)")
+    print(f"\n== {result['model']} (profiled and measured in {result['elapsed_s']:.0f} s)")
     print(f"{'plan':<22} {'st':>2} {'prefill pred':>12} {'meas':>8} {'err':>7}"
           f" {'decode pred':>12} {'meas':>8} {'err':>7}")  # fmt: skip
     for r in result["stages"]:
@@ -291,8 +316,8 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument(
-        "--repeats", type=int, default=GRID.repeats,
-        help="profile passes and measured runs (default %(default)s)",
+        "--rounds", type=int, default=8,
+        help="rounds of one profile pass and one run of each plan (default %(default)s)",
     )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -309,13 +334,13 @@ def main() -> None:
         write_random_checkpoint(arch, arch.num_layers, big)
         results.append(run_model("random llama h1024 x8", big, cases, args, work))
     summary = {
-        "threads": args.threads, "repeats": args.repeats, "workload": str(WORKLOAD),
+        "threads": args.threads, "rounds": args.rounds, "workload": str(WORKLOAD),
         "load_average": [load_start, os.getloadavg()[0]], "models": results,
     }  # fmt: skip
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
         return
-    print(f"torch {torch.__version__}, {args.threads} thread(s), best of {args.repeats}; "
+    print(f"torch {torch.__version__}, {args.threads} thread(s), best of {args.rounds} rounds; "
           f"workload {WORKLOAD}; load average at start {load_start:.2f}")  # fmt: skip
     for result in results:
         print_model(result)

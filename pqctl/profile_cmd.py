@@ -99,7 +99,7 @@ def _progress_bar(show: bool) -> Iterator[ProgressFn | None]:
     columns = (
         TextColumn("profiling {task.description}"),
         BarColumn(),
-        TextColumn("{task.completed}/{task.total} points"),
+        TextColumn("{task.completed}/{task.total} samples"),
         TimeElapsedColumn(),
     )
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:

@@ -51,7 +51,7 @@ CPU_TYPE_NAME = "cpu"
 GRIDS = {"quick": QUICK_GRID, "full": FULL_GRID}
 
 Progress = Callable[[str, int, int], None]
-"""Called with (device label, points done, points planned)."""
+"""Called with (device label, samples done, samples planned)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -180,7 +180,8 @@ class DeviceMeasurement:
 
 
 ProgressFn = Callable[[int, int], None]
-"""Called with (points done, points planned) as the measurement goes."""
+"""Called with (samples done, samples planned) as the measurement goes; a sample is one point
+in one pass, and quick passes add to the plan (``ProfileGrid.spread_s``)."""
 
 
 def write_random_checkpoint(arch: ArchConfig, layers: int, directory: Path) -> Path:
@@ -424,7 +425,7 @@ def measure_device(
         budget_s: wall-clock budget of the whole measurement, seconds (None: the whole grid).
             Each precision gets an equal share of what is left; the mandatory points are
             measured even past it.
-        progress: called with (points done, points planned).
+        progress: called with (samples done, samples planned).
 
     Returns:
         The timings, the unavailable precisions and what was trimmed.

@@ -13,6 +13,7 @@ from planner.profiles import LatencyProfile, LatencySample, ShapeKey, TransferFi
 from runtime.arch import ArchConfig, arch_from_config
 from runtime.hop_timing import activation_frame_sizes, measure_hop
 from runtime.profiling import (
+    MAX_PASS_FACTOR,
     MIN_POINTS,
     DeviceMeasurement,
     GridPoint,
@@ -124,6 +125,26 @@ def test_progress_reports_every_point() -> None:
         tiny_arch(), "cpu", (16,), small, group_size=32, progress=lambda d, t: seen.append((d, t))
     )
     assert seen[-1] == (10, 10)
+
+
+def test_quick_passes_repeat_until_they_span_spread_s() -> None:
+    seen: list[tuple[int, int]] = []
+    # ten points a pass; passes far quicker than a minute: MAX_PASS_FACTOR of them
+    spread = ProfileGrid((1, 2), (8, 16, 32), (1, 2), (8, 16), 1, 1, spread_s=60.0)
+    m = measure_device(
+        tiny_arch(), "cpu", (16,), spread, group_size=32, progress=lambda d, t: seen.append((d, t))
+    )
+    assert seen[-1] == (10 * MAX_PASS_FACTOR, 10 * MAX_PASS_FACTOR)
+    assert len([t for t in m.timings if t.part == "layer"]) == 10
+
+
+def test_a_spent_budget_skips_the_later_passes_and_progress_still_completes() -> None:
+    seen: list[tuple[int, int]] = []
+    measure_device(
+        tiny_arch(), "cpu", (16,), GRID, group_size=32, budget_s=1e-3,
+        progress=lambda d, t: seen.append((d, t)),
+    )  # fmt: skip
+    assert seen[-1] == (12 * GRID.repeats, 12 * GRID.repeats)
 
 
 def test_activation_hop_over_zeromq_is_timed() -> None:
