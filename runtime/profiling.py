@@ -17,12 +17,14 @@ micro-batch and the attended context for decode)::
 Decode points attend to a real preallocated KV cache of ``context_len`` positions.
 
 Each time is the shortest over ``repeats`` passes over a precision's grid, each pass calling
-every stage :data:`CALLS_PER_PASS` times in turn at each point. On a CPU shared with other
-tenants the machine's speed drifts for hundreds of milliseconds at a time (on a 2-core cloud
-VM, the best of 7 back-to-back calls of one decode-sized linear ranged over 1.9× in 150 s), so
-repeats back to back all see the same state; spread over passes, seconds apart, the shortest
-approaches the uncontended time (there, best of 8 spread samples: 5 % spread, best of 12: 3 %).
-``bench/costmodel.py`` measures served stages with the same statistic.
+every stage :data:`CALLS_PER_PASS` times back to back at each point, and more passes while they span
+less than the grid's ``spread_s``. On a CPU shared with other tenants the machine's speed
+drifts: on a 2-core cloud VM the best of 7 back-to-back calls of one decode-sized linear ranged
+over 1.9× in 150 s, and a 5 ms decode call's best time per 10-second window was 1.00-1.21×
+its best over 4 minutes, 10-20 % above it for 100 s at a time. Repeats back to back all see
+one state of the machine; the shortest of samples seconds apart approaches the uncontended
+time, which a profile describes. ``bench/costmodel.py`` interleaves profile passes with the
+runs it compares them with.
 
 A precision whose layers cannot be built or whose kernel raises is reported unavailable with
 the reason; nothing of it is timed.
@@ -259,17 +261,22 @@ class _Stages:
         return load_shard(self.directory, self.arch, spec, dtype=self.dtype, device=self.device)
 
     def time_calls(self, calls: Sequence[Callable[[], object]]) -> list[float]:
-        """Shortest of :data:`CALLS_PER_PASS` back-to-back timings of each call, seconds; the
-        calls take turns."""
-        times: list[list[float]] = [[] for _ in calls]
-        for _ in range(CALLS_PER_PASS):
-            for k, call in enumerate(calls):
+        """Shortest of :data:`CALLS_PER_PASS` back-to-back timings of each call, seconds.
+
+        Back to back, as a serving stage calls its layers micro-batch after micro-batch: the
+        second call finds in the caches what of the stage's weights fit there (all of a small
+        model's: bard-tiny's 8-layer stack is 14 MiB of fp32 weights), as serving does."""
+        times: list[float] = []
+        for call in calls:
+            best = math.inf
+            for _ in range(CALLS_PER_PASS):
                 _sync(self.device)
                 start = time.perf_counter()
                 call()
                 _sync(self.device)
-                times[k].append(time.perf_counter() - start)
-        return [min(t) for t in times]
+                best = min(best, time.perf_counter() - start)
+            times.append(best)
+        return times
 
 
 _KERNEL_FAILURES = (RuntimeError, NotImplementedError, QuantizationError)
