@@ -59,6 +59,11 @@ Part = Literal["layer", "stage", "embedding", "head"]
 MIN_POINTS: dict[str, int] = {"prefill": 5, "decode": 4}
 """Fewest distinct points per (bits, phase) the regression forms need."""
 _MIN_LATENCY_S = 1e-7
+PART_RESOLUTION = 0.2
+"""An embedding or head part shorter than this share of the empty stage's time is recorded at
+it: the part is a difference of two calls, and below that it is noise (a decode embedding
+lookup of a few rows, ~20 µs on a CPU, measured 0-30 µs; zeros made the fits' relative
+errors meaningless)."""
 CALLS_PER_PASS = 2
 """Back-to-back calls of each stage per point and pass; the shorter counts."""
 MAX_PASS_FACTOR = 4
@@ -394,7 +399,9 @@ class _Session:
             parts: tuple[tuple[Part, float], ...] = (
                 ("stage", empty_s), ("embedding", times[2] - empty_s), ("head", times[3] - empty_s)
             )  # fmt: skip
+            resolution_s = PART_RESOLUTION * empty_s
             for part, t in parts:
+                t = max(t, resolution_s)
                 add(Timing(part, phase, 0, point.micro_batch, point.context_len, _pos(t)))
 
 
