@@ -66,11 +66,11 @@ from pqctl.profiling import fit_errors, profile_file_name, to_profile  # noqa: E
 from runtime.arch import ArchConfig, arch_from_config, read_config  # noqa: E402
 from runtime.assets import builtin_model_dir  # noqa: E402
 from runtime.profiling import (  # noqa: E402
-    CALLS_PER_PASS,
     DeviceMeasurement,
     ProfileGrid,
     Timing,
     measure_device,
+    shortest_call,
     write_random_checkpoint,
 )
 from runtime.shard import StageShard, StageSpec, load_shard  # noqa: E402
@@ -133,22 +133,23 @@ def load_stages(directory: Path, arch: ArchConfig, case: PlanCase, group: int) -
 def timed_pass(
     shards: list[StageShard], ids: torch.Tensor, slots: tuple[int, int], past: int
 ) -> list[float]:
-    """One micro-batch through every stage, as the pipeline runs it; seconds per stage, the
-    shorter of :data:`CALLS_PER_PASS` calls (a repeated call rewrites the same cache
-    positions with the same values)."""
+    """One micro-batch through every stage, as the pipeline runs it; seconds per stage, timed
+    as the profile times a grid point (``shortest_call``: a repeated call rewrites the same
+    cache positions with the same values)."""
     b, new = ids.shape
     positions = torch.arange(past, past + new).expand(b, new)
     key_valid = torch.ones(b, past + new, dtype=torch.bool)
     x: torch.Tensor = ids
     times = []
+    cpu = torch.device("cpu")
     for shard in shards:
-        best, y = float("inf"), x
-        for _ in range(CALLS_PER_PASS):  # as the profile times a point within a pass
-            start = time.perf_counter()
-            y = shard(x, shard.context(slots, past, positions, key_valid))
-            best = min(best, time.perf_counter() - start)
+
+        def step(shard: StageShard = shard, x: torch.Tensor = x) -> torch.Tensor:
+            out: torch.Tensor = shard(x, shard.context(slots, past, positions, key_valid))
+            return out
+
+        best, x = shortest_call(step, cpu)
         times.append(best)
-        x = y
     return times
 
 

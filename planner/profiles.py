@@ -157,11 +157,11 @@ class PhaseFit:
         above = [b for b in self.by_batch if b >= micro_batch]
         if not below or not above or not self.contexts[0] <= context <= self.contexts[1]:
             return None
-        lo, hi = self.by_batch[max(below)], self.by_batch[min(above)]
-        if max(below) == min(above):
-            return lo.at(context)
-        share = (micro_batch - max(below)) / (min(above) - max(below))
-        return (1 - share) * lo.at(context) + share * hi.at(context)
+        lo, hi = max(below), min(above)
+        if lo == hi:
+            return self.by_batch[lo].at(context)
+        share = (micro_batch - lo) / (hi - lo)
+        return (1 - share) * self.by_batch[lo].at(context) + share * self.by_batch[hi].at(context)
 
 
 def _relative_lstsq(x: np.ndarray, y: np.ndarray) -> tuple[float, ...]:

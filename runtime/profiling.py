@@ -17,14 +17,14 @@ micro-batch and the attended context for decode)::
 Decode points attend to a real preallocated KV cache of ``context_len`` positions.
 
 Each time is the shortest over ``repeats`` passes over a precision's grid, each pass calling
-every stage :data:`CALLS_PER_PASS` times back to back at each point, and more passes while they span
-less than the grid's ``spread_s``. On a CPU shared with other tenants the machine's speed
-drifts: on a 2-core cloud VM the best of 7 back-to-back calls of one decode-sized linear ranged
-over 1.9× in 150 s, and a 5 ms decode call's best time per 10-second window was 1.00-1.21×
-its best over 4 minutes, 10-20 % above it for 100 s at a time. Repeats back to back all see
-one state of the machine; the shortest of samples seconds apart approaches the uncontended
-time, which a profile describes. ``bench/costmodel.py`` interleaves profile passes with the
-runs it compares them with.
+every stage :data:`CALLS_PER_PASS` times back to back at each point (:func:`shortest_call`),
+and more passes while they span less than the grid's ``spread_s``. On a CPU shared with other
+tenants the machine's speed drifts: on a 2-core cloud VM the best of 7 back-to-back calls of
+one decode-sized linear ranged over 1.9× in 150 s, and a 5 ms decode call's best time per
+10-second window was 1.00-1.21× its best over 4 minutes, 10-20 % above it for 100 s at a
+time. Repeats back to back all see one state of the machine; the shortest of samples seconds
+apart approaches the uncontended time, which a profile describes. ``bench/costmodel.py``
+interleaves profile passes with the runs it compares them with.
 
 A precision whose layers cannot be built or whose kernel raises is reported unavailable with
 the reason; nothing of it is timed.
@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -54,6 +54,7 @@ from runtime.errors import QuantizationError, StageMemoryError
 from runtime.shard import StageShard, StageSpec, end_tensors, layer_tensors, load_shard
 from runtime.stages import compute_dtype
 
+T = TypeVar("T")
 Phase = Literal["prefill", "decode"]
 Part = Literal["layer", "stage", "embedding", "head"]
 MIN_POINTS: dict[str, int] = {"prefill": 5, "decode": 4}
@@ -266,22 +267,25 @@ class _Stages:
         return load_shard(self.directory, self.arch, spec, dtype=self.dtype, device=self.device)
 
     def time_calls(self, calls: Sequence[Callable[[], object]]) -> list[float]:
-        """Shortest of :data:`CALLS_PER_PASS` back-to-back timings of each call, seconds.
+        """Each call's :func:`shortest_call` time, seconds, in order."""
+        return [shortest_call(call, self.device)[0] for call in calls]
 
-        Back to back, as a serving stage calls its layers micro-batch after micro-batch: the
-        second call finds in the caches what of the stage's weights fit there (all of a small
-        model's: bard-tiny's 8-layer stack is 14 MiB of fp32 weights), as serving does."""
-        times: list[float] = []
-        for call in calls:
-            best = math.inf
-            for _ in range(CALLS_PER_PASS):
-                _sync(self.device)
-                start = time.perf_counter()
-                call()
-                _sync(self.device)
-                best = min(best, time.perf_counter() - start)
-            times.append(best)
-        return times
+
+def shortest_call(call: Callable[[], T], device: torch.device) -> tuple[float, T]:
+    """The shorter of :data:`CALLS_PER_PASS` back-to-back timings of ``call`` (seconds, the
+    device synchronised around each) and the last call's result.
+
+    Back to back, as a serving stage calls its layers micro-batch after micro-batch: the
+    second call finds in the caches what of the stage's weights fit there (all of a small
+    model's: bard-tiny's 8-layer stack is 14 MiB of fp32 weights), as serving does."""
+    best = math.inf
+    for _ in range(CALLS_PER_PASS):
+        _sync(device)
+        start = time.perf_counter()
+        result = call()
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best, result
 
 
 _KERNEL_FAILURES = (RuntimeError, NotImplementedError, QuantizationError)
@@ -479,5 +483,6 @@ __all__ = [
     "StageMemoryError",
     "Timing",
     "measure_device",
+    "shortest_call",
     "write_random_checkpoint",
 ]
