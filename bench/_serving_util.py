@@ -26,13 +26,13 @@ from planner.model_spec import load_model_spec
 from planner.plan import Plan, StagePrediction
 from planner.problem import PlanningProblem, build_tables
 from planner.simulator import StageAssignment, evaluate
-from runtime.assets import BUILTIN_MODEL_NAME, builtin_model_dir
-from runtime.client import Client
-from runtime.corpus import held_out_play
-from runtime.deployment import DeploymentError, DeploymentState
-from runtime.frames import StepHeader, decode_step, encode_step
-from runtime.monitor import Monitor
-from tests.serving.conftest import Served, stop_gateway
+from runtime.model.assets import BUILTIN_MODEL_NAME, builtin_model_dir
+from runtime.model.corpus import held_out_play
+from runtime.serve.client import Client
+from runtime.serve.deployment import DeploymentError, DeploymentState
+from runtime.serve.frames import StepHeader, decode_step, encode_step
+from runtime.serve.monitor import Monitor
+from tests.runtime.serve.conftest import Served, stop_gateway
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -109,8 +109,8 @@ def with_predictions(plan: Plan, device: DeviceType) -> Plan:
     """The plan with every stage's prediction recomputed by the cost model for its own layers,
     bits and the plan's micro-batch sizes on ``device`` (every stage on the same CPU type).
 
-    ``tests.serving.plans.serving_plan`` copies the planner's single-stage prediction (made for
-    a nominal CPU) to every stage it splits off, so it cannot be compared stage by stage.
+    ``tests.runtime.serve.plans.serving_plan`` copies the planner's single-stage prediction
+    (made for a nominal CPU) to every stage it splits off, so it cannot be compared stage by stage.
     """
     source = plan.model.source
     model = replace(load_model_spec(checkpoint_dir(source)), source=source)
@@ -192,11 +192,11 @@ def _tree_cpu_s(root: int) -> float:
 def start_deployment(
     plan: Path, state_dir: Path, name: str, env: dict[str, str], timeout_s: float = 600.0
 ) -> Served:
-    """``python -m runtime.server`` for ``plan`` with extra environment ``env``, once every
-    stage is ready. Like ``tests.serving.conftest.start_gateway``, but patient with a gateway
+    """``python -m runtime.serve.gateway`` for ``plan`` with extra environment ``env``, once every
+    stage is ready. Like ``tests.runtime.serve.conftest.start_gateway``, but patient with a gateway
     starved of CPU while large stages load, and never leaving it running when it fails."""
     environ = dict(os.environ, PQCTL_STATE_DIR=str(state_dir), PYTHONPATH=str(ROOT), **env)
-    argv = [sys.executable, "-m", "runtime.server", "--plan", str(plan), "--name", name]
+    argv = [sys.executable, "-m", "runtime.serve.gateway", "--plan", str(plan), "--name", name]
     argv += ["--endpoint", "tcp://127.0.0.1:*"]
     with open(state_dir / f"{name}-gateway.log", "wb") as log:
         process = subprocess.Popen(
@@ -231,7 +231,7 @@ def _state_when_saved(
 class MetricsRecorder:
     """Every stage's metrics messages (one a second each) while ``recording`` is set.
 
-    A thread owns the :class:`runtime.monitor.Monitor` (its sockets never leave that thread).
+    A thread owns the :class:`runtime.serve.monitor.Monitor` (its sockets never leave that thread).
     """
 
     def __init__(self, status_endpoint: str) -> None:

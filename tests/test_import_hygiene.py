@@ -49,11 +49,45 @@ def test_runtime_imports_without_interface_libraries() -> None:
 def test_client_side_modules_import_without_torch_or_transformers() -> None:
     """A client (and the status monitor) needs only pyzmq and msgpack, never the model stack."""
     modules = [
-        "runtime.client",
-        "runtime.protocol",
-        "runtime.deployment",
-        "runtime.monitor",
-        "runtime.textstream",
+        "runtime.serve.client",
+        "runtime.serve.protocol",
+        "runtime.serve.deployment",
+        "runtime.serve.monitor",
+        "runtime.serve.textstream",
     ]
     for module in modules:  # one fresh interpreter each, so none hides another's imports
         assert _loaded_after_import([module], ["torch", "transformers"]) == [], module
+
+
+def test_python_client_loads_only_pyzmq_msgpack_and_its_own_modules() -> None:
+    """``runtime.serve.client`` can ship alone: of the project it loads only the client's own
+    modules, and of installed packages only pyzmq and msgpack."""
+    code = (
+        "import sys, sysconfig\n"
+        "before = set(sys.modules)  # what site's .pth files loaded at start-up\n"
+        "import runtime.serve.client\n"
+        "site = {sysconfig.get_paths()[k] for k in ('purelib', 'platlib')}\n"
+        "new = {n: m for n, m in sys.modules.items() if n not in before}\n"
+        "ours = sorted(n for n in new if n.split('.')[0] in ('runtime', 'planner'))\n"
+        "installed = sorted({n.split('.')[0] for n, m in new.items()\n"
+        "    if any(str(getattr(m, '__file__', '') or '').startswith(p) for p in site)})\n"
+        "print(' '.join(ours)); print(' '.join(installed))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    ours, installed = (line.split() for line in out.stdout.splitlines())
+    assert ours == [
+        "runtime",
+        "runtime.serve",
+        "runtime.serve.client",
+        "runtime.serve.deployment",
+        "runtime.serve.keys",
+        "runtime.serve.protocol",
+    ]
+    assert set(installed) <= {"zmq", "msgpack"}, installed

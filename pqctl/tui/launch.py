@@ -1,9 +1,10 @@
 """Starting and stopping the deployment the dashboard owns.
 
-The gateway is started the way ``pqctl apply --detach`` starts it (``python -m runtime.server``
-in a new session, the project importable through :func:`runtime.launcher.child_env`); it then
-starts one process per stage. The dashboard watches it through :class:`runtime.monitor.Monitor`
-and stops it on request and on exit. Everything here blocks: call it from a thread worker.
+The gateway is started as ``pqctl apply --detach`` starts it
+(:func:`runtime.serve.launcher.start_gateway`: ``python -m runtime.serve.gateway`` in a new
+session); it then starts one process per stage. The dashboard watches it through
+:class:`runtime.serve.monitor.Monitor` and stops it on request and on exit. Everything here
+blocks: call it from a thread worker.
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from planner.plan import Plan
 from pqctl.tui.telemetry import local_host_names
-from runtime.deployment import DeploymentError, DeploymentState, state_dir, stop_deployment
-from runtime.launcher import child_env
+from runtime.serve.deployment import DeploymentError, DeploymentState, state_dir, stop_deployment
+from runtime.serve.launcher import (
+    GatewayExited,
+    GatewayLaunch,
+    log_tail,
+    start_gateway,
+    wait_for_gateway,
+)
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:*"
 """The dashboard binds any free port on loopback; the Serve view shows the one it got."""
@@ -62,13 +67,6 @@ def free_name(base: str = "dashboard") -> str:
     raise LaunchError(f"99 deployments named {base}-N are running; stop some with pqctl stop")
 
 
-def _tail(log: Path, lines: int = 8) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
 def launch(
     plan: Plan,
     name: str,
@@ -93,27 +91,15 @@ def launch(
     logs.mkdir(parents=True, exist_ok=True)
     plan_file, log = logs / "plan.json", logs / "gateway.log"
     plan.save(plan_file)
-    argv = [sys.executable, "-m", "runtime.server", "--plan", str(plan_file)]
-    argv += ["--name", name, "--endpoint", endpoint]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=child_env(),
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and not cancelled():
-        code = process.poll()
-        if code is not None:
-            raise LaunchError(f"the gateway exited ({code}): {_tail(log) or 'no output'}")
-        with contextlib.suppress(DeploymentError):
-            state = DeploymentState.load(name)
-            if state.pid == process.pid:
-                return Launched(process, state, plan_file, log)
-        time.sleep(0.1)
+    process = start_gateway(GatewayLaunch(plan_file, name, endpoint), log)
+    try:
+        state = wait_for_gateway(process, name, timeout_s, cancelled)
+    except GatewayExited as exc:
+        raise LaunchError(
+            f"the gateway exited ({exc.exit_code}): {log_tail(log, 8) or 'no output'}"
+        ) from exc
+    if state is not None:
+        return Launched(process, state, plan_file, log)
     _kill(process)
     if cancelled():
         raise LaunchError("launch cancelled")

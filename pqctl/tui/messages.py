@@ -12,7 +12,7 @@ from typing import Any
 from textual.message import Message
 
 from planner.plan import Plan
-from pqctl.planning import ResolvedCluster
+from pqctl.plan_inputs import ResolvedCluster
 from pqctl.tui.launch import Launched
 from pqctl.tui.telemetry import DeviceSample
 

@@ -2,7 +2,7 @@
 
 Resolving this host measures its CPU (about a second), so :class:`PlanningSession` keeps the
 resolved cluster and the models it has read, and builds each new problem from them the way
-:func:`pqctl.planning.build_problem` does. Everything here blocks: the dashboard calls it from a
+:func:`pqctl.plan_inputs.build_problem` does. Everything here blocks: the dashboard calls it from a
 thread worker.
 """
 
@@ -20,7 +20,7 @@ from planner.plan import Plan
 from planner.problem import PlanningProblem
 from planner.profiles import LatencyProfile, load_profiles
 from planner.search import ProgressFn, SearchOptions
-from pqctl.planning import (
+from pqctl.plan_inputs import (
     PlanRequest,
     PplTarget,
     ResolvedCluster,
@@ -31,7 +31,7 @@ from pqctl.planning import (
     resolve_cluster,
     resolve_model,
 )
-from runtime.assets import BUILTIN_MODEL_NAME
+from runtime.model.assets import BUILTIN_MODEL_NAME
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +91,7 @@ class PlanningSession:
 
     def problem(self, request: PlanRequest) -> tuple[PlanningProblem, PplTarget | None, list[str]]:
         """The planning problem of ``request`` on this session's cluster, its perplexity target
-        and notes on the quality indicator (:func:`pqctl.planning.problem_on`).
+        and notes on the quality indicator (:func:`pqctl.plan_inputs.problem_on`).
 
         Raises:
             PlannerError: a bad model, workload, quality target or excluded device.

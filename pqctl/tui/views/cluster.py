@@ -15,7 +15,7 @@ from textual.widgets import DataTable, Static
 from textual.worker import get_current_worker
 
 from planner.cluster import DeviceSpec
-from pqctl.planning import ResolvedCluster
+from pqctl.plan_inputs import ResolvedCluster
 from pqctl.tui.messages import DeviceSamples, ExclusionChanged
 from pqctl.tui.telemetry import DeviceSample, HostSampler
 from pqctl.tui.widgets.figures import bar, human_bytes, level_style, spark

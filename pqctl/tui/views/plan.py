@@ -20,13 +20,13 @@ from textual.worker import get_current_worker
 from planner.errors import PlannerError
 from planner.model_spec import example_model_names
 from planner.plan import Plan, PlanValidationError
-from pqctl.planning import DEFAULT_WORKLOAD, PlanRequest
+from pqctl.plan_inputs import DEFAULT_WORKLOAD, PlanRequest
 from pqctl.tui.messages import PlanReady, SolveFinished, SolveProgress
 from pqctl.tui.solver import PlanningSession, SolveJob
 from pqctl.tui.widgets.bits_strip import BitsLegend
 from pqctl.tui.widgets.figures import human_rate
 from pqctl.tui.widgets.stage_card import StageCard
-from runtime.assets import BUILTIN_MODEL_NAME
+from runtime.model.assets import BUILTIN_MODEL_NAME
 
 FIELDS = (  # input id, label, width, placeholder
     ("model", "model", 18, BUILTIN_MODEL_NAME),

@@ -1,5 +1,6 @@
 """Prompt view: send a prompt with sampling options to the dashboard's deployment and watch the
-tokens stream. The client (``runtime.client.Client``, blocking pyzmq) runs in a thread worker."""
+tokens stream. The client (``runtime.serve.client.Client``, blocking pyzmq) runs in a thread
+worker."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from textual.widgets import Input, Label, Static
 from textual.worker import get_current_worker
 
 from pqctl.tui.messages import GenerationEnded, TokensArrived
-from runtime.client import Client, ServerError
+from runtime.serve.client import Client, ServerError
 
 REPLY_TIMEOUT_S = 60.0
 OPTION_FIELDS = (  # input id, label, width, default, kind

@@ -2,7 +2,7 @@
 prefill/decode throughput beside the prediction; stop it.
 
 The dashboard owns the deployment it launched and stops it on exit. Launching, watching
-(ZeroMQ SUB via :class:`runtime.monitor.Monitor`) and stopping run in thread workers.
+(ZeroMQ SUB via :class:`runtime.serve.monitor.Monitor`) and stopping run in thread workers.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pqctl.tui.messages import (
 )
 from pqctl.tui.widgets.figures import human_rate, spark
 from pqctl.tui.widgets.stage_monitor import StageMonitor
-from runtime.monitor import Monitor, predicted_rates
+from runtime.serve.monitor import Monitor, predicted_rates
 
 SNAPSHOT_INTERVAL_S = 0.5
 

@@ -12,7 +12,7 @@ import pytest
 
 from pqctl.tui import launch
 from pqctl.tui.app import DashboardError, PqctlApp, run_dashboard
-from runtime.deployment import DeploymentState, pid_alive
+from runtime.serve.deployment import DeploymentState, pid_alive
 from tests.pqctl.tui.helpers import HOME_LAB, ROOT, wait_for
 
 

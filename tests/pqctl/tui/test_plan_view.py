@@ -10,7 +10,7 @@ from pathlib import Path
 from textual.widgets import Input
 
 from planner.plan import Plan
-from pqctl.planning import PlanRequest
+from pqctl.plan_inputs import PlanRequest
 from pqctl.tui.app import PqctlApp
 from pqctl.tui.solver import SolvedPlan
 from pqctl.tui.views.plan import bottlenecks

@@ -14,7 +14,7 @@ from textual.widgets import Input
 
 from pqctl.tui.app import PqctlApp
 from pqctl.tui.widgets.stage_monitor import StageMonitor
-from runtime.deployment import DeploymentState, pid_alive
+from runtime.serve.deployment import DeploymentState, pid_alive
 from tests.pqctl.tui.helpers import HOME_LAB, PLAN_FILE, wait_for
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.deployment import DeploymentState, pid_alive
+from runtime.serve.deployment import DeploymentState, pid_alive
 from tests.pqctl.tui.helpers import HOME_LAB, ROOT
 
 pytestmark = pytest.mark.skipif(

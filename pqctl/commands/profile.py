@@ -1,0 +1,280 @@
+"""The ``pqctl profile`` command: parse, call :func:`pqctl.device_profiles.run_profile`, render."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from planner.errors import ModelConfigError, PlannerError
+from planner.plan import ALL_BITS
+from planner.profiles import default_profile_dir
+from pqctl.device_profiles import (
+    GRIDS,
+    ProfileOutcome,
+    ProfileRequest,
+    run_profile,
+)
+from pqctl.device_profiles import (
+    Progress as ProgressFn,
+)
+from pqctl.exits import EXIT_BAD_INPUT, EXIT_FAILURE, fail
+from runtime.errors import CheckpointError, RuntimeFailure, UnsupportedArchitectureError
+from runtime.measure.profiling import MIN_POINTS, ProfileGrid
+
+
+def _int_list(text: str, flag: str, allowed: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    bad = not values or any(v <= 0 for v in values)
+    if allowed is not None:
+        bad = bad or any(v not in allowed for v in values)
+    if bad:
+        what = ", ".join(map(str, allowed)) if allowed else "positive integers"
+        raise fail(
+            "bad option",
+            f'{flag}: "{text}" is not a comma-separated list of {what}',
+            EXIT_BAD_INPUT,
+        )
+    return tuple(dict.fromkeys(values))
+
+
+def _grid(
+    name: str,
+    prefill_batches: str | None,
+    prompt_lens: str | None,
+    decode_batches: str | None,
+    contexts: str | None,
+    repeats: int | None,
+) -> ProfileGrid:
+    if name not in GRIDS:
+        raise fail(
+            "bad option", f'--grid: "{name}" is not one of {", ".join(GRIDS)}', EXIT_BAD_INPUT
+        )
+    grid = GRIDS[name]
+    if prefill_batches is not None:
+        grid = replace(grid, prefill_batches=_int_list(prefill_batches, "--prefill-batches"))
+    if prompt_lens is not None:
+        grid = replace(grid, prompt_lens=_int_list(prompt_lens, "--prompt-lens"))
+    if decode_batches is not None:
+        grid = replace(grid, decode_batches=_int_list(decode_batches, "--decode-batches"))
+    if contexts is not None:
+        grid = replace(grid, contexts=_int_list(contexts, "--contexts"))
+    if repeats is not None:
+        if repeats < 1:
+            raise fail(
+                "bad option", f"--repeats: must be at least 1, got {repeats}", EXIT_BAD_INPUT
+            )
+        grid = replace(grid, repeats=repeats)
+    for phase, flags in (
+        ("prefill", "--prefill-batches × --prompt-lens"),
+        ("decode", "--decode-batches × --contexts"),
+    ):
+        have, need = len(grid.points(phase)), MIN_POINTS[phase]  # type: ignore[arg-type]
+        if have < need:
+            raise fail(
+                "bad option",
+                f"{flags}: {have} {phase} points, the fit needs at least {need}",
+                EXIT_BAD_INPUT,
+            )
+    return grid
+
+
+@contextmanager
+def _progress_bar(show: bool) -> Iterator[ProgressFn | None]:
+    if not show:
+        yield None
+        return
+    columns = (
+        TextColumn("profiling {task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} samples"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        tasks: dict[str, TaskID] = {}
+
+        def update(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done, total=total)
+
+        yield update
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f} %"
+
+
+def _render(outcomes: list[ProfileOutcome]) -> None:
+    console = Console()
+    for o in outcomes:
+        m = o.measurement
+        unavailable = ", ".join(f"{b} ({why})" for b, why in sorted(m.unavailable.items()))
+        transfer = o.profile.transfer
+        console.print(
+            f"[bold]{o.target.torch_device}[/] ({o.target.device_type}): {o.path}\n"
+            f"  {len(o.profile.samples)} layer samples in {m.elapsed_s:.1f} s"
+            + (f", {m.trimmed} grid points left out for the time budget" if m.trimmed else "")
+            + f"\n  unavailable: {unavailable or 'none'}"
+            + (
+                f"\n  activation hop (ZeroMQ, loopback): {1e6 * transfer.latency_s:.0f} µs + "
+                f"{transfer.bandwidth_gb_s:.2f} GB/s"
+                if transfer is not None
+                else ""
+            ),
+            highlight=False,
+        )
+        table = Table(title="fit held-out error (leave-one-out MAPE)", title_justify="left")
+        for column in ("fit", "phase", "samples", "held-out error"):
+            table.add_column(column, justify="left" if column in ("fit", "phase") else "right")
+        for e in o.fit_errors:
+            table.add_row(e.what, e.phase, str(e.samples), _pct(e.held_out_mape))
+        console.print(table)
+
+
+def _as_json(outcomes: list[ProfileOutcome]) -> str:
+    return json.dumps(
+        [
+            {
+                "device": o.target.torch_device,
+                "device_type": o.target.device_type,
+                "file": str(o.path),
+                "unavailable_bits": {str(b): w for b, w in o.measurement.unavailable.items()},
+                "points_trimmed": o.measurement.trimmed,
+                "elapsed_s": round(o.measurement.elapsed_s, 3),
+                "fit_error": [
+                    {
+                        "fit": e.what,
+                        "phase": e.phase,
+                        "samples": e.samples,
+                        "held_out_mape": e.held_out_mape,
+                    }
+                    for e in o.fit_errors
+                ],
+            }
+            for o in outcomes
+        ],
+        indent=2,
+    )
+
+
+def profile(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Checkpoint directory, config.json or example name; only the "
+            "shape matters (weights are random). Default: the built-in model.",
+        ),
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", "-d", help="cpu, cuda:N, or all (every GPU and the CPU).")
+    ] = "all",
+    bits: Annotated[
+        str, typer.Option("--bits", help="Precisions to measure, comma-separated.")
+    ] = "16,8,4,3,2",
+    time_budget: Annotated[
+        float | None,
+        typer.Option(
+            "--time-budget",
+            help="Seconds for the whole run: the grid is trimmed to fit, "
+            "keeping the points each fit needs.",
+        ),
+    ] = None,
+    grid: Annotated[
+        str, typer.Option("--grid", help="quick or full; the options below override parts.")
+    ] = "quick",
+    prefill_batches: Annotated[
+        str | None, typer.Option("--prefill-batches", help="Prefill micro-batch sizes, e.g. 1,2,4.")
+    ] = None,
+    prompt_lens: Annotated[
+        str | None, typer.Option("--prompt-lens", help="Prefill prompt lengths, e.g. 64,128,256.")
+    ] = None,
+    decode_batches: Annotated[
+        str | None, typer.Option("--decode-batches", help="Decode micro-batch sizes.")
+    ] = None,
+    contexts: Annotated[
+        str | None, typer.Option("--contexts", help="Decode context lengths (past + 1).")
+    ] = None,
+    repeats: Annotated[
+        int | None,
+        typer.Option("--repeats", help="Passes over the grid (the shortest time counts)."),
+    ] = None,
+    group_size: Annotated[
+        int | None,
+        typer.Option("--group-size", help="Quantization group size; default as pqctl plan's."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            file_okay=False,
+            help="Directory for the profile files. Default: $PQCTL_PROFILE_DIR or "
+            "~/.cache/pqctl/profiles (where pqctl plan looks).",
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            help="torch threads while measuring; default torch's own, as the stage workers run.",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Measure this host's devices for a model shape and write the profiles pqctl plan uses.
+
+    Times one decoder layer per precision (prefill and decode grids), the embedding, the head
+    and the activation hop between stages.
+    """
+    if time_budget is not None and not time_budget > 0:
+        raise fail(
+            "bad option", f"--time-budget: must be positive, got {time_budget}", EXIT_BAD_INPUT
+        )
+    if threads is not None and threads <= 0:
+        raise fail("bad option", f"--threads: must be positive, got {threads}", EXIT_BAD_INPUT)
+    if group_size is not None and group_size <= 0:
+        raise fail(
+            "bad option", f"--group-size: must be positive, got {group_size}", EXIT_BAD_INPUT
+        )
+    request = ProfileRequest(
+        model=model,
+        devices=device,
+        bits=_int_list(bits, "--bits", ALL_BITS),
+        grid=_grid(grid, prefill_batches, prompt_lens, decode_batches, contexts, repeats),
+        budget_s=time_budget,
+        output_dir=output if output is not None else default_profile_dir(),
+        group_size=group_size,
+        threads=threads,
+    )
+    try:
+        with _progress_bar(sys.stderr.isatty()) as progress:
+            outcomes = run_profile(request, progress)
+    except ModelConfigError as exc:
+        raise fail(exc.title, f"--model: {exc.msg}", EXIT_BAD_INPUT) from exc
+    except PlannerError as exc:
+        raise fail(exc.title, exc.msg, EXIT_BAD_INPUT) from exc
+    except (UnsupportedArchitectureError, CheckpointError) as exc:
+        raise fail(exc.title, f"--model: {exc.msg}", EXIT_BAD_INPUT) from exc
+    except RuntimeFailure as exc:
+        raise fail(exc.title, exc.msg, EXIT_FAILURE) from exc
+    except OSError as exc:
+        raise fail("cannot write profiles", f"--output: {exc}", EXIT_BAD_INPUT) from exc
+    if as_json:
+        typer.echo(_as_json(outcomes))
+    else:
+        _render(outcomes)

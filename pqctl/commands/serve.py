@@ -1,0 +1,376 @@
+"""``pqctl apply`` / ``generate`` / ``stop`` / ``keys``: serving a plan from the command line.
+
+The gateway starts through :mod:`runtime.serve.launcher` (as the dashboard starts it), the
+tables it shows come from :mod:`pqctl.render.deployment`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+
+from planner.plan import Plan
+from pqctl.exits import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_STAGE_FAILED,
+    EXIT_UNREACHABLE,
+    fail,
+    load_plan,
+)
+from pqctl.render.deployment import loading_view, serving_summary, stage_table
+from runtime.serve.client import Client, ServerError
+from runtime.serve.deployment import (
+    DEFAULT_NAME,
+    DeploymentError,
+    DeploymentState,
+    check_name,
+    pid_alive,
+    state_dir,
+    stop_deployment,
+)
+from runtime.serve.keys import CurveKeys, init_keys
+from runtime.serve.launcher import (
+    GatewayExited,
+    GatewayLaunch,
+    log_tail,
+    start_gateway,
+    wait_for_gateway,
+)
+from runtime.serve.monitor import Monitor
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:7460"
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
+
+NameOption = Annotated[
+    str, typer.Option("--name", help="Deployment name (several can run side by side).")
+]
+KeysOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--keys",
+        help="CURVE key directory (pqctl keys init): encrypt and authenticate sockets.",
+        file_okay=False,
+    ),
+]
+
+
+def _local_hosts() -> set[str]:
+    return LOCAL_HOSTS | {socket.gethostname(), socket.getfqdn()}
+
+
+def _check_name(name: str) -> str:
+    try:
+        return check_name(name)
+    except DeploymentError as exc:
+        raise fail("bad option", f"--name: {exc}", EXIT_BAD_INPUT) from exc
+
+
+def apply(
+    plan_file: Annotated[Path, typer.Argument(help="plan.json from pqctl plan.", dir_okay=False)],
+    detach: Annotated[
+        bool, typer.Option("--detach", "-d", help="Return once serving; stop with pqctl stop.")
+    ] = False,
+    endpoint: Annotated[
+        str,
+        typer.Option("--endpoint", help="Client endpoint to bind (ZeroMQ; port * = any free)."),
+    ] = DEFAULT_ENDPOINT,
+    name: NameOption = DEFAULT_NAME,
+    keys: KeysOption = None,
+    ready_timeout: Annotated[
+        float, typer.Option("--ready-timeout", help="Seconds to wait for every stage to load.")
+    ] = 600.0,
+    restarts: Annotated[
+        int, typer.Option("--restarts", help="Restarts of a failed stage before giving up.", min=0)
+    ] = 3,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the deployment's state as JSON once serving.")
+    ] = False,
+) -> None:
+    """Serve a plan on this host: one process per stage, a gateway for clients.
+
+    Then, unless --detach, a live table of measured vs predicted tokens/s per stage until Ctrl-C.
+    """
+    plan = load_plan(plan_file)
+    name = _check_name(name)
+    remote = [s for s in plan.stages if s.device.host not in _local_hosts()]
+    if remote:
+        hosts = ", ".join(sorted({s.device.host for s in remote}))
+        raise fail(
+            "cannot start stages",
+            f"the plan puts stages on {hosts}, not this host ({socket.gethostname()}); "
+            "multi-host launch needs pqctl agent on each host. Plan with --local to serve here.",
+            EXIT_BAD_INPUT,
+        )
+    try:
+        running = DeploymentState.load(name)
+    except DeploymentError:
+        running = None
+    if running is not None:
+        raise fail(
+            "already running",
+            f'deployment "{name}" is serving at {running.client_endpoint} (pid {running.pid}); '
+            f"stop it with pqctl stop --name {name} or pick another --name",
+            EXIT_BAD_INPUT,
+        )
+    if keys is not None:
+        try:
+            CurveKeys.load(keys)
+        except ValueError as exc:
+            raise fail("bad keys", str(exc), EXIT_BAD_INPUT) from exc
+    console = Console(stderr=True)
+    process, log = _start_gateway(plan_file, name, endpoint, keys, restarts)
+    state = _wait_for_state(process, name, log)
+    monitor = Monitor(state.status_endpoint, CurveKeys.load(keys, "client") if keys else None)
+    try:
+        if not _wait_until_serving(monitor, process, plan, ready_timeout, console, log):
+            _stop_quietly(state)
+            raise typer.Exit(EXIT_STAGE_FAILED)
+        if as_json:
+            typer.echo(json.dumps(_state_dict(state), indent=2))
+        else:
+            flag = _name_flag(name)
+            console.print(
+                f"[bold green]serving[/] {plan.model.source} ({_stages(len(plan.stages))}) at "
+                f"[bold]{state.client_endpoint}[/]\n"
+                f'  try: pqctl generate{flag} "ROMEO:"   stop: pqctl stop{flag}',
+                highlight=False,
+            )
+        if detach:
+            return
+        code = _live_table(monitor, process, plan, state)
+    finally:
+        monitor.close()
+    raise typer.Exit(code)
+
+
+def _stages(n: int) -> str:
+    return f"{n} stage" if n == 1 else f"{n} stages"
+
+
+def _name_flag(name: str) -> str:
+    return "" if name == DEFAULT_NAME else f" --name {name}"
+
+
+def _state_dict(state: DeploymentState) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return asdict(state)
+
+
+def _start_gateway(
+    plan_file: Path, name: str, endpoint: str, keys: Path | None, restarts: int = 3
+) -> tuple[subprocess.Popen[bytes], Path]:
+    logs = state_dir() / "logs" / name
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / "gateway.log"
+    keys = keys.resolve() if keys is not None else None
+    launch = GatewayLaunch(plan_file.resolve(), name, endpoint, restarts, keys)
+    return start_gateway(launch, log), log
+
+
+def _wait_for_state(process: subprocess.Popen[bytes], name: str, log: Path) -> DeploymentState:
+    try:
+        state = wait_for_gateway(process, name, 120)
+    except GatewayExited as exc:
+        raise fail(exc.title, log_tail(log, 12) or exc.msg, EXIT_FAILURE) from exc
+    if state is None:
+        process.kill()
+        raise fail("gateway did not start", f"no state file after 120 s; see {log}", EXIT_FAILURE)
+    return state
+
+
+def _wait_until_serving(
+    monitor: Monitor,
+    process: subprocess.Popen[bytes],
+    plan: Plan,
+    timeout_s: float,
+    console: Console,
+    log: Path,
+) -> bool:
+    deadline = time.monotonic() + timeout_s
+    with Live(console=console, transient=True, refresh_per_second=4) as live:
+        while time.monotonic() < deadline:
+            monitor.poll(0.25)
+            status = monitor.status
+            if status is not None:
+                live.update(loading_view(status, plan))
+                if status["phase"] == "serving":
+                    return True
+                if status["phase"] == "failed":
+                    break
+            if process.poll() is not None:
+                break
+    status = monitor.status or {}
+    message = status.get("failure") or log_tail(log, 12) or "gateway exited"
+    if time.monotonic() >= deadline:
+        message = f"stages not ready after {timeout_s:.0f} s"
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"logs: {log.parent}", highlight=False)
+    return False
+
+
+def _live_table(
+    monitor: Monitor, process: subprocess.Popen[bytes], plan: Plan, state: DeploymentState
+) -> int:
+    console = Console()
+    interrupted = False
+
+    def on_sigint(*_: object) -> None:
+        nonlocal interrupted
+        interrupted = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with Live(console=console, refresh_per_second=2) as live:
+            while not interrupted and process.poll() is None:
+                monitor.poll(1.0)
+                live.update(Group(stage_table(monitor, plan), serving_summary(monitor)))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        console.print("stopping…")
+        stop_deployment(state)
+        return EXIT_INTERRUPTED
+    code = process.wait()
+    failure = (monitor.status or {}).get("failure")
+    if code != 0 or failure:
+        Console(stderr=True).print(
+            f"[bold red]error:[/] {failure or f'gateway exited with {code}'}"
+        )
+        return EXIT_STAGE_FAILED
+    return 0
+
+
+def _stop_quietly(state: DeploymentState) -> None:
+    if pid_alive(state.pid):
+        stop_deployment(state)
+
+
+def stop(
+    name: NameOption = DEFAULT_NAME,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Seconds to wait before killing what is left.")
+    ] = 20.0,
+) -> None:
+    """Stop a deployment started with pqctl apply: every stage process and socket."""
+    try:
+        state = DeploymentState.load(_check_name(name))
+    except DeploymentError as exc:
+        raise fail("nothing to stop", str(exc), EXIT_UNREACHABLE) from exc
+    clean = stop_deployment(state, timeout)
+    Console(stderr=True).print(
+        f'stopped "{name}"' if clean else f'"{name}" did not stop in {timeout:.0f} s; killed it'
+    )
+
+
+def generate(
+    prompts: Annotated[
+        list[str], typer.Argument(help='Prompt(s); "-" reads one prompt from standard input.')
+    ],
+    max_new: Annotated[int, typer.Option("--max-new", "-n", help="Most new tokens.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", help="0 = greedy.")] = 0.0,
+    top_k: Annotated[
+        int, typer.Option("--top-k", help="Sample from the k likeliest (0 = off).")
+    ] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass (1 = off).")] = 1.0,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed for reproducible sampling.")
+    ] = None,
+    stop_strings: Annotated[
+        list[str] | None, typer.Option("--stop", help="Stop before this text (repeatable).")
+    ] = None,
+    ignore_eos: Annotated[
+        bool, typer.Option("--ignore-eos", help="Keep going past end-of-sequence tokens.")
+    ] = False,
+    stream: Annotated[
+        bool, typer.Option("--stream/--no-stream", help="Print tokens as they arrive.")
+    ] = True,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per prompt: text, tokens, usage.")
+    ] = False,
+    name: NameOption = DEFAULT_NAME,
+    endpoint: Annotated[
+        str | None, typer.Option("--endpoint", help="Connect here instead of to --name.")
+    ] = None,
+    keys: KeysOption = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", help="Longest wait for a reply, seconds.")
+    ] = 120.0,
+) -> None:
+    """Send prompts to a running deployment and print what it generates."""
+    texts = [sys.stdin.read() if p == "-" else p for p in prompts]
+    options: dict[str, Any] = {
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "ignore_eos": ignore_eos,
+    }
+    if seed is not None:
+        options["seed"] = seed
+    if stop_strings:
+        options["stop"] = list(stop_strings)
+    try:
+        client = Client(endpoint, name=_check_name(name), keys=keys, timeout_s=timeout)
+    except (DeploymentError, ValueError) as exc:
+        raise fail("no deployment", str(exc), EXIT_UNREACHABLE) from exc
+    out = Console(highlight=False, soft_wrap=True)
+    try:
+        if stream and not as_json and len(texts) == 1:
+            pieces = client.stream(texts[0], max_new_tokens=max_new, **options)
+            first = next(pieces, "")  # the request is accepted before anything is printed
+            out.print(texts[0], end="", style="bold")
+            out.print(first, end="")
+            for piece in pieces:
+                out.print(piece, end="")
+            out.print()
+            return
+        done = client.generate_many(texts, max_new_tokens=max_new, **options)
+        for prompt, completion in zip(texts, done, strict=True):
+            if as_json:
+                typer.echo(json.dumps({"prompt": prompt, **_completion_dict(completion)}))
+            else:
+                out.print(prompt, end="", style="bold")
+                out.print(completion.text)
+    except ServerError as exc:
+        where = f" ({exc.field})" if exc.field else ""
+        raise fail(f"request rejected: {exc.code}{where}", exc.message, EXIT_BAD_INPUT) from exc
+    except TimeoutError as exc:
+        raise fail("no reply", f"{exc}; is the deployment running?", EXIT_UNREACHABLE) from exc
+    finally:
+        client.close()
+
+
+def _completion_dict(c: Any) -> dict[str, Any]:
+    return {
+        "text": c.text,
+        "token_ids": c.token_ids,
+        "finish_reason": c.finish_reason,
+        "usage": c.usage,
+    }
+
+
+keys_app = typer.Typer(help="CURVE keys that encrypt and authenticate a deployment's sockets.")
+
+
+@keys_app.command("init")
+def keys_init(
+    directory: Annotated[Path, typer.Argument(help="Directory to create.", file_okay=False)],
+) -> None:
+    """Create a key directory for pqctl apply --keys (see runtime/serve/keys.py for its layout)."""
+    try:
+        written = init_keys(directory)
+    except FileExistsError as exc:
+        raise fail("keys exist", str(exc), EXIT_BAD_INPUT) from exc
+    for path in written:
+        typer.echo(str(path))

@@ -1,0 +1,111 @@
+"""What ``pqctl apply`` shows of a deployment: its stages while they load, then every stage's
+measured prefill/decode throughput beside the plan's prediction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from planner.plan import Plan
+from runtime.serve.monitor import Monitor, predicted_rates
+
+
+def loading_view(status: dict[str, Any], plan: Plan) -> Table:
+    """Per stage while the deployment loads: device, layers, state (with load progress) and
+    memory, from the gateway's status."""
+    table = Table(title="loading stages", title_justify="left")
+    for column in ("stage", "device", "layers", "state", "memory"):
+        table.add_column(column)
+    for s in status["stages"]:
+        stage = plan.stages[s["index"]]
+        memory = s.get("resident_bytes")
+        table.add_row(
+            str(s["index"]),
+            _device(plan, s["index"]),
+            f"{stage.layer_range.start}–{stage.layer_range.stop - 1}",
+            load_state(s),
+            f"{memory / 2**20:.0f} MiB" if memory else "",
+        )
+    return table
+
+
+def load_state(stage: dict[str, Any]) -> str:
+    """A stage's state from the gateway's status, with its load progress while loading:
+    "loading 3/9" (decoder layers, then the embedding/head part, loaded of all)."""
+    state = str(stage.get("state"))
+    loaded = stage.get("loaded")
+    if state == "loading" and isinstance(loaded, list) and len(loaded) == 2:
+        return f"loading {loaded[0]}/{loaded[1]}"
+    return state
+
+
+def _device(plan: Plan, index: int) -> str:
+    ref = plan.stages[index].device
+    return f"{ref.host}/{'cpu' if ref.index < 0 else f'cuda:{ref.index}'}"
+
+
+def _rate(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"{value / 1000:.1f}k" if value >= 10_000 else f"{value:,.0f}"
+
+
+def stage_table(monitor: Monitor, plan: Plan) -> Table:
+    """Per stage: measured (busy) prefill/decode tokens/s beside the plan's prediction."""
+    predicted = predicted_rates(plan)
+    table = Table(
+        title=f"{plan.model.source}: per-stage throughput (tokens/s)",
+        title_justify="left",
+        caption="prefill, decode: measured per busy second; pred: the plan's prediction",
+    )
+    for column in (
+        "stage",
+        "device",
+        "layers",
+        "prefill",
+        "pred",
+        "decode",
+        "pred",
+        "busy",
+        "queue",
+        "memory",
+    ):
+        table.add_column(column, justify="right" if column not in ("device", "layers") else "left")
+    for index, stage in enumerate(plan.stages):
+        m = monitor.metrics.get(index, {})
+        pre, dec = m.get("prefill", {}), m.get("decode", {})
+        rss = m.get("rss_bytes")
+        table.add_row(
+            str(index),
+            _device(plan, index),
+            f"{stage.layer_range.start}–{stage.layer_range.stop - 1}",
+            _rate(pre.get("busy_tokens_per_s")),
+            _rate(predicted[index].prefill_tokens_per_s),
+            _rate(dec.get("busy_tokens_per_s")),
+            _rate(predicted[index].decode_tokens_per_s),
+            f"{100 * m['busy']:.0f}%" if "busy" in m else "–",
+            str(m.get("queue_depth", "–")),
+            f"{rss / 2**20:.0f}M" if rss else "–",
+        )
+    return table
+
+
+def serving_summary(monitor: Monitor) -> Text:
+    """The line under the stage table: phase, requests, tokens, and stages that restarted."""
+    status = monitor.status or {}
+    r = status.get("requests", {})
+    text = Text(
+        f"{status.get('phase', 'starting')}; requests: {r.get('waiting', 0)} waiting, "
+        f"{r.get('active', 0)} running, {r.get('completed', 0)} done; "
+        f"{status.get('generated_tokens', 0)} tokens generated. Ctrl-C stops."
+    )
+    for stage in status.get("stages", []):
+        if stage.get("restarts") or stage.get("error"):
+            text.append(
+                f"\nstage {stage['index']}: restarted {stage.get('restarts', 0)}× "
+                f"(last: {stage.get('error')})",
+                style="yellow",
+            )
+    return text

@@ -1,0 +1,219 @@
+"""Decoder blocks, embeddings and LM heads of the supported families, gpt-fast style.
+
+Small flat modules over plain tensors. Linear operators are handed in already built (dense or
+quantized by ``runtime.quant.linear``), so quantization is applied from outside. Numerics follow the
+Hugging Face implementations (RMSNorm in fp32, rotary embeddings, SDPA attention) so that a
+chain of stages reproduces ``transformers`` exactly at 16 bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from runtime.errors import UnsupportedArchitectureError
+from runtime.model.arch import ArchConfig
+from runtime.model.kv_cache import KVCache
+
+_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+}
+_ATTENTION_LINEARS = frozenset({"q", "k", "v", "o"})
+
+
+def activation(name: str) -> Callable[[Tensor], Tensor]:
+    """The FFN activation function named in the config."""
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        supported = ", ".join(sorted(_ACTIVATIONS))
+        raise UnsupportedArchitectureError(
+            f'activation "{name}" is not supported; supported: {supported}'
+        ) from None
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything a layer needs besides its input for one micro-batch step.
+
+    Attributes:
+        slots: half-open range of batch slots (sequences) this micro-batch occupies.
+        past: tokens already in the cache for these slots (left-padded: the same for all).
+        positions: [bsz, seqlen] position of each new token.
+        mask: [bsz, 1, seqlen, past + seqlen] True where a query may attend to a key.
+        rope: (cos, sin), each [bsz, seqlen, head_dim], for rotary families; else None.
+    """
+
+    slots: tuple[int, int]
+    past: int
+    positions: Tensor
+    mask: Tensor
+    rope: tuple[Tensor, Tensor] | None
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 as Llama does."""
+
+    def __init__(self, weight: Tensor, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def layer_norm(weight: Tensor, bias: Tensor, eps: float) -> nn.LayerNorm:
+    """An nn.LayerNorm holding the given parameters."""
+    norm = nn.LayerNorm(weight.shape[0], eps=eps, device=weight.device, dtype=weight.dtype)
+    norm.weight = nn.Parameter(weight, requires_grad=False)
+    norm.bias = nn.Parameter(bias, requires_grad=False)
+    return norm
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Attention(nn.Module):
+    """Multi-head (grouped-query) self-attention writing its keys/values to the stage cache."""
+
+    def __init__(self, arch: ArchConfig, linears: Mapping[str, nn.Module]) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj = linears["q"], linears["k"]
+        self.v_proj, self.o_proj = linears["v"], linears["o"]
+        self.heads, self.kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.scale = arch.head_dim**-0.5
+
+    def forward(self, x: Tensor, ctx: StepContext, cache: KVCache, layer: int) -> Tensor:
+        bsz, seqlen, _ = x.shape  # x: [bsz, seqlen, hidden]
+        q = self.q_proj(x).view(bsz, seqlen, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, seqlen, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, seqlen, self.kv_heads, self.head_dim).transpose(1, 2)
+        if ctx.rope is not None:
+            cos, sin = (t.unsqueeze(1) for t in ctx.rope)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+        keys, values = cache.write(layer, ctx.slots, ctx.past, k, v)  # [bsz, kvh, past+t, hd]
+        if self.kv_heads != self.heads:
+            keys = keys.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            values = values.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, scale=self.scale)
+        out = out.transpose(1, 2).reshape(bsz, seqlen, self.heads * self.head_dim)
+        projected: Tensor = self.o_proj(out)
+        return projected
+
+
+class DecoderLayer(nn.Module):
+    """One decoder layer: pre-norm attention and FFN with residuals (OPT-350m: post-norm)."""
+
+    def __init__(
+        self,
+        arch: ArchConfig,
+        index: int,
+        linears: Mapping[str, nn.Module],
+        norms: tuple[nn.Module, nn.Module],
+    ) -> None:
+        super().__init__()
+        self.index = index
+        self.family = arch.family
+        self.norm_before = arch.norm_before
+        self.attn = Attention(arch, linears)
+        self.attn_norm, self.mlp_norm = norms
+        self.act = activation(arch.activation)
+        self.mlp = nn.ModuleDict({k: v for k, v in linears.items() if k not in _ATTENTION_LINEARS})
+
+    def _ffn(self, x: Tensor) -> Tensor:
+        out: Tensor
+        if self.family == "llama":
+            gate: Tensor = self.mlp["gate"](x)
+            out = self.mlp["down"](self.act(gate) * self.mlp["up"](x))
+        else:
+            out = self.mlp["fc2"](self.act(self.mlp["fc1"](x)))
+        return out
+
+    def forward(self, x: Tensor, ctx: StepContext, cache: KVCache, layer: int) -> Tensor:
+        # x: [bsz, seqlen, hidden]
+        if self.norm_before:
+            x = x + self.attn(self.attn_norm(x), ctx, cache, layer)
+            return x + self._ffn(self.mlp_norm(x))
+        x = self.attn_norm(x + self.attn(x, ctx, cache, layer))
+        out: Tensor = self.mlp_norm(x + self._ffn(x))
+        return out
+
+
+class Embedding(nn.Module):
+    """Token (and, for OPT, learned position) embedding of the first stage."""
+
+    def __init__(
+        self,
+        tokens: Tensor,
+        positions: Tensor | None = None,
+        project_in: Tensor | None = None,
+        out_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.out_dtype = out_dtype or tokens.dtype  # the tables may be stored narrower
+        self.tokens = nn.Parameter(tokens, requires_grad=False)
+        self.positions = None if positions is None else nn.Parameter(positions, requires_grad=False)
+        self.project_in = (
+            None if project_in is None else nn.Parameter(project_in, requires_grad=False)
+        )
+
+    def forward(self, ids: Tensor, positions: Tensor) -> Tensor:
+        x = F.embedding(ids, self.tokens)  # ids: [bsz, seqlen] → [bsz, seqlen, embed_dim]
+        if self.project_in is not None:
+            x = F.linear(x, self.project_in)
+        x = x.to(self.out_dtype)
+        if self.positions is not None:  # OPT's learned positions, offset by 2
+            x = x + F.embedding(positions + 2, self.positions).to(self.out_dtype)
+        return x
+
+
+class LMHead(nn.Module):
+    """Final norm (and OPT's projection) plus the vocabulary projection of the last stage."""
+
+    def __init__(
+        self, norm: nn.Module | None, weight: Tensor, project_out: Tensor | None = None
+    ) -> None:
+        super().__init__()
+        self.norm = norm
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.project_out = (
+            None if project_out is None else nn.Parameter(project_out, requires_grad=False)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        # x: [bsz, seqlen, hidden] → logits [bsz, seqlen, vocab] in fp32
+        if self.norm is not None:
+            x = self.norm(x)
+        x = x.to(self.weight.dtype)  # the projections may be stored narrower (bf16 on a CPU)
+        if self.project_out is not None:
+            x = F.linear(x, self.project_out)
+        return F.linear(x, self.weight).float()
+
+
+class RotaryTable(nn.Module):
+    """cos/sin of rotary position embeddings for given positions."""
+
+    def __init__(self, inv_freq: Tensor, scaling: float) -> None:
+        super().__init__()
+        self.inv_freq: Tensor
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.scaling = scaling
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # positions: [bsz, seqlen] → cos, sin: [bsz, seqlen, head_dim]
+        freqs = positions[..., None].float() * self.inv_freq.float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)

@@ -1,0 +1,401 @@
+"""A stage shard: the plan's layer range of one stage, plus the embedding / final norm / LM head
+where the plan puts them, with every layer at its planned precision and the stage's KV cache.
+
+:func:`load_shard` reads only the stage's own tensors from the checkpoint and checks
+everything (tensor presence, shapes, file integrity, memory) before loading anything. It then
+streams: each linear weight is read on its own, quantized (or converted) into its layer and
+released before the next is read, so a low-bit stage peaks near what it keeps, not near its
+16-bit size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from runtime.errors import QuantizationError, StageMemoryError
+from runtime.model.arch import LINEAR_NAMES, NORM_NAMES, ArchConfig, layer_prefix
+from runtime.model.blocks import (
+    DecoderLayer,
+    Embedding,
+    LMHead,
+    RMSNorm,
+    RotaryTable,
+    StepContext,
+    layer_norm,
+)
+from runtime.model.checkpoint import Checkpoint
+from runtime.model.kv_cache import KVCache
+from runtime.model.memory import available_bytes, release_freed_host_memory
+from runtime.model.rope import rotary_parameters
+from runtime.quant import dense_weight_dtype, packed_nbytes, quantize_linear
+
+Impl = Literal["auto", "reference"]
+
+
+@dataclass(frozen=True, slots=True)
+class StageSpec:
+    """What one stage holds (normally taken from a plan's stage).
+
+    Attributes:
+        layer_range: half-open [start, stop) of decoder layers.
+        layer_bits: precision of each layer of the range.
+        holds_embedding: the stage embeds tokens (the first stage).
+        holds_lm_head: the stage ends in the final norm and LM head (the last stage).
+        group_size: quantization group size.
+        batch_slots: sequences the KV cache holds (the plan's global batch).
+        max_len: tokens per sequence the KV cache holds (prompt + max new tokens).
+    """
+
+    layer_range: tuple[int, int]
+    layer_bits: tuple[int, ...]
+    holds_embedding: bool
+    holds_lm_head: bool
+    group_size: int
+    batch_slots: int
+    max_len: int
+
+
+def linear_shapes(arch: ArchConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each linear operator of a layer, by short name."""
+    h, q, kv, inter = (
+        arch.hidden_size,
+        arch.num_heads * arch.head_dim,
+        arch.num_kv_heads * arch.head_dim,
+        arch.intermediate_size,
+    )
+    shapes = {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q)}
+    if arch.family == "llama":
+        return shapes | {"gate": (inter, h), "up": (inter, h), "down": (h, inter)}
+    return shapes | {"fc1": (inter, h), "fc2": (h, inter)}
+
+
+def _bias_of(arch: ArchConfig, short: str) -> bool:
+    if short in ("q", "k", "v"):
+        return arch.attention_bias
+    return arch.output_bias if short == "o" else arch.mlp_bias
+
+
+def layer_tensors(arch: ArchConfig, layer: int) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor names and shapes of one decoder layer."""
+    prefix = layer_prefix(arch, layer)
+    out: dict[str, tuple[int, ...]] = {}
+    for short, (rows, cols) in linear_shapes(arch).items():
+        name = prefix + LINEAR_NAMES[arch.family][short]
+        out[f"{name}.weight"] = (rows, cols)
+        if _bias_of(arch, short):
+            out[f"{name}.bias"] = (rows,)
+    for norm in NORM_NAMES[arch.family].values():
+        out[f"{prefix}{norm}.weight"] = (arch.hidden_size,)
+        if arch.family == "opt":
+            out[f"{prefix}{norm}.bias"] = (arch.hidden_size,)
+    return out
+
+
+def end_tensors(
+    arch: ArchConfig, checkpoint: Checkpoint, first: bool, last: bool
+) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor names and shapes of the embedding (first) and head (last) parts."""
+    h, e, vocab = arch.hidden_size, arch.embed_dim, arch.vocab_size
+    base = "model.decoder." if arch.family == "opt" else "model."
+    out: dict[str, tuple[int, ...]] = {}
+    if first or (last and "lm_head.weight" not in checkpoint.tensors):
+        out[f"{base}embed_tokens.weight"] = (vocab, e)
+    if last and "lm_head.weight" in checkpoint.tensors:
+        out["lm_head.weight"] = (vocab, e)
+    if arch.family == "opt":
+        if first:
+            out["model.decoder.embed_positions.weight"] = (arch.max_positions + 2, h)
+            if e != h:
+                out["model.decoder.project_in.weight"] = (h, e)
+        if last and e != h:
+            out["model.decoder.project_out.weight"] = (e, h)
+        if last and arch.final_norm:
+            out["model.decoder.final_layer_norm.weight"] = (h,)
+            out["model.decoder.final_layer_norm.bias"] = (h,)
+    elif last:
+        out["model.norm.weight"] = (h,)
+    return out
+
+
+def estimate_bytes(
+    arch: ArchConfig,
+    spec: StageSpec,
+    ends: Mapping[str, tuple[int, ...]],
+    dtype: torch.dtype,
+    device: torch.device,
+    impl: Impl = "auto",
+) -> int:
+    """Memory the stage will hold once loaded on ``device``, bytes.
+
+    Linear weights at their precisions (16-bit ones in :func:`dense_weight_dtype`, or in
+    ``dtype`` with ``impl="reference"``) and the ends' matrices (embedding tables, LM head) in
+    that same dtype; biases, norms and the KV cache in ``dtype``.
+    """
+    dense = dtype.itemsize
+    weight_dtype = dtype if impl == "reference" else dense_weight_dtype(dtype, device)
+    shapes = linear_shapes(arch).values()
+    per_bits = {
+        bits: sum(
+            packed_nbytes(r, c, bits, spec.group_size, weight_dtype.itemsize) for r, c in shapes
+        )
+        for bits in set(spec.layer_bits)
+    }
+    weights = sum(per_bits[b] for b in spec.layer_bits)
+    layers = spec.layer_range[1] - spec.layer_range[0]
+    vectors = sum(  # biases and norms: the layer's 1-D tensors
+        math.prod(shape) for shape in layer_tensors(arch, 0).values() if len(shape) == 1
+    )
+    ends_bytes = sum(  # matrices (tables, projections) as 16-bit weights, vectors in dtype
+        math.prod(s) * (weight_dtype.itemsize if len(s) == 2 else dense) for s in ends.values()
+    )
+    kv = 2 * layers * spec.batch_slots * spec.max_len * arch.num_kv_heads * arch.head_dim * dense
+    return weights + layers * vectors * dense + ends_bytes + kv
+
+
+class StageShard(nn.Module):
+    """Runs one stage: embed (first stage), its decoder layers, head (last stage)."""
+
+    def __init__(
+        self,
+        arch: ArchConfig,
+        spec: StageSpec,
+        layers: Sequence[DecoderLayer],
+        embedding: Embedding | None,
+        head: LMHead | None,
+        rope: RotaryTable | None,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.arch, self.spec, self.dtype, self.device = arch, spec, dtype, device
+        self.layers = nn.ModuleList(layers)
+        self.embedding, self.head, self.rope = embedding, head, rope
+        start, stop = spec.layer_range
+        self.cache = KVCache(
+            stop - start,
+            spec.batch_slots,
+            arch.num_kv_heads,
+            spec.max_len,
+            arch.head_dim,
+            dtype,
+            device,
+        )
+
+    def context(
+        self, slots: tuple[int, int], past: int, positions: Tensor, key_valid: Tensor
+    ) -> StepContext:
+        """The step context of a micro-batch (see :class:`StepContext`).
+
+        Args:
+            slots: batch slots of the micro-batch.
+            past: tokens already cached for them.
+            positions: [bsz, seqlen] positions of the new tokens.
+            key_valid: [bsz, past + seqlen] False at padding.
+        """
+        seqlen = positions.shape[1]
+        q_idx = torch.arange(past, past + seqlen, device=self.device)[:, None]
+        k_idx = torch.arange(past + seqlen, device=self.device)[None, :]
+        allowed = k_idx <= q_idx
+        if self.arch.sliding_window:
+            allowed &= (q_idx - k_idx) < self.arch.sliding_window
+        mask = (allowed[None] & key_valid.to(self.device)[:, None, :]) | (k_idx == q_idx)[None]
+        rope = None
+        if self.rope is not None:
+            rope = self.rope(positions.to(self.device), self.dtype)
+        return StepContext(slots, past, positions.to(self.device), mask[:, None], rope)
+
+    @torch.inference_mode()
+    def forward(self, x: Tensor, ctx: StepContext, last_only: bool = True) -> Tensor:
+        """Token ids [bsz, seqlen] (first stage) or hidden states [bsz, seqlen, hidden] in;
+        hidden states out, or fp32 logits [bsz, 1 or seqlen, vocab] from the last stage."""
+        if self.embedding is not None:
+            x = self.embedding(x.to(self.device), ctx.positions)
+        x = x.to(device=self.device, dtype=self.dtype)
+        for local, layer in enumerate(self.layers):
+            x = layer(x, ctx, self.cache, local)
+        if self.head is None:
+            return x
+        logits: Tensor = self.head(x[:, -1:] if last_only else x)
+        return logits
+
+    def resident_bytes(self) -> int:
+        """Bytes of every parameter, buffer and cache tensor the stage holds; a tensor shared by
+        two modules (a tied embedding and LM head) counts once."""
+        quantized = [m for m in self.modules() if hasattr(m, "kernel_path")]
+        inside = {id(t) for m in quantized for t in (*m.parameters(), *m.buffers())}
+        storages: dict[int, int] = {}  # storage address -> bytes
+        for t in (*self.parameters(), *self.buffers()):
+            if id(t) not in inside:
+                storages[t.untyped_storage().data_ptr()] = t.nbytes
+        held = sum(int(m.resident_bytes()) for m in quantized)  # type: ignore[operator,misc]
+        return held + sum(storages.values()) + self.cache.nbytes
+
+    def kernel_paths(self) -> dict[int, list[str]]:
+        """Per global layer index, the compute path of each of its linear operators."""
+        start = self.spec.layer_range[0]
+        return {
+            start + i: [str(m.kernel_path) for m in layer.modules() if hasattr(m, "kernel_path")]
+            for i, layer in enumerate(self.layers)
+        }
+
+
+def load_shard(
+    checkpoint_dir: Path,
+    arch: ArchConfig,
+    spec: StageSpec,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    impl: Impl = "auto",
+    progress: Callable[[int, int], None] | None = None,
+) -> StageShard:
+    """Build a stage from only its own tensors, quantized per ``spec.layer_bits``.
+
+    ``progress(done, total)`` is called as parts are loaded: once before the first, then after
+    each decoder layer and after the embedding / final norm / LM head (one part together).
+
+    Raises:
+        CheckpointError: a needed tensor is missing, misshapen, or its file is truncated.
+        StageMemoryError: the stage would not fit the device's free memory.
+        QuantizationError: a precision or group size the layers cannot represent.
+    """
+    dev = torch.device(device)
+    checkpoint = Checkpoint(checkpoint_dir)
+    start, stop = spec.layer_range
+    if len(spec.layer_bits) != stop - start:
+        raise QuantizationError(f"{len(spec.layer_bits)} precisions for {stop - start} layers")
+    ends = end_tensors(arch, checkpoint, spec.holds_embedding, spec.holds_lm_head)
+    needed = dict(ends)
+    for layer in range(start, stop):
+        needed |= layer_tensors(arch, layer)
+    checkpoint.require(needed)
+    need, free = estimate_bytes(arch, spec, ends, dtype, dev, impl), available_bytes(dev)
+    if need > free:
+        gib = 1024**3
+        raise StageMemoryError(
+            f"layers {start}–{stop - 1} need {need / gib:.2f} GiB on {dev}, {free / gib:.2f} GiB "
+            "is free; re-plan with this device's real memory or fewer layers here"
+        )
+    total = stop - start + (1 if ends else 0)
+    report = progress or (lambda done, total: None)
+    report(0, total)
+    layers = []
+    for layer, bits in zip(range(start, stop), spec.layer_bits, strict=True):
+        layers.append(
+            _build_layer(arch, checkpoint, layer, bits, spec.group_size, dtype, dev, impl)
+        )
+        report(len(layers), total)
+    matrix_dtype = dtype if impl == "reference" else dense_weight_dtype(dtype, dev)
+    tensors = {  # embedding tables and head projections as 16-bit weights; norms in ``dtype``
+        k: v.to(device=dev, dtype=matrix_dtype if v.dim() == 2 else dtype)
+        for k, v in checkpoint.load(ends).items()
+    }
+    embedding = _embedding(arch, tensors, dtype) if spec.holds_embedding else None
+    head = _head(arch, tensors) if spec.holds_lm_head else None
+    rope = None
+    if arch.family == "llama":
+        inv_freq, scaling = rotary_parameters(arch)
+        rope = RotaryTable(inv_freq.to(dev), scaling)
+    shard = StageShard(arch, spec, layers, embedding, head, rope, dtype, dev)
+    if ends:
+        report(total, total)
+    return shard
+
+
+def _build_layer(
+    arch: ArchConfig,
+    checkpoint: Checkpoint,
+    layer: int,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    impl: Impl,
+) -> DecoderLayer:
+    """One decoder layer at ``bits``, its linears read and quantized one after the other."""
+    prefix = layer_prefix(arch, layer)
+    linears: dict[str, nn.Module] = {}
+    for short in linear_shapes(arch):
+        name = prefix + LINEAR_NAMES[arch.family][short]
+        has_bias = _bias_of(arch, short)
+        linears[short] = _load_linear(
+            checkpoint, name, has_bias, bits, group_size, dtype, device, impl
+        )
+        release_freed_host_memory()  # the fp32 weight and the quantizer's temporaries
+    norms = tuple(
+        _norm(arch, checkpoint, f"{prefix}{NORM_NAMES[arch.family][key]}", dtype, device)
+        for key in ("attn_norm", "mlp_norm")
+    )
+    return DecoderLayer(arch, layer, linears, (norms[0], norms[1]))
+
+
+def _load_linear(
+    checkpoint: Checkpoint,
+    name: str,
+    has_bias: bool,
+    bits: int,
+    group_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    impl: Impl,
+) -> nn.Module:
+    """Read one linear operator's weight (and bias) and build its layer at ``bits``.
+
+    The weight stays in the checkpoint's dtype (the quantizer converts blocks of rows to fp32)
+    and lives only until the layer is built: the caller reads the next one after this returns.
+    Loading a stage so needs, beyond what the stage keeps, one linear's weight as stored, a
+    few MiB of quantizer blocks, and for an int4 kernel an int32 copy of its codes.
+    """
+    weight = checkpoint.read(f"{name}.weight")  # [out, in]
+    bias = checkpoint.read(f"{name}.bias") if has_bias else None
+    return quantize_linear(
+        weight, bias, bits, group_size, compute_dtype=dtype, device=device, impl=impl
+    )
+
+
+def _norm(
+    arch: ArchConfig,
+    checkpoint: Checkpoint,
+    name: str,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> nn.Module:
+    weight = checkpoint.read(f"{name}.weight").to(device=device, dtype=dtype)
+    if arch.family == "opt":
+        bias = checkpoint.read(f"{name}.bias").to(device=device, dtype=dtype)
+        return layer_norm(weight, bias, arch.norm_eps)
+    return RMSNorm(weight, arch.norm_eps)
+
+
+def _embedding(arch: ArchConfig, t: Mapping[str, Tensor], dtype: torch.dtype) -> Embedding:
+    if arch.family == "opt":
+        return Embedding(
+            t["model.decoder.embed_tokens.weight"],
+            t["model.decoder.embed_positions.weight"],
+            t.get("model.decoder.project_in.weight"),
+            out_dtype=dtype,
+        )
+    return Embedding(t["model.embed_tokens.weight"], out_dtype=dtype)
+
+
+def _head(arch: ArchConfig, t: Mapping[str, Tensor]) -> LMHead:
+    base = "model.decoder." if arch.family == "opt" else "model."
+    weight = t.get("lm_head.weight", t.get(f"{base}embed_tokens.weight"))
+    assert weight is not None
+    if arch.family == "opt":
+        norm = None
+        if arch.final_norm:
+            norm = layer_norm(
+                t["model.decoder.final_layer_norm.weight"],
+                t["model.decoder.final_layer_norm.bias"],
+                arch.norm_eps,
+            )
+        return LMHead(norm, weight, t.get("model.decoder.project_out.weight"))
+    return LMHead(RMSNorm(t["model.norm.weight"], arch.norm_eps), weight)

@@ -1,0 +1,252 @@
+"""Compute paths of quantized linear layers per platform: which kernel a layer of a given shape,
+precision and device runs, the probes behind that choice, and the weight layouts the kernels read.
+
+Compute path per precision (``kernel_path``), chosen by :func:`choose_kernel_path`:
+
+==== ======================= ============================== ===================================
+bits CPU                     CUDA (untested here)           fallback
+==== ======================= ============================== ===================================
+16   ``dense``               ``dense``                      -
+8    ``int8pack_mm``         ``int8pack_mm`` if it runs     ``dequant-per-call``
+4    ``int4pack_mm_cpu``     ``int4pack_mm_cuda`` (sm ≥ 80) ``dequant-per-call``
+3, 2 ``dequant-per-call``    ``dequant-per-call``           -
+==== ======================= ============================== ===================================
+
+The int4 kernels need ``group_size`` in {32, 64, 128, 256} dividing ``in_features`` and
+``out_features`` divisible by 16 (CPU) or 8 (CUDA); the CPU int8 kernel needs ``in_features``
+divisible by 16 (torch 2.13 returns garbage or segfaults otherwise); all take bf16 activations.
+The int4 kernels' packed tensor (a kernel-specific layout, ``out*in/2`` bytes) replaces ours as
+the resident copy. Scales are bf16 for the bf16 kernels and fp16 for dequant-per-call, which
+unpacks the codes into a dense copy in the matmul dtype on every call (rows in chunks, so the
+scratch beyond that copy is a few MiB: ``planner.cost_model.dequant_scratch_bytes``) and runs
+``F.linear``.
+
+16-bit on CPU, measured (2 threads, AVX-512 with avx512_bf16, torch 2.13, one 4096×4096 linear,
+fp32 activations, ms, median of 3-9 calls on an otherwise idle CPU):
+
+============ ===== ===== ===== ===== ===== ===== ============================================
+rows         1     4     8     128   256   512   note
+============ ===== ===== ===== ===== ===== ===== ============================================
+fp32 weights 3.9   7.1   6.0   26.8  52.0  98.6  4 bytes/weight
+bf16 weights 1.5   1.4   1.7   10.8  20.4  45.0  2 bytes/weight, x cast to bf16 and back
+bf16 upcast  23.8  25.3  24.2  45.8  69.6  118   2 bytes/weight, fp32 copy made per call
+============ ===== ===== ===== ===== ===== ===== ============================================
+
+Decision: where the CPU has native bf16 dot products (avx512_bf16 or AMX), "16 bits" means
+bf16 weights with activations cast to bf16 for the matmul: 2.2-5× faster than fp32 at every row
+count and half the memory, for a bf16 rounding of the activations (~3e-3 relative output error,
+as in the int8/int4 kernels). Elsewhere bf16 GEMM is emulated (278 ms at 128 rows in the
+reference notes) and 16 bits keeps fp32 weights. The planner counts 16-bit weights at its CPU
+device type's ``dense_weight_bytes`` (2 where ``planner.local_host.cpu_has_native_bf16`` reads
+the same flags from ``/proc/cpuinfo``). ``impl="reference"`` keeps 16-bit weights in the compute
+dtype (exact). Dequant-per-call layers dequantize into the same dtype as 16-bit weights: into
+bf16 a 4096×4096 layer takes ~15-22 ms (2-4 bit; fp32: ~25-38 ms), ~0.55-0.75 G weights/s.
+
+One Llama-7B-shaped layer's seven linears (``bench/kernels.py``, same CPU, ratio to 16 bits;
+16 bits took 23 ms at 1 row and 511 ms at 512 rows):
+
+======= ========== ===== ===== ===== ===== ===== ======================
+bits    path       x1    x4    x8    x128  x512  resident vs fp16
+======= ========== ===== ===== ===== ===== ===== ======================
+8       int8       0.40  0.55  0.95  2.72  3.06  0.500
+4       int4       0.25  0.43  0.71  2.31  2.44  0.266
+3       dequant    16.4  16.0  13.2  3.69  1.67  0.203
+2       dequant    11.3  11.7  8.84  2.81  1.49  0.141
+16 fp32 dense      1.70  4.55  3.35  2.94  2.50  2.000
+======= ========== ===== ===== ===== ===== ===== ======================
+
+On a 2-core AVX2 CPU without native bf16 (16 bits = fp32 weights), the same bench measured
+8-bit at 0.36 / 0.20 / 0.30 (x1 / x4 / x8) and, through the int8 kernel, 5.7 / 7.5 at x128 /
+x512; with prefill from 64 rows on fp32 GEMM over dequantized blocks, 0.99 / 1.10 (q, gate and
+down only). 4-bit there: 0.43 / 0.22 / 0.29 / 1.44 / 2.09.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from runtime.quant.packing import QuantizedTensor, unpack_words
+
+KernelPath = Literal[
+    "dense", "int8pack_mm", "int4pack_mm_cpu", "int4pack_mm_cuda", "dequant-per-call"
+]
+Impl = Literal["auto", "reference"]
+TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
+"""Group sizes the int4 kernels accept."""
+INT4_CPU_TILE_ROWS = 64
+"""Output rows the CPU int4 layout packs together: tiles of 64 rows (and the last, shorter one)
+convert independently, so a weight is converted a block of tiles at a time."""
+INT4_CPU_BLOCK_ELEMENTS = 1 << 20
+"""Codes unpacked to int32 per step of the conversion to the CPU int4 layout (at least one
+tile): bounds that int32 copy to ~4 MiB."""
+
+
+# --------------------------------------------------------------------------- choosing a path
+
+
+def _cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (avx512_bf16 or AMX); else bf16 is emulated.
+
+    ``planner.local_host.cpu_has_native_bf16`` applies the same rule to ``/proc/cpuinfo``.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def dense_weight_dtype(compute_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """Dtype of 16-bit weights and of per-call dequantized copies on ``device``.
+
+    bf16 on a CPU with native bf16 dot products when the model computes in fp32 (the measured
+    decision in the module docstring); the compute dtype everywhere else.
+    """
+    if device.type == "cpu" and compute_dtype == torch.float32 and _cpu_has_native_bf16():
+        return torch.bfloat16
+    return compute_dtype
+
+
+def _cuda_int8pack_runs(device: torch.device) -> bool:
+    """Whether this torch build has ``_weight_int8pack_mm`` for CUDA (probed on a tiny input)."""
+    x = torch.ones(1, 16, dtype=torch.bfloat16, device=device)
+    w = torch.ones(16, 16, dtype=torch.int8, device=device)
+    try:
+        torch._weight_int8pack_mm(x, w, torch.ones(16, dtype=torch.bfloat16, device=device))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def _int8_kernel_runs(device: torch.device) -> bool:
+    return device.type == "cpu" or (device.type == "cuda" and _cuda_int8pack_runs(device))
+
+
+def _cuda_inner_k_tiles(in_features: int) -> int | None:
+    """Largest tinygemm inner-K tiling (8, 4 or 2) that divides ``in_features``; None if none."""
+    return next((t for t in (8, 4, 2) if in_features % (t * 16) == 0), None)
+
+
+def _int4_kernel_path(
+    in_features: int, out_features: int, group_size: int, device: torch.device
+) -> KernelPath:
+    if group_size not in TINYGEMM_GROUP_SIZES or in_features % group_size:
+        return "dequant-per-call"
+    if device.type == "cpu" and out_features % 16 == 0:
+        return "int4pack_mm_cpu"
+    if (  # CUDA tinygemm: bf16 tensor cores, compute capability 8.0 or newer
+        device.type == "cuda"
+        and out_features % 8 == 0
+        and _cuda_inner_k_tiles(in_features) is not None
+        and torch.cuda.get_device_capability(device) >= (8, 0)
+    ):
+        return "int4pack_mm_cuda"
+    return "dequant-per-call"
+
+
+def choose_kernel_path(
+    bits: int,
+    in_features: int,
+    out_features: int,
+    group_size: int,
+    device: torch.device,
+    impl: Impl = "auto",
+) -> KernelPath:
+    """The compute path a layer of this shape and precision takes on ``device``.
+
+    ``impl="reference"`` always dequantizes per call (16 bits stays dense). The CPU int8 kernel
+    needs ``in_features % 16 == 0``: torch 2.13 returns garbage or crashes otherwise.
+    """
+    if bits == 16:
+        return "dense"
+    if impl == "reference":
+        return "dequant-per-call"
+    if bits == 8 and in_features % 16 == 0 and _int8_kernel_runs(device):
+        return "int8pack_mm"
+    if bits == 4:
+        return _int4_kernel_path(in_features, out_features, group_size, device)
+    return "dequant-per-call"
+
+
+INT8_DENSE_ROWS = 64
+"""From this many activation rows (prefill), an ``int8pack_mm`` layer on a CPU dequantizes its
+codes a block at a time into its dense weight dtype (bf16 with native bf16, else fp32) and runs
+that GEMM instead of the int8 kernel, which is 2.7-7.5× slower than 16-bit GEMM at 128-512 rows
+(module docstring) and faster below ~16 rows."""
+INT8_DENSE_BLOCK_ELEMENTS = 1 << 21
+"""Weights dequantized per block on that path: at most 8 MiB of fp32 scratch per layer."""
+
+
+def int8_dense_matmul(x: Tensor, codes: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """``x`` [M, in] times the int8 layer's weight (``codes`` [out, in] × per-row ``scales``
+    [out]) transposed, by GEMM in ``dtype``: [M, out] in ``dtype``.
+
+    Output rows of the weight are dequantized ``INT8_DENSE_BLOCK_ELEMENTS`` at a time into one
+    reused block, whose product lands directly in its rows of the transposed result.
+    """
+    out_features, in_features = codes.shape
+    rows = max(1, min(out_features, INT8_DENSE_BLOCK_ELEMENTS // in_features))
+    block = torch.empty(rows, in_features, dtype=dtype, device=codes.device)
+    result_t = torch.empty(out_features, x.shape[0], dtype=dtype, device=codes.device)
+    xt = x.to(dtype).t()
+    for start in range(0, out_features, rows):
+        stop = min(start + rows, out_features)
+        w = block[: stop - start]
+        w.copy_(codes[start:stop])
+        w.mul_(scales[start:stop, None])
+        torch.matmul(w, xt, out=result_t[start:stop])
+    return result_t.t()
+
+
+def scale_dtype_for(path: KernelPath) -> torch.dtype:
+    """bf16 where a bf16 kernel reads the scales, fp16 (3 more mantissa bits) otherwise."""
+    return torch.float16 if path == "dequant-per-call" else torch.bfloat16
+
+
+# --------------------------------------------------------------------------- kernel layouts
+
+
+def _tinygemm_scales_and_zeros(q: QuantizedTensor) -> Tensor:
+    """[groups, out, 2] bf16: tinygemm's interleaved (scale, zero) per group and output row."""
+    assert q.zeros is not None
+    return torch.stack([q.scales.t(), q.zeros.t()], dim=-1).to(torch.bfloat16).contiguous()
+
+
+def _int4_cpu_weight(q: QuantizedTensor, device: torch.device) -> Tensor:
+    """uint8 [out, in / 2]: the CPU int4 kernel's layout, converted from int32 codes a block of
+    whole tiles at a time so the int32 copy stays a few MiB."""
+    rows, cols = q.shape
+    packed = q.codes.to(device)
+    out = torch.empty(rows, cols // 2, dtype=torch.uint8, device=device)
+    tiles = max(1, INT4_CPU_BLOCK_ELEMENTS // (cols * INT4_CPU_TILE_ROWS))
+    step = tiles * INT4_CPU_TILE_ROWS
+    for start in range(0, rows, step):  # blocks of tiles, not elements
+        stop = min(start + step, rows)
+        codes = unpack_words(packed[start:stop], 4, cols)[:, :cols]  # [block, in] int32
+        out[start:stop] = torch._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)
+    return out
+
+
+def _int4_kernel_weight(q: QuantizedTensor, path: KernelPath, device: torch.device) -> Tensor:
+    """The packed tensor an int4 kernel reads, ``out * in / 2`` bytes, built from our codes."""
+    if path == "int4pack_mm_cpu":
+        return _int4_cpu_weight(q, device)
+    # CUDA (untested here): uint8 [out, in/2] with the even code in the high nibble.
+    packed = q.codes.to(device)
+    swapped = ((packed & 0x0F) << 4) | (packed >> 4)
+    tiles = _cuda_inner_k_tiles(q.shape[1])
+    assert tiles is not None
+    return torch._convert_weight_to_int4pack(swapped.contiguous(), tiles)
+
+
+def kernel_buffers(
+    q: QuantizedTensor, path: KernelPath, device: torch.device
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(qweight, scales, zeros) the layer keeps for ``path``."""
+    if path == "int8pack_mm":
+        return q.codes.view(torch.int8).to(device), q.scales.to(device), None
+    if path in ("int4pack_mm_cpu", "int4pack_mm_cuda"):
+        scales = _tinygemm_scales_and_zeros(q).to(device)
+        return _int4_kernel_weight(q, path, device), scales, None
+    zeros = None if q.zeros is None else q.zeros.to(device)
+    return q.codes.to(device), q.scales.to(device), zeros

@@ -1,0 +1,330 @@
+"""Weight-only quantized linear layers with real packed storage, one per plan precision.
+
+A plan precision maps to a module through :data:`QUANTIZERS` (:func:`quantize_linear`):
+:class:`DenseLinear` holds a 16-bit layer unquantized, :class:`QuantLinear` a 2, 3, 4 or 8-bit
+one over the storage of :mod:`runtime.quant.packing`, running the kernel
+:mod:`runtime.quant.kernels` picks for its shape and device (the measurements behind those
+choices are there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from runtime.errors import QuantizationError
+from runtime.quant.kernels import (
+    INT8_DENSE_ROWS,
+    Impl,
+    KernelPath,
+    choose_kernel_path,
+    dense_weight_dtype,
+    int8_dense_matmul,
+    kernel_buffers,
+    scale_dtype_for,
+)
+from runtime.quant.packing import (
+    QuantizedTensor,
+    affine_into,
+    check_bits,
+    dequantize,
+    quantize_rtn,
+)
+
+
+def _with_bias(y: Tensor, dtype: torch.dtype, bias: Tensor | None) -> Tensor:
+    """``y`` [M, out] from a matmul, in ``dtype``, plus ``bias`` [out]."""
+    y = y.to(dtype)
+    return y if bias is None else y.add_(bias.to(dtype))
+
+
+def _check_weight(weight: Tensor, bias: Tensor | None) -> None:
+    if weight.dim() != 2:
+        raise QuantizationError(f"a linear weight is 2-D, got shape {tuple(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise QuantizationError(
+            f"bias shape {tuple(bias.shape)} does not match {weight.shape[0]} output features"
+        )
+
+
+def _module_bytes(module: nn.Module) -> int:
+    tensors = [*module.buffers(), *module.parameters()]
+    return sum(t.nbytes for t in tensors)
+
+
+class DenseLinear(nn.Module):
+    """A 16-bit linear layer: the unquantized weight in :func:`dense_weight_dtype`.
+
+    Activations are cast to the weight's dtype for the matmul and the result back to theirs.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    bits = 16
+    kernel_path: KernelPath = "dense"
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, group_size: int) -> None:
+        super().__init__()
+        self.out_features, self.in_features = weight.shape  # weight: [out, in]
+        self.group_size = group_size
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: Tensor,
+        bias: Tensor | None,
+        bits: int,
+        group_size: int,
+        *,
+        compute_dtype: torch.dtype,
+        device: torch.device | str,
+        impl: Impl = "auto",
+    ) -> DenseLinear:
+        """Hold ``weight`` [out, in] unquantized; ``bias`` [out] stays in ``compute_dtype``.
+
+        The weight goes to :func:`dense_weight_dtype`, or to ``compute_dtype`` itself with
+        ``impl="reference"`` (exact numerics for tests). ``group_size`` is unused.
+        """
+        _check_weight(weight, bias)
+        if bits != 16:
+            raise QuantizationError(f"DenseLinear holds 16-bit layers, not {bits}-bit ones")
+        device = torch.device(device)
+        auto = impl == "auto"
+        dtype = dense_weight_dtype(compute_dtype, device) if auto else compute_dtype
+        with torch.no_grad():
+            w = weight.detach().to(device=device, dtype=dtype).contiguous()
+            b = None if bias is None else bias.detach().to(device=device, dtype=compute_dtype)
+        return cls(w, b, group_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` [..., in] -> [..., out] in x's dtype."""
+        if x.dtype == self.weight.dtype:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.weight, bias)
+        x2 = x.reshape(-1, self.in_features).to(self.weight.dtype)  # [M, in]
+        y = _with_bias(F.linear(x2, self.weight), x.dtype, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def resident_bytes(self) -> int:
+        """Bytes of every tensor the module keeps (weight and bias)."""
+        return _module_bytes(self)
+
+    def dequantized_weight(self) -> Tensor:
+        """fp32 [out, in]: the weight the layer multiplies by."""
+        return self.weight.float()
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.weight.dtype}, dense"
+
+
+class QuantLinear(nn.Module):
+    """A weight-only quantized linear layer over real packed storage (2, 3, 4 or 8 bits).
+
+    Buffers by ``kernel_path``: ``qweight`` holds our packed codes (dequant-per-call), int8 codes
+    (int8pack_mm) or the int4 kernel's packed tensor; ``scales`` holds the per-group or per-row
+    scales, or tinygemm's [groups, out, 2] scales-and-zeros; ``zeros`` only for dequant-per-call.
+    """
+
+    qweight: Tensor
+    scales: Tensor
+    zeros: Tensor | None
+    bias: Tensor | None
+
+    def __init__(
+        self,
+        shape: tuple[int, int],
+        bits: int,
+        group_size: int,
+        kernel_path: KernelPath,
+        matmul_dtype: torch.dtype,
+        buffers: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
+    ) -> None:
+        super().__init__()
+        self.out_features, self.in_features = shape
+        self.bits, self.group_size = bits, group_size
+        self.kernel_path: KernelPath = kernel_path
+        self.matmul_dtype = matmul_dtype
+        for name, tensor in zip(("qweight", "scales", "zeros", "bias"), buffers, strict=True):
+            self.register_buffer(name, tensor)
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: Tensor,
+        bias: Tensor | None,
+        bits: int,
+        group_size: int,
+        *,
+        compute_dtype: torch.dtype,
+        device: torch.device | str,
+        impl: Impl = "auto",
+    ) -> QuantLinear:
+        """Quantize ``weight`` [out, in] (RTN) and place it on ``device`` for its kernel path.
+
+        Args:
+            weight: float [out_features, in_features], on any device.
+            bias: [out_features] or None; kept in ``compute_dtype``.
+            bits: 2, 3, 4 or 8.
+            group_size: input weights per scale group (2-4 bits).
+            compute_dtype: the model's activation dtype on ``device``.
+            device: where the layer runs.
+            impl: "auto" picks the fastest path; "reference" dequantizes per call into
+                ``compute_dtype`` (same quantized values, for tests).
+
+        Raises:
+            QuantizationError: unsupported bits or group size, or a malformed weight.
+        """
+        _check_weight(weight, bias)
+        check_bits(bits)
+        if group_size < 1:
+            raise QuantizationError(f"group size must be at least 1, got {group_size}")
+        device = torch.device(device)
+        out_features, in_features = weight.shape
+        auto = choose_kernel_path(bits, in_features, out_features, group_size, device)
+        path = auto if impl == "auto" else "dequant-per-call"
+        matmul = compute_dtype if impl == "reference" else dense_weight_dtype(compute_dtype, device)
+        with torch.no_grad():
+            q = quantize_rtn(weight, bits, group_size, scale_dtype_for(auto))
+            qweight, scales, zeros = kernel_buffers(q, path, device)
+            b = None if bias is None else bias.detach().to(device=device, dtype=compute_dtype)
+        shape = (out_features, in_features)
+        return cls(shape, bits, q.group_size, path, matmul, (qweight, scales, zeros, b))
+
+    def _quantized(self) -> QuantizedTensor:
+        """Our storage format over the buffers (dequant-per-call and int8pack_mm only)."""
+        codes = self.qweight.view(torch.uint8)
+        shape = (self.out_features, self.in_features)
+        return QuantizedTensor(self.bits, self.group_size, shape, codes, self.scales, self.zeros)
+
+    def dense_weight(self) -> Tensor:
+        """[out, in] in ``matmul_dtype``: the copy a dequant-per-call layer builds on every call.
+
+        Raises:
+            QuantizationError: the layer runs an int4 kernel, whose layout is not ours.
+        """
+        if self.kernel_path in ("int4pack_mm_cpu", "int4pack_mm_cuda"):
+            raise QuantizationError("int4 kernel layers have no dense copy; dequantized_weight()")
+        return dequantize(self._quantized(), self.matmul_dtype)
+
+    def _matmul(self, x: Tensor) -> Tensor:
+        """``x`` [M, in] -> [M, out] in the path's output dtype."""
+        path = self.kernel_path
+        if path == "int8pack_mm":
+            if x.shape[0] >= INT8_DENSE_ROWS and x.device.type == "cpu":
+                return int8_dense_matmul(x, self.qweight, self.scales, self.matmul_dtype)
+            return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales)
+        if path == "int4pack_mm_cpu":
+            x16 = x.to(torch.bfloat16)
+            return torch._weight_int4pack_mm_for_cpu(
+                x16, self.qweight, self.group_size, self.scales
+            )
+        if path == "int4pack_mm_cuda":  # untested here: needs an sm80+ GPU
+            x16 = x.to(torch.bfloat16)
+            return torch._weight_int4pack_mm(x16, self.qweight, self.group_size, self.scales)
+        return F.linear(x.to(self.matmul_dtype), self.dense_weight())
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` [..., in] -> [..., out] in x's dtype."""
+        x2 = x.reshape(-1, self.in_features).contiguous()  # [M, in]
+        y = _with_bias(self._matmul(x2), x.dtype, self.bias)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def resident_bytes(self) -> int:
+        """Bytes of every tensor the module keeps: packed weight, scales, zeros, bias."""
+        return _module_bytes(self)
+
+    def dequantized_weight(self) -> Tensor:
+        """fp32 [out, in]: the weight the layer effectively multiplies by.
+
+        For the int4 kernels the codes are read back through the kernel itself (unit scales, an
+        identity input), which costs a matmul with ``in_features`` rows: meant for tests.
+        """
+        if self.kernel_path == "int8pack_mm":  # the kernel scales fp32 sums: no bf16 rounding
+            return dequantize(self._quantized(), torch.float32)
+        if self.kernel_path == "dequant-per-call":
+            return self.dense_weight().float()
+        codes = self._int4_codes_via_kernel()  # [out, in] fp32, 0..15
+        scales, zeros = self.scales[..., 0].t(), self.scales[..., 1].t()
+        return affine_into(torch.empty_like(codes), codes, scales, zeros, 4, self.group_size)
+
+    def _int4_codes_via_kernel(self) -> Tensor:
+        rows, device = self.in_features, self.qweight.device
+        groups = self.in_features // self.group_size
+        unit = torch.zeros(groups, self.out_features, 2, dtype=torch.bfloat16, device=device)
+        unit[..., 0] = 1
+        identity = torch.eye(rows, dtype=torch.bfloat16, device=device)
+        minus8 = self._kernel_with(identity, unit)  # [in, out]: code - 8, exact in bf16
+        return minus8.t().float().add_(8).contiguous()
+
+    def _kernel_with(self, x: Tensor, scales_and_zeros: Tensor) -> Tensor:
+        if self.kernel_path == "int4pack_mm_cpu":
+            return torch._weight_int4pack_mm_for_cpu(
+                x, self.qweight, self.group_size, scales_and_zeros
+            )
+        return torch._weight_int4pack_mm(x, self.qweight, self.group_size, scales_and_zeros)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
+            f"group={self.group_size}, path={self.kernel_path}"
+        )
+
+
+# --------------------------------------------------------------------------- registry
+
+QUANTIZERS: Mapping[int, Callable[..., nn.Module]] = MappingProxyType(
+    {
+        16: DenseLinear.from_weight,
+        8: QuantLinear.from_weight,
+        4: QuantLinear.from_weight,
+        3: QuantLinear.from_weight,
+        2: QuantLinear.from_weight,
+    }
+)
+"""Module constructor per plan precision, each ``(weight, bias, bits, group_size, *,
+compute_dtype, device, impl) -> nn.Module``."""
+
+
+def quantize_linear(
+    weight: Tensor,
+    bias: Tensor | None,
+    bits: int,
+    group_size: int,
+    *,
+    compute_dtype: torch.dtype,
+    device: torch.device | str,
+    impl: Impl = "auto",
+) -> nn.Module:
+    """The module that runs a linear layer at the plan's precision ``bits``.
+
+    Args:
+        weight: float [out_features, in_features].
+        bias: [out_features] or None.
+        bits: 16, 8, 4, 3 or 2.
+        group_size: input weights per scale group (2-4 bits).
+        compute_dtype: the model's activation dtype on ``device``.
+        device: where the layer runs.
+        impl: "auto" or "reference" (always dequantize per call; for tests).
+
+    Returns:
+        A :class:`DenseLinear` or :class:`QuantLinear`; both expose ``bits``, ``group_size``,
+        ``kernel_path``, ``resident_bytes()`` and ``dequantized_weight()``.
+
+    Raises:
+        QuantizationError: ``bits`` is not a supported precision, or the weight is malformed.
+    """
+    make = QUANTIZERS.get(bits)
+    if make is None:
+        supported = ", ".join(str(b) for b in sorted(QUANTIZERS, reverse=True))
+        raise QuantizationError(
+            f"no quantized layer for {bits} bits; a plan may use {supported} bits"
+        )
+    return make(
+        weight, bias, bits, group_size, compute_dtype=compute_dtype, device=device, impl=impl
+    )

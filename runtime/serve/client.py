@@ -1,0 +1,208 @@
+"""Python client of a pqctl deployment (the protocol in docs/protocol.md). Needs only pyzmq and
+msgpack: it imports neither torch nor transformers.
+
+    from runtime.serve.client import Client
+    with Client() as client:                      # the local "default" deployment
+        print(client.generate("ROMEO:", max_new_tokens=32).text)
+        for piece in client.stream("JULIET:", max_new_tokens=32, temperature=0.8, seed=1):
+            print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+from runtime.serve.deployment import DEFAULT_NAME, DeploymentState
+from runtime.serve.keys import CurveKeys, secure_client
+from runtime.serve.protocol import pack, unpack
+
+
+class ServerError(RuntimeError):
+    """An ``error`` reply: its code, message and the field at fault."""
+
+    def __init__(self, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.field = code, message, field
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """A finished request (the ``done`` reply)."""
+
+    id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+class Client:
+    """One DEALER connection; many requests may be in flight on it."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        name: str = DEFAULT_NAME,
+        keys: Path | None = None,
+        timeout_s: float = 120.0,
+    ) -> None:
+        """Connect to ``endpoint``, or to the running deployment ``name`` on this host.
+
+        Args:
+            keys: CURVE key directory (client keypair + server.key) when the server uses keys.
+            timeout_s: longest wait for any reply before TimeoutError.
+        """
+        if endpoint is None:
+            state = DeploymentState.load(name)
+            endpoint = state.client_endpoint
+            if keys is None and state.keys:
+                keys = Path(state.keys)
+        self.endpoint, self.timeout_s = endpoint, timeout_s
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        secure_client(self._sock, CurveKeys.load(keys, "client") if keys else None)
+        self._sock.connect(endpoint)
+        self._ids = (f"{os.getpid()}-{n}" for n in itertools.count())
+        self._early: list[dict[str, Any]] = []
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    # ----------------------------------------------------------------- raw messages
+    def send(self, message: dict[str, Any]) -> None:
+        """Send one protocol message as is."""
+        self._sock.send(pack(message))
+
+    def receive(self, timeout_s: float | None = None) -> dict[str, Any]:
+        """The next reply, whichever request it belongs to.
+
+        Raises:
+            TimeoutError: nothing arrived in time.
+        """
+        if self._early:
+            return self._early.pop(0)
+        return self._recv(self.timeout_s if timeout_s is None else timeout_s)
+
+    def _recv(self, wait: float) -> dict[str, Any]:
+        if not self._sock.poll(int(wait * 1000)):
+            raise TimeoutError(f"no reply from {self.endpoint} in {wait:.0f} s")
+        return unpack(self._sock.recv())
+
+    def _until(self, request_id: str | None, kind: str) -> dict[str, Any]:
+        deadline = time.monotonic() + self.timeout_s
+        stash: list[dict[str, Any]] = []
+        try:
+            while True:
+                message = self.receive(max(0.0, deadline - time.monotonic()))
+                if message.get("id") == request_id and message["type"] in (kind, "error"):
+                    return _checked(message)
+                stash.append(message)
+        finally:
+            self._early.extend(stash)
+
+    # ----------------------------------------------------------------- requests
+    def info(self) -> dict[str, Any]:
+        """The deployment's model, state and limits."""
+        request_id = next(self._ids)
+        self.send({"type": "info", "id": request_id})
+        return self._until(request_id, "info")
+
+    def submit(
+        self, prompt: str, *, max_new_tokens: int, stream: bool = False, **options: Any
+    ) -> str:
+        """Send a ``generate`` request (options: temperature, top_k, top_p, seed, stop,
+        ignore_eos, id); returns its id without waiting."""
+        request_id = str(options.pop("id", None) or next(self._ids))
+        message: dict[str, Any] = {"type": "generate", "id": request_id, "prompt": prompt}
+        message |= {"max_new_tokens": max_new_tokens, "stream": stream}
+        if "stop" in options:
+            options["stop"] = list(options["stop"])
+        self.send(message | options)
+        return request_id
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the server to end a request; its ``done`` reply says ``cancelled``."""
+        self.send({"type": "cancel", "id": request_id})
+
+    def generate(self, prompt: str, *, max_new_tokens: int, **options: Any) -> Completion:
+        """Generate and wait for the whole completion."""
+        request_id = self.submit(prompt, max_new_tokens=max_new_tokens, **options)
+        return _completion(self._until(request_id, "done"))
+
+    def generate_many(
+        self, prompts: Sequence[str], *, max_new_tokens: int, **options: Any
+    ) -> list[Completion]:
+        """Send every prompt at once (the server batches them); completions in prompt order."""
+        ids = [self.submit(p, max_new_tokens=max_new_tokens, **options) for p in prompts]
+        return [self.wait(i) for i in ids]
+
+    def wait(self, request_id: str) -> Completion:
+        """The completion of a request sent with :meth:`submit` (its token messages, if it
+        streams, are skipped).
+
+        Raises:
+            ServerError: the server rejected or failed the request.
+            TimeoutError: no reply for ``timeout_s``.
+        """
+        return _completion(self._until(request_id, "done"))
+
+    def stream(self, prompt: str, *, max_new_tokens: int, **options: Any) -> Iterator[str]:
+        """Generate, yielding text as it arrives; the iterator's return value (``StopIteration
+        .value``) is the :class:`Completion`."""
+        request_id = self.submit(prompt, max_new_tokens=max_new_tokens, stream=True, **options)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            message = self._next_for(request_id, deadline)
+            if message["type"] == "token":
+                deadline = time.monotonic() + self.timeout_s
+                yield str(message["text"])
+            elif message["type"] == "done":
+                return _completion(message)  # type: ignore[return-value]
+
+    def _next_for(self, request_id: str, deadline: float) -> dict[str, Any]:
+        for i, message in enumerate(self._early):
+            if message.get("id") == request_id:
+                return _checked(self._early.pop(i))
+        while True:
+            message = self._recv(max(0.0, deadline - time.monotonic()))
+            if message.get("id") == request_id:
+                return _checked(message)
+            self._early.append(message)
+
+
+def _checked(message: dict[str, Any]) -> dict[str, Any]:
+    if message.get("type") == "error":
+        raise ServerError(
+            str(message.get("code")), str(message.get("message")), message.get("field")
+        )
+    return message
+
+
+def _completion(message: dict[str, Any]) -> Completion:
+    return Completion(
+        str(message["id"]),
+        str(message["text"]),
+        list(message["token_ids"]),
+        str(message["finish_reason"]),
+        dict(message.get("usage", {})),
+    )

@@ -1,0 +1,531 @@
+"""The gateway process: starts a plan's stages, schedules requests through them, serves clients.
+
+Sockets (ZeroMQ, all bound here):
+- client ROUTER: the client protocol (``runtime.serve.protocol``, docs/protocol.md);
+- control ROUTER: stage workers' hello / progress / ready / beats / failures; connect and stop;
+- results PULL: the last stage's sampled tokens;
+- status PUB: a status message every half second (stages, load progress, requests, failures);
+- and a PUSH connected to the first stage's data PULL.
+
+Run as ``python -m runtime.serve.gateway --plan plan.json --name NAME``; ``pqctl apply`` does this.
+A stage that dies or stops sending heartbeats while serving fails the requests in flight (an
+error naming it) and is restarted (``--restarts`` times at most); waiting requests wait for it.
+Exit codes: 0 stopped on request, 1 start-up failure, 4 a stage failed for good.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+from planner.plan import Plan, PlanValidationError
+from runtime.errors import RuntimeFailure
+from runtime.model.stages import check_plan_matches, resolve_checkpoint
+from runtime.model.tokenizer import load_tokenizer
+from runtime.serve.deployment import DeploymentState, check_name, state_dir
+from runtime.serve.frames import FrameError, decode_step, encode_step
+from runtime.serve.keys import CurveKeys, secure_client, secure_server, start_authenticator
+from runtime.serve.launcher import (
+    Launcher,
+    LocalLauncher,
+    StageHandle,
+    StageLaunch,
+    available_cores,
+    stage_threads,
+    stop_all,
+)
+from runtime.serve.protocol import (
+    HARD_FRAME_BYTES,
+    INTERNAL,
+    PROTOCOL_VERSION,
+    SHUTTING_DOWN,
+    STAGE_FAILED,
+    CancelRequest,
+    GenerateRequest,
+    InfoRequest,
+    Limits,
+    ProtocolError,
+    pack,
+    parse_client_message,
+)
+from runtime.serve.scheduler import Layout, Reply, Scheduler, Step
+
+EXIT_STAGE_FAILED = 4
+STATUS_INTERVAL_S = 0.5
+GATHER_GAP_S = 0.005  # a pause this long ends a burst of requests (see Gateway._on_clients)
+GATHER_MAX_S = 0.05
+
+
+@dataclass
+class StageState:
+    """What the gateway knows of one stage worker."""
+
+    index: int
+    handle: StageHandle
+    state: str = "starting"  # starting → loading → ready; failed
+    data: str | None = None
+    metrics: str | None = None
+    last_beat: float = field(default_factory=time.monotonic)
+    error: str | None = None
+    restarts: int = 0
+    resident_bytes: int | None = None
+    kernel_paths: dict[str, list[str]] | None = None
+    loaded: tuple[int, int] | None = None  # (parts loaded, parts in all) while loading
+
+    def describe(self, plan: Plan) -> str:
+        stage = plan.stages[self.index]
+        dev = stage.device
+        where = "cpu" if dev.index < 0 else f"cuda:{dev.index}"
+        r = stage.layer_range
+        return f"stage {self.index} ({where} on {dev.host}, layers {r.start}–{r.stop - 1})"
+
+
+class Gateway:
+    """Sockets, stage supervision and the request loop (see the module docstring)."""
+
+    def __init__(
+        self,
+        plan_path: Path,
+        name: str,
+        client_endpoint: str,
+        launcher: Launcher,
+        *,
+        keys_dir: Path | None = None,
+        bind_host: str = "127.0.0.1",
+        beat_timeout_s: float = 30.0,
+        log_dir: Path | None = None,
+        impl: str = "auto",
+        max_restarts: int = 3,
+    ) -> None:
+        self.plan_path = plan_path.resolve()
+        self.plan = Plan.load(self.plan_path)
+        self.name = check_name(name)
+        self.checkpoint = resolve_checkpoint(self.plan.model.source)
+        self.tokenizer, pad_id, eos_ids = load_tokenizer(self.checkpoint)
+        from runtime.model.arch import arch_from_config, read_config
+
+        check_plan_matches(
+            self.plan,
+            arch_from_config(read_config(self.checkpoint), str(self.checkpoint)),
+            str(self.checkpoint),
+        )
+        w, mb = self.plan.workload, self.plan.micro_batching
+        self.limits = Limits(w.prompt_len, w.max_new_tokens)
+        layout = Layout(
+            w.global_batch, mb.prefill_size, mb.decode_size, w.prompt_len, w.max_new_tokens
+        )
+        self.scheduler = Scheduler(layout, self.tokenizer, pad_id, eos_ids)
+        self.launcher, self.bind_host, self.beat_timeout_s = launcher, bind_host, beat_timeout_s
+        self.keys_dir, self.impl, self.max_restarts = keys_dir, impl, max_restarts
+        cpu_stages = [i for i, st in enumerate(self.plan.stages) if st.device.index < 0]
+        self.threads = stage_threads(cpu_stages, available_cores())
+        keys = CurveKeys.load(keys_dir) if keys_dir else None
+        self.log_dir = log_dir or state_dir() / "logs" / name
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+        self.ctx = zmq.Context()
+        self.auth = start_authenticator(self.ctx, keys)
+        self.client = self._bind(zmq.ROUTER, client_endpoint, keys)
+        self.client.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.client.setsockopt(zmq.SNDHWM, 100_000)
+        self.client.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_BYTES)
+        self.control = self._bind(zmq.ROUTER, f"tcp://{bind_host}:*", keys)
+        self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted stage reuses its identity
+        self.results = self._bind(zmq.PULL, f"tcp://{bind_host}:*", keys)
+        self.status = self._bind(zmq.PUB, f"tcp://{bind_host}:*", keys)
+        self.keys = keys
+        self.to_first = self._push()
+        self.stages: list[StageState] = []
+        self.phase = "starting"
+        self.failure: str | None = None
+        self.stopping = False
+        self.state = DeploymentState(
+            name=self.name,
+            pid=os.getpid(),
+            plan=str(self.plan_path),
+            model=self.plan.model.source,
+            client_endpoint=self._endpoint(self.client),
+            status_endpoint=self._endpoint(self.status),
+            started=time.time(),
+            log_dir=str(self.log_dir),
+            keys=str(keys_dir) if keys_dir else None,
+        )
+        self.window_started, self.window_tokens = time.monotonic(), 0
+        self.tokens_per_s = 0.0
+
+    def _bind(self, kind: int, endpoint: str, keys: CurveKeys | None) -> zmq.Socket[bytes]:
+        sock = self.ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        secure_server(sock, keys)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close()
+            raise RuntimeFailure(f"cannot bind {endpoint}: {exc}") from None
+        return sock
+
+    def _push(self) -> zmq.Socket[bytes]:
+        sock = self.ctx.socket(zmq.PUSH)
+        sock.setsockopt(zmq.LINGER, 0)
+        secure_client(sock, self.keys)
+        return sock
+
+    @staticmethod
+    def _endpoint(sock: zmq.Socket[bytes]) -> str:
+        return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    # ----------------------------------------------------------------- life cycle
+    def _launch(self, index: int) -> StageHandle:
+        launch = StageLaunch(
+            self.plan_path,
+            index,
+            self._endpoint(self.control),
+            self.bind_host,
+            self.checkpoint,
+            self.keys_dir,
+            self.log_dir / f"stage-{index}.log",
+            self.impl,
+            self.threads.get(index),
+        )
+        return self.launcher.start(launch)
+
+    def start_stages(self) -> None:
+        for index in range(len(self.plan.stages)):
+            self.stages.append(StageState(index, self._launch(index)))
+        self.phase = "loading"
+
+    def run(self) -> int:
+        """The loop: until stopped (0) or a stage fails (4)."""
+        self.state.save()
+        try:
+            self.start_stages()
+            poller = zmq.Poller()
+            for sock in (self.client, self.control, self.results):
+                poller.register(sock, zmq.POLLIN)
+            next_status = 0.0
+            while not self.stopping:
+                ready = dict(poller.poll(20))
+                if self.control in ready:
+                    self._on_control()
+                if self.results in ready:
+                    self._on_results()
+                if self.client in ready:
+                    self._on_clients()
+                if self.phase == "serving":
+                    self._send_steps(self.scheduler.admit())
+                self._check_stages()
+                if self.failure is not None:
+                    break
+                now = time.monotonic()
+                if now >= next_status:
+                    self._publish_status()
+                    next_status = now + STATUS_INTERVAL_S
+            if self.failure is None:
+                self.phase = "stopping"
+                self._reply(self.scheduler.fail_all(SHUTTING_DOWN, "the deployment is stopping"))
+            self._publish_status()
+            return 0 if self.failure is None else EXIT_STAGE_FAILED
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        for stage in self.stages:
+            self._tell(stage.index, {"type": "stop"})
+        stop_all([s.handle for s in self.stages])
+        self.state.remove()
+        for sock in (self.client, self.control, self.results, self.status, self.to_first):
+            sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
+        self.ctx.term()
+
+    def _fail(self, message: str) -> None:
+        self.failure = message
+        self.phase = "failed"
+        self._reply(self.scheduler.fail_all(STAGE_FAILED, message))
+
+    # ----------------------------------------------------------------- stages
+    def _tell(self, index: int, message: dict[str, Any]) -> None:
+        # Not connected (yet or any more): the liveness checks handle that.
+        with contextlib.suppress(zmq.ZMQError):
+            self.control.send_multipart(
+                [f"stage-{index}".encode(), msgpack.packb(message)], zmq.NOBLOCK
+            )
+
+    def _on_control(self) -> None:
+        while self.control.poll(0):
+            frames = self.control.recv_multipart()
+            try:
+                msg = msgpack.unpackb(frames[-1], raw=False)
+                index = int(msg["stage"])
+                stage = self.stages[index]
+                kind = msg["type"]
+            except Exception:
+                continue
+            if frames[0] != f"stage-{index}".encode():
+                continue
+            stage.last_beat = time.monotonic()
+            if kind == "hello":
+                stage.data, stage.metrics = str(msg["data"]), str(msg["metrics"])
+                if self.phase == "recovering":
+                    self._wire_around(index)
+                else:
+                    self._wire()
+            elif kind == "loading":
+                stage.state, stage.loaded = "loading", None
+            elif kind == "progress":
+                done, total = msg.get("done"), msg.get("total")
+                if isinstance(done, int) and isinstance(total, int) and 0 <= done <= total:
+                    stage.loaded = (done, total)
+                if isinstance(msg.get("rss_bytes"), int):
+                    stage.resident_bytes = msg["rss_bytes"]
+            elif kind == "ready":
+                stage.state = "ready"
+                stage.resident_bytes = msg.get("resident_bytes")
+                stage.kernel_paths = msg.get("kernel_paths")
+                ready = all(s.state == "ready" for s in self.stages)
+                if ready and self.phase in ("loading", "recovering"):
+                    self.phase = "serving"
+            elif kind == "failed":
+                stage.error = f"failed: {msg.get('title')}: {msg.get('message')}"
+                if self.phase != "serving":  # loading failed: restarting would fail again
+                    stage.state = "failed"
+                    self._fail(f"{stage.describe(self.plan)} {stage.error}")
+                # while serving, the process exits next and is restarted
+            elif kind == "step_failed":
+                text = f"{stage.describe(self.plan)} could not run a step: {msg.get('message')}"
+                self._reply(self.scheduler.fail_group(int(msg.get("group", -1)), INTERNAL, text))
+
+    def _wire(self) -> None:
+        """Once every stage said where it listens: chain gateway → 0 → … → N-1 → gateway."""
+        if any(s.data is None for s in self.stages):
+            return
+        self.to_first.connect(str(self.stages[0].data))
+        for stage in self.stages:
+            nxt = (
+                self.stages[stage.index + 1].data
+                if stage.index + 1 < len(self.stages)
+                else self._endpoint(self.results)
+            )
+            self._tell(stage.index, {"type": "connect", "downstream": nxt})
+
+    def _wire_around(self, index: int) -> None:
+        """A restarted stage listens somewhere new: reconnect its upstream, tell it its
+        downstream. Other links are untouched."""
+        stage = self.stages[index]
+        if index == 0:
+            self.to_first.close(linger=0)  # drops steps queued for the dead process
+            self.to_first = self._push()
+            self.to_first.connect(str(stage.data))
+        else:
+            self._tell(index - 1, {"type": "connect", "downstream": stage.data})
+        nxt = self.stages[index + 1].data if index + 1 < len(self.stages) else None
+        self._tell(index, {"type": "connect", "downstream": nxt or self._endpoint(self.results)})
+
+    def _check_stages(self) -> None:
+        now = time.monotonic()
+        for stage in self.stages:
+            code = stage.handle.exit_code()
+            if code is not None and not self.stopping:
+                self._stage_lost(stage, stage.error or f"exited with code {code}")
+                return
+            if stage.state == "ready" and now - stage.last_beat > self.beat_timeout_s:
+                self._stage_lost(stage, f"sent no heartbeat for {self.beat_timeout_s:.0f} s")
+                return
+
+    def _stage_lost(self, stage: StageState, reason: str) -> None:
+        """Fail the requests in flight; restart the stage while restarts remain (waiting
+        requests wait for it), else stop the deployment."""
+        message = f"{stage.describe(self.plan)} {reason}"
+        if self.phase not in ("serving", "recovering") or stage.restarts >= self.max_restarts:
+            stage.state, stage.error = "failed", reason
+            self._fail(message)
+            return
+        for group in self.scheduler.groups:
+            self._reply(self.scheduler.fail_group(group.index, STAGE_FAILED, message))
+        stage.handle.kill()
+        stage.handle = self._launch(stage.index)
+        stage.state, stage.data, stage.error = "starting", None, reason
+        stage.restarts += 1
+        stage.last_beat = time.monotonic()
+        self.phase = "recovering"
+
+    # ----------------------------------------------------------------- data path
+    def _send_steps(self, steps: list[Step]) -> None:
+        for header, tensor in steps:
+            self.to_first.send_multipart(encode_step(header, tensor), copy=False)
+
+    def _on_results(self) -> None:
+        while self.results.poll(0):
+            frames = self.results.recv_multipart()
+            try:
+                header, _ = decode_step(frames)
+            except FrameError:
+                continue  # only the last stage reaches this socket
+            replies, steps = self.scheduler.on_result(header)
+            self._reply(replies)
+            self._send_steps(steps)
+
+    # ----------------------------------------------------------------- clients
+    def _on_clients(self) -> None:
+        """Every client message that has arrived. While new requests would go into a free
+        group, keep reading until the clients pause (``GATHER_GAP_S``, at most ``GATHER_MAX_S``
+        in all): a burst of requests sent together is then admitted together, not split into
+        a group of the first few and a later wave of the rest."""
+        deadline = time.monotonic() + GATHER_MAX_S
+        while True:
+            queued = len(self.scheduler.waiting)
+            while self.client.poll(0):
+                frames = self.client.recv_multipart()
+                identity, body = frames[0], frames[1:]
+                try:
+                    message = parse_client_message(body, self.limits)
+                    self._handle(identity, message)
+                except ProtocolError as exc:
+                    self._reply([(identity, exc.reply())])
+            gathering = (
+                len(self.scheduler.waiting) > queued
+                and self.scheduler.free_capacity() > len(self.scheduler.waiting)
+                and time.monotonic() < deadline
+            )
+            if not (gathering and self.client.poll(round(GATHER_GAP_S * 1000))):
+                return
+
+    def _handle(
+        self, identity: bytes, message: GenerateRequest | CancelRequest | InfoRequest
+    ) -> None:
+        if isinstance(message, InfoRequest):
+            self._reply([(identity, self._info(message.id))])
+        elif isinstance(message, CancelRequest):
+            self._reply(self.scheduler.cancel(identity, message.id))
+        else:
+            if self.phase in ("stopping", "failed"):
+                raise ProtocolError(SHUTTING_DOWN, "the deployment is stopping", None, message.id)
+            ids = self.tokenizer.encode(message.prompt)
+            self.scheduler.submit(identity, message, ids)
+
+    def _info(self, request_id: str | None) -> dict[str, Any]:
+        w, mb = self.plan.workload, self.plan.micro_batching
+        return {
+            "type": "info",
+            "id": request_id,
+            "protocol": PROTOCOL_VERSION,
+            "model": self.plan.model.source,
+            "state": self.phase,
+            "limits": {
+                "max_prompt_tokens": self.limits.max_prompt_tokens,
+                "max_new_tokens": self.limits.max_new_tokens,
+            },
+            "global_batch": w.global_batch,
+            "prefill_micro_batch": mb.prefill_size,
+            "decode_micro_batch": mb.decode_size,
+            "stages": len(self.plan.stages),
+        }
+
+    def _reply(self, replies: list[Reply]) -> None:
+        for identity, message in replies:
+            if message.get("type") == "token":
+                self.window_tokens += len(message["token_ids"])
+            try:
+                self.client.send_multipart([identity, pack(message)], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.scheduler.forget_client(identity)  # gone or not reading
+
+    # ----------------------------------------------------------------- status
+    def _publish_status(self) -> None:
+        now = time.monotonic()
+        span = now - self.window_started
+        if span >= 1.0:
+            self.tokens_per_s = self.window_tokens / span
+            self.window_started, self.window_tokens = now, 0
+        sched = self.scheduler
+        message = {
+            "type": "status",
+            "name": self.name,
+            "phase": self.phase,
+            "failure": self.failure,
+            "client_endpoint": self.state.client_endpoint,
+            "stages": [
+                {
+                    "index": s.index,
+                    "state": s.state,
+                    "pid": s.handle.pid,
+                    "metrics": s.metrics,
+                    "error": s.error,
+                    "restarts": s.restarts,
+                    "resident_bytes": s.resident_bytes,
+                    "loaded": list(s.loaded) if s.loaded else None,
+                }
+                for s in self.stages
+            ],
+            "requests": {
+                "waiting": len(sched.waiting),
+                "active": sched.active_requests,
+                "completed": sched.completed,
+                "steps_in_flight": sched.in_flight,
+            },
+            "generated_tokens": sched.generated_tokens,
+            "time": time.time(),
+        }
+        self.status.send(msgpack.packb(message, use_bin_type=True))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.serve.gateway", description=__doc__)
+    parser.add_argument("--plan", type=Path, required=True)
+    parser.add_argument("--name", default="default")
+    parser.add_argument("--endpoint", default="tcp://127.0.0.1:7460", help="client ROUTER endpoint")
+    parser.add_argument("--bind-host", default="127.0.0.1", help="address stage sockets bind to")
+    parser.add_argument("--keys", type=Path, default=None, help="CURVE key directory")
+    parser.add_argument("--beat-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--restarts", type=int, default=3, help="restarts of a failed stage before giving up"
+    )
+    parser.add_argument(
+        "--impl",
+        choices=("auto", "reference"),
+        default="auto",
+        help="stage compute: the platform's kernels, or dequantized weights (for checking)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        gateway = Gateway(
+            args.plan,
+            args.name,
+            args.endpoint,
+            LocalLauncher(),
+            keys_dir=args.keys,
+            bind_host=args.bind_host,
+            beat_timeout_s=args.beat_timeout,
+            impl=args.impl,
+            max_restarts=args.restarts,
+        )
+    except (RuntimeFailure, PlanValidationError, OSError, ValueError) as exc:
+        title = getattr(exc, "title", "cannot start")
+        print(f"error: {title}: {exc}", file=sys.stderr)
+        return 1
+
+    def stop(*_: object) -> None:
+        gateway.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = gateway.run()
+    if gateway.failure:
+        print(f"error: {gateway.failure}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

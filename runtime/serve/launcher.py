@@ -1,0 +1,244 @@
+"""Starting a deployment's processes: its gateway, and stage workers behind an interface, so a
+stage can be started on another host.
+
+:func:`start_gateway` starts ``python -m runtime.serve.gateway`` for ``pqctl apply`` and the
+dashboard alike. :class:`LocalLauncher` starts each stage as a child process of the gateway on
+this host. A multi-host launcher (``pqctl agent``) implements the same :class:`Launcher`
+protocol by asking the stage's host to start it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from runtime.errors import RuntimeFailure
+from runtime.serve.deployment import DeploymentError, DeploymentState
+
+
+@dataclass(frozen=True, slots=True)
+class StageLaunch:
+    """What a stage worker needs to start."""
+
+    plan: Path
+    stage: int
+    control: str
+    bind_host: str = "127.0.0.1"
+    checkpoint: Path | None = None
+    keys: Path | None = None
+    log: Path | None = None
+    impl: str = "auto"
+    threads: int | None = None  # CPU threads for the stage's kernels (None: torch's default)
+
+    def argv(self) -> list[str]:
+        args = [
+            sys.executable,
+            "-m",
+            "runtime.serve.worker",
+            "--plan",
+            str(self.plan),
+            "--stage",
+            str(self.stage),
+            "--control",
+            self.control,
+            "--bind-host",
+            self.bind_host,
+            "--impl",
+            self.impl,
+        ]
+        if self.checkpoint is not None:
+            args += ["--checkpoint", str(self.checkpoint)]
+        if self.keys is not None:
+            args += ["--keys", str(self.keys)]
+        if self.threads is not None:
+            args += ["--threads", str(self.threads)]
+        return args
+
+
+class StageHandle(Protocol):
+    """A started stage worker."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def exit_code(self) -> int | None:
+        """None while it runs."""
+        ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class Launcher(Protocol):
+    """Starts stage workers wherever their device is."""
+
+    def start(self, launch: StageLaunch) -> StageHandle: ...
+
+
+class LocalProcess:
+    """A stage worker that is a child process on this host."""
+
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def exit_code(self) -> int | None:
+        return self.process.poll()
+
+    def terminate(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment, with the project root importable (runs from a checkout)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+class LocalLauncher:
+    """Starts stage workers as child processes, stdout/stderr to a log file per stage."""
+
+    def start(self, launch: StageLaunch) -> LocalProcess:
+        env = child_env()
+        if launch.threads is not None:  # OpenMP / MKL pools sized before torch starts them
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(launch.threads)
+        out = open(launch.log, "ab") if launch.log else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            process = subprocess.Popen(
+                launch.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        finally:
+            if launch.log:
+                out.close()  # type: ignore[union-attr]
+        return LocalProcess(process)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def stage_threads(cpu_stages: list[int], cores: int) -> dict[int, int]:
+    """CPU threads for each of ``cpu_stages`` sharing ``cores``: the cores split evenly (at
+    least one each) when there are several, so the stages' kernels run side by side instead of
+    every stage's thread pool contending for every core; none when one stage has the CPU."""
+    if len(cpu_stages) < 2:
+        return {}
+    share = max(1, cores // len(cpu_stages))
+    return {index: share for index in cpu_stages}
+
+
+def stop_all(handles: list[StageHandle], grace_s: float = 5.0) -> None:
+    """Ask every worker to stop, then kill those still running after ``grace_s``."""
+    for handle in handles:
+        handle.terminate()
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any(h.exit_code() is None for h in handles):
+        time.sleep(0.05)
+    for handle in handles:
+        if handle.exit_code() is None:
+            handle.kill()
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayLaunch:
+    """What a deployment's gateway needs to start; it then starts the plan's stages."""
+
+    plan: Path
+    name: str
+    endpoint: str
+    restarts: int | None = None  # restarts of a failed stage (None: the gateway's default)
+    keys: Path | None = None
+
+    def argv(self) -> list[str]:
+        args = [sys.executable, "-m", "runtime.serve.gateway", "--plan", str(self.plan)]
+        args += ["--name", self.name, "--endpoint", self.endpoint]
+        if self.restarts is not None:
+            args += ["--restarts", str(self.restarts)]
+        if self.keys is not None:
+            args += ["--keys", str(self.keys)]
+        return args
+
+
+class GatewayExited(RuntimeFailure):
+    """The gateway exited before it wrote its state file."""
+
+    title = "gateway did not start"
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(f"exit code {exit_code}")
+        self.exit_code = exit_code
+
+
+def start_gateway(launch: GatewayLaunch, log: Path) -> subprocess.Popen[bytes]:
+    """Start the gateway in a session of its own, so that it outlives a detached caller and a
+    Ctrl-C reaches it only when relayed; its output goes to ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            launch.argv(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=child_env(),
+            start_new_session=True,
+        )
+
+
+def wait_for_gateway(
+    process: subprocess.Popen[bytes],
+    name: str,
+    timeout_s: float,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> DeploymentState | None:
+    """The state of deployment ``name`` once the gateway ``process`` has bound its sockets and
+    written its state file; None when ``timeout_s`` passes or ``cancelled()`` first.
+
+    Raises:
+        GatewayExited: the gateway exited before that.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not cancelled():
+        code = process.poll()
+        if code is not None:
+            raise GatewayExited(code)
+        with contextlib.suppress(DeploymentError):
+            state = DeploymentState.load(name)
+            if state.pid == process.pid:
+                return state
+        time.sleep(0.1)
+    return None
+
+
+def log_tail(log: Path, lines: int) -> str:
+    """The last ``lines`` lines of a log file ("" when it cannot be read)."""
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""

@@ -1,0 +1,168 @@
+"""``pqctl apply`` / ``generate`` / ``stop`` as a user runs them: real processes, bounded waits."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from planner.plan import Plan
+from pqctl.render.deployment import load_state
+from runtime.model.assets import builtin_model_dir
+from runtime.serve.deployment import DeploymentState, pid_alive
+from tests.runtime.serve.plans import serving_plan, write_plan
+
+pytestmark = pytest.mark.multiproc
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def pqctl(state: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PQCTL_STATE_DIR=str(state), COLUMNS="200")
+    return subprocess.run(
+        [sys.executable, "-m", "pqctl", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.fixture
+def plan_file(tmp_path: Path) -> Path:
+    return write_plan(serving_plan("bard-tiny", [0, 4], batch=4, max_new=24), tmp_path)
+
+
+def _cleanup(state: Path, name: str = "default") -> None:
+    try:
+        info = DeploymentState.load(name, state)
+    except Exception:
+        return
+    os.killpg(info.pid, signal.SIGKILL)
+
+
+def test_apply_detach_generate_stop(plan_file: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    try:
+        up = pqctl(state, "apply", str(plan_file), "--detach", "--endpoint", "tcp://127.0.0.1:*")
+        assert up.returncode == 0, up.stderr
+        assert "serving bard-tiny (2 stages) at tcp://127.0.0.1:" in up.stderr
+        deployment = DeploymentState.load("default", state)
+
+        again = pqctl(state, "apply", str(plan_file), "--detach")
+        assert again.returncode == 2
+        assert 'deployment "default" is serving at' in again.stderr
+
+        out = pqctl(state, "generate", "ROMEO:", "KING:", "--max-new", "8", "--json")
+        assert out.returncode == 0, out.stderr
+        lines = [json.loads(line) for line in out.stdout.splitlines()]
+        assert [line["prompt"] for line in lines] == ["ROMEO:", "KING:"]
+        assert all(line["usage"]["completion_tokens"] <= 8 for line in lines)
+
+        streamed = pqctl(state, "generate", "ROMEO:", "--max-new", "8")
+        assert streamed.returncode == 0
+        assert streamed.stdout.startswith("ROMEO:" + lines[0]["text"])  # greedy: same text
+
+        bad = pqctl(state, "generate", "ROMEO:", "--max-new", "25")
+        assert bad.returncode == 2
+        assert "bad_field (max_new_tokens)" in bad.stderr and "from 1 to 24" in bad.stderr
+
+        down = pqctl(state, "stop")
+        assert down.returncode == 0 and 'stopped "default"' in down.stderr
+        assert not pid_alive(deployment.pid)
+        assert pqctl(state, "stop").returncode == 5
+        gone = pqctl(state, "generate", "ROMEO:")
+        assert gone.returncode == 5 and "no deployment" in gone.stderr
+    finally:
+        _cleanup(state)
+
+
+def test_apply_in_the_foreground_stops_on_interrupt(plan_file: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = dict(os.environ, PQCTL_STATE_DIR=str(state), COLUMNS="200")
+    argv = [
+        sys.executable,
+        "-m",
+        "pqctl",
+        "apply",
+        str(plan_file),
+        "--endpoint",
+        "tcp://127.0.0.1:*",
+    ]
+    process = subprocess.Popen(
+        argv, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            out = pqctl(state, "generate", "ROMEO:", "--max-new", "4", "--timeout", "5")
+            if out.returncode == 0:
+                break
+            time.sleep(0.5)
+        assert out.returncode == 0, out.stderr
+        gateway = DeploymentState.load("default", state).pid
+        time.sleep(1.5)  # one refresh of the live table
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=30)
+        assert process.returncode == 130, stderr
+        assert "per-stage throughput" in stdout and "127.0.0.1/cpu" in stdout
+        assert not pid_alive(gateway)
+        assert not (state / "default.json").exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        _cleanup(state)
+
+
+def test_apply_reports_a_stage_that_cannot_load(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    checkpoint = Path(shutil.copytree(builtin_model_dir(), tmp_path / "model"))
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    data = json.loads(serving_plan("bard-tiny", [0, 4]).to_json())
+    data["model"]["source"] = str(checkpoint)
+    path = write_plan(Plan.from_dict(data), tmp_path)
+    try:
+        out = pqctl(state, "apply", str(path), "--detach", "--endpoint", "tcp://127.0.0.1:*")
+        assert out.returncode == 4, out.stderr
+        # Both stages find the file truncated; whichever reports first is named.
+        assert re.search(
+            r"stage [01] \(cpu on [a-z0-9.]+, layers [0-7]–[0-7]\) failed: bad checkpoint",
+            out.stderr,
+        )
+        assert "truncated" in out.stderr
+        assert not (state / "default.json").exists()
+    finally:
+        _cleanup(state)
+
+
+def test_apply_refuses_bad_plans_and_other_hosts(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema_version": 1}')
+    out = pqctl(state, "apply", str(bad))
+    assert out.returncode == 2 and "invalid plan" in out.stderr
+
+    plan = serving_plan("bard-tiny", [0, 4]).to_dict()
+    plan["stages"][1]["device"]["host"] = "gpu-node-7"
+    remote = tmp_path / "remote.json"
+    remote.write_text(json.dumps(plan))
+    out = pqctl(state, "apply", str(remote))
+    assert out.returncode == 2
+    assert "the plan puts stages on gpu-node-7" in out.stderr
+    assert not state.exists() or not list(state.glob("*.json"))
+
+
+def test_loading_state_names_the_parts_loaded() -> None:
+    assert load_state({"state": "loading", "loaded": [2, 6]}) == "loading 2/6"
+    assert load_state({"state": "loading", "loaded": None}) == "loading"
+    assert load_state({"state": "ready", "loaded": [6, 6]}) == "ready"

@@ -1,0 +1,144 @@
+"""Stage shards chained in one process against transformers, per family and split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from runtime.model.arch import LINEAR_NAMES, arch_from_config, layer_prefix, read_config
+from runtime.model.local_chain import LocalChain
+from runtime.model.shard import StageSpec, load_shard
+from tests.runtime.model.checkpoints import save_checkpoint, tiny_configs
+
+SPLITS = {1: [(0, 4)], 2: [(0, 1), (1, 4)], 3: [(0, 1), (1, 3), (3, 4)]}
+MAX_NEW = 6
+
+
+def prompts(vocab: int, lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded random prompts of the given lengths."""
+    gen = torch.Generator().manual_seed(1)
+    longest = max(lengths)
+    ids = torch.zeros(len(lengths), longest, dtype=torch.long)
+    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        ids[row, longest - n :] = torch.randint(3, vocab, (n,), generator=gen)
+        mask[row, longest - n :] = 1
+    return ids, mask
+
+
+def shards_for(
+    directory: Path,
+    ranges: list[tuple[int, int]],
+    bits: int = 16,
+    batch: int = 3,
+    max_len: int = 32,
+    impl: str = "auto",
+) -> LocalChain:
+    arch = arch_from_config(read_config(directory), str(directory))
+    shards = [
+        load_shard(
+            directory,
+            arch,
+            StageSpec(
+                layer_range=r,
+                layer_bits=(bits,) * (r[1] - r[0]),
+                holds_embedding=k == 0,
+                holds_lm_head=k == len(ranges) - 1,
+                group_size=32,
+                batch_slots=batch,
+                max_len=max_len,
+            ),
+            impl=impl,
+        )  # type: ignore[arg-type]
+        for k, r in enumerate(ranges)
+    ]
+    return LocalChain(shards)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: save_checkpoint(cfg, root / name) for name, cfg in tiny_configs().items()}
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+@pytest.mark.parametrize("family", list(tiny_configs()))
+def test_chain_matches_transformers_generate(
+    checkpoints: dict[str, Path], family: str, stages: int
+) -> None:
+    directory = checkpoints[family]
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ids, mask = prompts(model.config.vocab_size, [9, 5, 12])
+    ref = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=MAX_NEW,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    chain = shards_for(directory, SPLITS[stages], impl="reference")  # 16 bits in fp32
+    ours = chain.greedy(ids, mask, MAX_NEW, prefill_size=1, decode_size=3)
+    assert torch.equal(ours.tokens, ref.sequences[:, ids.shape[1] :])
+    for step, (mine, theirs) in enumerate(zip(ours.logits, ref.logits, strict=True)):
+        torch.testing.assert_close(mine, theirs.float(), rtol=1e-4, atol=1e-4, msg=f"step {step}")
+
+
+def _dequantized_reference(directory: Path, chain: LocalChain) -> torch.nn.Module:
+    """The transformers model with every linear weight replaced by what the shards multiply
+    by (their dequantized weights)."""
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    named = dict(model.named_modules())
+    for shard in chain.shards:
+        for layer in shard.layers:
+            prefix = layer_prefix(shard.arch, layer.index)
+            for short, module in {
+                **dict(layer.mlp.items()),
+                "q": layer.attn.q_proj,
+                "k": layer.attn.k_proj,
+                "v": layer.attn.v_proj,
+                "o": layer.attn.o_proj,
+            }.items():
+                target = named[prefix + LINEAR_NAMES[shard.arch.family][short]]
+                target.weight.data = module.dequantized_weight().float()
+    return model
+
+
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_low_bit_chain_matches_the_dequantized_reference(
+    checkpoints: dict[str, Path], family: str, impl: str
+) -> None:
+    directory = checkpoints[family]
+    ranges = SPLITS[3]
+    arch = arch_from_config(read_config(directory), str(directory))
+    bits = [(8,), (3, 2), (4,)]  # per stage, per layer: every low precision appears
+    shards = [
+        load_shard(
+            directory,
+            arch,
+            StageSpec(
+                layer_range=r,
+                layer_bits=b,
+                holds_embedding=k == 0,
+                holds_lm_head=k == 2,
+                group_size=32,
+                batch_slots=3,
+                max_len=32,
+            ),
+            impl=impl,
+        )  # type: ignore[arg-type]
+        for k, (r, b) in enumerate(zip(ranges, bits, strict=True))
+    ]
+    chain = LocalChain(shards)
+    model = _dequantized_reference(directory, chain)
+    ids, mask = prompts(arch.vocab_size, [9, 5, 12])
+    ours = chain.greedy(ids, mask, 1, prefill_size=3, decode_size=3).logits[0]
+    with torch.no_grad():
+        theirs = model(ids, attention_mask=mask).logits[:, -1].float()
+    tolerance = 1e-4 if impl == "reference" else 1.5e-1  # bf16 activations in the int kernels
+    torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance)

@@ -1,0 +1,259 @@
+"""Tests of runtime/quant/linear.py: layer numerics per kernel path, resident memory against the
+planner's model, kernel paths and errors, and the names it re-exports."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from planner.cost_model import packed_linear_bytes
+from planner.model_spec import LinearOp
+from runtime import quant
+from runtime.errors import QuantizationError
+from runtime.quant import (
+    dense_weight_dtype,
+    kernels,
+    packed_nbytes,
+    quantize_linear,
+)
+
+CPU = torch.device("cpu")
+FP32 = torch.float32
+ALL_BITS = (16, 8, 4, 3, 2)
+KERNEL_TOLERANCE = 1e-2
+"""Relative error of the bf16-activation paths (the input and output are rounded to bf16)."""
+EXACT_TOLERANCE = 1e-5
+
+
+def _weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=gen) * 0.05
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _build(rows: int, cols: int, bits: int, group: int, impl: str = "auto") -> torch.nn.Module:
+    bias = torch.linspace(-1, 1, rows)
+    return quantize_linear(
+        _weight(rows, cols), bias, bits, group, compute_dtype=FP32, device=CPU, impl=impl
+    )  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- layers
+
+SHAPES = [(192, 512, 64), (48, 100, 32), (7, 33, 8)]
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize(("rows", "cols", "group"), SHAPES)
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+def test_layer_multiplies_by_its_dequantized_weight(
+    bits: int, rows: int, cols: int, group: int, impl: str
+) -> None:
+    layer = _build(rows, cols, bits, group, impl)
+    x = torch.randn(2, 5, cols, generator=torch.Generator().manual_seed(3))
+    y = layer(x)
+    assert y.shape == (2, 5, rows) and y.dtype == x.dtype
+    expected = F.linear(x, layer.dequantized_weight(), layer.bias)
+    exact = impl == "reference"
+    assert _relative(y, expected) < (EXACT_TOLERANCE if exact else KERNEL_TOLERANCE)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_auto_and_reference_agree(bits: int) -> None:
+    auto, reference = _build(192, 512, bits, 64), _build(192, 512, bits, 64, "reference")
+    x = torch.randn(9, 512, generator=torch.Generator().manual_seed(4))
+    assert _relative(auto(x), reference(x)) < KERNEL_TOLERANCE
+    assert _relative(auto.dequantized_weight(), reference.dequantized_weight()) < 5e-3
+
+
+def test_int8_prefill_runs_dense_gemm_over_dequantized_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    layer = _build(192, 512, 8, 64)
+    assert layer.kernel_path == "int8pack_mm"
+    kernel_calls: list[int] = []
+    kernel = torch._weight_int8pack_mm
+
+    def counted(x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        kernel_calls.append(x.shape[0])
+        return kernel(x, *args)
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", counted)
+    gen = torch.Generator().manual_seed(5)
+    decode = torch.randn(kernels.INT8_DENSE_ROWS - 1, 512, generator=gen)
+    prefill = torch.randn(kernels.INT8_DENSE_ROWS, 512, generator=gen)
+    weight = layer.dequantized_weight()
+    assert _relative(layer(decode), F.linear(decode, weight, layer.bias)) < KERNEL_TOLERANCE
+    assert kernel_calls == [kernels.INT8_DENSE_ROWS - 1]  # decode: the int8 kernel
+    whole = layer(prefill)
+    assert kernel_calls == [kernels.INT8_DENSE_ROWS - 1]  # prefill: dense GEMM instead
+    assert _relative(whole, F.linear(prefill, weight, layer.bias)) < KERNEL_TOLERANCE
+    monkeypatch.setattr(kernels, "INT8_DENSE_BLOCK_ELEMENTS", 50 * 512)  # 4 blocks, last short
+    # the same products, summed in the order the GEMM's blocking picks for each block's shape
+    # (equal to the bit on an AVX2 CPU, ~1e-7 apart where oneDNN tiles bf16-capable CPUs)
+    assert _relative(layer(prefill), whole) < EXACT_TOLERANCE
+
+
+def test_bf16_activations_stay_bf16() -> None:
+    layer = _build(64, 128, 4, 64)
+    x = torch.randn(3, 128).bfloat16()
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    expected = F.linear(x.float(), layer.dequantized_weight(), layer.bias)
+    assert _relative(y, expected) < KERNEL_TOLERANCE
+
+
+def test_layer_output_error_decreases_with_bits() -> None:
+    w, x = _weight(128, 256), torch.randn(16, 256, generator=torch.Generator().manual_seed(5))
+    exact = F.linear(x, w)
+    layers = [
+        quantize_linear(w, None, bits, 64, compute_dtype=FP32, device=CPU) for bits in ALL_BITS
+    ]
+    errors = [_relative(layer(x), exact) for layer in layers]
+    assert errors == sorted(errors)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+@pytest.fixture(scope="module")
+def big_layers() -> dict[int, torch.nn.Module]:
+    weight, bias = _weight(4096, 4096), torch.zeros(4096)
+    return {
+        bits: quantize_linear(weight, bias, bits, 128, compute_dtype=FP32, device=CPU)
+        for bits in ALL_BITS
+    }
+
+
+def _planner_bytes(rows: int, cols: int, bits: int, group: int) -> int:
+    dense = dense_weight_dtype(FP32, CPU).itemsize
+    op = LinearOp("test", in_features=cols, out_features=rows, bias=True)
+    return packed_linear_bytes(op, bits, group, dense_bytes=dense) + rows * FP32.itemsize
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize(("rows", "cols", "group"), [*SHAPES, (96, 4096, 128)])
+def test_resident_bytes_match_the_planner(bits: int, rows: int, cols: int, group: int) -> None:
+    layer = _build(rows, cols, bits, group)
+    assert layer.resident_bytes() == pytest.approx(_planner_bytes(rows, cols, bits, group), 0.05)
+
+
+@pytest.mark.parametrize("bits", ALL_BITS)
+def test_resident_bytes_match_the_planner_at_4096(
+    big_layers: dict[int, torch.nn.Module], bits: int
+) -> None:
+    expected = _planner_bytes(4096, 4096, bits, 128)
+    assert big_layers[bits].resident_bytes() == pytest.approx(expected, 0.05)
+
+
+def test_resident_memory_shrinks_with_bits(big_layers: dict[int, torch.nn.Module]) -> None:
+    sizes = [big_layers[bits].resident_bytes() for bits in ALL_BITS]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes)
+    assert sizes[-1] < 0.15 * 4096 * 4096 * 2  # 2 bits + scales vs fp16
+
+
+def test_int4_kernel_keeps_only_its_packed_copy(big_layers: dict[int, torch.nn.Module]) -> None:
+    tensors = dict(big_layers[4].named_buffers())
+    assert set(tensors) == {"qweight", "scales", "bias"}
+    assert tensors["qweight"].nbytes == 4096 * 4096 // 2
+    assert tensors["scales"].shape == (4096 // 128, 4096, 2)
+
+
+def test_three_bit_storage_is_packed() -> None:
+    layer = _build(40, 100, 3, 32)
+    assert layer.qweight.dtype == torch.uint8 and layer.qweight.shape == (40, 38)
+
+
+# --------------------------------------------------------------------------- paths and errors
+
+
+def test_kernel_path_per_precision_on_cpu(big_layers: dict[int, torch.nn.Module]) -> None:
+    paths = {bits: layer.kernel_path for bits, layer in big_layers.items()}
+    assert paths == {
+        16: "dense",
+        8: "int8pack_mm",
+        4: "int4pack_mm_cpu",
+        3: "dequant-per-call",
+        2: "dequant-per-call",
+    }
+    assert all(layer.bits == bits for bits, layer in big_layers.items())
+
+
+@pytest.mark.parametrize(
+    ("bits", "rows", "cols", "group"),
+    [(4, 64, 128, 16), (4, 40, 128, 32), (4, 64, 100, 32), (8, 64, 100, 32)],
+)
+def test_shapes_the_kernels_refuse_fall_back(bits: int, rows: int, cols: int, group: int) -> None:
+    assert _build(rows, cols, bits, group).kernel_path == "dequant-per-call"
+
+
+def test_reference_always_dequantizes_and_keeps_16_bit_exact() -> None:
+    assert _build(64, 128, 4, 64, "reference").kernel_path == "dequant-per-call"
+    dense = _build(64, 128, 16, 64, "reference")
+    assert dense.kernel_path == "dense" and dense.weight.dtype == FP32
+
+
+@pytest.mark.parametrize("bits", [0, 1, 5, 6, 32])
+def test_unsupported_bits_raise(bits: int) -> None:
+    with pytest.raises(QuantizationError, match=f"{bits} bits"):
+        _build(16, 32, bits, 32)
+
+
+def test_quant_linear_refuses_16_bits_and_bad_shapes() -> None:
+    with pytest.raises(QuantizationError):
+        quant.QuantLinear.from_weight(_weight(4, 8), None, 16, 8, compute_dtype=FP32, device=CPU)
+    with pytest.raises(QuantizationError, match="bias"):
+        quantize_linear(_weight(4, 8), torch.zeros(5), 4, 8, compute_dtype=FP32, device=CPU)
+    with pytest.raises(QuantizationError, match="group size"):
+        quantize_linear(_weight(4, 8), None, 4, 0, compute_dtype=FP32, device=CPU)
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("bits", ALL_BITS)
+@pytest.mark.parametrize("compute_dtype", [torch.float16, torch.bfloat16])
+def test_cuda_layer_multiplies_by_its_dequantized_weight(
+    bits: int, compute_dtype: torch.dtype
+) -> None:
+    cuda = torch.device("cuda")
+    w, bias = _weight(256, 512).to(cuda), torch.zeros(256, device=cuda)
+    layer = quantize_linear(w, bias, bits, 128, compute_dtype=compute_dtype, device=cuda)
+    x = torch.randn(7, 512, device=cuda, dtype=compute_dtype)
+    expected = F.linear(x.float(), layer.dequantized_weight(), bias)
+    assert _relative(layer(x), expected) < KERNEL_TOLERANCE
+    expected_bytes = packed_linear_bytes(LinearOp("t", 512, 256, True), bits, 128)
+    assert layer.resident_bytes() == pytest.approx(expected_bytes + 256 * bias.itemsize, 0.05)
+    if bits == 4 and torch.cuda.get_device_capability() >= (8, 0):
+        assert layer.kernel_path == "int4pack_mm_cuda"
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize(("rows", "cols", "group"), [(64, 192, 64), (96, 130, 32)])
+def test_packed_nbytes_predicts_resident_bytes(bits: int, rows: int, cols: int, group: int) -> None:
+    weight = torch.randn(rows, cols)
+    layer = quantize_linear(
+        weight, None, bits, group, compute_dtype=torch.float32, device=torch.device("cpu")
+    )
+    assert layer.resident_bytes() == packed_nbytes(rows, cols, bits, group, 4)
+
+
+# --------------------------------------------------------------------------- re-exports
+
+
+def test_the_storage_and_kernel_names_are_reachable_from_quant() -> None:
+    from runtime.quant import kernels, packing
+
+    for name in quant.__all__:
+        assert hasattr(quant, name), name
+    assert quant.quantize_rtn is packing.quantize_rtn and quant.dequantize is packing.dequantize
+    assert quant.pack_codes is packing.pack_codes and quant.unpack_codes is packing.unpack_codes
+    assert quant.packed_nbytes is packing.packed_nbytes
+    assert quant.dense_weight_dtype is kernels.dense_weight_dtype
+    assert quant.choose_kernel_path is kernels.choose_kernel_path

@@ -1,0 +1,288 @@
+"""The served pipeline, end to end: real stage processes, real sockets, the real client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from runtime.model.assets import builtin_model_dir
+from runtime.serve.client import Client, ServerError
+from runtime.serve.keys import CurveKeys, init_keys
+from runtime.serve.monitor import Monitor
+from runtime.serve.protocol import pack, unpack
+from tests.runtime.serve.conftest import Served, start_gateway, stop_gateway
+from tests.runtime.serve.plans import serving_plan, write_plan
+
+pytestmark = pytest.mark.multiproc
+
+PROMPTS = ["ROMEO:", "HAMLET:\nTo be, or not to be", "First Citizen:\nWe are", "KING LEAR:\nO"]
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict[str, list[int]]:
+    """transformers generate, fp32, greedy, each prompt alone: 12 new tokens."""
+    directory = builtin_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    out = {}
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")
+        with torch.inference_mode():
+            gen = model.generate(
+                **ids, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+        out[prompt] = gen[0, ids["input_ids"].shape[1] :].tolist()
+    return out
+
+
+def serve(
+    tmp_path: Path, state_dir: Path, gateways: list[Served], splits: list[int], **kw
+) -> Served:  # type: ignore[no-untyped-def]
+    impl = kw.pop("impl", "reference")
+    restarts = str(kw.pop("restarts", 3))
+    plan = write_plan(serving_plan("bard-tiny", splits, **kw), tmp_path)
+    served = start_gateway(plan, state_dir, "t", "--impl", impl, "--restarts", restarts)
+    gateways.append(served)
+    return served
+
+
+@pytest.mark.parametrize("splits", [[0], [0, 3], [0, 2, 5]])
+def test_served_tokens_equal_transformers_generate(
+    splits: list[int],
+    reference: dict[str, list[int]],
+    tmp_path: Path,
+    state_dir: Path,
+    gateways: list[Served],
+) -> None:
+    served = serve(tmp_path, state_dir, gateways, splits, batch=4, prefill=2, decode=2)
+    with Client(served.state.client_endpoint, timeout_s=60) as client:
+        done = client.generate_many(PROMPTS, max_new_tokens=12, ignore_eos=True)
+    for prompt, completion in zip(PROMPTS, done, strict=True):
+        assert completion.token_ids == reference[prompt], prompt
+        assert completion.finish_reason == "length"
+        assert completion.usage["completion_tokens"] == 12
+    if len(splits) > 1:  # CPU stages on one host run on an even share of its cores each
+        monitor = Monitor(served.state.status_endpoint)
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and len(monitor.metrics) < len(splits):
+                monitor.poll(0.5)
+            share = max(1, len(os.sched_getaffinity(0)) // len(splits))
+            assert [monitor.metrics[i]["threads"] for i in range(len(splits))] == [share] * len(
+                splits
+            )
+        finally:
+            monitor.close()
+
+
+def test_streaming_sampling_stop_and_cancel(
+    tmp_path: Path, state_dir: Path, gateways: list[Served]
+) -> None:
+    served = serve(tmp_path, state_dir, gateways, [0, 4], impl="auto", max_new=48)
+    with Client(served.state.client_endpoint, timeout_s=60) as client:
+        whole = client.generate(
+            "ROMEO:", max_new_tokens=40, temperature=0.9, seed=7, ignore_eos=True
+        )
+        pieces = []
+        stream = client.stream(
+            "ROMEO:", max_new_tokens=40, temperature=0.9, seed=7, ignore_eos=True
+        )
+        while True:
+            try:
+                pieces.append(next(stream))
+            except StopIteration as end:
+                final = end.value
+                break
+        assert "".join(pieces) == final.text == whole.text  # same seed, same text
+        assert final.token_ids == whole.token_ids and len(pieces) > 1
+
+        others = client.generate_many(["ROMEO:"] * 3, max_new_tokens=40, temperature=0.9, seed=8)
+        assert len({tuple(c.token_ids) for c in others}) == 1  # batch-mates do not matter
+        assert others[0].token_ids != whole.token_ids
+
+        stop = whole.text[10:14]
+        cut = client.generate(
+            "ROMEO:", max_new_tokens=40, temperature=0.9, seed=7, stop=[stop], ignore_eos=True
+        )
+        assert cut.finish_reason == "stop"
+        assert cut.text == whole.text[: whole.text.index(stop)]
+
+        long_id = client.submit("ROMEO:", max_new_tokens=48, ignore_eos=True, stream=True)
+        client.cancel(long_id)
+        while (message := client.receive())["type"] != "done":
+            assert message["id"] == long_id
+        assert message["finish_reason"] == "cancelled"
+
+
+def test_bad_requests_get_errors_and_service_goes_on(
+    tmp_path: Path, state_dir: Path, gateways: list[Served]
+) -> None:
+    served = serve(tmp_path, state_dir, gateways, [0, 4], impl="auto", prompt_len=16, max_new=8)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(served.state.client_endpoint)
+
+    def ask(*frames: bytes) -> dict:  # type: ignore[type-arg]
+        sock.send_multipart(list(frames))
+        assert sock.poll(10_000), "no reply"
+        return unpack(sock.recv())
+
+    good = {"type": "generate", "id": "g", "prompt": "ROMEO:", "max_new_tokens": 4}
+    cases = [
+        ({**good, "colour": 1}, "unknown_field", "colour"),
+        ({**good, "max_new_tokens": 0}, "bad_field", "max_new_tokens"),
+        ({**good, "max_new_tokens": 9}, "bad_field", "max_new_tokens"),
+        ({**good, "max_new_tokens": "4"}, "bad_field", "max_new_tokens"),
+        ({**good, "prompt": ""}, "bad_field", "prompt"),
+        ({**good, "prompt": "word " * 40}, "prompt_too_long", "prompt"),
+        ({**good, "temperature": -1}, "bad_field", "temperature"),
+        ({**good, "top_p": 0}, "bad_field", "top_p"),
+        ({**good, "stop": "x"}, "bad_field", "stop"),
+        ({k: v for k, v in good.items() if k != "prompt"}, "missing_field", "prompt"),
+        ({"type": "fly", "id": "g"}, "unknown_type", "type"),
+        ({"type": "cancel", "id": "nope"}, "unknown_id", "id"),
+    ]
+    try:
+        for message, code, field in cases:
+            reply = ask(pack(message))
+            assert (reply["type"], reply["code"], reply.get("field")) == ("error", code, field)
+            assert reply["id"] == message.get("id"), reply
+        assert ask(b"\xc1not msgpack")["code"] == "bad_message"
+        assert ask(pack([1, 2]))["code"] == "bad_message"
+        assert ask(pack(good), pack(good))["code"] == "bad_message"
+        assert ask(b"\x00" * ((1 << 20) + 1))["code"] == "frame_too_large"
+        reply = ask(pack(good))
+        while reply["type"] != "done":
+            reply = unpack(sock.recv()) if sock.poll(10_000) else {"type": "timeout"}
+        assert reply["finish_reason"] in ("length", "eos") and reply["id"] == "g"
+    finally:
+        sock.close()
+        ctx.term()
+
+
+def test_a_dead_stage_fails_requests_and_stops_everything(
+    tmp_path: Path, state_dir: Path, gateways: list[Served]
+) -> None:
+    served = serve(tmp_path, state_dir, gateways, [0, 4], impl="auto", max_new=48, restarts=0)
+    stages = served.stage_pids()
+    assert len(stages) == 2
+    with Client(served.state.client_endpoint, timeout_s=15) as client:
+        first = client.submit("ROMEO:", max_new_tokens=48, ignore_eos=True, stream=True)
+        assert client.receive()["type"] == "token"
+        os.kill(stages[1], signal.SIGKILL)
+        started = time.monotonic()
+        while (message := client.receive())["type"] == "token":
+            pass
+        assert message["type"] == "error" and message["id"] == first
+        assert message["code"] == "stage_failed"
+        assert "stage 1 (cpu on 127.0.0.1, layers 4–7)" in message["message"]
+        assert time.monotonic() - started < 5
+    assert served.process.wait(timeout=15) == 4
+    assert not (state_dir / "t.json").exists()
+
+
+def test_a_dead_stage_is_restarted_and_service_resumes(
+    tmp_path: Path, state_dir: Path, gateways: list[Served]
+) -> None:
+    served = serve(tmp_path, state_dir, gateways, [0, 4], impl="auto", max_new=48)
+    with Client(served.state.client_endpoint, timeout_s=30) as client:
+        before = client.generate("KING:", max_new_tokens=16, ignore_eos=True)
+        first = client.submit("ROMEO:", max_new_tokens=48, ignore_eos=True, stream=True)
+        assert client.receive()["type"] == "token"
+        os.kill(served.stage_pids()[0], signal.SIGKILL)
+        while (message := client.receive())["type"] == "token":
+            pass
+        assert (message["type"], message["id"], message["code"]) == ("error", first, "stage_failed")
+        assert "stage 0 (cpu on localhost, layers 0–3) exited with code -9" in message["message"]
+        # Sent while the stage reloads: waits, then is served by the restarted stage.
+        after = client.generate("KING:", max_new_tokens=16, ignore_eos=True)
+        assert after.token_ids == before.token_ids
+        assert client.info()["state"] == "serving"
+    assert served.process.poll() is None
+    assert len(served.stage_pids()) == 2
+
+
+def test_shutdown_leaves_no_process_or_socket(
+    tmp_path: Path, state_dir: Path, gateways: list[Served]
+) -> None:
+    served = serve(tmp_path, state_dir, gateways, [0, 4], impl="auto")
+    stages = served.stage_pids()
+    endpoint = served.state.client_endpoint
+    assert stop_gateway(served.process) == 0
+    for pid in stages:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (state_dir / "t.json").exists()
+    probe = zmq.Context().socket(zmq.REP)
+    probe.bind(endpoint)  # the port is free again
+    probe.close(linger=0)
+
+
+def test_server_error_type_in_client(
+    tmp_path: Path, state_dir: Path, gateways: list[Served]
+) -> None:
+    served = serve(tmp_path, state_dir, gateways, [0], impl="auto", max_new=8)
+    with Client(served.state.client_endpoint, timeout_s=30) as client:
+        with pytest.raises(ServerError) as err:
+            client.generate("ROMEO:", max_new_tokens=100)
+        assert err.value.code == "bad_field" and err.value.field == "max_new_tokens"
+
+
+def test_curve_keys_admit_only_authorized_clients(
+    tmp_path: Path, state_dir: Path, gateways: list[Served]
+) -> None:
+    keys = tmp_path / "keys"
+    init_keys(keys)
+    plan = write_plan(serving_plan("bard-tiny", [0, 4], max_new=8), tmp_path)
+    served = start_gateway(plan, state_dir, "t", keys=keys)
+    gateways.append(served)
+    with Client(served.state.client_endpoint, keys=keys, timeout_s=30) as client:
+        assert client.generate("ROMEO:", max_new_tokens=4).usage["completion_tokens"] >= 1
+
+    stranger = tmp_path / "stranger"
+    init_keys(stranger)
+    (stranger / "server.key").write_bytes((keys / "server.key").read_bytes())
+    for other in (None, stranger):  # plain TCP, or CURVE with a key not in authorized/
+        with (
+            Client(served.state.client_endpoint, keys=other, timeout_s=1.5) as client,
+            pytest.raises(TimeoutError),
+        ):
+            client.info()
+
+    monitor = Monitor(served.state.status_endpoint, CurveKeys.load(keys, "client"))
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and 1 not in monitor.metrics:
+            monitor.poll(0.5)
+        assert monitor.status is not None and monitor.status["phase"] == "serving"
+        assert monitor.metrics[1]["stage"] == 1  # stage metrics are encrypted too
+    finally:
+        monitor.close()
+
+
+def test_requests_sent_together_are_admitted_together(
+    tmp_path: Path, state_dir: Path, gateways: list[Served]
+) -> None:
+    """One decode group of 4: four prompts sent in a burst (about a millisecond apart) share
+    its prefill, so none waits for the others to finish; a fifth, over the batch, waits."""
+    served = serve(tmp_path, state_dir, gateways, [0], batch=4, prefill=4, decode=4)
+    with Client(served.state.client_endpoint, timeout_s=60) as client:
+        ids = []
+        for prompt in [*PROMPTS, "MACBETH:"]:
+            ids.append(client.submit(prompt, max_new_tokens=12, ignore_eos=True))
+            pause = time.perf_counter() + 0.0012
+            while time.perf_counter() < pause:  # a busy wait: sleep() may overshoot
+                pass
+        done = [client.wait(i) for i in ids]
+    together, last = done[:4], done[4]
+    wave = min(c.usage["total_s"] - c.usage["queued_s"] for c in together)
+    assert all(c.usage["queued_s"] < wave / 2 for c in together), [c.usage for c in done]
+    assert last.usage["queued_s"] >= wave / 2
