@@ -1,6 +1,6 @@
 """Turning command-line choices into a planning problem: model, cluster, workload, quality.
 
-Shared by the CLI and (later) the dashboard, so both resolve defaults the same way.
+Shared by the CLI and the dashboard, so both resolve defaults the same way.
 """
 
 from __future__ import annotations

@@ -16,12 +16,8 @@ def _modules(package: str) -> list[str]:
     return [package, *sorted(m.name for m in found)]
 
 
-def _loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
-    code = (
-        "import importlib, sys\n"
-        f"for m in {modules!r}: importlib.import_module(m)\n"
-        f"print(' '.join(w for w in {watched!r} if w in sys.modules))\n"
-    )
+def _python(code: str) -> str:
+    """What a fresh interpreter running ``code`` in the project root prints."""
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
@@ -30,7 +26,16 @@ def _loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
         timeout=120,
         check=True,
     )
-    return out.stdout.split()
+    return out.stdout
+
+
+def _loaded_after_import(modules: list[str], watched: list[str]) -> list[str]:
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        f"print(' '.join(w for w in {watched!r} if w in sys.modules))\n"
+    )
+    return _python(code).split()
 
 
 def test_planner_imports_without_heavy_or_interface_libraries() -> None:
@@ -73,15 +78,7 @@ def test_python_client_loads_only_pyzmq_msgpack_and_its_own_modules() -> None:
         "    if any(str(getattr(m, '__file__', '') or '').startswith(p) for p in site)})\n"
         "print(' '.join(ours)); print(' '.join(installed))\n"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
-    ours, installed = (line.split() for line in out.stdout.splitlines())
+    ours, installed = (line.split() for line in _python(code).splitlines())
     assert ours == [
         "runtime",
         "runtime.serve",

@@ -18,24 +18,11 @@ from planner.make_plan import make_plan
 from planner.plan import ALL_BITS, Plan
 from planner.quality_target import parse_ppl_increase
 from planner.search import SearchOptions
+from pqctl.commands.options import int_list
 from pqctl.exits import EXIT_BAD_INPUT, EXIT_INFEASIBLE, fail, load_plan
 from pqctl.plan_inputs import PlanRequest, build_problem, figures_source, record_ppl_target
 from pqctl.render.plan import render_plan
 from runtime.model.assets import BUILTIN_MODEL_NAME
-
-
-def _parse_bits(text: str) -> tuple[int, ...]:
-    try:
-        bits = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        bits = ()
-    if not bits or any(b not in ALL_BITS for b in bits):
-        raise fail(
-            "bad option",
-            f'--bits: "{text}" is not a comma-separated list of {", ".join(map(str, ALL_BITS))}',
-            EXIT_BAD_INPUT,
-        )
-    return bits
 
 
 def ppl_increase_option(text: str | None) -> float | None:
@@ -221,7 +208,7 @@ def plan(
         quality=0.05 if quality is None else (quality if quality >= 0 else None),
         max_ppl_increase=ppl_increase_option(max_ppl_increase),
         theta_s=theta,
-        bits=_parse_bits(bits),
+        bits=int_list(bits, "--bits", ALL_BITS),
         group_size=group_size,
         stats_file=stats,
         profile_dir=profiles,

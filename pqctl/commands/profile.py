@@ -18,6 +18,7 @@ from rich.table import Table
 from planner.errors import ModelConfigError, PlannerError
 from planner.plan import ALL_BITS
 from planner.profiles import default_profile_dir
+from pqctl.commands.options import int_list
 from pqctl.device_profiles import (
     GRIDS,
     ProfileOutcome,
@@ -30,24 +31,6 @@ from pqctl.device_profiles import (
 from pqctl.exits import EXIT_BAD_INPUT, EXIT_FAILURE, fail
 from runtime.errors import CheckpointError, RuntimeFailure, UnsupportedArchitectureError
 from runtime.measure.profiling import MIN_POINTS, ProfileGrid
-
-
-def _int_list(text: str, flag: str, allowed: tuple[int, ...] | None = None) -> tuple[int, ...]:
-    try:
-        values = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        values = ()
-    bad = not values or any(v <= 0 for v in values)
-    if allowed is not None:
-        bad = bad or any(v not in allowed for v in values)
-    if bad:
-        what = ", ".join(map(str, allowed)) if allowed else "positive integers"
-        raise fail(
-            "bad option",
-            f'{flag}: "{text}" is not a comma-separated list of {what}',
-            EXIT_BAD_INPUT,
-        )
-    return tuple(dict.fromkeys(values))
 
 
 def _grid(
@@ -64,13 +47,13 @@ def _grid(
         )
     grid = GRIDS[name]
     if prefill_batches is not None:
-        grid = replace(grid, prefill_batches=_int_list(prefill_batches, "--prefill-batches"))
+        grid = replace(grid, prefill_batches=int_list(prefill_batches, "--prefill-batches"))
     if prompt_lens is not None:
-        grid = replace(grid, prompt_lens=_int_list(prompt_lens, "--prompt-lens"))
+        grid = replace(grid, prompt_lens=int_list(prompt_lens, "--prompt-lens"))
     if decode_batches is not None:
-        grid = replace(grid, decode_batches=_int_list(decode_batches, "--decode-batches"))
+        grid = replace(grid, decode_batches=int_list(decode_batches, "--decode-batches"))
     if contexts is not None:
-        grid = replace(grid, contexts=_int_list(contexts, "--contexts"))
+        grid = replace(grid, contexts=int_list(contexts, "--contexts"))
     if repeats is not None:
         if repeats < 1:
             raise fail(
@@ -254,7 +237,7 @@ def profile(
     request = ProfileRequest(
         model=model,
         devices=device,
-        bits=_int_list(bits, "--bits", ALL_BITS),
+        bits=int_list(bits, "--bits", ALL_BITS),
         grid=_grid(grid, prefill_batches, prompt_lens, decode_batches, contexts, repeats),
         budget_s=time_budget,
         output_dir=output if output is not None else default_profile_dir(),

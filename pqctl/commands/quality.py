@@ -61,6 +61,17 @@ def _check_sizes(tokens: int | None, seq_len: int) -> None:
 
 
 @contextmanager
+def _failing_as(title: str) -> Iterator[None]:
+    """Runtime, planner and value errors of the work inside as exit 2 under ``title``."""
+    try:
+        yield
+    except (RuntimeFailure, PlannerError) as exc:
+        raise fail(title, exc.msg, EXIT_BAD_INPUT) from exc
+    except ValueError as exc:
+        raise fail(title, str(exc), EXIT_BAD_INPUT) from exc
+
+
+@contextmanager
 def _progress_bar(show: bool) -> Iterator[model_quality.Progress | None]:
     """A rich progress bar on stderr (TTY only); yields the callback, or None."""
     if not show:
@@ -126,13 +137,8 @@ def calibrate(
     request = model_quality.CalibrateRequest(
         model, text, tokens, seq_len, group_size, output, layers_per_pass, device, mixed_plans, seed
     )
-    try:
-        with _progress_bar(sys.stderr.isatty()) as progress:
-            outcome = model_quality.calibrate(request, progress)
-    except (RuntimeFailure, PlannerError) as exc:
-        raise fail("cannot calibrate", exc.msg, EXIT_BAD_INPUT) from exc
-    except ValueError as exc:
-        raise fail("cannot calibrate", str(exc), EXIT_BAD_INPUT) from exc
+    with _failing_as("cannot calibrate"), _progress_bar(sys.stderr.isatty()) as progress:
+        outcome = model_quality.calibrate(request, progress)
     mapping = outcome.mapping
     if as_json:
         typer.echo(json.dumps({"path": str(outcome.path), **mapping.to_dict()}, indent=2))
@@ -214,7 +220,7 @@ def evaluate(
     _check_sizes(tokens, seq_len)
     if part not in PARTS:
         raise fail("bad option", f"--part: expected one of {', '.join(PARTS)}", EXIT_BAD_INPUT)
-    try:
+    with _failing_as("cannot evaluate"):
         checkpoint, layer_bits, group, loaded = _eval_target(model, plan, bits, group_size)
         request = model_quality.EvalRequest(
             checkpoint,
@@ -230,10 +236,6 @@ def evaluate(
         )
         with _progress_bar(sys.stderr.isatty()) as progress:
             outcome = model_quality.evaluate(request, progress)
-    except (RuntimeFailure, PlannerError) as exc:
-        raise fail("cannot evaluate", exc.msg, EXIT_BAD_INPUT) from exc
-    except ValueError as exc:
-        raise fail("cannot evaluate", str(exc), EXIT_BAD_INPUT) from exc
     _render_eval(outcome, layer_bits, loaded, as_json)
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 from runtime.errors import RuntimeFailure
 from runtime.serve.deployment import DeploymentError, DeploymentState
@@ -115,6 +115,20 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def _spawn(
+    argv: list[str], out: IO[bytes] | int, env: dict[str, str], *, new_session: bool = False
+) -> subprocess.Popen[bytes]:
+    """Start ``argv`` with no standard input, its output and errors to ``out``."""
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=new_session,
+    )
+
+
 class LocalLauncher:
     """Starts stage workers as child processes, stdout/stderr to a log file per stage."""
 
@@ -124,13 +138,7 @@ class LocalLauncher:
             env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(launch.threads)
         out = open(launch.log, "ab") if launch.log else subprocess.DEVNULL  # noqa: SIM115
         try:
-            process = subprocess.Popen(
-                launch.argv(),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
+            process = _spawn(launch.argv(), out, env)
         finally:
             if launch.log:
                 out.close()  # type: ignore[union-attr]
@@ -201,14 +209,7 @@ def start_gateway(launch: GatewayLaunch, log: Path) -> subprocess.Popen[bytes]:
     """Start the gateway in a session of its own, so that it outlives a detached caller and a
     Ctrl-C reaches it only when relayed; its output goes to ``log``."""
     with open(log, "wb") as out:
-        return subprocess.Popen(
-            launch.argv(),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=child_env(),
-            start_new_session=True,
-        )
+        return _spawn(launch.argv(), out, child_env(), new_session=True)
 
 
 def wait_for_gateway(

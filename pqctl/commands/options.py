@@ -1,0 +1,25 @@
+"""Option values that several commands parse alike."""
+
+from __future__ import annotations
+
+from pqctl.exits import EXIT_BAD_INPUT, fail
+
+
+def int_list(text: str, flag: str, allowed: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """A comma-separated list of positive integers (of ``allowed`` when given), each once, in
+    the order given; exit 2 naming ``flag`` when it is not one."""
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        values = ()
+    bad = not values or any(v <= 0 for v in values)
+    if allowed is not None:
+        bad = bad or any(v not in allowed for v in values)
+    if bad:
+        what = ", ".join(map(str, allowed)) if allowed else "positive integers"
+        raise fail(
+            "bad option",
+            f'{flag}: "{text}" is not a comma-separated list of {what}',
+            EXIT_BAD_INPUT,
+        )
+    return tuple(dict.fromkeys(values))
