@@ -52,7 +52,7 @@ contracts: $(STAMP)
 check: lint typecheck contracts test
 
 bench: $(STAMP)
-	$(BIN)/python bench/planner.py
+	$(BIN)/python bench/plan_search.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -10,7 +10,7 @@ predicted slower than a baseline that meets the same quality budget.
 indicator whose sensitivity is highest at the first and last layers, as calibration usually
 finds), still without grouping.
 
-Usage: python bench/planner.py [--per-layer] [--clusters 3,5]
+Usage: python bench/plan_search.py [--per-layer] [--clusters 3,5]
 """
 
 from __future__ import annotations
