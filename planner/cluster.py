@@ -6,6 +6,7 @@ Units live in the names: bytes, GB/s (10^9 bytes per second), TFLOPS (10^12 FLOP
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -160,14 +161,37 @@ class ClusterSpec:
         """Sum of every device's usable memory, bytes."""
         return sum(d.type.usable_memory_bytes for d in self.devices)
 
-    def class_orders(self) -> list[tuple[DeviceSpec, ...]]:
-        """Candidate pipeline orders: every order of device classes (same host and type,
-        kept adjacent, never permuted among themselves), plus the cluster's own order."""
-        classes: dict[tuple[str, DeviceType], list[DeviceSpec]] = {}
+    def pipeline_orders(self, limit: int | None = None) -> list[tuple[DeviceSpec, ...]]:
+        """The device orders the planner searches: the hosts in every order, and on each host
+        its device types (classes) in every order; devices of one type on one host stay
+        together, in the cluster's order (they are interchangeable). Stops after ``limit``
+        orders when given (see :meth:`count_pipeline_orders`)."""
+        hosts: dict[str, list[list[DeviceSpec]]] = {}
         for device in self.devices:
-            classes.setdefault(device.class_key, []).append(device)
-        groups = list(classes.values())
-        orders = [tuple(d for g in perm for d in g) for perm in itertools.permutations(groups)]
-        if self.devices not in orders:
-            orders.append(self.devices)
+            classes = hosts.setdefault(device.host, [])
+            for group in classes:
+                if group[0].class_key == device.class_key:
+                    group.append(device)
+                    break
+            else:
+                classes.append([device])
+        inside = [
+            [tuple(d for g in perm for d in g) for perm in itertools.permutations(classes)]
+            for classes in hosts.values()
+        ]
+        orders: list[tuple[DeviceSpec, ...]] = []
+        for host_order in itertools.permutations(range(len(inside))):
+            for parts in itertools.product(*(inside[h] for h in host_order)):
+                orders.append(tuple(d for part in parts for d in part))
+                if limit is not None and len(orders) >= limit:
+                    return orders
         return orders
+
+    def count_pipeline_orders(self) -> int:
+        """How many orders :meth:`pipeline_orders` gives: |hosts|! × Π (types on a host)!."""
+        types: dict[str, set[DeviceType]] = {}
+        for device in self.devices:
+            types.setdefault(device.host, set()).add(device.type)
+        return math.factorial(len(types)) * math.prod(
+            math.factorial(len(t)) for t in types.values()
+        )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 from planner.baselines import BaselinePlan
@@ -107,12 +106,15 @@ def plan_from_result(
         ),
         solver=SolverReport(
             status=result.status,
-            mip_gap=result.mip_gap if math.isfinite(result.mip_gap) else 1.0,
+            mip_gap=result.mip_gap,
             time_s=result.time_s,
             milps_solved=result.milps_solved,
             orders_tried=result.orders_tried,
             formulation=result.formulation,
             layer_group_size=result.layer_group_size,
+            order_search=result.order_search.method,
+            order_search_exhaustive=result.order_search.exhaustive,
+            order_search_note=result.order_search.note,
         ),
         baselines=tuple(baseline_result(b, problem.quality_budget) for b in result.baselines),
         notes=tuple(notes),

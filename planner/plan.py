@@ -185,12 +185,32 @@ class SolverReport:
     """How the plan was found."""
 
     status: str
-    mip_gap: float
+    mip_gap: float | None
     time_s: float
     milps_solved: int
     orders_tried: int
     formulation: str
     layer_group_size: int = 1
+    order_search: str = ""
+    order_search_exhaustive: bool | None = None
+    order_search_note: str = ""
+
+    @property
+    def gap_text(self) -> str:
+        """The gap as a percentage, or "no bound" when the search had none."""
+        return "no bound" if self.mip_gap is None else f"{self.mip_gap:.2%}"
+
+    @property
+    def order_text(self) -> str:
+        """How device orders were searched, in one line ("" for plans that do not say)."""
+        if not self.order_search:
+            return ""
+        scope = {True: "exhaustive", False: "not exhaustive", None: ""}[
+            self.order_search_exhaustive
+        ]
+        return f"device order {self.order_search}" + (f" ({scope})" if scope else "") + (
+            f": {self.order_search_note}" if self.order_search_note else ""
+        )
 
 
 @dataclass(frozen=True, slots=True)

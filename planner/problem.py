@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -146,11 +146,57 @@ class CostTables:
         """Decoder layers."""
         return int(self.omega.shape[0])
 
+    def reordered(self, order: Sequence[int]) -> CostTables:
+        """The same costs for the devices at positions ``order`` of this table, in that order
+        (a subset leaves the others out)."""
+        idx = np.array(order, dtype=int)
+        rows = {name: getattr(self, name)[idx] for name in _PER_DEVICE}
+        pairs = {name: getattr(self, name)[np.ix_(idx, idx)] for name in _PER_PAIR}
+        return replace(self, devices=tuple(self.devices[j] for j in order), **rows, **pairs)
+
+    def in_time_unit(self, unit_s: float) -> CostTables:
+        """The same tables with every time (and θ) measured in units of ``unit_s`` seconds
+        (the MILPs solve in units that keep their figures near 1)."""
+        scaled = {name: getattr(self, name) / unit_s for name in _TIMES}
+        return replace(self, theta_s=self.theta_s / unit_s, **scaled)
+
     def allowed(self, j: int, k: int) -> bool:
         """Whether device j may run precision ``bits[k]``."""
         return math.isfinite(self.layer_prefill_s[j, k]) and math.isfinite(
             self.layer_decode_s[j, k]
         )
+
+
+_PER_DEVICE = (
+    "layer_prefill_s",
+    "layer_decode_s",
+    "layer_memory_bytes",
+    "slow_bits",
+    "capacity_bytes",
+    "activation_bytes",
+    "dequant_scratch_bytes",
+    "embedding_bytes",
+    "head_bytes",
+    "tied_saving_bytes",
+    "embed_prefill_s",
+    "embed_decode_s",
+    "head_prefill_s",
+    "head_decode_s",
+    "stage_prefill_s",
+    "stage_decode_s",
+)
+_PER_PAIR = ("hop_prefill_s", "hop_decode_s", "token_return_s")
+_TIMES = (
+    "layer_prefill_s",
+    "layer_decode_s",
+    "embed_prefill_s",
+    "embed_decode_s",
+    "head_prefill_s",
+    "head_decode_s",
+    "stage_prefill_s",
+    "stage_decode_s",
+    *_PER_PAIR,
+)
 
 
 def build_tables(

@@ -1,9 +1,23 @@
-"""Outer search: device-class orders × (prefill, decode) micro-batch sizes, one MILP each.
+"""The search: one order-free MILP per (prefill, decode) micro-batch pair, then, where the
+relaxation leaves a gap, MILPs over fixed device orders.
 
-Orders come from :meth:`ClusterSpec.class_orders` (devices of one host and type stay together
-and are never permuted among themselves). The best baseline plan that meets the quality
-budget is the first incumbent: its objective is the cutoff handed to every MILP, so a
-candidate that cannot beat it stops early, and it warm-starts the MILP of its own order.
+1. Baselines. The best one that meets the quality budget is the first incumbent; its objective
+   is the cutoff of every MILP that follows.
+2. Placement (:mod:`planner.placement_milp`): the device order is chosen inside the MILP, over
+   every order that keeps a host's devices together. Pairs are solved in order of their LP
+   bound; once the next bound cannot beat the incumbent by more than the gap, the rest are
+   pruned. With every layer scoring alike (count form) this is exact where the hop model is
+   (links alike between hosts, one device type per host); otherwise its optimum is a lower
+   bound and its decoded plan an incumbent.
+3. Refinement, for pairs whose bound still leaves a gap (per-layer ω, or mixed hosts): every
+   pipeline order when there are at most ``max_orders`` (exhaustive), else the order the
+   placement chose; per order, the count / free-assignment MILP bounds it, and in the per-layer
+   form the exact per-layer MILP follows only where that bound leaves room.
+
+Every step counts against ``time_limit_s`` (baselines and LP bounds too). The reported gap is
+the incumbent against the least bound over every pair (an LP bound, a MILP's dual bound, or
+the least over an exhaustive set of orders); with no bound at all for some pair the status
+says so.
 """
 
 from __future__ import annotations
@@ -12,25 +26,18 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
-import numpy as np
-
+from planner.arrangement import best_arrangement
 from planner.baselines import BaselinePlan, all_baselines
 from planner.cluster import DeviceSpec
 from planner.errors import InfeasiblePlanError
+from planner.highs_model import GIB, SolveOptions
 from planner.indicator import BITS_COLUMN
-from planner.milp import (
-    LayerUnits,
-    MilpResult,
-    PartitionMilp,
-    SolveOptions,
-    best_arrangement,
-)
+from planner.milp import LayerUnits, PartitionMilp, QualityForm
+from planner.placement_milp import Placement, PlacementMilp
 from planner.problem import CostTables, PlanningProblem, build_tables
 from planner.simulator import Evaluation, StageAssignment, evaluate
-
-GIB = 1024**3
 
 ProgressFn = Callable[[int, int], None]
 """Called as progress(done, total) after each MILP."""
@@ -42,15 +49,29 @@ class SearchOptions:
 
     Attributes:
         time_limit_s: wall-clock budget of the whole search, seconds.
-        mip_rel_gap: relative optimality gap each MILP stops at.
-        max_unit_binaries: above this many per-layer binaries, consecutive layers are grouped.
+        mip_rel_gap: relative optimality gap the search stops at.
+        max_unit_binaries: above this many per-layer binaries in a refinement MILP,
+            consecutive layers are grouped (its plan stays valid; its bound is not used).
+        max_orders: refine over every pipeline order when there are at most this many.
         verbose: print HiGHS's log.
     """
 
     time_limit_s: float = 60.0
     mip_rel_gap: float = 1e-4
     max_unit_binaries: int = 4000
+    max_orders: int = 24
     verbose: bool = False
+
+
+@dataclass(frozen=True)
+class OrderSearch:
+    """How device orders were searched: ``method`` ("in the MILP", or "in the MILP, then N
+    orders enumerated"), whether every order was solved or bounded away (``exhaustive``), and a
+    note naming what was pruned and by what."""
+
+    method: str
+    exhaustive: bool
+    note: str
 
 
 @dataclass(frozen=True)
@@ -61,12 +82,14 @@ class SearchResult:
     stages: tuple[StageAssignment, ...]
     evaluation: Evaluation
     status: str
-    mip_gap: float
+    mip_gap: float | None
+    bound: float
     time_s: float
     milps_solved: int
     orders_tried: int
     formulation: str
     layer_group_size: int
+    order_search: OrderSearch
     baselines: tuple[BaselinePlan, ...]
 
 
@@ -78,36 +101,49 @@ class _Incumbent:
 
     def offer(self, tables: CostTables, stages: tuple[StageAssignment, ...]) -> None:
         ev = evaluate(tables, stages)
-        if ev.feasible and ev.objective < self.objective:
+        allowed = all(
+            tables.allowed(s.position, tables.bits.index(b)) for s in stages for b in s.layer_bits
+        )
+        if allowed and ev.feasible and ev.objective < self.objective:
             self.tables, self.stages, self.objective = tables, stages, ev.objective
 
+    def cutoff(self) -> float:
+        return self.objective * (1 + 1e-9)
 
-def _interchangeable(order: Sequence[DeviceSpec]) -> list[bool]:
-    return [a.class_key == b.class_key for a, b in itertools.pairwise(order)] + [False]
 
-
-@dataclass(frozen=True)
-class _Candidate:
-    """One (order, micro-batch) instance, its MILP and its LP-relaxation bound."""
+@dataclass
+class _Pair:
+    """One micro-batch pair: its tables in the cluster's order, its placement MILP and the
+    best lower bound known for it (-inf: none yet)."""
 
     tables: CostTables
-    milp: PartitionMilp
-    bound: float
+    milp: PlacementMilp | None = None
+    bound: float = -math.inf
+    placement: Placement | None = None
+    solved: bool = False
 
 
-def _ranked_candidates(
-    problem: PlanningProblem, units_of: Callable[[CostTables], LayerUnits | None]
-) -> list[_Candidate]:
-    """Every order × micro-batch instance with a feasible relaxation, lowest bound first."""
-    candidates = []
-    for order in problem.cluster.class_orders():
-        for prefill, decode in problem.micro_batch_choices():
-            tables = build_tables(problem, order, prefill, decode)
-            milp = PartitionMilp(tables, units_of(tables), _interchangeable(order))
-            bound = milp.relaxation_bound()
-            if math.isfinite(bound):
-                candidates.append(_Candidate(tables, milp, bound))
-    return sorted(candidates, key=lambda c: c.bound)
+@dataclass
+class _Clock:
+    limit_s: float
+    started: float = field(default_factory=time.perf_counter)
+
+    def left(self) -> float:
+        return self.limit_s - (time.perf_counter() - self.started)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+@dataclass
+class _Tally:
+    milps: int = 0
+    orders: int = 0
+    pruned_pairs: int = 0
+    refined_orders: int = 0
+    pruned_orders: int = 0
+    timed_out: bool = False
+    refinement: str = ""
 
 
 def search(
@@ -115,13 +151,9 @@ def search(
     options: SearchOptions | None = None,
     progress: ProgressFn | None = None,
 ) -> SearchResult:
-    """Find the plan of least objective; raises InfeasiblePlanError when none exists.
-
-    Instances are solved in order of their LP bound, each with the incumbent as cutoff; the
-    search stops once the next bound cannot beat the incumbent by more than the gap.
-    """
+    """Find the plan of least objective; raises InfeasiblePlanError when none exists."""
     options = options or SearchOptions()
-    started = time.perf_counter()
+    clock = _Clock(options.time_limit_s)
     if not problem.cluster.devices:
         raise InfeasiblePlanError("the cluster has no devices (all excluded?)")
     baselines = tuple(all_baselines(problem))
@@ -129,95 +161,263 @@ def search(
     for b in baselines:
         if b.tables is not None and b.stages is not None:
             best.offer(b.tables, b.stages)
-    group = _group_size(problem, options)
-    candidates = _ranked_candidates(
-        problem, lambda t: None if group == 0 else LayerUnits.grouped(t, group)
-    )
-    if group != 0 and candidates:
-        _offer_count_form_plan(candidates[0].tables, best, options)
-    results: list[MilpResult] = []
-    for candidate in candidates:
-        remaining = options.time_limit_s - (time.perf_counter() - started)
-        if candidate.bound >= best.objective * (1 - options.mip_rel_gap) or remaining <= 0:
-            break  # sorted by bound: no later instance can do better
-        results.append(_solve(candidate, best, remaining, options))
-        if progress is not None:
-            progress(len(results), len(candidates))
+    form: QualityForm = "count" if problem.indicator.layers_alike else "free"
+    tally = _Tally()
+    pairs = _ranked_pairs(problem, form, clock, tally)
+    report = _Reporter(progress, len(pairs))
+    _place(pairs, best, form, options, clock, tally, report)
+    if _gap_left(pairs, best, options) and not tally.timed_out:
+        _refine(problem, pairs, best, form, options, clock, tally, report)
     if best.tables is None or best.stages is None:
+        if tally.timed_out:
+            raise InfeasiblePlanError(
+                f"no plan found within --time-limit {options.time_limit_s:g} s; raise it"
+            )
         raise InfeasiblePlanError(diagnose_infeasible(problem))
-    status, gap = _summary(results, candidates, best.objective, options.mip_rel_gap)
+    bound = min((p.bound for p in pairs), default=-math.inf)
+    if len(pairs) < len(problem.micro_batch_choices()):
+        bound = -math.inf
+    status, gap = _summary(best.objective, bound, options.mip_rel_gap, tally.timed_out)
     return SearchResult(
         tables=best.tables,
         stages=best.stages,
         evaluation=evaluate(best.tables, best.stages),
         status=status,
         mip_gap=gap,
-        time_s=time.perf_counter() - started,
-        milps_solved=len(results),
-        orders_tried=len(problem.cluster.class_orders()),
-        formulation="count" if group == 0 else "per-layer",
-        layer_group_size=max(group, 1),
+        bound=bound,
+        time_s=clock.elapsed(),
+        milps_solved=tally.milps,
+        orders_tried=tally.orders,
+        formulation="count" if form == "count" else "per-layer",
+        layer_group_size=1,
+        order_search=_order_search(problem, pairs, tally),
         baselines=baselines,
     )
 
 
-def _group_size(problem: PlanningProblem, options: SearchOptions) -> int:
-    """0 for the count form (layers alike), else the per-layer unit size (1 = no grouping)."""
-    if problem.indicator.layers_alike:
-        return 0
-    per_unit = len(problem.cluster.devices) * len(problem.bits)
-    return max(1, math.ceil(problem.model.num_layers * per_unit / options.max_unit_binaries))
+class _Reporter:
+    def __init__(self, progress: ProgressFn | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def milp(self, tally: _Tally, extra: int = 0) -> None:
+        tally.milps += 1
+        self.done += 1
+        self.total = max(self.total + extra, self.done)
+        if self.progress is not None:
+            self.progress(self.done, self.total)
 
 
-def _solve(
-    candidate: _Candidate, best: _Incumbent, remaining_s: float, options: SearchOptions
-) -> MilpResult:
-    """Solve one instance against the incumbent. In the per-layer form, first the relaxation
-    with fractional layer positions: it prunes the instance or supplies a plan, and only when
-    its bound leaves room does the exact MILP run."""
-    tables, milp = candidate.tables, candidate.milp
-    solve = SolveOptions(
-        remaining_s, options.mip_rel_gap, best.objective * (1 + 1e-9), options.verbose
+def _ranked_pairs(
+    problem: PlanningProblem, form: QualityForm, clock: _Clock, tally: _Tally
+) -> list[_Pair]:
+    """Every micro-batch pair with its LP bound, lowest first (pairs left when time runs out
+    have no bound)."""
+    pairs = []
+    for prefill, decode in problem.micro_batch_choices():
+        if clock.left() <= 0:
+            tally.timed_out = True
+            break
+        pair = _Pair(build_tables(problem, problem.cluster.devices, prefill, decode))
+        pair.milp = PlacementMilp(pair.tables, form)
+        pair.bound = pair.milp.relaxation_bound()
+        pairs.append(pair)
+    return sorted(pairs, key=lambda p: p.bound)
+
+
+def _place(
+    pairs: Sequence[_Pair],
+    best: _Incumbent,
+    form: QualityForm,
+    options: SearchOptions,
+    clock: _Clock,
+    tally: _Tally,
+    report: _Reporter,
+) -> None:
+    for pair in pairs:
+        if pair.bound >= best.objective * (1 - options.mip_rel_gap):
+            tally.pruned_pairs += 1
+            continue
+        if clock.left() <= 0:
+            tally.timed_out = True
+            break
+        assert pair.milp is not None
+        solve = SolveOptions(clock.left(), options.mip_rel_gap, best.cutoff(), options.verbose)
+        result = pair.milp.solve(solve)
+        report.milp(tally)
+        pair.bound = max(pair.bound, result.solved.dual_bound)
+        pair.solved = True
+        if not result.solved.finished:
+            tally.timed_out = True
+        if result.placement is not None:
+            pair.placement = result.placement
+            tables = pair.tables.reordered(result.placement.order)
+            best.offer(tables, _stages(tables, result.placement.counts, form))
+            if form == "free" and clock.left() > 0:
+                _fit_ranges(pair.tables, result.placement, best, options, clock, tally, report)
+
+
+def _fit_ranges(
+    tables: CostTables,
+    placement: Placement,
+    best: _Incumbent,
+    options: SearchOptions,
+    clock: _Clock,
+    tally: _Tally,
+    report: _Reporter,
+) -> None:
+    """A per-layer plan on the placement's devices and stage sizes: the precisions chosen
+    again layer by layer within each stage (an exact MILP for those ranges)."""
+    used = tables.reordered(placement.order[: len(placement.counts)])
+    sizes = [sum(c) for c in placement.counts]
+    milp = PartitionMilp(used, None, _interchangeable(used.devices), "free", sizes)
+    solve = SolveOptions(clock.left(), options.mip_rel_gap, best.cutoff(), options.verbose)
+    result = milp.solve(solve)
+    report.milp(tally, extra=1)
+    if result.stages is not None:
+        best.offer(used, result.stages)
+
+
+def _stages(
+    tables: CostTables, counts: Sequence[Sequence[int]], form: QualityForm
+) -> tuple[StageAssignment, ...]:
+    """Stages on the first devices of ``tables`` with these layer counts per precision."""
+    if form == "count":
+        return tuple(
+            StageAssignment(j, tuple(b for k, b in enumerate(tables.bits) for _ in range(c[k])))
+            for j, c in enumerate(counts)
+        )
+    return best_arrangement(tables, list(enumerate(counts)))
+
+
+def _gap_left(pairs: Sequence[_Pair], best: _Incumbent, options: SearchOptions) -> bool:
+    return any(p.bound < best.objective * (1 - options.mip_rel_gap) for p in pairs)
+
+
+def _refine(
+    problem: PlanningProblem,
+    pairs: Sequence[_Pair],
+    best: _Incumbent,
+    form: QualityForm,
+    options: SearchOptions,
+    clock: _Clock,
+    tally: _Tally,
+    report: _Reporter,
+) -> None:
+    """Fixed-order MILPs for the pairs whose bound still leaves a gap (module docstring)."""
+    count = problem.cluster.count_pipeline_orders()
+    exhaustive = count <= options.max_orders
+    orders = problem.cluster.pipeline_orders() if exhaustive else []
+    tally.refinement = (
+        f"{count} device orders enumerated" if exhaustive else "refined on the chosen order"
     )
-    if milp.layerwise:
-        relaxed = milp.solve(solve, relax_positions=True)
-        if relaxed.stages is not None:
-            best.offer(tables, relaxed.stages)
-        if relaxed.dual_bound >= best.objective * (1 - options.mip_rel_gap):
-            return relaxed
-        solve = replace(solve, cutoff=best.objective * (1 + 1e-9))
-    same_order = best.tables is not None and best.tables.devices == tables.devices
-    result = milp.solve(solve, best.stages if same_order else None)
+    position = {d.key: j for j, d in enumerate(problem.cluster.devices)}
+    for pair in sorted(pairs, key=lambda p: p.bound):
+        if pair.bound >= best.objective * (1 - options.mip_rel_gap):
+            continue
+        if exhaustive:
+            chosen = [[position[d.key] for d in order] for order in orders]
+        elif pair.placement is not None:
+            used = len(pair.placement.counts)
+            chosen = [list(pair.placement.order[:used])]
+        else:
+            continue
+        bounds = [
+            _refine_order(pair.tables.reordered(o), best, form, options, clock, tally, report)
+            for o in chosen
+            if clock.left() > 0 or _out_of_time(tally)
+        ]
+        if exhaustive and len(bounds) == len(chosen):
+            pair.bound = max(pair.bound, min(bounds))
+        if clock.left() <= 0:
+            tally.timed_out = True
+            return
+
+
+def _out_of_time(tally: _Tally) -> bool:
+    tally.timed_out = True
+    return False
+
+
+def _refine_order(
+    tables: CostTables,
+    best: _Incumbent,
+    form: QualityForm,
+    options: SearchOptions,
+    clock: _Clock,
+    tally: _Tally,
+    report: _Reporter,
+) -> float:
+    """Bound one fixed order (count or free form), then, per-layer, solve it exactly where
+    that bound leaves room; returns the order's lower bound."""
+    tally.orders += 1
+    interchangeable = _interchangeable(tables.devices)
+    milp = PartitionMilp(tables, None, interchangeable, quality=form)
+    solve = SolveOptions(clock.left(), options.mip_rel_gap, best.cutoff(), options.verbose)
+    result = milp.solve(solve)
+    report.milp(tally, extra=1)
     if result.stages is not None:
         best.offer(tables, result.stages)
-    return result
+    bound = result.dual_bound
+    if form == "count" or bound >= best.objective * (1 - options.mip_rel_gap):
+        tally.pruned_orders += form != "count"
+        return bound
+    if clock.left() <= 0:
+        tally.timed_out = True
+        return bound
+    tally.refined_orders += 1
+    group = _group_size(tables, options)
+    units = LayerUnits.grouped(tables, group)
+    exact = PartitionMilp(tables, units, interchangeable)
+    solve = SolveOptions(clock.left(), options.mip_rel_gap, best.cutoff(), options.verbose)
+    same = best.tables is not None and best.tables.devices == tables.devices
+    layered = exact.solve(solve, best.stages if same else None)
+    report.milp(tally, extra=1)
+    if layered.stages is not None:
+        best.offer(tables, layered.stages)
+    if not layered.solved.finished:
+        tally.timed_out = True
+    return max(bound, layered.dual_bound) if group == 1 else bound
 
 
-def _offer_count_form_plan(tables: CostTables, best: _Incumbent, options: SearchOptions) -> None:
-    """Warm start for the per-layer form: solve the count form with every layer scored by
-    the mean ω, then arrange each stage's precisions over its layers for least Σω."""
-    mean = np.tile(tables.omega.mean(axis=0), (tables.num_layers, 1))
-    surrogate = replace(tables, omega=mean)
-    milp = PartitionMilp(surrogate, None, _interchangeable(tables.devices))
-    result = milp.solve(SolveOptions(options.time_limit_s / 10, options.mip_rel_gap))
-    if result.stages is not None:
-        counts = [
-            (st.position, [st.layer_bits.count(b) for b in tables.bits]) for st in result.stages
-        ]
-        best.offer(tables, best_arrangement(tables, counts))
+def _group_size(tables: CostTables, options: SearchOptions) -> int:
+    per_unit = tables.num_devices * len(tables.bits)
+    return max(1, math.ceil(tables.num_layers * per_unit / options.max_unit_binaries))
 
 
-def _summary(
-    results: Sequence[MilpResult], candidates: Sequence[_Candidate], best: float, gap: float
-) -> tuple[str, float]:
-    """Overall status and relative gap: the incumbent against the least bound of every
-    instance (dual bound if solved, LP bound if not)."""
-    bounds = [r.dual_bound for r in results]
-    if len(results) < len(candidates):
-        bounds.append(candidates[len(results)].bound)
-    bound = min(bounds, default=best)
-    final_gap = max(0.0, (best - bound) / best) if best > 0 and math.isfinite(bound) else 0.0
-    return ("optimal" if final_gap <= gap * (1 + 1e-6) else "time limit"), final_gap
+def _interchangeable(order: Sequence[DeviceSpec]) -> list[bool]:
+    return [a.class_key == b.class_key for a, b in itertools.pairwise(order)] + [False]
+
+
+def _summary(best: float, bound: float, target: float, timed_out: bool) -> tuple[str, float | None]:
+    """Status and relative gap of the incumbent against the least bound."""
+    if not math.isfinite(bound):
+        if bound > 0:  # every pair cut off or infeasible: the incumbent is optimal
+            return "optimal", 0.0
+        return ("time limit, no bound" if timed_out else "no bound"), None
+    gap = max(0.0, (best - bound) / best) if best > 0 else 0.0
+    if gap <= target * (1 + 1e-6):
+        return "optimal", gap
+    return ("time limit" if timed_out else "feasible"), gap
+
+
+def _order_search(problem: PlanningProblem, pairs: Sequence[_Pair], tally: _Tally) -> OrderSearch:
+    hosts = len({d.host for d in problem.cluster.devices})
+    method = "in the MILP" + (f", then {tally.refinement}" if tally.refinement else "")
+    solved = sum(p.solved for p in pairs)
+    note = (
+        f"{hosts} host{'s' * (hosts != 1)} kept contiguous, their order chosen by the MILP; "
+        f"{len(pairs)} micro-batch pairs: {solved} solved, {tally.pruned_pairs} pruned by their "
+        "LP bound"
+    )
+    if tally.refinement:
+        note += (
+            f"; {tally.orders} fixed orders bounded, {tally.pruned_orders} pruned by their "
+            f"count-form bound, {tally.refined_orders} solved per layer"
+        )
+    if tally.timed_out:
+        note += "; stopped at the time limit"
+    exhaustive = not tally.timed_out and "chosen order" not in tally.refinement
+    return OrderSearch(method, exhaustive, note)
 
 
 def diagnose_infeasible(problem: PlanningProblem) -> str:

@@ -99,9 +99,10 @@ def summary(plan: Plan, sources: Mapping[str, str]) -> Text:
         f"{p.total_s:,.3f} s  →  {p.throughput_tokens_per_s:,.1f} tokens/s",
         f"quality: Σω = {q.omega_sum:.4f} (budget {budget}, θ {q.theta_s:g} s, "
         f"indicator {q.indicator})" + _ppl_target(plan),
-        f"solver: {s.status}, gap {s.mip_gap:.2%}, {s.time_s:.2f} s, {s.milps_solved} MILPs "
-        f"over {s.orders_tried} device orders, {s.formulation} form"
+        f"solver: {s.status}, gap {s.gap_text}, {s.time_s:.2f} s, {s.milps_solved} MILPs, "
+        f"{s.orders_tried} fixed device orders, {s.formulation} form"
         + (f", layers grouped by {s.layer_group_size}" if s.layer_group_size > 1 else ""),
+        *([s.order_text] if s.order_text else []),
         figures_line(plan, sources),
     ]
     return Text("\n".join(lines))

@@ -28,7 +28,7 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "clusters"
 @pytest.mark.parametrize("per_layer", [False, True], ids=["count", "per-layer"])
 def test_search_optimum_equals_enumeration(seed: int, per_layer: bool) -> None:
     problem = random_problem(random.Random(1000 + seed * 2 + per_layer), per_layer)
-    expected = brute_force_search(problem, problem.cluster.class_orders())
+    expected = brute_force_search(problem, problem.cluster.pipeline_orders())
     if math.isinf(expected):
         with pytest.raises(InfeasiblePlanError):
             search(problem, EXACT)
