@@ -29,7 +29,12 @@ model and phase (target ≤ 6 %), plus each profile fit's held-out error. One to
 and stalls every op. The load average is printed at start and end; figures are only
 comparable within one run.
 
-Usage: python bench/costmodel.py [--quick] [--json] [--threads 1] [--rounds 8]
+``--standard`` is the documented measurement (README, docs/profiling.md): the first four plans
+only. ``--quick`` is a smoke-size run that checks the whole path and says little about
+accuracy: bard-tiny only, two plans (1 stage at 16 bits, 2 stages at 16 | 8 bits), a smaller
+profile grid, one round.
+
+Usage: python bench/costmodel.py [--standard | --quick] [--json] [--threads 1] [--rounds 8]
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -77,6 +82,7 @@ from runtime.model.shard import StageShard, StageSpec, load_shard  # noqa: E402
 
 WORKLOAD = Workload(global_batch=4, prompt_len=64, max_new_tokens=32, expected_new_tokens=32)
 GRID = ProfileGrid((1, 2, 4), (32, 64, 128), (1, 2, 4), (64, 96, 128), repeats=1)
+QUICK_GRID = ProfileGrid((1, 2, 4), (32, 64), (1, 2, 4), (64, 96), repeats=1)
 RANDOM_LLAMA = {
     "model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816,
     "num_hidden_layers": 8, "num_attention_heads": 16, "num_key_value_heads": 8,
@@ -95,15 +101,24 @@ class PlanCase:
     decode_size: int
 
 
-def plan_cases(quick: bool) -> list[PlanCase]:
-    """Plans of an 8-layer model: 1-3 stages, uniform and mixed precisions."""
+Mode = Literal["full", "standard", "quick"]
+
+
+def plan_cases(mode: Mode) -> list[PlanCase]:
+    """Plans of an 8-layer model: 1-3 stages, uniform and mixed precisions (module docstring
+    for the modes)."""
+    if mode == "quick":
+        return [
+            PlanCase("1 stage, 16 bits", ((16,) * 8,), 2, 4),
+            PlanCase("2 stages, 16 | 8", ((16,) * 4, (8,) * 4), 2, 2),
+        ]
     cases = [
         PlanCase("1 stage, 16 bits", ((16,) * 8,), 2, 4),
         PlanCase("1 stage, 4 bits", ((4,) * 8,), 4, 4),
         PlanCase("2 stages, 16 | 8", ((16,) * 4, (8,) * 4), 2, 2),
         PlanCase("3 stages, mixed", ((16, 16, 8), (8, 4, 4), (4, 16)), 1, 2),
     ]
-    if not quick:
+    if mode == "full":
         cases += [
             PlanCase("2 stages, 3/2 | 4/8", ((3, 3, 2, 2, 3), (4, 8, 4)), 2, 4),
             PlanCase("3 stages, 8 | 4 | 3", ((8, 8), (4, 4, 4), (3, 3, 3)), 4, 2),
@@ -188,7 +203,12 @@ TimingKey = tuple[str, str, int, int, int]
 
 
 def profile_and_measure(
-    arch: ArchConfig, runs: list[CaseRuns], bits: tuple[int, ...], group: int, rounds: int
+    arch: ArchConfig,
+    runs: list[CaseRuns],
+    bits: tuple[int, ...],
+    group: int,
+    rounds: int,
+    grid: ProfileGrid = GRID,
 ) -> DeviceMeasurement:
     """``rounds`` rounds, each one profile pass over every precision (``measure_device``)
     then one run of every plan; the first run of each plan warms it up. Each profile timing
@@ -201,7 +221,7 @@ def profile_and_measure(
         for case in runs:
             case.run()  # warm-up
     for _ in range(rounds):
-        m = measure_device(arch, "cpu", bits, GRID, group_size=group)
+        m = measure_device(arch, "cpu", bits, grid, group_size=group)
         merged.unavailable |= m.unavailable
         merged.kernel_paths |= m.kernel_paths
         for t in m.timings:
@@ -259,7 +279,8 @@ def run_model(
     profile_dir = work / f"profiles-{name}"
     profile_dir.mkdir()
     runs = [CaseRuns(load_stages(directory, arch, case, group), arch, case) for case in cases]
-    measured = profile_and_measure(arch, runs, used_bits(cases), group, args.rounds)
+    grid = QUICK_GRID if args.mode == "quick" else GRID
+    measured = profile_and_measure(arch, runs, used_bits(cases), group, args.rounds, grid)
     profile = to_profile("cpu", shape_key(spec), measured)
     save_profile(profile, profile_dir / profile_file_name("cpu", shape_key(spec)))
     rows = []
@@ -313,29 +334,42 @@ def print_model(result: dict[str, Any]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 plans, fewer precisions")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument(
+        "--standard", action="store_const", dest="mode", const="standard",
+        help="the documented measurement: 4 plans, fewer precisions",
+    )  # fmt: skip
+    modes.add_argument(
+        "--quick", action="store_const", dest="mode", const="quick",
+        help="smoke-size run: bard-tiny only, 2 plans, small grid, 1 round",
+    )  # fmt: skip
+    parser.set_defaults(mode="full")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument(
-        "--rounds", type=int, default=8,
-        help="rounds of one profile pass and one run of each plan (default %(default)s)",
+        "--rounds", type=int, default=None,
+        help="rounds of one profile pass and one run of each plan (default 8; quick 1)",
     )  # fmt: skip
     args = parser.parse_args()
+    if args.rounds is None:
+        args.rounds = 1 if args.mode == "quick" else 8
     torch.set_num_threads(args.threads)
-    cases = plan_cases(args.quick)
+    cases = plan_cases(args.mode)
     load_start = os.getloadavg()[0]
     results = []
     with tempfile.TemporaryDirectory(prefix="pqctl-costmodel-") as tmp:
         work = Path(tmp)
         results.append(run_model("bard-tiny", builtin_model_dir(), cases, args, work))
-        big = work / "llama-h1024"
-        big.mkdir()
-        (big / "config.json").write_text(json.dumps(RANDOM_LLAMA))
-        arch = arch_from_config(dict(RANDOM_LLAMA), "random llama")
-        write_random_checkpoint(arch, arch.num_layers, big)
-        results.append(run_model("random llama h1024 x8", big, cases, args, work))
+        if args.mode != "quick":
+            big = work / "llama-h1024"
+            big.mkdir()
+            (big / "config.json").write_text(json.dumps(RANDOM_LLAMA))
+            arch = arch_from_config(dict(RANDOM_LLAMA), "random llama")
+            write_random_checkpoint(arch, arch.num_layers, big)
+            results.append(run_model("random llama h1024 x8", big, cases, args, work))
     summary = {
-        "threads": args.threads, "rounds": args.rounds, "workload": str(WORKLOAD),
+        "mode": args.mode, "threads": args.threads, "rounds": args.rounds,
+        "workload": str(WORKLOAD),
         "load_average": [load_start, os.getloadavg()[0]], "models": results,
     }  # fmt: skip
     if args.json:

@@ -35,7 +35,11 @@ in fp32) written to a temporary directory with the built-in tokenizer; and the b
 ``bard-tiny`` (8 layers, hidden 192). Only ratios within one run are comparable: the load
 average is printed at the start and the end.
 
-Usage: python bench/serving.py [--quick] [--json] [--repeats 3]
+``--quick`` is a smoke-size run that says little about speed: bard-tiny only, a batch of 4
+prompts of 32 tokens and 8 new tokens, three cases (16 bits on 1 and on 2 stages, 4 bits on 1
+stage), one repeat; still real processes and sockets throughout.
+
+Usage: python bench/serving.py [--quick] [--json] [--repeats 3] [--cases TEXT]
 """
 
 from __future__ import annotations
@@ -159,6 +163,10 @@ class Deployment:
     recorder: MetricsRecorder
     client: Client
     runs: Runs = field(default_factory=Runs)
+
+
+QUICK_CASES = ("16-bit, 1 stage", "16-bit, 2 stages", "4-bit, 1 stage")
+"""The cases of ``--quick``, by label: one and two stages, a quantized stage."""
 
 
 def cases() -> list[Case]:
@@ -345,7 +353,7 @@ def overhead_ms(decode_ms_per_step: float, stages: list[dict[str, Any]]) -> floa
 
 
 def measure_model(
-    setup: ModelSetup, repeats: int, cpu: DeviceType, only: str = ""
+    setup: ModelSetup, repeats: int, cpu: DeviceType, chosen: list[Case]
 ) -> dict[str, Any]:
     """Deploy every case of ``setup``, warm up, time them all in turns; the summary."""
     from transformers import AutoTokenizer
@@ -355,7 +363,6 @@ def measure_model(
     prompts = exact_prompts(tokenizer, batch.size, batch.prompt_len)
     ids = torch.tensor([tokenizer(p)["input_ids"] for p in prompts])
     with contextlib.ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
-        chosen = [c for c in cases() if only in c.label]
         deployments = [deploy(stack, setup, c, cpu, Path(tmp)) for c in chosen]
         models = load_baselines(setup.source)
         for model in models.values():
@@ -383,8 +390,11 @@ def measure_model(
 
 
 def hops(setup: ModelSetup, deployments: list[Deployment]) -> list[dict[str, Any]]:
-    """One hop of the 2-stage case's decode and prefill frames vs its stage 0's step time."""
-    two = next(d for d in deployments if d.case.stages == 2)  # the plain 2-stage case
+    """One hop of the 2-stage case's decode and prefill frames vs its stage 0's step time
+    (none when no case has two stages)."""
+    two = next((d for d in deployments if d.case.stages == 2), None)  # the plain 2-stage case
+    if two is None:
+        return []
     hidden = two.plan.model.hidden_size
     mb = two.plan.micro_batching
     stage0 = stage_measured(two.recorder, 0, two.runs.spans[two.runs.best()])
@@ -402,7 +412,7 @@ def hops(setup: ModelSetup, deployments: list[Deployment]) -> list[dict[str, Any
 def setups(quick: bool, tmp: Path) -> list[ModelSetup]:
     tiny = ModelSetup("bard-tiny", "bard-tiny", 8, 32, Batch(8, 64, 32))
     if quick:
-        return [ModelSetup("bard-tiny", "bard-tiny", 8, 32, Batch(4, 32, 16))]
+        return [ModelSetup("bard-tiny", "bard-tiny", 8, 32, Batch(4, 32, 8))]
     path = make_random_llama(tmp / "random-llama", RANDOM_LLAMA)
     big = ModelSetup("random-llama", str(path), RANDOM_LLAMA.layers, 128, Batch(8, 64, 32))
     return [big, tiny]
@@ -422,19 +432,34 @@ def environment() -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="bard-tiny only, small batch")
-    parser.add_argument("--json", action="store_true", help="machine-readable output only")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per contender")
     parser.add_argument(
-        "--cases", default="", help="only the pqctl cases whose label contains this text"
+        "--quick",
+        action="store_true",
+        help="smoke-size run: bard-tiny only, small batch, 3 cases, 1 repeat",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output only")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed runs per contender (default 3; quick 1)"
+    )
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help="only the pqctl cases whose label contains this text (default: every case; quick: "
+        + ", ".join(QUICK_CASES)
+        + ")",
     )
     args = parser.parse_args()
+    repeats = args.repeats or (1 if args.quick else 3)
+    if args.cases is None and args.quick:
+        chosen = [c for c in cases() if c.label in QUICK_CASES]
+    else:
+        chosen = [c for c in cases() if (args.cases or "") in c.label]
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     start = time.perf_counter()
-    cpu = fastest_local_cpu()
+    cpu = fastest_local_cpu(tries=1 if args.quick else 5)
     env = environment()
     env["cpu_measured"] = {
         "fp32_tflops": cpu.fp32_tflops,
@@ -454,7 +479,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for setup in setups(args.quick, Path(tmp)):
-            result = measure_model(setup, args.repeats, cpu, args.cases)
+            result = measure_model(setup, repeats, cpu, chosen)
             results.append(result)
             if not args.json:
                 print_throughput(result)

@@ -11,24 +11,48 @@ above the baseline, less what is held): the loading overhead. The last line is t
 peak above baseline over the 16-bit stage's: 16-bit weights are bf16 on a CPU with native bf16
 (see ``runtime.quant.kernels``), fp32 elsewhere.
 
-Usage: python bench/shard_loading.py
+``--quick`` is a smoke-size run of the same measurements: hidden 512, 8 layers (about 0.1 GB),
+the middle stage layers 3-4.
+
+Usage: python bench/shard_loading.py [--quick]
 """
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """The random-weight Llama checkpoint and the middle stage loaded from it."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    stage: tuple[int, int]
+    """The middle stage's layers [start, stop)."""
+
+
+FULL = Shape(1024, 2816, 16, 16, 8, 32000, (6, 10))
+QUICK = Shape(512, 1408, 8, 8, 4, 8000, (3, 5))
 
 MAKE = """
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 torch.manual_seed(0)
-config = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=16,
-                     num_attention_heads=16, num_key_value_heads=8, vocab_size=32000,
+config = LlamaConfig(hidden_size={hidden}, intermediate_size={intermediate},
+                     num_hidden_layers={layers}, num_attention_heads={heads},
+                     num_key_value_heads={kv_heads}, vocab_size={vocab},
                      max_position_embeddings=1024, tie_word_embeddings=False)
 AutoModelForCausalLM.from_config(config).save_pretrained({path!r})
 """
@@ -85,18 +109,22 @@ def stage(path: str, layers: tuple[int, int], bits: int) -> tuple[int, int | Non
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke-size run: hidden 512, 8 layers")
+    shape = QUICK if parser.parse_args().quick else FULL
+    n, (first, stop) = shape.layers, shape.stage
+    middle = f"layers {first}-{stop - 1}"
     with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "llama-16l")
-        subprocess.run(
-            [sys.executable, "-c", MAKE.format(path=path)], cwd=ROOT, check=True, timeout=600
-        )
+        path = str(Path(tmp) / f"llama-{n}l")
+        make = MAKE.format(path=path, **{k: v for k, v in asdict(shape).items() if k != "stage"})
+        subprocess.run([sys.executable, "-c", make], cwd=ROOT, check=True, timeout=600)
         size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
         base, _ = measure(BASELINE)
         rows = [
             ("whole model, transformers from_pretrained", measure(WHOLE_HF.format(path=path))),
-            ("whole model, pqctl loader (16 layers, 16-bit)", stage(path, (0, 16), 16)),
-            ("middle stage, pqctl loader (layers 6-9, 16-bit)", stage(path, (6, 10), 16)),
-            ("middle stage, pqctl loader (layers 6-9, 4-bit)", stage(path, (6, 10), 4)),
+            (f"whole model, pqctl loader ({n} layers, 16-bit)", stage(path, (0, n), 16)),
+            (f"middle stage, pqctl loader ({middle}, 16-bit)", stage(path, shape.stage, 16)),
+            (f"middle stage, pqctl loader ({middle}, 4-bit)", stage(path, shape.stage, 4)),
         ]
     print_table(size, base, rows)
 

@@ -100,7 +100,7 @@ class ProfileGrid:
             so the samples of a small model's points are as far apart as a large one's.
         stack_layers: decoder layers in the timed stack (at most the model's). Eight rather
             than four: a stack that a real stage's weights outgrow stays partly in the CPU's
-            caches and times decode too fast (bench/costmodel.py --quick on a 2-core AVX2
+            caches and times decode too fast (bench/costmodel.py --standard on a 2-core AVX2
             CPU, decode MAPE of the h1024 model 15.1 % with 4, 12.1 % with 8; bard-tiny 6.3 %
             → 3.9 %).
     """

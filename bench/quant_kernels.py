@@ -13,7 +13,12 @@ a busy CPU (another process training, say) inflates every row, multi-threaded ke
 small ops most (each op waits for a descheduled thread), so the dequant-per-call rows suffer
 first.
 
-Usage: python bench/kernels.py [--subset] [--repeats 3] [--threads N] [--bits 16,8,4,3,2]
+``--quick`` is a smoke-size run: the same seven linears at hidden 1024 (FFN 2816), one thread
+(a busy CPU stalls a second one), one timed call per point; its ratios say little about a 7B
+layer.
+
+Usage: python bench/quant_kernels.py [--quick] [--subset] [--repeats 3] [--threads N]
+[--bits 16,8,4,3,2]
 """
 
 from __future__ import annotations
@@ -43,11 +48,19 @@ from runtime.quant import (  # noqa: E402
 Layer = dict[str, QuantLinear | DenseLinear]
 
 HIDDEN, FFN = 4096, 11008
-FULL_LAYER = {"q": (HIDDEN, HIDDEN), "k": (HIDDEN, HIDDEN), "v": (HIDDEN, HIDDEN),
-              "o": (HIDDEN, HIDDEN), "gate": (FFN, HIDDEN), "up": (FFN, HIDDEN),
-              "down": (HIDDEN, FFN)}  # fmt: skip
-"""(out_features, in_features) per linear."""
-SUBSET = {"q": (HIDDEN, HIDDEN), "gate": (FFN, HIDDEN), "down": (HIDDEN, FFN)}
+QUICK_HIDDEN, QUICK_FFN = 1024, 2816
+SUBSET = ("q", "gate", "down")
+
+
+def layer_shapes(hidden: int, ffn: int, subset: bool) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) per linear of a layer of width ``hidden``; q, gate and down
+    only with ``subset``."""
+    shapes = {"q": (hidden, hidden), "k": (hidden, hidden), "v": (hidden, hidden),
+              "o": (hidden, hidden), "gate": (ffn, hidden), "up": (ffn, hidden),
+              "down": (hidden, ffn)}  # fmt: skip
+    return {name: shape for name, shape in shapes.items() if not subset or name in SUBSET}
+
+
 DECODE_ROWS, PREFILL_ROWS = (1, 4, 8), (128, 512)
 GROUP_SIZE = 128
 CPU = torch.device("cpu")
@@ -161,29 +174,49 @@ def print_table(results: list[Result], shapes: dict[str, tuple[int, int]]) -> No
     for r in results:
         deq = "-" if r.dequant_ms is None else f"{r.dequant_ms:.1f}"
         print(f"{r.label:>5} " + " ".join(f"{r.ms[n]:8.1f}" for n in rows) + f"  {deq}")
+    first = DECODE_ROWS[0]
+    decode = ", ".join(f"{_name(r.label)} {r.ms[first] / base.ms[first]:.2f}×" for r in results[1:])
+    print(f"\ntime ÷ {_name(base.label)}, decode of {first} row: {decode}")
+
+
+def _name(label: str) -> str:
+    """A precision's label as words: "8-bit", "fp32"."""
+    return f"{label}-bit" if label.isdigit() else label
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke-size run: hidden {QUICK_HIDDEN} (FFN {QUICK_FFN}), 1 repeat",
+    )
     parser.add_argument("--subset", action="store_true", help="q, gate and down only")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls per point")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed calls per point (default 3; quick 1)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default all cores; quick 1)"
+    )
     parser.add_argument(
         "--bits",
         default="16,8,4,3,2",
         help="precisions, the first is the baseline; 'fp32' adds 16 bits held in fp32",
     )
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    shapes = SUBSET if args.subset else FULL_LAYER
+    threads = args.threads or (1 if args.quick else torch.get_num_threads())
+    torch.set_num_threads(threads)
+    hidden, ffn = (QUICK_HIDDEN, QUICK_FFN) if args.quick else (HIDDEN, FFN)
+    shapes = layer_shapes(hidden, ffn, args.subset)
+    repeats = args.repeats or (1 if args.quick else 3)
     print(
-        f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {args.threads} "
+        f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, {threads} "
         f"threads, linears {list(shapes)}, group {GROUP_SIZE}, fp32 activations"
     )
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     start = time.perf_counter()
     with torch.inference_mode():
-        results = measure(shapes, args.bits.split(","), args.repeats)
+        results = measure(shapes, args.bits.split(","), repeats)
     print_table(results, shapes)
     print(f"\nload average at end: {os.getloadavg()[0]:.2f}; {time.perf_counter() - start:.0f} s")
 
