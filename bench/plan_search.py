@@ -27,6 +27,7 @@ Usage: python bench/plan_search.py [--quick] [--paper 3,4] [--synthetic 8,16] [-
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -228,7 +229,7 @@ def report_paper(rows: list[dict[str, Any]], per_layer: bool) -> bool:
     worst = max(rows, key=lambda r: r["time_s"])
     gaps = [r["gap"] for r in rows]
     print(
-        f"slowest {worst['time_s']:.2f} s (cluster {worst['cluster']}); largest gap "
+        f"slowest search {worst['time_s']:.2f} s (cluster {worst['cluster']}); largest gap "
         f"{_gap(None if None in gaps else max(gaps))} %; never slower than a baseline within the "
         f"budget: {not any(r['slower_than_baseline'] for r in rows)}"
     )
@@ -264,7 +265,7 @@ def report_synthetic(rows: list[dict[str, Any]]) -> bool:
                 if r["model"] == model and r["form"] == form
             ]
             if len(times) >= 2:
-                steps = [b / a for (_, a), (_, b) in zip(times, times[1:], strict=False)]
+                steps = [b / a for (_, a), (_, b) in itertools.pairwise(times)]
                 print(
                     f"growth, {model} {form}: "
                     + ", ".join(f"{n} devices {t:.2f} s" for n, t in times)
@@ -309,10 +310,10 @@ def main() -> int:
     if synthetic:
         ok &= report_synthetic(synthetic)
     results["synthetic"] = synthetic
-    print(f"\nall targets met: {ok}")
+    print(f"\nall targets met: {ok}" + (" (a --quick run checks that the bench runs)" * args.quick))
     if args.json:
         print(json.dumps(results, indent=1))
-    return 0 if ok else 1
+    return 0 if ok or args.quick else 1
 
 
 if __name__ == "__main__":

@@ -208,8 +208,10 @@ class SolverReport:
         scope = {True: "exhaustive", False: "not exhaustive", None: ""}[
             self.order_search_exhaustive
         ]
-        return f"device order {self.order_search}" + (f" ({scope})" if scope else "") + (
-            f": {self.order_search_note}" if self.order_search_note else ""
+        return (
+            f"device order {self.order_search}"
+            + (f" ({scope})" if scope else "")
+            + (f": {self.order_search_note}" if self.order_search_note else "")
         )
 
 

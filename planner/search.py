@@ -311,72 +311,115 @@ def _refine(
         f"{count} device orders enumerated" if exhaustive else "refined on the chosen order"
     )
     position = {d.key: j for j, d in enumerate(problem.cluster.devices)}
+    step = _Step(best, form, options, clock, tally, report)
     for pair in sorted(pairs, key=lambda p: p.bound):
         if pair.bound >= best.objective * (1 - options.mip_rel_gap):
             continue
-        if exhaustive:
-            chosen = [[position[d.key] for d in order] for order in orders]
-        elif pair.placement is not None:
-            used = len(pair.placement.counts)
-            chosen = [list(pair.placement.order[:used])]
-        else:
-            continue
-        bounds = [
-            _refine_order(pair.tables.reordered(o), best, form, options, clock, tally, report)
-            for o in chosen
-            if clock.left() > 0 or _out_of_time(tally)
-        ]
-        if exhaustive and len(bounds) == len(chosen):
-            pair.bound = max(pair.bound, min(bounds))
         if clock.left() <= 0:
             tally.timed_out = True
             return
+        if not exhaustive:
+            if pair.placement is not None:
+                used = pair.placement.order[: len(pair.placement.counts)]
+                step.per_layer(pair.tables.reordered(used))
+            continue
+        chosen = (
+            _first_covering(
+                orders,
+                pair.tables.reordered(pair.placement.order).devices[: len(pair.placement.counts)],
+            )
+            if pair.placement
+            else None
+        )
+        bounds = []
+        for k, order in enumerate(orders):
+            if clock.left() <= 0:
+                tally.timed_out = True
+                return
+            tables = pair.tables.reordered([position[d.key] for d in order])
+            tally.orders += 1
+            if k == chosen:  # the placement's own order: its free-form bound is the pair's
+                bounds.append(step.per_layer(tables, pair.bound))
+            else:
+                bounds.append(step.bounded(tables))
+        pair.bound = max(pair.bound, min(bounds, default=math.inf))
 
 
-def _out_of_time(tally: _Tally) -> bool:
-    tally.timed_out = True
-    return False
+def _first_covering(
+    orders: Sequence[tuple[DeviceSpec, ...]], used: Sequence[DeviceSpec]
+) -> int | None:
+    """The first order in which the used devices' types and hosts follow one another as they
+    do in ``used`` (so ``used``'s plan is one of that order's plans)."""
+    wanted = _class_runs(used)
+    for k, order in enumerate(orders):
+        runs, at = _class_runs(order), 0
+        for key in runs:
+            if at < len(wanted) and key == wanted[at]:
+                at += 1
+        if at == len(wanted):
+            return k
+    return None
 
 
-def _refine_order(
-    tables: CostTables,
-    best: _Incumbent,
-    form: QualityForm,
-    options: SearchOptions,
-    clock: _Clock,
-    tally: _Tally,
-    report: _Reporter,
-) -> float:
-    """Bound one fixed order (count or free form), then, per-layer, solve it exactly where
-    that bound leaves room; returns the order's lower bound."""
-    tally.orders += 1
-    interchangeable = _interchangeable(tables.devices)
-    milp = PartitionMilp(tables, None, interchangeable, quality=form)
-    solve = SolveOptions(clock.left(), options.mip_rel_gap, best.cutoff(), options.verbose)
-    result = milp.solve(solve)
-    report.milp(tally, extra=1)
-    if result.stages is not None:
-        best.offer(tables, result.stages)
-    bound = result.dual_bound
-    if form == "count" or bound >= best.objective * (1 - options.mip_rel_gap):
-        tally.pruned_orders += form != "count"
-        return bound
-    if clock.left() <= 0:
-        tally.timed_out = True
-        return bound
-    tally.refined_orders += 1
-    group = _group_size(tables, options)
-    units = LayerUnits.grouped(tables, group)
-    exact = PartitionMilp(tables, units, interchangeable)
-    solve = SolveOptions(clock.left(), options.mip_rel_gap, best.cutoff(), options.verbose)
-    same = best.tables is not None and best.tables.devices == tables.devices
-    layered = exact.solve(solve, best.stages if same else None)
-    report.milp(tally, extra=1)
-    if layered.stages is not None:
-        best.offer(tables, layered.stages)
-    if not layered.solved.finished:
-        tally.timed_out = True
-    return max(bound, layered.dual_bound) if group == 1 else bound
+def _class_runs(devices: Sequence[DeviceSpec]) -> list[tuple[object, ...]]:
+    runs: list[tuple[object, ...]] = []
+    for d in devices:
+        if not runs or runs[-1] != d.class_key:
+            runs.append(d.class_key)
+    return runs
+
+
+@dataclass
+class _Step:
+    """The MILPs of a refinement, all against the same incumbent, clock and tally."""
+
+    best: _Incumbent
+    form: QualityForm
+    options: SearchOptions
+    clock: _Clock
+    tally: _Tally
+    report: _Reporter
+
+    def _solve_options(self) -> SolveOptions:
+        o = self.options
+        return SolveOptions(self.clock.left(), o.mip_rel_gap, self.best.cutoff(), o.verbose)
+
+    def _beaten(self, bound: float) -> bool:
+        return bound >= self.best.objective * (1 - self.options.mip_rel_gap)
+
+    def bounded(self, tables: CostTables) -> float:
+        """One fixed order in the count or free form (exact in the count form), then, per
+        layer, solved exactly where that bound leaves room; returns the order's bound."""
+        milp = PartitionMilp(tables, None, _interchangeable(tables.devices), quality=self.form)
+        result = milp.solve(self._solve_options())
+        self.report.milp(self.tally, extra=1)
+        if result.stages is not None:
+            self.best.offer(tables, result.stages)
+        if not result.solved.finished:
+            self.tally.timed_out = True
+        if self.form == "count" or self._beaten(result.dual_bound):
+            self.tally.pruned_orders += self.form != "count"
+            return result.dual_bound
+        return self.per_layer(tables, result.dual_bound)
+
+    def per_layer(self, tables: CostTables, bound: float = -math.inf) -> float:
+        """The exact per-layer MILP of one order; returns its bound (``bound`` when layers
+        had to be grouped or time ran out first)."""
+        if self.clock.left() <= 0:
+            self.tally.timed_out = True
+            return bound
+        self.tally.refined_orders += 1
+        group = _group_size(tables, self.options)
+        units = LayerUnits.grouped(tables, group)
+        exact = PartitionMilp(tables, units, _interchangeable(tables.devices))
+        same = self.best.tables is not None and self.best.tables.devices == tables.devices
+        result = exact.solve(self._solve_options(), self.best.stages if same else None)
+        self.report.milp(self.tally, extra=1)
+        if result.stages is not None:
+            self.best.offer(tables, result.stages)
+        if not result.solved.finished:
+            self.tally.timed_out = True
+        return max(bound, result.dual_bound) if group == 1 else bound
 
 
 def _group_size(tables: CostTables, options: SearchOptions) -> int:
