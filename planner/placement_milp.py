@@ -14,7 +14,7 @@ Sets and symbols as in :mod:`planner.milp`, plus
 
 Variables
     v_h ∈ {0,1}   h runs a stage;   m_h ∈ {0,1}  h runs two stages or more
-    b_h ∈ [0,1]   h holds both ends;   δ ∈ {0,1}  one device runs the whole model
+    δ ∈ {0,1}     one device runs the whole model
     ρ ≥ 0         the return of the token ids
     a[g,h] ∈ {0,1}, o_h ∈ [0, |H| − 1]   h follows g (only when the links differ)
 
@@ -23,11 +23,11 @@ Constraints
                 Σ_j u_j ≤ 1 + (|J| − 1)(1 − δ)
     hosts       v_h ≥ u_j (j ∈ J_h);  v_h ≤ Σ_{J_h} u_j;  Σ_{J_h} u_j − v_h ≤ (|J_h| − 1) m_h
     contiguous  Σ_g v_g ≤ 1 + (|H| − 1)(2 − E_h − F_h)   (both ends on h: h is the only host)
-    return      b_h ≤ E_h, F_h;  ρ ≥ ir_h (b_h + m_h − 1)
+    return      ρ ≥ ir_h (E_h + F_h + m_h − 2)
     hops        a host's k used devices make k − 1 hops inside it; every used host but the
                 first is entered once:
       alike links (every ap, ad, ar the same: c^p, c^d, r)
-                Σ hops^p = Σ_h ip_h (Σ_{J_h} u_j − v_h) + c^p Σ_h (v_h − E_h);  ρ ≥ r (1 − Σ_h b_h)
+                Σ hops^p = Σ_h ip_h (Σ_{J_h} u_j − v_h) + c^p Σ_h (v_h − E_h);  ρ ≥ r (v_h − E_h)
                 P* ≥ ip_h m_h;  P* ≥ c^p (v_h − E_h);  R ≥ m_d id_h m_h;  R ≥ m_d c^d (v_h − E_h)
       links that differ (a path over the used hosts)
                 Σ_g a[g,h] = v_h − E_h;  Σ_h a[g,h] = v_g − F_g;  o_h ≥ o_g + 1 − |H| (1 − a[g,h])
@@ -61,6 +61,10 @@ from planner.milp import PipelineFormulation, QualityForm, Terms
 from planner.problem import CostTables
 
 _SAME = 1e-9
+LINKS_ALIKE_WITHIN = 0.10
+"""Links between hosts whose costs all lie within this fraction of the cheapest are treated
+as alike (a measured cluster's links differ by noise): the MILP charges every inter-host hop
+the cheapest one, a lower bound, and the decoded plan is scored on its real links."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +125,11 @@ class PlacementMilp(PipelineFormulation):
         return arc
 
     def _cheapest_into(self, phase: str, h: int) -> float:
-        return float(min(self.arc[phase][g, h] for g in range(len(self.hosts)) if g != h))
+        """Cheapest way into h from another host; with alike links, the cheapest of all."""
+        arc = self.arc[phase]
+        if self.links_alike:
+            return float(np.min(arc))
+        return float(min(arc[g, h] for g in range(len(self.hosts)) if g != h))
 
     # ---------------------------------------------------------------- the order
 
@@ -140,7 +148,6 @@ class PlacementMilp(PipelineFormulation):
         for h in hosts:
             m.var(("v", h), ub=1.0, integer=True)
             m.var(("m", h), ub=1.0 if len(self.hosts[h]) > 1 else 0.0, integer=True)
-            m.var(("b", h), ub=1.0)
         m.row([(self._v("e", j), 1.0) for j in self.devices], lo=1.0, hi=1.0)
         m.row([(self._v("f", j), 1.0) for j in self.devices], lo=1.0, hi=1.0)
         single = self._v("single")
@@ -168,14 +175,10 @@ class PlacementMilp(PipelineFormulation):
         others = [(self._v("v", g), 1.0) for g in range(len(self.hosts))]
         spread = float(len(self.hosts) - 1)
         m.row(others + [(c, spread) for c, _ in ends], hi=1.0 + 2 * spread)
-        for end in ("e", "f"):
-            m.row([(self._v("b", h), 1.0)] + [(c, -1.0) for c, _ in self._host_sum(end, h)], hi=0.0)
         returned = self.intra["return"][h]
-        if math.isfinite(returned):
-            m.row(
-                [(self._v("rho"), 1.0), (self._v("b", h), -returned), (self._v("m", h), -returned)],
-                lo=-returned,
-            )
+        if math.isfinite(returned):  # both ends on h, two stages or more: a return inside h
+            both = [(c, -returned) for c, _ in ends] + [(self._v("m", h), -returned)]
+            m.row([(self._v("rho"), 1.0), *both], lo=-2 * returned)
         pmax, rnd, md = self._v("Pmax"), self._v("R"), float(self.t.decode_micro_batches)
         for var, phase, scale in ((pmax, "prefill", 1.0), (rnd, "decode", md)):
             cost = self.intra[phase][h]
@@ -192,7 +195,8 @@ class PlacementMilp(PipelineFormulation):
                 cost = scale * self._cheapest_into(phase, h)
                 m.row([(var, 1.0)] + [(c, -cost * x) for c, x in self._entered(h)], lo=0.0)
         back = self._cheapest_into("return", 0)
-        m.row([(self._v("rho"), 1.0)] + [(self._v("b", h), back) for h in hosts], lo=back)
+        for h in hosts:  # a host entered from another: the ends are on different hosts
+            m.row([(self._v("rho"), 1.0)] + [(c, -back * x) for c, x in self._entered(h)], lo=0.0)
 
     def _add_host_path(self) -> None:
         m, count = self.m, len(self.hosts)
@@ -285,9 +289,8 @@ class PlacementMilp(PipelineFormulation):
             kinds = [self.t.devices[j].type for j in members]
             for group in groups:
                 g = group[0]
-                if [self.t.devices[j].type for j in self.hosts[g]] == kinds and self._same_links(
-                    g, h
-                ):
+                same_links = self.links_alike or self._same_links(g, h)
+                if [self.t.devices[j].type for j in self.hosts[g]] == kinds and same_links:
                     group.append(h)
                     break
             else:
@@ -329,12 +332,22 @@ class PlacementMilp(PipelineFormulation):
         running = sorted({self.host_of[j] for j in used})
         if self.links_alike or len(running) == 1:
             middle = [h for h in running if h not in (first, last)]
-            return [first, *middle] + ([last] if last != first else [])
+            return [first, *self._nearest_first(first, middle)] + ([last] if last != first else [])
         order = [first]
         while order[-1] != last:
             here = order[-1]
             order.append(next(h for h in running if h != here and x[self._v("a", here, h)] > 0.5))
         return order
+
+    def _nearest_first(self, start: int, hosts: list[int]) -> list[int]:
+        """``hosts`` as a path from ``start``, each step to the nearest host left (the MILP
+        charged every link alike; their real costs may differ a little)."""
+        path, here, left = [], start, list(hosts)
+        while left:
+            here = min(left, key=lambda h: (self.arc["prefill"][here, h], h))
+            left.remove(here)
+            path.append(here)
+        return path
 
     def _inside(self, used: list[int], first: int, last: int) -> list[int]:
         """A host's used devices: the first device first, the last last, types together (the
@@ -367,7 +380,7 @@ def _close(a: float, b: float) -> bool:
 
 def _alike(arc: np.ndarray) -> bool:
     values = [float(v) for v in arc.flat if math.isfinite(v)]
-    return all(_close(v, values[0]) for v in values)
+    return not values or max(values) <= min(values) * (1 + LINKS_ALIKE_WITHIN) + 1e-15
 
 
 def devices_in(tables: CostTables, placement: Placement) -> tuple[DeviceSpec, ...]:

@@ -205,7 +205,30 @@ def build_tables(
     prefill_micro_batch: int,
     decode_micro_batch: int,
 ) -> CostTables:
-    """Evaluate the cost model for ``devices`` in this order at these micro-batch sizes."""
+    """Evaluate the cost model for ``devices`` in this order at these micro-batch sizes.
+
+    Devices of one type on one host (with the same forbidden precisions) cost the same, so the
+    cost model runs once per such class and the tables repeat its rows."""
+    classes: dict[tuple[object, ...], int] = {}
+    index = []
+    for d in devices:
+        forbidden = frozenset(b for b in problem.bits if (d.key, b) in problem.forbidden)
+        index.append(classes.setdefault((d.host, d.type, forbidden), len(classes)))
+    first = {
+        c: next(d for d, i in zip(devices, index, strict=True) if i == c) for c in classes.values()
+    }
+    one_each = _tables_of(
+        problem, [first[c] for c in range(len(classes))], prefill_micro_batch, decode_micro_batch
+    )
+    return replace(one_each.reordered(index), devices=tuple(devices))
+
+
+def _tables_of(
+    problem: PlanningProblem,
+    devices: Sequence[DeviceSpec],
+    prefill_micro_batch: int,
+    decode_micro_batch: int,
+) -> CostTables:
     model, workload, bits = problem.model, problem.workload, problem.bits
     n, nb = len(devices), len(bits)
     pre_pt = cm.prefill_point(prefill_micro_batch, workload.prompt_len)
