@@ -41,14 +41,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from planner.catalogue import lookup_device_type  # noqa: E402
-from planner.cluster import ClusterSpec, DeviceSpec, HostSpec, LinkSpec  # noqa: E402
 from planner.cluster_file import load_cluster_file  # noqa: E402
 from planner.indicator import QualityIndicator, load_stats_indicator, prior_indicator  # noqa: E402
 from planner.model_spec import load_model_spec  # noqa: E402
 from planner.plan import Workload  # noqa: E402
 from planner.problem import PlanningProblem  # noqa: E402
 from planner.search import SearchOptions, SearchResult, search  # noqa: E402
+from tests.planner.instances import SYNTHETIC_SIZES, synthetic_cluster  # noqa: E402
 
 BASELINES = ("uniform", "pipeedge", "adabits", "memory-proportional")
 BUDGET = 0.05
@@ -71,10 +70,6 @@ LLM_PQ_HIGHS_S: dict[int, tuple[float, float]] = {
 }
 """LLM-PQ's optimizer on HiGHS, per-layer form, seconds (low, high over runs); cluster 2 was
 not measured. With Gurobi: cluster 3 5.3 s, cluster 6 356 s."""
-
-SYNTHETIC_TYPES = ("T4", "V100-32G", "A100-40G", "A100-80G", "L4", "H100-80G")
-SYNTHETIC_SIZES = {8: (4, 2), 16: (4, 4), 32: (5, 8), 64: (6, 16)}
-"""devices → (device types, hosts)."""
 
 
 def calibrated_shape(model_layers: int) -> np.ndarray:
@@ -107,36 +102,6 @@ def paper_problem(number: int, per_layer: bool) -> PlanningProblem:
         quality_budget=BUDGET,
     )
     return replace(problem, indicator=indicator_for(problem, per_layer))
-
-
-def synthetic_cluster(devices: int) -> ClusterSpec:
-    """``devices`` GPUs, four a host; even hosts hold one type, odd hosts two (2 + 2)."""
-    types, hosts = SYNTHETIC_SIZES[devices]
-    names = [f"node-{h:02d}" for h in range(hosts)]
-    specs: list[DeviceSpec] = []
-    kind = 0
-    for h, name in enumerate(names):
-        kinds = [SYNTHETIC_TYPES[kind % types]] * 4
-        kind += 1
-        if h % 2 == 1:
-            kinds[2:] = [SYNTHETIC_TYPES[kind % types]] * 2
-            kind += 1
-        specs += [DeviceSpec(name, i, lookup_device_type(t)) for i, t in enumerate(kinds)]
-    rack_link = LinkSpec(bandwidth_gb_s=100 / 8, latency_s=10e-6)
-    cross_link = LinkSpec(bandwidth_gb_s=25 / 8, latency_s=30e-6)
-    links = {
-        frozenset((a, b)): rack_link if i // 4 == j // 4 else cross_link
-        for i, a in enumerate(names)
-        for j, b in enumerate(names)
-        if i < j
-    }
-    return ClusterSpec(
-        f"synthetic-{devices}",
-        tuple(HostSpec(n) for n in names),
-        tuple(specs),
-        links=links,
-        default_link=cross_link,
-    )
 
 
 def synthetic_problem(devices: int, model_name: str, per_layer: bool) -> PlanningProblem:

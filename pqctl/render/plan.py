@@ -100,7 +100,8 @@ def summary(plan: Plan, sources: Mapping[str, str]) -> Text:
         f"quality: Σω = {q.omega_sum:.4f} (budget {budget}, θ {q.theta_s:g} s, "
         f"indicator {q.indicator})" + _ppl_target(plan),
         f"solver: {s.status}, gap {s.gap_text}, {s.time_s:.2f} s, {s.milps_solved} MILPs, "
-        f"{s.orders_tried} fixed device orders, {s.formulation} form"
+        + (f"{s.orders_tried} fixed device orders, " if s.orders_tried else "")
+        + f"{s.formulation} form"
         + (f", layers grouped by {s.layer_group_size}" if s.layer_group_size > 1 else ""),
         *([s.order_text] if s.order_text else []),
         figures_line(plan, sources),

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from planner.catalogue import gpu_device_type
+from planner.catalogue import gpu_device_type, lookup_device_type
 from planner.cluster import ClusterSpec, DeviceSpec, HostSpec, LinkSpec
 from planner.indicator import QualityIndicator, prior_indicator
 from planner.model_spec import ModelSpec
@@ -128,4 +128,40 @@ def brute_force_search(problem: PlanningProblem, orders: Sequence[Sequence[Devic
             for p, d in problem.micro_batch_choices()
         ),
         default=math.inf,
+    )
+
+
+SYNTHETIC_TYPES = ("T4", "V100-32G", "A100-40G", "A100-80G", "L4", "H100-80G")
+SYNTHETIC_SIZES = {8: (4, 2), 16: (4, 4), 32: (5, 8), 64: (6, 16)}
+"""Synthetic cluster sizes: devices → (device types, hosts)."""
+
+
+def synthetic_cluster(devices: int) -> ClusterSpec:
+    """``devices`` GPUs (8, 16, 32 or 64), four a host; even hosts hold one type, odd hosts two
+    (2 + 2); racks of four hosts, 100 Gbit/s inside a rack, 25 Gbit/s between racks."""
+    types, hosts = SYNTHETIC_SIZES[devices]
+    names = [f"node-{h:02d}" for h in range(hosts)]
+    specs: list[DeviceSpec] = []
+    kind = 0
+    for h, name in enumerate(names):
+        kinds = [SYNTHETIC_TYPES[kind % types]] * 4
+        kind += 1
+        if h % 2 == 1:
+            kinds[2:] = [SYNTHETIC_TYPES[kind % types]] * 2
+            kind += 1
+        specs += [DeviceSpec(name, i, lookup_device_type(t)) for i, t in enumerate(kinds)]
+    rack_link = LinkSpec(bandwidth_gb_s=100 / 8, latency_s=10e-6)
+    cross_link = LinkSpec(bandwidth_gb_s=25 / 8, latency_s=30e-6)
+    links = {
+        frozenset((a, b)): rack_link if i // 4 == j // 4 else cross_link
+        for i, a in enumerate(names)
+        for j, b in enumerate(names)
+        if i < j
+    }
+    return ClusterSpec(
+        f"synthetic-{devices}",
+        tuple(HostSpec(n) for n in names),
+        tuple(specs),
+        links=links,
+        default_link=cross_link,
     )

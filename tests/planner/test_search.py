@@ -3,22 +3,30 @@ model's primitives, and infeasibility explained."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from planner import cost_model as cm
 from planner.cluster_file import load_cluster_file
 from planner.errors import InfeasiblePlanError
-from planner.indicator import prior_indicator
+from planner.indicator import QualityIndicator, prior_indicator
 from planner.make_plan import make_plan
 from planner.model_spec import load_model_spec
 from planner.plan import Plan, Workload
 from planner.problem import PlanningProblem
 from planner.search import SearchOptions, search
-from tests.planner.instances import brute_force_search, random_problem, small_model
+from tests.planner.instances import (
+    brute_force_search,
+    random_problem,
+    small_model,
+    synthetic_cluster,
+)
 
 EXACT = SearchOptions(time_limit_s=60, mip_rel_gap=1e-9)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "clusters"
@@ -153,3 +161,84 @@ def test_empty_cluster_is_infeasible() -> None:
     )
     with pytest.raises(InfeasiblePlanError, match="no devices"):
         search(problem)
+
+
+def synthetic_problem(devices: int, per_layer: bool = False) -> PlanningProblem:
+    model = load_model_spec("llama-3.1-70b")
+    indicator = prior_indicator(model, 128)
+    if per_layer:
+        shape = np.linspace(2.0, 0.5, model.num_layers)
+        indicator = QualityIndicator("sloped", indicator.omega * shape[:, None])
+    return PlanningProblem(
+        model=model,
+        cluster=synthetic_cluster(devices),
+        workload=Workload(32, 512, 100, 100),
+        indicator=indicator,
+        quality_budget=0.05,
+    )
+
+
+def test_no_bound_is_said_not_hidden() -> None:
+    """Out of time before any micro-batch pair has a bound: the baseline's plan comes back as
+    'time limit, no bound' with a null gap, never as optimal."""
+    problem = synthetic_problem(16)
+    result = search(problem, SearchOptions(time_limit_s=1e-6))
+    assert result.status == "time limit, no bound"
+    assert result.mip_gap is None
+    assert not result.order_search.exhaustive
+    plan = make_plan(problem, SearchOptions(time_limit_s=1e-6))
+    assert plan.solver.status == "time limit, no bound"
+    assert json.loads(plan.to_json())["solver"]["mip_gap"] is None
+    assert Plan.from_json(plan.to_json()).solver.gap_text == "no bound"
+
+
+@pytest.mark.parametrize("limit_s", [0.5, 2.0])
+def test_every_step_counts_against_the_time_limit(limit_s: float) -> None:
+    """Baselines, LP bounds and MILPs together end within a tenth of the limit (64 devices
+    on 16 hosts, per-layer ω: far more work than the limit allows)."""
+    problem = synthetic_problem(64, per_layer=True)
+    started = time.perf_counter()
+    result = search(problem, SearchOptions(time_limit_s=limit_s))
+    elapsed = time.perf_counter() - started
+    assert elapsed <= 1.1 * limit_s
+    assert result.time_s <= elapsed
+    assert result.status in ("time limit", "time limit, no bound")
+
+
+def depth_problem(number: int) -> PlanningProblem:
+    """A paper cluster with per-layer ω, highest at the first and last layers."""
+    spec = load_cluster_file(EXAMPLES / f"cluster-{number:02d}.toml")
+    assert spec.model is not None
+    model = load_model_spec(spec.model)
+    shape = 1 + 2 * np.cos(np.linspace(0, np.pi, model.num_layers)) ** 4
+    return PlanningProblem(
+        model=model,
+        cluster=spec.cluster,
+        workload=Workload(32, 512, 100, 100),
+        indicator=QualityIndicator("depth", prior_indicator(model, 128).omega * shape[:, None]),
+        quality_budget=0.05,
+    )
+
+
+def test_plan_records_an_exhaustive_order_search() -> None:
+    """Per-layer ω on a memory-tight paper cluster (3×P100-12G + 1×V100-32G): the free-form
+    bound leaves a gap, every pipeline order is refined, and the plan says the search over
+    orders was exhaustive."""
+    problem = depth_problem(4)
+    plan = make_plan(problem, SearchOptions(time_limit_s=120, mip_rel_gap=1e-3))
+    check_plan(problem, plan)
+    assert plan.solver.status == "optimal"
+    assert plan.solver.order_search == "in the MILP, then 2 device orders enumerated"
+    assert plan.solver.order_search_exhaustive
+    assert plan.solver.orders_tried == 2
+    assert "2 hosts kept contiguous" in plan.solver.order_search_note
+
+
+def test_plan_records_an_order_search_that_was_not_exhaustive() -> None:
+    """The same instance allowed one order only: the per-layer refinement runs on the
+    placement's order, and the plan says the order search was not exhaustive."""
+    problem = depth_problem(4)
+    plan = make_plan(problem, SearchOptions(time_limit_s=120, mip_rel_gap=1e-3, max_orders=1))
+    check_plan(problem, plan)
+    assert plan.solver.order_search == "in the MILP, then refined on the chosen order"
+    assert plan.solver.order_search_exhaustive is False
