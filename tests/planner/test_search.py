@@ -192,7 +192,7 @@ def test_no_bound_is_said_not_hidden() -> None:
     assert Plan.from_json(plan.to_json()).solver.gap_text == "no bound"
 
 
-@pytest.mark.parametrize("limit_s", [0.5, 2.0])
+@pytest.mark.parametrize("limit_s", [1.0, 3.0])
 def test_every_step_counts_against_the_time_limit(limit_s: float) -> None:
     """Baselines, LP bounds and MILPs together end within a tenth of the limit (64 devices
     on 16 hosts, per-layer ω: far more work than the limit allows)."""
