@@ -265,16 +265,32 @@ def _fit_ranges(
     tally: _Tally,
     report: _Reporter,
 ) -> None:
-    """A per-layer plan on the placement's devices and stage sizes: the precisions chosen
-    again layer by layer within each stage (an exact MILP for those ranges)."""
+    """Per-layer plans on the placement's devices: the precisions chosen again layer by layer
+    within each stage (an exact MILP once the stage sizes are fixed), starting from the
+    placement's sizes, then moving one layer across a stage boundary while that helps."""
     used = tables.reordered(placement.order[: len(placement.counts)])
+    interchangeable = _interchangeable(used.devices)
+
+    def attempt(sizes: list[int]) -> bool:
+        milp = PartitionMilp(used, None, interchangeable, "free", sizes)
+        solve = SolveOptions(clock.left(), options.mip_rel_gap, best.cutoff(), options.verbose)
+        result = milp.solve(solve)
+        report.milp(tally, extra=1)
+        before = best.objective
+        if result.stages is not None:
+            best.offer(used, result.stages)
+        return best.objective < before
+
     sizes = [sum(c) for c in placement.counts]
-    milp = PartitionMilp(used, None, _interchangeable(used.devices), "free", sizes)
-    solve = SolveOptions(clock.left(), options.mip_rel_gap, best.cutoff(), options.verbose)
-    result = milp.solve(solve)
-    report.milp(tally, extra=1)
-    if result.stages is not None:
-        best.offer(used, result.stages)
+    moved = attempt(sizes)
+    while moved and clock.left() > 0:
+        moved = False
+        for b, step in itertools.product(range(len(sizes) - 1), (1, -1)):
+            trial = list(sizes)
+            trial[b] -= step
+            trial[b + 1] += step
+            if min(trial[b], trial[b + 1]) >= 1 and clock.left() > 0 and attempt(trial):
+                sizes, moved = trial, True
 
 
 def _stages(
