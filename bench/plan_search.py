@@ -53,7 +53,7 @@ BASELINES = ("uniform", "pipeedge", "adabits", "memory-proportional")
 BUDGET = 0.05
 WORKLOAD = Workload(32, 512, 100, 100)
 PAPER_OPTIONS = SearchOptions(time_limit_s=60, mip_rel_gap=1e-3, max_unit_binaries=10**9)
-SYNTHETIC_OPTIONS = SearchOptions(time_limit_s=10, mip_rel_gap=1e-3)
+SYNTHETIC_OPTIONS = SearchOptions(time_limit_s=9, mip_rel_gap=1e-3)
 CALIBRATION = ROOT / "runtime" / "model" / "assets" / "bard-tiny" / "calibration.json"
 
 LLM_PQ_HIGHS_S: dict[int, tuple[float, float]] = {
@@ -206,22 +206,23 @@ def report_paper(rows: list[dict[str, Any]], per_layer: bool) -> bool:
 
 
 def report_synthetic(rows: list[dict[str, Any]]) -> bool:
-    print("\nSynthetic clusters (4 GPUs a host, racks of 4 hosts), both forms, limit 10 s")
+    print(
+        "\nSynthetic clusters (4 GPUs a host, racks of 4 hosts), both forms, "
+        f"--time-limit {SYNTHETIC_OPTIONS.time_limit_s:g} s (target ≤ 10 s)"
+    )
     print(
         f"{'devices':>7} {'hosts':>5} {'model':<12} {'form':<9} {'search s':>8} {'gap %':>8} "
         f"{'status':<21} {'MILPs':>5} {'tok/s':>7} {'÷best baseline':>14}"
     )
     ok = True
     for r in rows:
-        best = max((v for v in r["ratios"].values() if v is not None), default=None)
-        worst_ratio = min((v for v in r["ratios"].values() if v is not None), default=None)
+        over_best = min((v for v in r["ratios"].values() if v is not None), default=None)
         print(
             f"{r['num_devices']:>7} {r['hosts']:>5} {r['model']:<12} {r['form']:<9} "
             f"{r['time_s']:>8.2f} {_gap(r['gap']):>8} {r['status']:<21} {r['milps']:>5} "
-            f"{r['throughput']:>7.1f} {_ratio(worst_ratio):>14}"
+            f"{r['throughput']:>7.1f} {_ratio(over_best):>14}"
         )
-        del best
-        ok &= r["time_s"] <= 10.0 * 1.1 and not r["slower_than_baseline"]
+        ok &= r["time_s"] <= 10.0 and not r["slower_than_baseline"]
     for model in sorted({r["model"] for r in rows}):
         for form in ("count", "per-layer"):
             times = [

@@ -144,6 +144,7 @@ class _Tally:
     pruned_orders: int = 0
     timed_out: bool = False
     refinement: str = ""
+    layer_group: int = 1
 
 
 def search(
@@ -189,7 +190,7 @@ def search(
         milps_solved=tally.milps,
         orders_tried=tally.orders,
         formulation="count" if form == "count" else "per-layer",
-        layer_group_size=1,
+        layer_group_size=tally.layer_group,
         order_search=_order_search(problem, pairs, tally),
         baselines=baselines,
     )
@@ -426,6 +427,7 @@ class _Step:
             return bound
         self.tally.refined_orders += 1
         group = _group_size(tables, self.options)
+        self.tally.layer_group = max(self.tally.layer_group, group)
         units = LayerUnits.grouped(tables, group)
         exact = PartitionMilp(tables, units, _interchangeable(tables.devices))
         same = self.best.tables is not None and self.best.tables.devices == tables.devices
