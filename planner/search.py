@@ -8,7 +8,9 @@ relaxation leaves a gap, MILPs over fixed device orders.
    bound; once the next bound cannot beat the incumbent by more than the gap, the rest are
    pruned. With every layer scoring alike (count form) this is exact where the hop model is
    (links alike between hosts, one device type per host); otherwise its optimum is a lower
-   bound and its decoded plan an incumbent.
+   bound and its decoded plan an incumbent. With per-layer ω, each placement's stages are
+   turned into per-layer plans by a MILP with their sizes fixed, then one layer at a time is
+   moved across a stage boundary while that helps.
 3. Refinement, for pairs whose bound still leaves a gap (per-layer ω, or mixed hosts): every
    pipeline order when there are at most ``max_orders`` (exhaustive), else the order the
    placement chose; per order, the count / free-assignment MILP bounds it, and in the per-layer
@@ -17,7 +19,7 @@ relaxation leaves a gap, MILPs over fixed device orders.
 Every step counts against ``time_limit_s`` (baselines and LP bounds too). The reported gap is
 the incumbent against the least bound over every pair (an LP bound, a MILP's dual bound, or
 the least over an exhaustive set of orders); with no bound at all for some pair the status
-says so.
+says so. ``docs/planner.md`` has the long version.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ from dataclasses import dataclass, field
 from planner.arrangement import best_arrangement
 from planner.baselines import BaselinePlan, all_baselines
 from planner.cluster import DeviceSpec
+from planner.diagnose import why_infeasible
 from planner.errors import InfeasiblePlanError
-from planner.highs_model import GIB, SolveOptions
-from planner.indicator import BITS_COLUMN
+from planner.highs_model import SolveOptions
 from planner.milp import LayerUnits, PartitionMilp, QualityForm
 from planner.placement_milp import Placement, PlacementMilp
 from planner.problem import CostTables, PlanningProblem, build_tables
@@ -41,6 +43,10 @@ from planner.simulator import Evaluation, StageAssignment, evaluate
 
 ProgressFn = Callable[[int, int], None]
 """Called as progress(done, total) after each MILP."""
+
+_COLUMNS_BUILT_PER_S = 50_000
+"""About how many MILP columns (with their rows) Python builds per second here: a per-layer
+MILP is only built when the time left would cover twice its building."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +71,10 @@ class SearchOptions:
 
 @dataclass(frozen=True)
 class OrderSearch:
-    """How device orders were searched: ``method`` ("in the MILP", or "in the MILP, then N
-    orders enumerated"), whether every order was solved or bounded away (``exhaustive``), and a
-    note naming what was pruned and by what."""
+    """How device orders were searched: ``method`` ("in the MILP", possibly followed by
+    ", then N device orders enumerated" or ", then refined on the chosen order"), whether every
+    order was solved or pruned by a proven bound (``exhaustive``), and a note naming what was
+    pruned and by what."""
 
     method: str
     exhaustive: bool
@@ -93,22 +100,13 @@ class SearchResult:
     baselines: tuple[BaselinePlan, ...]
 
 
-@dataclass
-class _Incumbent:
-    tables: CostTables | None = None
-    stages: tuple[StageAssignment, ...] | None = None
-    objective: float = math.inf
-
-    def offer(self, tables: CostTables, stages: tuple[StageAssignment, ...]) -> None:
-        ev = evaluate(tables, stages)
-        allowed = all(
-            tables.allowed(s.position, tables.bits.index(b)) for s in stages for b in s.layer_bits
-        )
-        if allowed and ev.feasible and ev.objective < self.objective:
-            self.tables, self.stages, self.objective = tables, stages, ev.objective
-
-    def cutoff(self) -> float:
-        return self.objective * (1 + 1e-9)
+def search(
+    problem: PlanningProblem,
+    options: SearchOptions | None = None,
+    progress: ProgressFn | None = None,
+) -> SearchResult:
+    """Find the plan of least objective; raises InfeasiblePlanError when none exists."""
+    return _Search(problem, options or SearchOptions(), progress).run()
 
 
 @dataclass
@@ -117,26 +115,16 @@ class _Pair:
     best lower bound known for it (-inf: none yet)."""
 
     tables: CostTables
-    milp: PlacementMilp | None = None
-    bound: float = -math.inf
+    milp: PlacementMilp
+    bound: float
     placement: Placement | None = None
     solved: bool = False
 
 
 @dataclass
-class _Clock:
-    limit_s: float
-    started: float = field(default_factory=time.perf_counter)
-
-    def left(self) -> float:
-        return self.limit_s - (time.perf_counter() - self.started)
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.started
-
-
-@dataclass
 class _Tally:
+    """What the search did, for the plan's solver report."""
+
     milps: int = 0
     orders: int = 0
     pruned_pairs: int = 0
@@ -147,151 +135,224 @@ class _Tally:
     layer_group: int = 1
 
 
-def search(
-    problem: PlanningProblem,
-    options: SearchOptions | None = None,
-    progress: ProgressFn | None = None,
-) -> SearchResult:
-    """Find the plan of least objective; raises InfeasiblePlanError when none exists."""
-    options = options or SearchOptions()
-    clock = _Clock(options.time_limit_s)
-    if not problem.cluster.devices:
-        raise InfeasiblePlanError("the cluster has no devices (all excluded?)")
-    baselines = tuple(all_baselines(problem))
-    best = _Incumbent()
-    for b in baselines:
-        if b.tables is not None and b.stages is not None:
-            best.offer(b.tables, b.stages)
-    form: QualityForm = "count" if problem.indicator.layers_alike else "free"
-    tally = _Tally()
-    pairs = _ranked_pairs(problem, form, clock, tally)
-    report = _Reporter(progress, len(pairs))
-    _place(pairs, best, form, options, clock, tally, report)
-    if _gap_left(pairs, best, options) and not tally.timed_out:
-        _refine(problem, pairs, best, form, options, clock, tally, report)
-    if best.tables is None or best.stages is None:
-        if tally.timed_out:
-            raise InfeasiblePlanError(
-                f"no plan found within --time-limit {options.time_limit_s:g} s; raise it"
-            )
-        raise InfeasiblePlanError(diagnose_infeasible(problem))
-    bound = min((p.bound for p in pairs), default=-math.inf)
-    if len(pairs) < len(problem.micro_batch_choices()):
-        bound = -math.inf
-    status, gap = _summary(best.objective, bound, options.mip_rel_gap, tally.timed_out)
-    return SearchResult(
-        tables=best.tables,
-        stages=best.stages,
-        evaluation=evaluate(best.tables, best.stages),
-        status=status,
-        mip_gap=gap,
-        bound=bound,
-        time_s=clock.elapsed(),
-        milps_solved=tally.milps,
-        orders_tried=tally.orders,
-        formulation="count" if form == "count" else "per-layer",
-        layer_group_size=tally.layer_group,
-        order_search=_order_search(problem, pairs, tally),
-        baselines=baselines,
-    )
+@dataclass
+class _Search:
+    """One search's state: the problem, the incumbent, the clock and the tally."""
 
+    problem: PlanningProblem
+    options: SearchOptions
+    progress: ProgressFn | None
+    started: float = field(default_factory=time.perf_counter)
+    tables: CostTables | None = None
+    stages: tuple[StageAssignment, ...] | None = None
+    objective: float = math.inf
+    tally: _Tally = field(default_factory=_Tally)
+    total: int = 0
 
-class _Reporter:
-    def __init__(self, progress: ProgressFn | None, total: int) -> None:
-        self.progress, self.total, self.done = progress, total, 0
+    def run(self) -> SearchResult:
+        problem = self.problem
+        if not problem.cluster.devices:
+            raise InfeasiblePlanError("the cluster has no devices (all excluded?)")
+        baselines = tuple(all_baselines(problem))
+        for b in baselines:
+            if b.tables is not None and b.stages is not None:
+                self.offer(b.tables, b.stages)
+        form: QualityForm = "count" if problem.indicator.layers_alike else "free"
+        pairs = self._ranked_pairs(form)
+        self.total = len(pairs)
+        self._place(pairs, form)
+        if any(not self._beaten(p.bound) for p in pairs) and not self.tally.timed_out:
+            self._refine(pairs, form)
+        if self.tables is None or self.stages is None:
+            if self.tally.timed_out:
+                raise InfeasiblePlanError(
+                    f"no plan found within --time-limit {self.options.time_limit_s:g} s; raise it"
+                )
+            raise InfeasiblePlanError(why_infeasible(problem))
+        bound = min((p.bound for p in pairs), default=-math.inf)
+        if len(pairs) < len(problem.micro_batch_choices()):
+            bound = -math.inf
+        status, gap = _summary(self.objective, bound, self.options.mip_rel_gap, self.tally)
+        return SearchResult(
+            tables=self.tables,
+            stages=self.stages,
+            evaluation=evaluate(self.tables, self.stages),
+            status=status,
+            mip_gap=gap,
+            bound=bound,
+            time_s=time.perf_counter() - self.started,
+            milps_solved=self.tally.milps,
+            orders_tried=self.tally.orders,
+            formulation="count" if form == "count" else "per-layer",
+            layer_group_size=self.tally.layer_group,
+            order_search=_order_search(problem, pairs, self.tally),
+            baselines=baselines,
+        )
 
-    def milp(self, tally: _Tally, extra: int = 0) -> None:
-        tally.milps += 1
-        self.done += 1
-        self.total = max(self.total + extra, self.done)
+    # ------------------------------------------------------------ incumbent, clock, options
+
+    def offer(self, tables: CostTables, stages: tuple[StageAssignment, ...]) -> bool:
+        """Keep ``stages`` if it is feasible and better than the incumbent; says whether."""
+        ev = evaluate(tables, stages)
+        allowed = all(
+            tables.allowed(s.position, tables.bits.index(b)) for s in stages for b in s.layer_bits
+        )
+        if allowed and ev.feasible and ev.objective < self.objective:
+            self.tables, self.stages, self.objective = tables, stages, ev.objective
+            return True
+        return False
+
+    def _beaten(self, bound: float) -> bool:
+        """Nothing at or above ``bound`` can beat the incumbent by more than the gap."""
+        return bound >= self.objective * (1 - self.options.mip_rel_gap)
+
+    def _left(self) -> float:
+        left = self.options.time_limit_s - (time.perf_counter() - self.started)
+        if left <= 0:
+            self.tally.timed_out = True
+        return left
+
+    def _solve_options(self) -> SolveOptions:
+        o = self.options
+        return SolveOptions(self._left(), o.mip_rel_gap, self.objective * (1 + 1e-9), o.verbose)
+
+    def _solved(self, extra: int = 0) -> None:
+        self.tally.milps += 1
+        self.total = max(self.total + extra, self.tally.milps)
         if self.progress is not None:
-            self.progress(self.done, self.total)
+            self.progress(self.tally.milps, self.total)
 
+    # ---------------------------------------------------------------- placement
 
-def _ranked_pairs(
-    problem: PlanningProblem, form: QualityForm, clock: _Clock, tally: _Tally
-) -> list[_Pair]:
-    """Every micro-batch pair with its LP bound, lowest first (pairs left when time runs out
-    have no bound)."""
-    pairs = []
-    for prefill, decode in problem.micro_batch_choices():
-        if clock.left() <= 0:
-            tally.timed_out = True
-            break
-        pair = _Pair(build_tables(problem, problem.cluster.devices, prefill, decode))
-        pair.milp = PlacementMilp(pair.tables, form)
-        pair.bound = pair.milp.relaxation_bound()
-        pairs.append(pair)
-    return sorted(pairs, key=lambda p: p.bound)
+    def _ranked_pairs(self, form: QualityForm) -> list[_Pair]:
+        """Every micro-batch pair with its LP bound, lowest first (pairs left when time runs
+        out have no bound)."""
+        pairs = []
+        for prefill, decode in self.problem.micro_batch_choices():
+            if self._left() <= 0:
+                break
+            tables = build_tables(self.problem, self.problem.cluster.devices, prefill, decode)
+            milp = PlacementMilp(tables, form)
+            pairs.append(_Pair(tables, milp, milp.relaxation_bound()))
+        return sorted(pairs, key=lambda p: p.bound)
 
+    def _place(self, pairs: Sequence[_Pair], form: QualityForm) -> None:
+        for pair in pairs:
+            if self._beaten(pair.bound):
+                self.tally.pruned_pairs += 1
+                continue
+            if self._left() <= 0:
+                return
+            result = pair.milp.solve(self._solve_options())
+            self._solved()
+            pair.bound = max(pair.bound, result.solved.dual_bound)
+            pair.solved = True
+            self.tally.timed_out |= not result.solved.finished
+            if result.placement is not None:
+                pair.placement = result.placement
+                tables = pair.tables.reordered(result.placement.order)
+                self.offer(tables, _stages(tables, result.placement.counts, form))
+                if form == "free":
+                    self._fit_ranges(pair.tables, result.placement)
 
-def _place(
-    pairs: Sequence[_Pair],
-    best: _Incumbent,
-    form: QualityForm,
-    options: SearchOptions,
-    clock: _Clock,
-    tally: _Tally,
-    report: _Reporter,
-) -> None:
-    for pair in pairs:
-        if pair.bound >= best.objective * (1 - options.mip_rel_gap):
-            tally.pruned_pairs += 1
-            continue
-        if clock.left() <= 0:
-            tally.timed_out = True
-            break
-        assert pair.milp is not None
-        solve = SolveOptions(clock.left(), options.mip_rel_gap, best.cutoff(), options.verbose)
-        result = pair.milp.solve(solve)
-        report.milp(tally)
-        pair.bound = max(pair.bound, result.solved.dual_bound)
-        pair.solved = True
-        if not result.solved.finished:
-            tally.timed_out = True
-        if result.placement is not None:
-            pair.placement = result.placement
-            tables = pair.tables.reordered(result.placement.order)
-            best.offer(tables, _stages(tables, result.placement.counts, form))
-            if form == "free" and clock.left() > 0:
-                _fit_ranges(pair.tables, result.placement, best, options, clock, tally, report)
+    def _fit_ranges(self, tables: CostTables, placement: Placement) -> None:
+        """Per-layer plans on the placement's devices: the precisions chosen again layer by
+        layer within each stage (an exact MILP once the stage sizes are fixed), starting from
+        the placement's sizes, then moving one layer across a stage boundary while that
+        helps."""
+        used = tables.reordered(placement.order[: len(placement.counts)])
+        interchangeable = _interchangeable(used.devices)
 
+        def improves(sizes: list[int]) -> bool:
+            if self._left() <= 0:
+                return False
+            milp = PartitionMilp(used, None, interchangeable, "free", sizes)
+            result = milp.solve(self._solve_options())
+            self._solved(extra=1)
+            return result.stages is not None and self.offer(used, result.stages)
 
-def _fit_ranges(
-    tables: CostTables,
-    placement: Placement,
-    best: _Incumbent,
-    options: SearchOptions,
-    clock: _Clock,
-    tally: _Tally,
-    report: _Reporter,
-) -> None:
-    """Per-layer plans on the placement's devices: the precisions chosen again layer by layer
-    within each stage (an exact MILP once the stage sizes are fixed), starting from the
-    placement's sizes, then moving one layer across a stage boundary while that helps."""
-    used = tables.reordered(placement.order[: len(placement.counts)])
-    interchangeable = _interchangeable(used.devices)
+        sizes = [sum(c) for c in placement.counts]
+        moved = improves(sizes)
+        while moved:
+            moved = False
+            for b, step in itertools.product(range(len(sizes) - 1), (1, -1)):
+                trial = list(sizes)
+                trial[b] -= step
+                trial[b + 1] += step
+                if min(trial[b], trial[b + 1]) >= 1 and improves(trial):
+                    sizes, moved = trial, True
 
-    def attempt(sizes: list[int]) -> bool:
-        milp = PartitionMilp(used, None, interchangeable, "free", sizes)
-        solve = SolveOptions(clock.left(), options.mip_rel_gap, best.cutoff(), options.verbose)
-        result = milp.solve(solve)
-        report.milp(tally, extra=1)
-        before = best.objective
+    # ---------------------------------------------------------------- refinement
+
+    def _refine(self, pairs: Sequence[_Pair], form: QualityForm) -> None:
+        """Fixed-order MILPs for the pairs whose bound still leaves a gap."""
+        cluster = self.problem.cluster
+        count = cluster.count_pipeline_orders()
+        exhaustive = count <= self.options.max_orders
+        orders = cluster.pipeline_orders() if exhaustive else []
+        self.tally.refinement = (
+            f"{count} device orders enumerated" if exhaustive else "refined on the chosen order"
+        )
+        position = {d.key: j for j, d in enumerate(cluster.devices)}
+        for pair in sorted(pairs, key=lambda p: p.bound):
+            if self._beaten(pair.bound):
+                continue
+            if self._left() <= 0:
+                return
+            if not exhaustive:
+                if pair.placement is not None:
+                    used = pair.placement.order[: len(pair.placement.counts)]
+                    self._per_layer(pair.tables.reordered(used))
+                continue
+            chosen = None
+            if pair.placement is not None:
+                used_devices = [cluster.devices[j] for j in pair.placement.order]
+                chosen = _first_covering(orders, used_devices[: len(pair.placement.counts)])
+            bounds = []
+            for k, order in enumerate(orders):
+                if self._left() <= 0:
+                    return
+                tables = pair.tables.reordered([position[d.key] for d in order])
+                self.tally.orders += 1
+                if k == chosen:  # the placement's own order: its free-form bound is the pair's
+                    bounds.append(self._per_layer(tables, pair.bound))
+                else:
+                    bounds.append(self._bounded(tables, form))
+            pair.bound = max(pair.bound, min(bounds, default=math.inf))
+
+    def _bounded(self, tables: CostTables, form: QualityForm) -> float:
+        """One fixed order in the count or free form (exact in the count form), then, per
+        layer, solved exactly where that bound leaves room; returns the order's bound."""
+        milp = PartitionMilp(tables, None, _interchangeable(tables.devices), quality=form)
+        result = milp.solve(self._solve_options())
+        self._solved(extra=1)
         if result.stages is not None:
-            best.offer(used, result.stages)
-        return best.objective < before
+            self.offer(tables, result.stages)
+        self.tally.timed_out |= not result.solved.finished
+        if form == "count" or self._beaten(result.dual_bound):
+            self.tally.pruned_orders += form != "count"
+            return result.dual_bound
+        return self._per_layer(tables, result.dual_bound)
 
-    sizes = [sum(c) for c in placement.counts]
-    moved = attempt(sizes)
-    while moved and clock.left() > 0:
-        moved = False
-        for b, step in itertools.product(range(len(sizes) - 1), (1, -1)):
-            trial = list(sizes)
-            trial[b] -= step
-            trial[b + 1] += step
-            if min(trial[b], trial[b + 1]) >= 1 and clock.left() > 0 and attempt(trial):
-                sizes, moved = trial, True
+    def _per_layer(self, tables: CostTables, bound: float = -math.inf) -> float:
+        """The exact per-layer MILP of one order; returns its bound (``bound`` when layers
+        had to be grouped, or when there is no time to build and solve it)."""
+        group = _group_size(tables, self.options)
+        units = LayerUnits.grouped(tables, group)
+        columns = len(units.sizes) * tables.num_devices * (len(tables.bits) + 1)
+        if self._left() < 2 * columns / _COLUMNS_BUILT_PER_S:
+            self.tally.timed_out = True
+            return bound
+        self.tally.refined_orders += 1
+        self.tally.layer_group = max(self.tally.layer_group, group)
+        exact = PartitionMilp(tables, units, _interchangeable(tables.devices))
+        same = self.tables is not None and self.tables.devices == tables.devices
+        result = exact.solve(self._solve_options(), self.stages if same else None)
+        self._solved(extra=1)
+        if result.stages is not None:
+            self.offer(tables, result.stages)
+        self.tally.timed_out |= not result.solved.finished
+        return max(bound, result.dual_bound) if group == 1 else bound
 
 
 def _stages(
@@ -306,62 +367,6 @@ def _stages(
     return best_arrangement(tables, list(enumerate(counts)))
 
 
-def _gap_left(pairs: Sequence[_Pair], best: _Incumbent, options: SearchOptions) -> bool:
-    return any(p.bound < best.objective * (1 - options.mip_rel_gap) for p in pairs)
-
-
-def _refine(
-    problem: PlanningProblem,
-    pairs: Sequence[_Pair],
-    best: _Incumbent,
-    form: QualityForm,
-    options: SearchOptions,
-    clock: _Clock,
-    tally: _Tally,
-    report: _Reporter,
-) -> None:
-    """Fixed-order MILPs for the pairs whose bound still leaves a gap (module docstring)."""
-    count = problem.cluster.count_pipeline_orders()
-    exhaustive = count <= options.max_orders
-    orders = problem.cluster.pipeline_orders() if exhaustive else []
-    tally.refinement = (
-        f"{count} device orders enumerated" if exhaustive else "refined on the chosen order"
-    )
-    position = {d.key: j for j, d in enumerate(problem.cluster.devices)}
-    step = _Step(best, form, options, clock, tally, report)
-    for pair in sorted(pairs, key=lambda p: p.bound):
-        if pair.bound >= best.objective * (1 - options.mip_rel_gap):
-            continue
-        if clock.left() <= 0:
-            tally.timed_out = True
-            return
-        if not exhaustive:
-            if pair.placement is not None:
-                used = pair.placement.order[: len(pair.placement.counts)]
-                step.per_layer(pair.tables.reordered(used))
-            continue
-        chosen = (
-            _first_covering(
-                orders,
-                pair.tables.reordered(pair.placement.order).devices[: len(pair.placement.counts)],
-            )
-            if pair.placement
-            else None
-        )
-        bounds = []
-        for k, order in enumerate(orders):
-            if clock.left() <= 0:
-                tally.timed_out = True
-                return
-            tables = pair.tables.reordered([position[d.key] for d in order])
-            tally.orders += 1
-            if k == chosen:  # the placement's own order: its free-form bound is the pair's
-                bounds.append(step.per_layer(tables, pair.bound))
-            else:
-                bounds.append(step.bounded(tables))
-        pair.bound = max(pair.bound, min(bounds, default=math.inf))
-
-
 def _first_covering(
     orders: Sequence[tuple[DeviceSpec, ...]], used: Sequence[DeviceSpec]
 ) -> int | None:
@@ -369,8 +374,8 @@ def _first_covering(
     do in ``used`` (so ``used``'s plan is one of that order's plans)."""
     wanted = _class_runs(used)
     for k, order in enumerate(orders):
-        runs, at = _class_runs(order), 0
-        for key in runs:
+        at = 0
+        for key in _class_runs(order):
             if at < len(wanted) and key == wanted[at]:
                 at += 1
         if at == len(wanted):
@@ -386,60 +391,6 @@ def _class_runs(devices: Sequence[DeviceSpec]) -> list[tuple[object, ...]]:
     return runs
 
 
-@dataclass
-class _Step:
-    """The MILPs of a refinement, all against the same incumbent, clock and tally."""
-
-    best: _Incumbent
-    form: QualityForm
-    options: SearchOptions
-    clock: _Clock
-    tally: _Tally
-    report: _Reporter
-
-    def _solve_options(self) -> SolveOptions:
-        o = self.options
-        return SolveOptions(self.clock.left(), o.mip_rel_gap, self.best.cutoff(), o.verbose)
-
-    def _beaten(self, bound: float) -> bool:
-        return bound >= self.best.objective * (1 - self.options.mip_rel_gap)
-
-    def bounded(self, tables: CostTables) -> float:
-        """One fixed order in the count or free form (exact in the count form), then, per
-        layer, solved exactly where that bound leaves room; returns the order's bound."""
-        milp = PartitionMilp(tables, None, _interchangeable(tables.devices), quality=self.form)
-        result = milp.solve(self._solve_options())
-        self.report.milp(self.tally, extra=1)
-        if result.stages is not None:
-            self.best.offer(tables, result.stages)
-        if not result.solved.finished:
-            self.tally.timed_out = True
-        if self.form == "count" or self._beaten(result.dual_bound):
-            self.tally.pruned_orders += self.form != "count"
-            return result.dual_bound
-        return self.per_layer(tables, result.dual_bound)
-
-    def per_layer(self, tables: CostTables, bound: float = -math.inf) -> float:
-        """The exact per-layer MILP of one order; returns its bound (``bound`` when layers
-        had to be grouped or time ran out first)."""
-        if self.clock.left() <= 0:
-            self.tally.timed_out = True
-            return bound
-        self.tally.refined_orders += 1
-        group = _group_size(tables, self.options)
-        self.tally.layer_group = max(self.tally.layer_group, group)
-        units = LayerUnits.grouped(tables, group)
-        exact = PartitionMilp(tables, units, _interchangeable(tables.devices))
-        same = self.best.tables is not None and self.best.tables.devices == tables.devices
-        result = exact.solve(self._solve_options(), self.best.stages if same else None)
-        self.report.milp(self.tally, extra=1)
-        if result.stages is not None:
-            self.best.offer(tables, result.stages)
-        if not result.solved.finished:
-            self.tally.timed_out = True
-        return max(bound, result.dual_bound) if group == 1 else bound
-
-
 def _group_size(tables: CostTables, options: SearchOptions) -> int:
     per_unit = tables.num_devices * len(tables.bits)
     return max(1, math.ceil(tables.num_layers * per_unit / options.max_unit_binaries))
@@ -449,16 +400,16 @@ def _interchangeable(order: Sequence[DeviceSpec]) -> list[bool]:
     return [a.class_key == b.class_key for a, b in itertools.pairwise(order)] + [False]
 
 
-def _summary(best: float, bound: float, target: float, timed_out: bool) -> tuple[str, float | None]:
+def _summary(best: float, bound: float, target: float, tally: _Tally) -> tuple[str, float | None]:
     """Status and relative gap of the incumbent against the least bound."""
     if not math.isfinite(bound):
         if bound > 0:  # every pair cut off or infeasible: the incumbent is optimal
             return "optimal", 0.0
-        return ("time limit, no bound" if timed_out else "no bound"), None
+        return "time limit, no bound", None
     gap = max(0.0, (best - bound) / best) if best > 0 else 0.0
     if gap <= target * (1 + 1e-6):
         return "optimal", gap
-    return ("time limit" if timed_out else "feasible"), gap
+    return ("time limit" if tally.timed_out else "feasible"), gap
 
 
 def _order_search(problem: PlanningProblem, pairs: Sequence[_Pair], tally: _Tally) -> OrderSearch:
@@ -479,43 +430,3 @@ def _order_search(problem: PlanningProblem, pairs: Sequence[_Pair], tally: _Tall
         note += "; stopped at the time limit"
     exhaustive = not tally.timed_out and "chosen order" not in tally.refinement
     return OrderSearch(method, exhaustive, note)
-
-
-def diagnose_infeasible(problem: PlanningProblem) -> str:
-    """Say why no plan exists, in the terms an operator can act on."""
-    tables = build_tables(problem, problem.cluster.devices, 1, 1)
-    have = float(tables.capacity_bytes.sum())
-
-    def need(bits: int) -> float:
-        k = tables.bits.index(bits)
-        per_layer = float(tables.layer_memory_bytes[:, k].min())
-        ends = float(tables.embedding_bytes.min() + tables.head_bytes.min())
-        return problem.model.num_layers * per_layer + ends
-
-    lowest, budget = min(problem.bits), problem.quality_budget
-    if need(lowest) > have:
-        return (
-            f"needs {need(lowest) / GIB:.1f} GiB at {lowest} bits (weights and KV cache for "
-            f"batch {problem.workload.global_batch} × {problem.workload.max_context} tokens), "
-            f"cluster has {have / GIB:.1f} GiB usable; add devices, lower --batch, "
-            "--prompt-len or --max-new, or allow fewer bits"
-        )
-    if budget is not None:
-        within = [
-            b
-            for b in problem.bits
-            if problem.indicator.omega[:, BITS_COLUMN[b]].sum() <= budget + 1e-12
-        ]
-        bits = min(within, default=max(problem.bits))
-        return (
-            f"the quality budget {budget:g} keeps layers at about {bits} bits or more, which "
-            f"needs {need(bits) / GIB:.1f} GiB; the cluster has {have / GIB:.1f} GiB usable: "
-            "raise --quality, add devices, or lower --batch or --max-new"
-        )
-    k = tables.bits.index(lowest)
-    per_layer = float(tables.layer_memory_bytes[:, k].min())
-    return (
-        "no device order fits: each device must hold whole layers "
-        f"({per_layer / GIB:.2f} GiB per layer at {lowest} bits with its KV cache) plus its "
-        "activations; lower --batch or --max-new"
-    )
