@@ -131,3 +131,76 @@ def test_plan_json_from_a_process_is_only_json() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert Plan.from_json(out.stdout).stages
+
+
+def sixteen_hosts(tmp_path: Path) -> Path:
+    """A cluster file of 16 hosts × 4 GPUs of 4 types, racks of 4 hosts joined by 25 Gbit/s
+    (100 Gbit/s inside a rack)."""
+    types = ["T4", "V100-32G", "A100-40G", "A100-80G"]
+    lines = ['name = "sixteen"', "[defaults]", "bandwidth_gbit_s = 25", "latency_us = 30"]
+    for h in range(16):
+        lines += ["[[hosts]]", f'name = "node-{h:02d}"']
+        lines += [f'devices = [{{ type = "{types[h % 4]}", count = 4 }}]']
+    for a in range(16):
+        for b in range(a + 1, 16):
+            if a // 4 == b // 4:
+                lines += ["[[links]]", f'hosts = ["node-{a:02d}", "node-{b:02d}"]']
+                lines += ["bandwidth_gbit_s = 100", "latency_us = 10"]
+    path = tmp_path / "sixteen.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plan_process(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pqctl", "plan", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_plan_over_sixteen_hosts_says_how_orders_were_searched(tmp_path: Path) -> None:
+    out = plan_process(
+        "--cluster",
+        str(sixteen_hosts(tmp_path)),
+        "-m",
+        "llama-3.1-70b",
+        "--json",
+        "--time-limit",
+        "60",
+        "--gap",
+        "0.001",
+    )
+    assert out.returncode == 0, out.stderr
+    plan = Plan.from_json(out.stdout)
+    solver = json.loads(out.stdout)["solver"]
+    assert solver["order_search"].startswith("in the MILP")
+    assert "16 hosts kept contiguous" in solver["order_search_note"]
+    assert plan.solver.status in ("optimal", "feasible", "time limit")
+    assert plan.solver.mip_gap is not None and plan.solver.time_s <= 66
+    hosts = [s.device.host for s in plan.stages]
+    runs = [h for k, h in enumerate(hosts) if k == 0 or hosts[k - 1] != h]
+    assert len(runs) == len(set(runs))  # each host's stages follow one another
+
+
+def test_plan_out_of_time_says_it_has_no_bound(tmp_path: Path) -> None:
+    args = [
+        "--cluster",
+        str(sixteen_hosts(tmp_path)),
+        "-m",
+        "llama-3.1-70b",
+        "--time-limit",
+        "1e-6",
+    ]
+    out = plan_process(*args, "--json")
+    assert out.returncode == 0, out.stderr
+    solver = json.loads(out.stdout)["solver"]
+    assert solver["status"] == "time limit, no bound"
+    assert solver["mip_gap"] is None
+    assert solver["order_search_exhaustive"] is False
+    text = plan_process(*args)
+    assert text.returncode == 0, text.stderr
+    assert "solver: time limit, no bound, gap no bound" in " ".join(text.stdout.split())
