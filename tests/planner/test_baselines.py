@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import random
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 
 from planner import baselines as bl
@@ -136,13 +138,13 @@ def test_uniform_even_split_at_the_highest_precision_that_fits() -> None:
 
 def test_uniform_keeps_16_bits_when_memory_allows() -> None:
     p = problem([device_type("a", 1000), device_type("b", 1000)], num_layers=8)
-    plan = bl.uniform(p)
+    plan = bl.uniform(p, num_devices=2)
     assert plan.stages == uniform_stages([4, 4], 16)
 
 
 def test_uniform_prefill_micro_batch_is_the_best_by_simulation() -> None:
     p = problem([device_type("a", 1000), device_type("b", 1000, bandwidth_gb_s=300)], 8)
-    plan = bl.uniform(p)
+    plan = bl.uniform(p, num_devices=2)
     assert plan.evaluation is not None and plan.tables is not None and plan.stages is not None
     decode = plan.tables.decode_micro_batch
     for prefill in (1, 2, 4):
@@ -154,7 +156,7 @@ def test_uniform_prefill_micro_batch_is_the_best_by_simulation() -> None:
 
 def test_uniform_largest_remainder_over_three_devices() -> None:
     p = problem([device_type(n, 1000) for n in "abc"], num_layers=8)
-    plan = bl.uniform(p)
+    plan = bl.uniform(p, num_devices=3)
     assert plan.stages is not None
     assert counts(plan.stages, 3) == [3, 3, 2]
     assert [s.position for s in plan.stages] == [0, 1, 2]
@@ -162,7 +164,7 @@ def test_uniform_largest_remainder_over_three_devices() -> None:
 
 def test_uniform_with_more_devices_than_layers_leaves_the_rest_empty() -> None:
     p = problem([device_type(n, 1000) for n in "abc"], num_layers=2)
-    plan = bl.uniform(p)
+    plan = bl.uniform(p, num_devices=3)
     assert plan.stages == uniform_stages([1, 1, 0], 16)
     assert plan.evaluation is not None and plan.evaluation.fits_memory
 
@@ -174,7 +176,7 @@ def test_memory_proportional_split_by_largest_remainder() -> None:
     # 10 layers over 50 : 100 : 250 MiB -> 1.25, 2.5, 6.25 -> floors 1, 2, 6; the 0.5 remainder
     # takes the tenth layer. Device 0 cannot hold one 16-bit layer with the embedding (57 MiB).
     p = problem([device_type("a", 50), device_type("b", 100), device_type("c", 250)], 10)
-    plan = bl.memory_proportional(p)
+    plan = bl.memory_proportional(p, num_devices=3)
     assert plan.name == "memory-proportional"
     assert plan.stages == uniform_stages([1, 3, 6], 8)
     assert plan.evaluation is not None and plan.evaluation.fits_memory
@@ -185,7 +187,7 @@ def test_memory_proportional_split_by_largest_remainder() -> None:
 
 def test_memory_proportional_at_16_bits_with_room() -> None:
     p = problem([device_type("a", 300), device_type("b", 900)], 8)
-    plan = bl.memory_proportional(p)
+    plan = bl.memory_proportional(p, num_devices=2)
     assert plan.stages == uniform_stages([2, 6], 16)
 
 
@@ -210,7 +212,7 @@ PIPEEDGE_CASES = {
 @pytest.mark.parametrize("case", PIPEEDGE_CASES, ids=list(PIPEEDGE_CASES))
 def test_pipeedge_split_minimises_the_slowest_decode_stage(case: str) -> None:
     types, num_layers = PIPEEDGE_CASES[case]
-    plan = bl.pipeedge(problem(types, num_layers))
+    plan = bl.pipeedge(problem(types, num_layers), num_devices=len(types))
     assert plan.stages is not None and plan.evaluation is not None and plan.tables is not None
     bits = {b for s in plan.stages for b in s.layer_bits}
     assert len(bits) == 1
@@ -224,7 +226,7 @@ def test_pipeedge_split_minimises_the_slowest_decode_stage(case: str) -> None:
 
 def test_pipeedge_gives_the_faster_device_more_layers() -> None:
     types, num_layers = PIPEEDGE_CASES["fast-slow"]
-    plan = bl.pipeedge(problem(types, num_layers))
+    plan = bl.pipeedge(problem(types, num_layers), num_devices=2)
     assert plan.stages is not None
     fast, slow = counts(plan.stages, 2)
     assert fast > slow > 0
@@ -233,7 +235,7 @@ def test_pipeedge_gives_the_faster_device_more_layers() -> None:
 def test_pipeedge_respects_memory() -> None:
     # The fast device holds at most 3 layers at 16 bits (3 x 25 + 16.25 + 15.6 <= 120).
     types, num_layers = PIPEEDGE_CASES["fast-but-small"]
-    plan = bl.pipeedge(problem(types, num_layers))
+    plan = bl.pipeedge(problem(types, num_layers), num_devices=2)
     assert plan.stages is not None
     assert counts(plan.stages, 2) == [3, 5]
 
@@ -242,7 +244,7 @@ def test_pipeedge_counts_the_lm_head_where_it_lands() -> None:
     # Two identical devices, two layers, vocabulary 128000: the head (~0.38 ms) outweighs a
     # layer (~0.1 ms), so 1 + 1 (slowest: layer + head) beats 2 + 0 (2 layers + embed + head).
     p = problem([device_type("a", 4000), device_type("b", 4000)], 2, bits=(16,), vocab_size=128000)
-    plan = bl.pipeedge(p)
+    plan = bl.pipeedge(p, num_devices=2)
     assert plan.stages is not None and plan.evaluation is not None and plan.tables is not None
     slowest = max(plan.evaluation.stage_decode_s)
     assert slowest == pytest.approx(best_bottleneck(plan.tables, 16), rel=1e-12)
@@ -252,7 +254,7 @@ def test_pipeedge_uses_the_highest_precision_with_a_feasible_split() -> None:
     # Device 0: slow, roomy. Device 1: fast, 87 MiB: two 16-bit layers + head + activations
     # (82 MiB) fit, but not with the embedding as well (97.6 MiB).
     p = problem([device_type("slow", 1000, 100), device_type("fast", 87, 900)], 2)
-    plan = bl.pipeedge(p)
+    plan = bl.pipeedge(p, num_devices=2)
     assert plan.tables is not None
     assert evaluate(plan.tables, uniform_stages([1, 1], 16)).fits_memory
     assert plan.stages is not None
@@ -296,7 +298,7 @@ def test_adabits_loses_less_quality_than_one_precision_for_all() -> None:
 
 def test_adabits_keeps_16_bits_with_room() -> None:
     p = problem([device_type("a", 1000), device_type("b", 3000)], num_layers=8)
-    plan = bl.adabits(p)
+    plan = bl.adabits(p, num_devices=2)
     assert plan.stages == uniform_stages([2, 6], 16)
 
 
@@ -329,3 +331,90 @@ def test_nothing_fits_on_devices_without_usable_memory() -> None:
     plans = bl.all_baselines(problem([tiny, tiny], num_layers=4))
     assert [plan.evaluation for plan in plans] == [None] * 4
     assert all(plan.reason for plan in plans)
+
+
+# --------------------------------------------------------------------------- best prefix
+
+BASELINES = {
+    "uniform": bl.uniform,
+    "pipeedge": bl.pipeedge,
+    "adabits": bl.adabits,
+    "memory-proportional": bl.memory_proportional,
+}
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_a_slow_device_at_the_end_of_the_cluster_is_left_out(name: str) -> None:
+    # Two fast devices, then one 30x slower: every rule that must use it is slower.
+    types = [device_type("a", 2000), device_type("b", 2000), device_type("slow", 2000, 30)]
+    p = problem(types, num_layers=8)
+    plan = BASELINES[name](p)
+    everything = BASELINES[name](p, num_devices=3)
+    assert plan.stages is not None and plan.evaluation is not None
+    assert everything.stages is not None and everything.evaluation is not None
+    assert 2 in {s.position for s in everything.stages}
+    assert max(s.position for s in plan.stages) < 2
+    assert len(plan.stages) < len(p.cluster.devices)
+    assert plan.evaluation.objective < everything.evaluation.objective
+    assert plan.evaluation.fits_memory
+
+
+def random_problem(seed: int) -> tuple[list[DeviceType], int, tuple[int, ...]]:
+    """Devices, layers and precisions of a small random cluster."""
+    rng = random.Random(seed)
+    types = [
+        device_type(f"t{i}", rng.choice([45, 60, 90, 120, 200, 400, 2000]), rng.choice([100, 900]))
+        for i in range(rng.randint(1, 4))
+    ]
+    bits = rng.choice([(16, 8, 4), (16,), (8, 4), (16, 4)])
+    return types, rng.randint(1, 10), bits
+
+
+@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("name", BASELINES)
+def test_the_chosen_prefix_scores_best_of_every_prefix(name: str, seed: int) -> None:
+    """Brute force: the rule on a cluster of only the first n devices, for every n."""
+    types, num_layers, bits = random_problem(seed)
+    p = problem(types, num_layers, bits)
+    plan = BASELINES[name](p)
+    prefixes = [
+        BASELINES[name](problem(types[:n], num_layers, bits), num_devices=n)
+        for n in range(1, len(types) + 1)
+    ]
+    scored = [q for q in prefixes if q.evaluation is not None and q.evaluation.fits_memory]
+    if not scored:
+        assert plan.stages is None and plan.evaluation is None
+        assert plan.reason == prefixes[-1].reason != ""
+        return
+    best = min(scored, key=lambda q: q.evaluation.objective if q.evaluation else math.inf)
+    assert plan.evaluation is not None and best.evaluation is not None
+    assert plan.evaluation.objective == pytest.approx(best.evaluation.objective, rel=1e-12)
+    assert plan.stages == best.stages
+    assert plan.tables is not None and best.tables is not None
+    assert plan.tables.prefill_micro_batch == best.tables.prefill_micro_batch
+    assert plan.tables.decode_micro_batch == best.tables.decode_micro_batch
+
+
+@pytest.mark.parametrize("name", BASELINES)
+def test_the_plan_is_scored_by_the_simulator_on_the_cluster_tables(name: str) -> None:
+    types = [device_type("a", 120), device_type("b", 2000, 300), device_type("c", 90, 900)]
+    p = problem(types, num_layers=9)
+    plan = BASELINES[name](p)
+    assert plan.stages is not None and plan.evaluation is not None and plan.tables is not None
+    tables = plan.tables
+    assert tables.devices == p.cluster.devices
+    assert plan.evaluation == evaluate(tables, plan.stages)
+    fresh = build_tables(
+        p, p.cluster.devices, tables.prefill_micro_batch, tables.decode_micro_batch
+    )
+    for field in ("layer_decode_s", "layer_memory_bytes", "capacity_bytes", "hop_decode_s"):
+        assert np.array_equal(getattr(tables, field), getattr(fresh, field)), field
+    decodes = {bl.decode_micro_batch(8, n) for n in range(1, len(types) + 1)}
+    assert tables.decode_micro_batch in decodes
+
+
+def test_num_devices_outside_the_cluster_is_refused() -> None:
+    p = problem([device_type("a", 1000), device_type("b", 1000)], num_layers=4)
+    for n in (0, 3):
+        with pytest.raises(ValueError, match="num_devices"):
+            bl.uniform(p, num_devices=n)
