@@ -36,7 +36,8 @@ from planner.cluster import DeviceSpec
 from planner.diagnose import why_infeasible
 from planner.errors import InfeasiblePlanError
 from planner.highs_model import SolveOptions
-from planner.milp import LayerUnits, PartitionMilp, QualityForm
+from planner.milp import QualityForm
+from planner.partition_milp import LayerUnits, PartitionMilp
 from planner.placement_milp import Placement, PlacementMilp
 from planner.problem import CostTables, PlanningProblem, build_tables
 from planner.simulator import Evaluation, StageAssignment, evaluate

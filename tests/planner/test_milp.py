@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from planner.milp import LayerUnits, PartitionMilp, SolveOptions
+from planner.highs_model import SolveOptions
+from planner.partition_milp import LayerUnits, PartitionMilp
 from planner.problem import build_tables
 from planner.simulator import evaluate
 from tests.planner.instances import brute_force, random_problem
