@@ -99,7 +99,8 @@ def summary(plan: Plan, sources: Mapping[str, str]) -> Text:
         f"{p.total_s:,.3f} s  →  {p.throughput_tokens_per_s:,.1f} tokens/s",
         f"quality: Σω = {q.omega_sum:.4f} (budget {budget}, θ {q.theta_s:g} s, "
         f"indicator {q.indicator})" + _ppl_target(plan),
-        f"solver: {s.status}, gap {s.gap_text}, {s.time_s:.2f} s, {s.milps_solved} MILPs, "
+        f"solver: {s.status}, gap {s.gap_text}, {s.time_s:.2f} s, "
+        f"{s.milps_solved} MILP{'s' * (s.milps_solved != 1)}, "
         + (f"{s.orders_tried} fixed device orders, " if s.orders_tried else "")
         + f"{s.formulation} form"
         + (f", layers grouped by {s.layer_group_size}" if s.layer_group_size > 1 else ""),

@@ -311,7 +311,8 @@ class PlanView(Vertical):
             f"{w.max_new_tokens}\nprefill {p.prefill_s:,.3f} s + decode {p.decode_s:,.3f} s · "
             f"micro-batches {m.prefill_size}/{m.decode_size} · Σω {q.omega_sum:.4f} {budget}"
             f"{calibrated}\nsolver {escape(s.status)}, gap {s.gap_text}, {s.milps_solved} "
-            f"MILPs, {s.time_s:.2f} s · latency figures: {escape(figures)}"
+            f"MILP{'s' * (s.milps_solved != 1)}, {s.time_s:.2f} s · latency figures: "
+            f"{escape(figures)}"
             + "".join(f"\n[$text-muted]note: {escape(n)}[/]" for n in plan.notes)
         )
 
