@@ -203,6 +203,11 @@ class _Search:
             return True
         return False
 
+    @property
+    def _orders_enumerable(self) -> bool:
+        """Few enough pipeline orders that a refinement enumerates them all."""
+        return self.problem.cluster.count_pipeline_orders() <= self.options.max_orders
+
     def _beaten(self, bound: float) -> bool:
         """Nothing at or above ``bound`` can beat the incumbent by more than the gap."""
         return bound >= self.objective * (1 - self.options.mip_rel_gap)
@@ -214,8 +219,11 @@ class _Search:
         return left
 
     def _solve_options(self) -> SolveOptions:
-        o = self.options
-        return SolveOptions(self._left(), o.mip_rel_gap, self.objective * (1 + 1e-9), o.verbose)
+        """HiGHS checks its clock between steps and can run a few tenths of a second past its
+        limit on a large model: it gets the time left less a margin for that."""
+        o, left = self.options, self._left()
+        limit = max(left * 0.95 - 0.05, 1e-3)
+        return SolveOptions(limit, o.mip_rel_gap, self.objective * (1 + 1e-9), o.verbose)
 
     def _solved(self, extra: int = 0) -> None:
         self.tally.milps += 1
@@ -273,8 +281,8 @@ class _Search:
             return result.stages is not None and self.offer(used, result.stages)
 
         sizes = [sum(c) for c in placement.counts]
-        moved = improves(sizes)
-        while moved:
+        moved = improves(sizes) and not self._orders_enumerable
+        while moved:  # with few orders, the exact per-layer refinement searches the sizes
             moved = False
             for b, step in itertools.product(range(len(sizes) - 1), (1, -1)):
                 trial = list(sizes)
@@ -289,7 +297,7 @@ class _Search:
         """Fixed-order MILPs for the pairs whose bound still leaves a gap."""
         cluster = self.problem.cluster
         count = cluster.count_pipeline_orders()
-        exhaustive = count <= self.options.max_orders
+        exhaustive = self._orders_enumerable
         orders = cluster.pipeline_orders() if exhaustive else []
         self.tally.refinement = (
             f"{count} device orders enumerated" if exhaustive else "refined on the chosen order"
