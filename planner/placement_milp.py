@@ -26,7 +26,8 @@ Constraints
     return      ρ ≥ ir_h (E_h + F_h + m_h − 2)
     hops        a host's k used devices make k − 1 hops inside it; every used host but the
                 first is entered once:
-      alike links (every ap, ad, ar the same: c^p, c^d, r)
+      alike links (every ap, ad, ar within LINKS_ALIKE_WITHIN of the cheapest; each charged
+                the cheapest of its kind: c^p, c^d, r)
                 Σ hops^p = Σ_h ip_h (Σ_{J_h} u_j − v_h) + c^p Σ_h (v_h − E_h);  ρ ≥ r (v_h − E_h)
                 P* ≥ ip_h m_h;  P* ≥ c^p (v_h − E_h);  R ≥ m_d id_h m_h;  R ≥ m_d c^d (v_h − E_h)
       links that differ (a path over the used hosts)
@@ -40,9 +41,15 @@ Constraints
                 the embedding) the second; between two middle devices of a type, the earlier
                 holds at least as many layers.
 
-A host's devices of different types are charged their cheapest pair; where that differs from
-the hop the decoded order makes, the simulator's figure of the decoded plan is higher than the
-MILP's and the search reports the difference as gap, never hides it.
+A host's devices of different types are charged their cheapest pair, and alike links their
+cheapest; where that differs from the hop the decoded order makes, the simulator's figure of the
+decoded plan is higher than the MILP's, the MILP's optimum stays a lower bound, and the search
+reports the difference as gap, never hides it. With alike links every host is the same to the
+MILP, so hosts with the same devices are interchangeable whatever their measured links.
+
+Decoding: the first device's host first, the last device's host last, the hosts between them
+along the cheapest next link; on a host, the first device first, the last device last, and the
+devices of one type together.
 """
 
 from __future__ import annotations
