@@ -91,8 +91,8 @@ class PartitionMilp(PipelineFormulation):
             after = [(self._v("u", d), 1.0) for d in self.devices if d > j]
             m.row([(self._v("e", j), 1.0), (self._v("u", j), -1.0), *before], lo=0.0)
             m.row([(self._v("f", j), 1.0), (self._v("u", j), -1.0), *after], lo=0.0)
-            if j + 1 < t.num_devices and self.interchangeable[j]:
-                self._break_symmetry(j)
+            if j + 1 < t.num_devices and self.interchangeable[j] and not self.stage_sizes:
+                self._break_symmetry(j)  # fixed sizes tell identical devices apart already
         m.row([(self._v("e", j), 1.0) for j in self.devices], lo=1.0, hi=1.0)
         m.row([(self._v("f", j), 1.0) for j in self.devices], lo=1.0, hi=1.0)
         self._add_hops()
