@@ -10,9 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import highspy
-import numpy as np
-
 from planner.highs_model import SparseModel
 from planner.problem import CostTables
 from planner.simulator import StageAssignment
@@ -46,12 +43,8 @@ def _assign(
     for k in kinds:
         total = float(counts[k])
         m.row([(m.index[("a", i, k)], 1.0) for i in range(size)], lo=total, hi=total)
-    h = highspy.Highs()  # type: ignore[no-untyped-call]
-    h.setOptionValue("output_flag", False)
-    h.setOptionValue("solver", "simplex")
-    m.to_highs(h)
-    h.run()
-    x = np.array(h.getSolution().col_value)
+    x = m.relaxation().point
+    assert x is not None  # a transportation problem with matching totals is always feasible
     return tuple(
         tables.bits[next(k for k in kinds if x[m.index[("a", i, k)]] > 0.5)] for i in range(size)
     )

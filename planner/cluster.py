@@ -161,11 +161,11 @@ class ClusterSpec:
         """Sum of every device's usable memory, bytes."""
         return sum(d.type.usable_memory_bytes for d in self.devices)
 
-    def pipeline_orders(self, limit: int | None = None) -> list[tuple[DeviceSpec, ...]]:
+    def pipeline_orders(self) -> list[tuple[DeviceSpec, ...]]:
         """The device orders the planner searches: the hosts in every order, and on each host
         its device types (classes) in every order; devices of one type on one host stay
-        together, in the cluster's order (they are interchangeable). Stops after ``limit``
-        orders when given (see :meth:`count_pipeline_orders`)."""
+        together, in the cluster's order (they are interchangeable). There are
+        :meth:`count_pipeline_orders` of them."""
         hosts: dict[str, list[list[DeviceSpec]]] = {}
         for device in self.devices:
             classes = hosts.setdefault(device.host, [])
@@ -179,13 +179,11 @@ class ClusterSpec:
             [tuple(d for g in perm for d in g) for perm in itertools.permutations(classes)]
             for classes in hosts.values()
         ]
-        orders: list[tuple[DeviceSpec, ...]] = []
-        for host_order in itertools.permutations(range(len(inside))):
-            for parts in itertools.product(*(inside[h] for h in host_order)):
-                orders.append(tuple(d for part in parts for d in part))
-                if limit is not None and len(orders) >= limit:
-                    return orders
-        return orders
+        return [
+            tuple(d for part in parts for d in part)
+            for host_order in itertools.permutations(range(len(inside)))
+            for parts in itertools.product(*(inside[h] for h in host_order))
+        ]
 
     def count_pipeline_orders(self) -> int:
         """How many orders :meth:`pipeline_orders` gives: |hosts|! × Π (types on a host)!."""

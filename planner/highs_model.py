@@ -64,13 +64,12 @@ class SolveOptions:
 @dataclass(frozen=True, slots=True)
 class Solved:
     """What one HiGHS run left: status name, the point (None without one), objective, dual
-    bound (-inf when HiGHS has none, +inf when nothing lies below the cutoff), gap, seconds."""
+    bound (-inf when HiGHS has none, +inf when nothing lies below the cutoff), seconds."""
 
     status: str
     point: np.ndarray | None
     objective: float
     dual_bound: float
-    mip_gap: float
     time_s: float
 
     @property
@@ -151,6 +150,7 @@ class SparseModel:
         options: SolveOptions,
         integer: Sequence[bool] | None = None,
         warm: Mapping[int, float] | None = None,
+        solver: str = "choose",
     ) -> Solved:
         """Run HiGHS on the model (one thread, fixed seed); never raises on infeasibility."""
         h = highspy.Highs()  # type: ignore[no-untyped-call]
@@ -161,6 +161,7 @@ class SparseModel:
             ("mip_abs_gap", 0.0),
             ("threads", 1),
             ("random_seed", 0),
+            ("solver", solver),
         ):
             h.setOptionValue(name, value)
         self.to_highs(h, integer)
@@ -180,8 +181,10 @@ class SparseModel:
         h.addRow(-INF, cutoff, len(cols), cols, np.array([self.cost[i] for i in cols]))
 
     def relaxation(self) -> Solved:
-        """The LP relaxation (every column continuous)."""
-        return self.solve(SolveOptions(time_limit_s=INF), integer=[False] * len(self.lb))
+        """The LP relaxation (every column continuous), by simplex: its point is a vertex."""
+        return self.solve(
+            SolveOptions(time_limit_s=INF), integer=[False] * len(self.lb), solver="simplex"
+        )
 
 
 def _solved(h: highspy.Highs, elapsed: float, mip: bool) -> Solved:
@@ -197,6 +200,5 @@ def _solved(h: highspy.Highs, elapsed: float, mip: bool) -> Solved:
         bound = float(info.mip_dual_bound)
         if not math.isfinite(bound) or bound <= -INF:
             bound = -math.inf
-    gap = max(0.0, float(info.mip_gap)) if has_point and mip else (0.0 if has_point else math.inf)
     point = np.array(h.getSolution().col_value) if has_point else None
-    return Solved(h.modelStatusToString(status), point, objective, bound, gap, elapsed)
+    return Solved(h.modelStatusToString(status), point, objective, bound, elapsed)

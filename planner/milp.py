@@ -95,8 +95,6 @@ class MilpResult:
 
     solved: Solved
     stages: tuple[StageAssignment, ...] | None
-    columns: int
-    rows: int
 
     @property
     def status(self) -> str:

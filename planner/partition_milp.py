@@ -239,7 +239,7 @@ class PartitionMilp(PipelineFormulation):
         """Solve with HiGHS; never raises on infeasibility (the status says it)."""
         solved = self._run(options, self._warm_values(warm) if warm else None)
         stages = self._decode(solved.point) if solved.point is not None else None
-        return MilpResult(solved, stages, len(self.m.lb), self.m.num_rows)
+        return MilpResult(solved, stages)
 
     def _decode(self, x: np.ndarray) -> tuple[StageAssignment, ...]:
         """Read binaries as value > 0.5 and counts rounded, never ``> 0``."""

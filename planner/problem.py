@@ -186,17 +186,7 @@ _PER_DEVICE = (
     "stage_decode_s",
 )
 _PER_PAIR = ("hop_prefill_s", "hop_decode_s", "token_return_s")
-_TIMES = (
-    "layer_prefill_s",
-    "layer_decode_s",
-    "embed_prefill_s",
-    "embed_decode_s",
-    "head_prefill_s",
-    "head_decode_s",
-    "stage_prefill_s",
-    "stage_decode_s",
-    *_PER_PAIR,
-)
+_TIMES = tuple(name for name in (*_PER_DEVICE, *_PER_PAIR) if name.endswith("_s"))
 
 
 def build_tables(
@@ -210,16 +200,16 @@ def build_tables(
     Devices of one type on one host (with the same forbidden precisions) cost the same, so the
     cost model runs once per such class and the tables repeat its rows."""
     classes: dict[tuple[object, ...], int] = {}
+    first: list[DeviceSpec] = []  # one device of each class
     index = []
     for d in devices:
         forbidden = frozenset(b for b in problem.bits if (d.key, b) in problem.forbidden)
-        index.append(classes.setdefault((d.host, d.type, forbidden), len(classes)))
-    first = {
-        c: next(d for d, i in zip(devices, index, strict=True) if i == c) for c in classes.values()
-    }
-    one_each = _tables_of(
-        problem, [first[c] for c in range(len(classes))], prefill_micro_batch, decode_micro_batch
-    )
+        key = (d.host, d.type, forbidden)
+        if key not in classes:
+            classes[key] = len(first)
+            first.append(d)
+        index.append(classes[key])
+    one_each = _tables_of(problem, first, prefill_micro_batch, decode_micro_batch)
     return replace(one_each.reordered(index), devices=tuple(devices))
 
 
