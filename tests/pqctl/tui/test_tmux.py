@@ -66,6 +66,20 @@ def _start(tmux: Tmux, tmp_path: Path, *args: str) -> None:
     tmux.run("new-session", "-d", "-s", "pqctl", "-x", "80", "-y", "24", "-c", str(ROOT), command)
 
 
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
 def test_dashboard_starts_draws_and_quits_in_a_real_terminal(tmp_path: Path) -> None:
     tmux = Tmux(f"pqctl-test-{os.getpid()}")
     _start(tmux, tmp_path, "--cluster", str(HOME_LAB))
@@ -90,6 +104,7 @@ def test_closing_the_terminal_stops_the_launched_deployment(tmp_path: Path) -> N
     _start(tmux, tmp_path)  # this host, the built-in model
     state_dir = tmp_path / "state"
     pid = None
+    dashboards: list[int] = []
     try:
         tmux.wait_for("stage 0", 60)
         tmux.run("send-keys", "-t", "pqctl", "3")
@@ -97,6 +112,8 @@ def test_closing_the_terminal_stops_the_launched_deployment(tmp_path: Path) -> N
         tmux.run("send-keys", "-t", "pqctl", "l")
         tmux.wait_for("serving", 90)
         pid = DeploymentState.load("dashboard", state_dir).pid
+        shell = int(tmux.run("list-panes", "-t", "pqctl", "-F", "#{pane_pid}").split()[0])
+        dashboards = _children(shell)
         subprocess.run(["tmux", "-L", tmux.socket, "kill-server"], timeout=10)  # SIGHUP
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and pid_alive(pid):
@@ -107,3 +124,6 @@ def test_closing_the_terminal_stops_the_launched_deployment(tmp_path: Path) -> N
         subprocess.run(["tmux", "-L", tmux.socket, "kill-server"], capture_output=True, timeout=10)
         if pid is not None and pid_alive(pid):
             os.killpg(pid, signal.SIGKILL)
+        for child in dashboards:  # the test leaves no dashboard behind either way
+            if pid_alive(child):
+                os.kill(child, signal.SIGKILL)
