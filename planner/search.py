@@ -8,13 +8,17 @@ relaxation leaves a gap, MILPs over fixed device orders.
    bound; once the next bound cannot beat the incumbent by more than the gap, the rest are
    pruned. With every layer scoring alike (count form) this is exact where the hop model is
    (links alike between hosts, one device type per host); otherwise its optimum is a lower
-   bound and its decoded plan an incumbent. With per-layer ω, each placement's stages are
-   turned into per-layer plans by a MILP with their sizes fixed, then one layer at a time is
-   moved across a stage boundary while that helps.
-3. Refinement, for pairs whose bound still leaves a gap (per-layer ω, or mixed hosts): every
+   bound and its decoded plan an incumbent. With per-layer ω the placement models Σω by its
+   convex envelope in the number of layers at each precision (:mod:`planner.milp`, a bound
+   that proves pairs infeasible under the cutoff several times faster than a per-layer choice
+   of precisions); each placement's stages are turned into per-layer plans by a MILP with
+   their sizes fixed, then one layer at a time is moved across a stage boundary while that
+   helps.
+3. Refinement, for a pair whose bound still leaves a gap (per-layer ω, or mixed hosts), right
+   after its placement, so that the next pairs are cut off by the refined incumbent: every
    pipeline order when there are at most ``max_orders`` (exhaustive), else the order the
-   placement chose; per order, the count / free-assignment MILP bounds it, and in the per-layer
-   form the exact per-layer MILP follows only where that bound leaves room.
+   placement chose; per order, the count / envelope MILP bounds it, and in the per-layer form
+   the exact per-layer MILP follows only where that bound leaves room.
 
 Every step counts against ``time_limit_s`` (baselines and LP bounds too). The reported gap is
 the incumbent against the least bound over every pair (an LP bound, a MILP's dual bound, or
@@ -120,6 +124,7 @@ class _Pair:
     bound: float
     placement: Placement | None = None
     solved: bool = False
+    refined_within_s: float = 0.0
 
 
 @dataclass
@@ -149,6 +154,7 @@ class _Search:
     objective: float = math.inf
     tally: _Tally = field(default_factory=_Tally)
     total: int = 0
+    until: float = math.inf
 
     def run(self) -> SearchResult:
         problem = self.problem
@@ -158,12 +164,15 @@ class _Search:
         for b in baselines:
             if b.tables is not None and b.stages is not None:
                 self.offer(b.tables, b.stages)
-        form: QualityForm = "count" if problem.indicator.layers_alike else "free"
+        form: QualityForm = "count" if problem.indicator.layers_alike else "envelope"
         pairs = self._ranked_pairs(form)
         self.total = len(pairs)
         self._place(pairs, form)
-        if any(not self._beaten(p.bound) for p in pairs) and not self.tally.timed_out:
-            self._refine(pairs, form)
+        for pair in sorted(pairs, key=lambda p: p.bound):  # what _place could not finish
+            if self._beaten(pair.bound) or self.tally.timed_out:
+                continue
+            if pair.refined_within_s == 0 or self._left() > pair.refined_within_s:
+                self._refine(pair, form)
         if self.tables is None or self.stages is None:
             if self.tally.timed_out:
                 raise InfeasiblePlanError(
@@ -213,10 +222,12 @@ class _Search:
         return bound >= self.objective * (1 - self.options.mip_rel_gap)
 
     def _left(self) -> float:
-        left = self.options.time_limit_s - (time.perf_counter() - self.started)
+        """Seconds left to the search (or to the step under way, when it has a deadline)."""
+        now = time.perf_counter()
+        left = self.options.time_limit_s - (now - self.started)
         if left <= 0:
             self.tally.timed_out = True
-        return left
+        return min(left, self.until - now)
 
     def _solve_options(self) -> SolveOptions:
         """HiGHS checks its clock between steps and can run a few tenths of a second past its
@@ -246,6 +257,7 @@ class _Search:
         return sorted(pairs, key=lambda p: p.bound)
 
     def _place(self, pairs: Sequence[_Pair], form: QualityForm) -> None:
+        first = next((p for p in pairs if not self._beaten(p.bound)), None)
         for pair in pairs:
             if self._beaten(pair.bound):
                 self.tally.pruned_pairs += 1
@@ -261,8 +273,10 @@ class _Search:
                 pair.placement = result.placement
                 tables = pair.tables.reordered(result.placement.order)
                 self.offer(tables, _stages(tables, result.placement.counts, form))
-                if form == "free":
+                if form != "count":
                     self._fit_ranges(pair.tables, result.placement)
+            if pair is first and not self._beaten(pair.bound) and not self.tally.timed_out:
+                self._refine_first(pair, form)
 
     def _fit_ranges(self, tables: CostTables, placement: Placement) -> None:
         """Per-layer plans on the placement's devices: the precisions chosen again layer by
@@ -293,44 +307,58 @@ class _Search:
 
     # ---------------------------------------------------------------- refinement
 
-    def _refine(self, pairs: Sequence[_Pair], form: QualityForm) -> None:
-        """Fixed-order MILPs for the pairs whose bound still leaves a gap."""
+    def _refine_first(self, pair: _Pair, form: QualityForm) -> None:
+        """Refine a pair right after its placement, so that the next pairs are cut off by the
+        refined incumbent, with half the time left: if that is not enough, the pair's
+        refinement waits until every pair has its placement bound (and is tried again only
+        with more time than it had here)."""
+        timed_out = self.tally.timed_out
+        pair.refined_within_s = self._left() / 4
+        self.until = time.perf_counter() + pair.refined_within_s
+        try:
+            self._refine(pair, form)
+            cut_short = self.tally.timed_out or time.perf_counter() >= self.until
+        finally:
+            self.until = math.inf
+        if cut_short and self._left() > 0:  # out of its half, not of the search's time
+            self.tally.timed_out = timed_out
+        else:
+            pair.refined_within_s = math.inf
+
+    def _refine(self, pair: _Pair, form: QualityForm) -> None:
+        """Fixed-order MILPs for a pair whose bound still leaves a gap."""
         cluster = self.problem.cluster
-        count = cluster.count_pipeline_orders()
         exhaustive = self._orders_enumerable
-        orders = cluster.pipeline_orders() if exhaustive else []
         self.tally.refinement = (
-            f"{count} device orders enumerated" if exhaustive else "refined on the chosen order"
+            f"{cluster.count_pipeline_orders()} device orders enumerated"
+            if exhaustive
+            else "refined on the chosen order"
         )
+        if not exhaustive:
+            if pair.placement is not None:
+                used = pair.placement.order[: len(pair.placement.counts)]
+                self._per_layer(pair.tables.reordered(used))
+            return
+        orders = cluster.pipeline_orders()
         position = {d.key: j for j, d in enumerate(cluster.devices)}
-        for pair in sorted(pairs, key=lambda p: p.bound):
-            if self._beaten(pair.bound):
-                continue
+        chosen = None
+        if pair.placement is not None:
+            used_devices = [cluster.devices[j] for j in pair.placement.order]
+            chosen = _first_covering(orders, used_devices[: len(pair.placement.counts)])
+        bounds = []
+        for k, order in enumerate(orders):
             if self._left() <= 0:
                 return
-            if not exhaustive:
-                if pair.placement is not None:
-                    used = pair.placement.order[: len(pair.placement.counts)]
-                    self._per_layer(pair.tables.reordered(used))
-                continue
-            chosen = None
-            if pair.placement is not None:
-                used_devices = [cluster.devices[j] for j in pair.placement.order]
-                chosen = _first_covering(orders, used_devices[: len(pair.placement.counts)])
-            bounds = []
-            for k, order in enumerate(orders):
-                if self._left() <= 0:
-                    return
-                tables = pair.tables.reordered([position[d.key] for d in order])
-                self.tally.orders += 1
-                if k == chosen:  # the placement's own order: its free-form bound is the pair's
-                    bounds.append(self._per_layer(tables, pair.bound))
-                else:
-                    bounds.append(self._bounded(tables, form))
-            pair.bound = max(pair.bound, min(bounds, default=math.inf))
+            tables = pair.tables.reordered([position[d.key] for d in order])
+            self.tally.orders += 1
+            if k == chosen:  # the placement's own order: its placement bound is the pair's
+                bounds.append(self._per_layer(tables, pair.bound))
+            else:
+                bounds.append(self._bounded(tables, form))
+        pair.bound = max(pair.bound, min(bounds, default=math.inf))
 
     def _bounded(self, tables: CostTables, form: QualityForm) -> float:
-        """One fixed order in the count or free form (exact in the count form), then, per
+        """One fixed order in the count or envelope form (exact in the count form), then, per
         layer, solved exactly where that bound leaves room; returns the order's bound."""
         milp = PartitionMilp(tables, None, _interchangeable(tables.devices), quality=form)
         result = milp.solve(self._solve_options())
