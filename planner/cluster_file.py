@@ -28,7 +28,7 @@ Format (``docs/cluster-file.md`` has the long version)::
     [[links]]
     hosts = ["node-a", "node-b"] # two different hosts of this file
     bandwidth_gbit_s = 100       # default: [defaults]
-    latency_us = 20              # default: [defaults]
+    latency_us = 20              # default: [defaults]; or latency_s, in seconds
 
 Devices (one inline table each, or ``[[hosts.devices]]`` tables):
 
@@ -46,9 +46,15 @@ Devices (one inline table each, or ``[[hosts.devices]]`` tables):
   (``avx512_bf16`` or ``amx_tile`` in its ``/proc/cpuinfo`` flags), so the runtime stores 16-bit
   weights there as bf16 (default false: fp32). At most one cpu per host; it gets index -1.
 
+Links and ``[defaults]`` may give ``latency_s`` (seconds) instead of ``latency_us``: not every
+latency in seconds is some float number of µs divided by 10^6, so :func:`cluster_toml` writes
+``latency_s`` for those.
+
 GPUs get indices 0, 1, ... per host in file order. Every problem raises
 :class:`~planner.errors.ClusterFileError` as ``"{path}:{line}: {field}: {problem}"`` (the line
 when it can be found), with ``field`` a dotted path such as ``hosts[1].devices[0].type``.
+
+:func:`cluster_toml` writes a cluster back as such a file.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ import math
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -85,7 +91,7 @@ from planner.toml_lines import TomlLineFinder
 
 _TOP_KEYS = ("name", "model", "workload", "defaults", "hosts", "links")
 _HOST_KEYS = ("name", "address", "devices")
-_LINK_KEYS = ("hosts", "bandwidth_gbit_s", "latency_us")
+_LINK_KEYS = ("hosts", "bandwidth_gbit_s", "latency_us", "latency_s")
 _WORKLOAD_KEYS = ("batch", "prompt_len", "max_new", "expected_new")
 _CUSTOM_KEYS = ("memory_gib", "memory_bandwidth_gb_s", "fp16_tflops")
 _FIGURES = (  # device figures a file may give or override
@@ -288,15 +294,19 @@ class _Reader:
         return workload
 
     def link_figures(self, value: Any, field: str, default: LinkSpec) -> LinkSpec:
-        """A link's bandwidth (Gbit/s) and latency (µs) as a LinkSpec, defaults filled in."""
+        """A link's bandwidth (Gbit/s) and latency (µs or s) as a LinkSpec, defaults filled in."""
         table = self.table(value, field)
         accepted = _LINK_KEYS[1:] if field == "defaults" else _LINK_KEYS
         self.check_keys(table, accepted, field)
         bandwidth_gb_s, latency_s = default.bandwidth_gb_s, default.latency_s
         if "bandwidth_gbit_s" in table:
             bandwidth_gb_s = self.number(table, "bandwidth_gbit_s", f"{field}.", zero_ok=False) / 8
+        if "latency_us" in table and "latency_s" in table:
+            self.fail(f"{field}.latency_s", "give latency_us or latency_s, not both")
         if "latency_us" in table:
             latency_s = self.number(table, "latency_us", f"{field}.", zero_ok=True) / 1e6
+        elif "latency_s" in table:
+            latency_s = self.number(table, "latency_s", f"{field}.", zero_ok=True)
         return LinkSpec(bandwidth_gb_s=bandwidth_gb_s, latency_s=latency_s)
 
     def links(
@@ -528,3 +538,298 @@ def _with_figures(base: DeviceType, figures: Mapping[str, float]) -> DeviceType:
     ):
         changes["dequant_gelem_s"] = figures["memory_bandwidth_gb_s"] / 2
     return replace(base, **changes) if changes else base
+
+
+_WRITER_SOURCE = "cluster_toml"
+_FIELD_KEYS = {  # DeviceType field -> the device key that sets it
+    **{key.replace("_gib", "_bytes"): key for key in _FIGURES},
+    "supported_bits": "bits",
+}
+_KEY_ORDER = ("type", "count", "cores", *_FIGURES, "native_bf16", "bits")
+_ESCAPES = {
+    '"': '\\"',
+    "\\": "\\\\",
+    "\b": "\\b",
+    "\t": "\\t",
+    "\n": "\\n",
+    "\f": "\\f",
+    "\r": "\\r",
+}
+
+
+def cluster_toml(
+    cluster: ClusterSpec,
+    *,
+    model: str | None = None,
+    workload: Mapping[str, int] | None = None,
+    comment: str = "",
+) -> str:
+    """The text of a cluster file that loads back to ``cluster``, ``model`` and ``workload``.
+
+    :func:`load_cluster_file` gives back an equal cluster: names, addresses, devices in the same
+    order with the same indices, device types equal field by field, the same links. A catalogue
+    device is written by name, with only the figures that differ from the catalogue; another
+    GPU with the figures the loader needs and those that differ from its defaults; a cpu with
+    cores, memory, bandwidth, fp32 rate, ``native_bf16`` and whatever else differs. Consecutive
+    identical GPUs of a host share one entry with a ``count``. Every float reads back exactly.
+
+    A device type keeps no core count, so a cpu's ``cores`` is the count whose default rate
+    (0.05 TFLOPS per core) is nearest its ``fp32_tflops``, which is written too.
+
+    Args:
+        cluster: the cluster.
+        model: the top-level ``model`` key, if any.
+        workload: the ``[workload]`` table, if any.
+        comment: text written first, each line as a ``#`` comment.
+
+    Raises:
+        ValueError: the format cannot express something of the cluster; the message names it.
+    """
+    _check_devices(cluster)
+    lines = [*_comment_lines(comment), f"name = {_string(cluster.name)}"]
+    if model is not None:
+        lines.append(f"model = {_string(model)}")
+    if workload:
+        lines += ["", "[workload]", *(f"{_key(k)} = {_value(v)}" for k, v in workload.items())]
+    lines += ["", "[defaults]", *_link_lines(cluster.default_link)]
+    for host in cluster.hosts:
+        devices = [device for device in cluster.devices if device.host == host.name]
+        lines += ["", *_host_lines(host, devices)]
+    for pair, link in sorted(cluster.links.items(), key=lambda item: sorted(item[0])):
+        hosts = ", ".join(_string(name) for name in sorted(pair))
+        lines += ["", "[[links]]", f"hosts = [{hosts}]", *_link_lines(link)]
+    text = "\n".join(lines) + "\n"
+    _check_loads_back(text, ClusterFile(cluster, model, dict(workload or {})))
+    return text
+
+
+def _check_devices(cluster: ClusterSpec) -> None:
+    """Raise ValueError unless a file can list ``cluster.devices`` as they are: host by host in
+    the order of the hosts, each host's GPUs numbered 0, 1, ... in order, at most one cpu."""
+    names = [host.name for host in cluster.hosts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"hosts: host names must be unique, got {names}")
+    stray = [device.key for device in cluster.devices if device.host not in names]
+    if stray:
+        raise ValueError(f"devices {stray}: on no host of the cluster")
+    by_host = {name: [d for d in cluster.devices if d.host == name] for name in names}
+    if [d for devices in by_host.values() for d in devices] != list(cluster.devices):
+        raise ValueError("devices: a cluster file lists them host by host, in the hosts' order")
+    for name, devices in by_host.items():
+        _check_host_devices(name, devices)
+
+
+def _check_host_devices(name: str, devices: Sequence[DeviceSpec]) -> None:
+    """Raise ValueError unless the host has devices, GPUs numbered 0, 1, ... and one cpu at most."""
+    if not devices:
+        raise ValueError(f"host {name!r}: no devices; a cluster file needs one at least")
+    gpus = [device.index for device in devices if device.type.kind != "cpu"]
+    if gpus != list(range(len(gpus))):
+        raise ValueError(f"host {name!r}: GPU indices {gpus}; a file numbers them 0, 1, ...")
+    cpus = [device.index for device in devices if device.type.kind == "cpu"]
+    if cpus not in ([], [-1]):
+        raise ValueError(f"host {name!r}: cpu indices {cpus}; a file has one cpu at most, -1")
+
+
+def _host_lines(host: HostSpec, devices: Sequence[DeviceSpec]) -> list[str]:
+    """A ``[[hosts]]`` table: name, address if any, and one device entry per run of devices."""
+    lines = ["[[hosts]]", f"name = {_string(host.name)}"]
+    if host.address:
+        lines.append(f"address = {_string(host.address)}")
+    entries = [_device_entry(device, count) for device, count in _runs(devices)]
+    if len(entries) == 1:
+        return [*lines, f"devices = [{entries[0]}]"]
+    return [*lines, "devices = [", *(f"  {entry}," for entry in entries), "]"]
+
+
+def _runs(devices: Sequence[DeviceSpec]) -> list[tuple[DeviceSpec, int]]:
+    """Consecutive GPUs of one type folded together: (the first of them, how many)."""
+    runs: list[tuple[DeviceSpec, int]] = []
+    for device in devices:
+        if runs and device.type.kind != "cpu" and runs[-1][0].type == device.type:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((device, 1))
+    return runs
+
+
+def _device_entry(device: DeviceSpec, count: int) -> str:
+    """The inline table of ``count`` devices of ``device``'s type."""
+    table = _device_table(device)
+    if count > 1:
+        table["count"] = count
+    pairs = [f"{key} = {_value(table[key])}" for key in _KEY_ORDER if key in table]
+    return "{ " + ", ".join(pairs) + " }"
+
+
+def _device_table(device: DeviceSpec) -> dict[str, Any]:
+    """The keys from which the loader builds ``device.type``: the base ones, then one figure at a
+    time, the first that the keys so far leave different (a bandwidth before the dequantization
+    rate that follows from it), until none is."""
+    target = device.type
+    table = _base_table(device)
+    while True:
+        built = _build(table, device)
+        missing = [
+            key
+            for field, key in _FIELD_KEYS.items()
+            if key not in table and getattr(built, field) != getattr(target, field)
+        ]
+        if not missing:
+            break
+        table[missing[0]] = _figure(target, missing[0])
+    wrong = [
+        f.name for f in fields(DeviceType) if getattr(built, f.name) != getattr(target, f.name)
+    ]
+    if wrong:
+        what = ", ".join(wrong)
+        raise ValueError(
+            f"device {device.key} ({target.name}): a cluster file cannot give its {what}"
+        )
+    return table
+
+
+def _base_table(device: DeviceSpec) -> dict[str, Any]:
+    """The keys a device entry always has: the type, and what the loader needs for it."""
+    device_type = device.type
+    if device_type.kind == "cpu":
+        figures = ("memory_gib", "memory_bandwidth_gb_s", "fp32_tflops")
+        return {
+            "type": "cpu",
+            "cores": _cpu_cores(device_type.fp32_tflops),
+            **{key: _figure(device_type, key) for key in figures},
+            "native_bf16": device_type.dense_weight_bytes == 2,
+        }
+    known = find_device_type(device_type.name)
+    if known is None:
+        return {"type": device_type.name, **{k: _figure(device_type, k) for k in _CUSTOM_KEYS}}
+    if known.name != device_type.name or known.kind != device_type.kind:
+        raise ValueError(
+            f"device {device.key}: a cluster file reads the type name "
+            f"{device_type.name!r} as the catalogue's {known.kind} {known.name!r}"
+        )
+    return {"type": device_type.name}
+
+
+def _cpu_cores(fp32_tflops: float) -> int:
+    """The core count whose default rate is nearest ``fp32_tflops`` (at least 1)."""
+    if not math.isfinite(fp32_tflops):
+        return 1
+    return max(1, round(fp32_tflops / DEFAULT_CPU_TFLOPS_PER_CORE))
+
+
+def _figure(device_type: DeviceType, key: str) -> Any:
+    """The value of a device key for ``device_type`` (GiB keys from bytes, exactly)."""
+    if key == "bits":
+        return sorted(device_type.supported_bits)
+    value = getattr(device_type, key.replace("_gib", "_bytes"))
+    return value / GIB if key.endswith("_gib") else value
+
+
+def _build(table: Mapping[str, Any], device: DeviceSpec) -> DeviceType:
+    """The device type the loader builds from ``table``."""
+    try:
+        return _Reader(_WRITER_SOURCE, None).device(table, f"device {device.key}")[0]
+    except ClusterFileError as error:
+        raise ValueError(error.msg) from None
+
+
+def _link_lines(link: LinkSpec) -> list[str]:
+    """Bandwidth and latency lines that the loader reads back as ``link`` exactly."""
+    bandwidth = f"bandwidth_gbit_s = {_number(link.bandwidth_gb_s * 8)}"
+    latency_us = _latency_us(link.latency_s)
+    if latency_us is None:
+        return [bandwidth, f"latency_s = {_number(link.latency_s)}"]
+    return [bandwidth, f"latency_us = {_number(latency_us)}"]
+
+
+def _latency_us(latency_s: float) -> float | None:
+    """A latency in µs that the loader's division by 10^6 turns into ``latency_s`` exactly (a
+    short decimal where one does), or None: some floats are no float divided by 10^6."""
+    near = latency_s * 1e6
+    for candidate in (float(f"{near:.12g}"), near):
+        if candidate / 1e6 == latency_s:
+            return candidate
+    return None
+
+
+def _check_loads_back(text: str, expected: ClusterFile) -> None:
+    """Raise ValueError unless ``text`` loads back to ``expected``."""
+    try:
+        loaded = parse_cluster_file(tomllib.loads(text), _WRITER_SOURCE)
+    except ClusterFileError as error:
+        raise ValueError(error.msg) from None
+    got, want = loaded.cluster, expected.cluster
+    parts = {
+        "name": (got.name, want.name),
+        "hosts": (got.hosts, want.hosts),
+        "devices": (got.devices, want.devices),
+        "links": (dict(got.links), dict(want.links)),
+        "default_link": (got.default_link, want.default_link),
+        "model": (loaded.model, expected.model),
+        "workload": (dict(loaded.workload), dict(expected.workload)),
+    }
+    wrong = [name for name, (a, b) in parts.items() if a != b]
+    if wrong:
+        raise ValueError(
+            f"cluster {want.name!r}: the file would load back other {', '.join(wrong)}"
+        )
+
+
+def _comment_lines(comment: str) -> list[str]:
+    """``comment`` as ``#`` lines and a blank line (none for no comment)."""
+    lines = comment.splitlines()
+    for line in lines:
+        _check_unicode(line, "comment")
+        if any(char != "\t" and _is_control(char) for char in line):
+            raise ValueError(f"comment: a TOML comment cannot hold control characters: {line!r}")
+    return [f"# {line}".rstrip() for line in lines] + ([""] if lines else [])
+
+
+def _value(value: Any) -> str:
+    """A TOML value: boolean, integer, float, string or array of them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return _number(value)
+    if isinstance(value, str):
+        return _string(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_value(item) for item in value) + "]"
+    raise ValueError(f"a cluster file cannot hold {value!r}")
+
+
+def _number(value: float) -> str:
+    """A float that TOML reads back equal: an integer where it is one, else its repr."""
+    value = float(value)
+    if value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)
+
+
+def _key(key: str) -> str:
+    """A TOML key: bare where it can be, else quoted."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _string(key)
+
+
+def _string(text: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped."""
+    _check_unicode(text, "string")
+    escaped = (
+        _ESCAPES.get(char, f"\\u{ord(char):04X}" if _is_control(char) else char) for char in text
+    )
+    return '"' + "".join(escaped) + '"'
+
+
+def _is_control(char: str) -> bool:
+    return char < " " or char == "\x7f"
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """Raise ValueError when ``text`` cannot be written as UTF-8 (a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} {text!r}: not valid Unicode text") from None
