@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from pqctl.commands import plan, profile, quality, serve
+from pqctl.commands import cluster, plan, profile, quality, serve
 from pqctl.exits import EXIT_BAD_INPUT, fail
 
 app = typer.Typer(
@@ -68,6 +68,7 @@ def dashboard(
         raise fail("cannot open the dashboard", str(exc), EXIT_BAD_INPUT) from exc
 
 
+app.command()(cluster.cluster)
 app.command()(plan.plan)
 app.command()(plan.show)
 app.command()(quality.calibrate)

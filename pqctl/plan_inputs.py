@@ -5,7 +5,7 @@ Shared by the CLI and the dashboard, so both resolve defaults the same way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -13,7 +13,7 @@ from planner.catalogue import find_device_type
 from planner.cluster import ClusterSpec, DeviceType
 from planner.cluster_file import load_cluster_file
 from planner.cost_model import default_group_size
-from planner.errors import WorkloadError
+from planner.errors import PlannerError, WorkloadError
 from planner.indicator import QualityIndicator, prior_indicator
 from planner.local_host import local_cluster
 from planner.model_spec import ModelSpec, load_model_spec
@@ -34,6 +34,7 @@ class PlanRequest:
 
     model: str | None = None
     cluster_file: Path | None = None
+    ray: str | None = None
     batch: int | None = None
     prompt_len: int | None = None
     max_new: int | None = None
@@ -93,8 +94,32 @@ def local_gpu_types() -> tuple[list[DeviceType], list[str]]:
     return types, notes
 
 
-def resolve_cluster(cluster_file: Path | None) -> ResolvedCluster:
-    """The cluster file's cluster, or this host (its GPUs, else its CPU)."""
+class RayInventoryError(PlannerError):
+    """The Ray cluster could not be inventoried (Ray missing, not reachable, a node silent)."""
+
+    title = "Ray cluster"
+
+
+def resolve_cluster(
+    cluster_file: Path | None,
+    ray: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> ResolvedCluster:
+    """The cluster file's cluster, every node of the Ray cluster at ``ray``, or this host (its
+    GPUs, else its CPU)."""
+    if ray is not None:
+        if cluster_file is not None:
+            raise RayInventoryError("--ray and --cluster exclude each other")
+        from pqctl.ray_inventory import ray_inventory
+        from runtime.cluster.ray_nodes import RayClusterError
+
+        try:
+            found = ray_inventory(ray, progress)
+        except RayClusterError as exc:
+            raise RayInventoryError(str(exc)) from exc
+        return ResolvedCluster(
+            found.cluster, f"Ray cluster at {found.address}", None, {}, found.notes
+        )
     if cluster_file is not None:
         loaded = load_cluster_file(cluster_file)
         return ResolvedCluster(loaded.cluster, str(cluster_file), loaded.model, loaded.workload)
@@ -212,9 +237,12 @@ def _check_excluded(cluster: ClusterSpec, exclude: Sequence[str]) -> ClusterSpec
     return cluster.without(exclude)
 
 
-def build_problem(request: PlanRequest) -> tuple[PlanningProblem, ResolvedCluster]:
-    """Resolve every input of ``request`` into a planning problem."""
-    resolved = resolve_cluster(request.cluster_file)
+def build_problem(
+    request: PlanRequest, progress: Callable[[str], None] | None = None
+) -> tuple[PlanningProblem, ResolvedCluster]:
+    """Resolve every input of ``request`` into a planning problem (``progress`` hears the
+    steps of a Ray inventory)."""
+    resolved = resolve_cluster(request.cluster_file, request.ray, progress)
     model = resolve_model(request.model or resolved.model)
     problem, target, notes = problem_on(
         request, resolved, model, load_profiles(request.profile_dir)

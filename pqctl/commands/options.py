@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from pqctl.exits import EXIT_BAD_INPUT, fail
 
+RAY_OPTION_HELP = (
+    "A Ray cluster: HOST:PORT of its head, or auto (RAY_ADDRESS, else the head started on "
+    "this machine); every alive node's GPUs (NVML), else its CPU, and the measured links. "
+    "Needs pip install 'pqctl[ray]'."
+)
+
 
 def int_list(text: str, flag: str, allowed: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """A comma-separated list of positive integers (of ``allowed`` when given), each once, in

@@ -18,7 +18,7 @@ from planner.make_plan import make_plan
 from planner.plan import ALL_BITS, Plan
 from planner.quality_target import parse_ppl_increase
 from planner.search import SearchOptions
-from pqctl.commands.options import int_list
+from pqctl.commands.options import RAY_OPTION_HELP, int_list
 from pqctl.exits import EXIT_BAD_INPUT, EXIT_INFEASIBLE, fail, load_plan
 from pqctl.plan_inputs import PlanRequest, build_problem, figures_source, record_ppl_target
 from pqctl.render.plan import render_plan
@@ -38,7 +38,7 @@ def ppl_increase_option(text: str | None) -> float | None:
 def _solve_with_progress(
     request: PlanRequest, options: SearchOptions, show: bool
 ) -> tuple[Plan, dict[str, str]]:
-    problem, resolved = build_problem(request)
+    problem, resolved = build_problem(request, _progress if request.ray else None)
     notes = list(resolved.notes)
     if not show:
         plan = make_plan(problem, options)
@@ -59,6 +59,10 @@ def _solve_with_progress(
     return replace(plan, notes=plan.notes + tuple(notes)), figures_source(problem)
 
 
+def _progress(line: str) -> None:
+    Console(stderr=True).print(f"[dim]{line}…[/]", highlight=False)
+
+
 def plan(
     model: Annotated[
         str | None,
@@ -76,6 +80,7 @@ def plan(
             "--cluster", "-c", help="Cluster file (TOML, see docs/cluster-file.md).", dir_okay=False
         ),
     ] = None,
+    ray: Annotated[str | None, typer.Option("--ray", help=RAY_OPTION_HELP)] = None,
     local: Annotated[
         bool,
         typer.Option(
@@ -188,8 +193,8 @@ def plan(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show HiGHS's log.")] = False,
 ) -> None:
     """Plan a deployment: partition, per-layer precision and micro-batch sizes."""
-    if local and cluster is not None:
-        raise fail("bad option", "--local and --cluster exclude each other", EXIT_BAD_INPUT)
+    if sum((local, cluster is not None, ray is not None)) > 1:
+        raise fail("bad option", "--local, --cluster and --ray exclude each other", EXIT_BAD_INPUT)
     if time_limit <= 0 or not 0 <= gap < 1:
         raise fail(
             "bad option", "--time-limit must be positive and --gap in [0, 1)", EXIT_BAD_INPUT
@@ -201,6 +206,7 @@ def plan(
     request = PlanRequest(
         model=model,
         cluster_file=cluster,
+        ray=ray,
         batch=batch,
         prompt_len=prompt_len,
         max_new=max_new,
