@@ -15,10 +15,12 @@ relaxation leaves a gap, MILPs over fixed device orders.
    their sizes fixed, then one layer at a time is moved across a stage boundary while that
    helps.
 3. Refinement, for a pair whose bound still leaves a gap (per-layer ω, or mixed hosts), right
-   after its placement, so that the next pairs are cut off by the refined incumbent: every
-   pipeline order when there are at most ``max_orders`` (exhaustive), else the order the
-   placement chose; per order, the count / envelope MILP bounds it, and in the per-layer form
-   the exact per-layer MILP follows only where that bound leaves room.
+   after its placement: every pipeline order when there are at most ``max_orders``
+   (exhaustive), else the order the placement chose; per order, the count / envelope MILP
+   bounds it, and in the per-layer form the exact per-layer MILP follows only where that bound
+   leaves room. The exact MILPs run on a second thread (HiGHS solves without holding the
+   interpreter), beside the placements and bounds that follow; an improved incumbent from
+   either side cuts off the MILPs the other starts next.
 
 Every step counts against ``time_limit_s`` (baselines and LP bounds too). The reported gap is
 the incumbent against the least bound over every pair (an LP bound, a MILP's dual bound, or
@@ -30,8 +32,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from planner.arrangement import best_arrangement
@@ -116,15 +121,18 @@ def search(
 
 @dataclass
 class _Pair:
-    """One micro-batch pair: its tables in the cluster's order, its placement MILP and the
-    best lower bound known for it (-inf: none yet)."""
+    """One micro-batch pair: its tables in the cluster's order, its placement MILP, the best
+    lower bound known for it (-inf: none yet), and while refined, the exact per-layer MILPs
+    under way (each gives an order's bound) and the least bound of the other orders."""
 
     tables: CostTables
     milp: PlacementMilp
     bound: float
     placement: Placement | None = None
     solved: bool = False
-    refined_within_s: float = 0.0
+    exact: list[Future[float]] = field(default_factory=list)
+    bounded: float = -math.inf
+    chosen: int | None = None
 
 
 @dataclass
@@ -154,7 +162,8 @@ class _Search:
     objective: float = math.inf
     tally: _Tally = field(default_factory=_Tally)
     total: int = 0
-    until: float = math.inf
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    pool: ThreadPoolExecutor | None = None
 
     def run(self) -> SearchResult:
         problem = self.problem
@@ -167,12 +176,15 @@ class _Search:
         form: QualityForm = "count" if problem.indicator.layers_alike else "envelope"
         pairs = self._ranked_pairs(form)
         self.total = len(pairs)
-        self._place(pairs, form)
-        for pair in sorted(pairs, key=lambda p: p.bound):  # what _place could not finish
-            if self._beaten(pair.bound) or self.tally.timed_out:
-                continue
-            if pair.refined_within_s == 0 or self._left() > pair.refined_within_s:
-                self._refine(pair, form)
+        with self._exact_solver():
+            self._place(pairs, form)
+            if self._orders_enumerable:
+                for pair in sorted(pairs, key=lambda p: p.bound):
+                    if pair.solved and not self._beaten(pair.bound) and not self.tally.timed_out:
+                        self._bound_other_orders(pair, form)
+        for pair in pairs:
+            exact = min((f.result() for f in pair.exact), default=math.inf)
+            pair.bound = max(pair.bound, min(pair.bounded, exact))
         if self.tables is None or self.stages is None:
             if self.tally.timed_out:
                 raise InfeasiblePlanError(
@@ -207,10 +219,23 @@ class _Search:
         allowed = all(
             tables.allowed(s.position, tables.bits.index(b)) for s in stages for b in s.layer_bits
         )
-        if allowed and ev.feasible and ev.objective < self.objective:
-            self.tables, self.stages, self.objective = tables, stages, ev.objective
-            return True
+        with self.lock:
+            if allowed and ev.feasible and ev.objective < self.objective:
+                self.tables, self.stages, self.objective = tables, stages, ev.objective
+                return True
         return False
+
+    @contextmanager
+    def _exact_solver(self) -> Iterator[None]:
+        """A second thread for the exact per-layer MILPs, which HiGHS solves without holding
+        the interpreter: they run beside the placements and bounds of the search's own thread,
+        and are waited for on the way out."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pqctl-exact") as pool:
+            self.pool = pool
+            try:
+                yield
+            finally:
+                self.pool = None
 
     @property
     def _orders_enumerable(self) -> bool:
@@ -222,12 +247,10 @@ class _Search:
         return bound >= self.objective * (1 - self.options.mip_rel_gap)
 
     def _left(self) -> float:
-        """Seconds left to the search (or to the step under way, when it has a deadline)."""
-        now = time.perf_counter()
-        left = self.options.time_limit_s - (now - self.started)
+        left = self.options.time_limit_s - (time.perf_counter() - self.started)
         if left <= 0:
             self.tally.timed_out = True
-        return min(left, self.until - now)
+        return left
 
     def _solve_options(self) -> SolveOptions:
         """HiGHS checks its clock between steps and can run a few tenths of a second past its
@@ -236,11 +259,14 @@ class _Search:
         limit = max(left * 0.95 - 0.05, 1e-3)
         return SolveOptions(limit, o.mip_rel_gap, self.objective * (1 + 1e-9), o.verbose)
 
-    def _solved(self, extra: int = 0) -> None:
-        self.tally.milps += 1
-        self.total = max(self.total + extra, self.tally.milps)
+    def _solved(self, extra: int = 0, finished: bool = True) -> None:
+        with self.lock:
+            self.tally.milps += 1
+            self.tally.timed_out |= not finished
+            self.total = max(self.total + extra, self.tally.milps)
+            done, total = self.tally.milps, self.total
         if self.progress is not None:
-            self.progress(self.tally.milps, self.total)
+            self.progress(done, total)
 
     # ---------------------------------------------------------------- placement
 
@@ -257,7 +283,6 @@ class _Search:
         return sorted(pairs, key=lambda p: p.bound)
 
     def _place(self, pairs: Sequence[_Pair], form: QualityForm) -> None:
-        first = next((p for p in pairs if not self._beaten(p.bound)), None)
         for pair in pairs:
             if self._beaten(pair.bound):
                 self.tally.pruned_pairs += 1
@@ -265,18 +290,17 @@ class _Search:
             if self._left() <= 0:
                 return
             result = pair.milp.solve(self._solve_options())
-            self._solved()
+            self._solved(finished=result.solved.finished)
             pair.bound = max(pair.bound, result.solved.dual_bound)
             pair.solved = True
-            self.tally.timed_out |= not result.solved.finished
             if result.placement is not None:
                 pair.placement = result.placement
                 tables = pair.tables.reordered(result.placement.order)
                 self.offer(tables, _stages(tables, result.placement.counts, form))
                 if form != "count":
                     self._fit_ranges(pair.tables, result.placement)
-            if pair is first and not self._beaten(pair.bound) and not self.tally.timed_out:
-                self._refine_first(pair, form)
+            if not self._beaten(pair.bound) and not self.tally.timed_out:
+                self._refine_chosen(pair)
 
     def _fit_ranges(self, tables: CostTables, placement: Placement) -> None:
         """Per-layer plans on the placement's devices: the precisions chosen again layer by
@@ -291,7 +315,7 @@ class _Search:
                 return False
             milp = PartitionMilp(used, None, interchangeable, "free", sizes)
             result = milp.solve(self._solve_options())
-            self._solved(extra=1)
+            self._solved(extra=1, finished=result.solved.finished)
             return result.stages is not None and self.offer(used, result.stages)
 
         sizes = [sum(c) for c in placement.counts]
@@ -307,69 +331,62 @@ class _Search:
 
     # ---------------------------------------------------------------- refinement
 
-    def _refine_first(self, pair: _Pair, form: QualityForm) -> None:
-        """Refine a pair right after its placement, so that the next pairs are cut off by the
-        refined incumbent, with half the time left: if that is not enough, the pair's
-        refinement waits until every pair has its placement bound (and is tried again only
-        with more time than it had here)."""
-        timed_out = self.tally.timed_out
-        pair.refined_within_s = self._left() / 4
-        self.until = time.perf_counter() + pair.refined_within_s
-        try:
-            self._refine(pair, form)
-            cut_short = self.tally.timed_out or time.perf_counter() >= self.until
-        finally:
-            self.until = math.inf
-        if cut_short and self._left() > 0:  # out of its half, not of the search's time
-            self.tally.timed_out = timed_out
-        else:
-            pair.refined_within_s = math.inf
-
-    def _refine(self, pair: _Pair, form: QualityForm) -> None:
-        """Fixed-order MILPs for a pair whose bound still leaves a gap."""
-        cluster = self.problem.cluster
-        exhaustive = self._orders_enumerable
-        self.tally.refinement = (
-            f"{cluster.count_pipeline_orders()} device orders enumerated"
-            if exhaustive
-            else "refined on the chosen order"
-        )
-        if not exhaustive:
-            if pair.placement is not None:
-                used = pair.placement.order[: len(pair.placement.counts)]
-                self._per_layer(pair.tables.reordered(used))
+    def _refine_chosen(self, pair: _Pair) -> None:
+        """The exact per-layer MILP of the order the pair's placement chose, queued on the
+        second thread right after the placement, while the search goes on placing pairs."""
+        if pair.placement is None:
             return
+        cluster = self.problem.cluster
+        if not self._orders_enumerable:
+            self.tally.refinement = "refined on the chosen order"
+            used = pair.placement.order[: len(pair.placement.counts)]
+            self._per_layer_later(pair, pair.tables.reordered(used), -math.inf)
+            return
+        self.tally.refinement = f"{cluster.count_pipeline_orders()} device orders enumerated"
         orders = cluster.pipeline_orders()
-        position = {d.key: j for j, d in enumerate(cluster.devices)}
-        chosen = None
-        if pair.placement is not None:
-            used_devices = [cluster.devices[j] for j in pair.placement.order]
-            chosen = _first_covering(orders, used_devices[: len(pair.placement.counts)])
+        first = pair.placement.order[: len(pair.placement.counts)]
+        pair.chosen = _first_covering(orders, [cluster.devices[j] for j in first])
+        if pair.chosen is not None:
+            self.tally.orders += 1
+            tables = self._in_order(pair, orders[pair.chosen])
+            self._per_layer_later(pair, tables, pair.bound)  # the pair's bound: that order's
+
+    def _bound_other_orders(self, pair: _Pair, form: QualityForm) -> None:
+        """Every other pipeline order of a pair bounded on its own (solved per layer later
+        where that bound leaves room); the least of them is kept once every order has one."""
         bounds = []
-        for k, order in enumerate(orders):
+        for k, order in enumerate(self.problem.cluster.pipeline_orders()):
+            if k == pair.chosen:
+                continue
             if self._left() <= 0:
                 return
-            tables = pair.tables.reordered([position[d.key] for d in order])
             self.tally.orders += 1
-            if k == chosen:  # the placement's own order: its placement bound is the pair's
-                bounds.append(self._per_layer(tables, pair.bound))
-            else:
-                bounds.append(self._bounded(tables, form))
-        pair.bound = max(pair.bound, min(bounds, default=math.inf))
+            bounds.append(self._bounded(pair, self._in_order(pair, order), form))
+        pair.bounded = min(bounds, default=math.inf)
 
-    def _bounded(self, tables: CostTables, form: QualityForm) -> float:
-        """One fixed order in the count or envelope form (exact in the count form), then, per
-        layer, solved exactly where that bound leaves room; returns the order's bound."""
+    def _in_order(self, pair: _Pair, order: Sequence[DeviceSpec]) -> CostTables:
+        position = {d.key: j for j, d in enumerate(self.problem.cluster.devices)}
+        return pair.tables.reordered([position[d.key] for d in order])
+
+    def _bounded(self, pair: _Pair, tables: CostTables, form: QualityForm) -> float:
+        """One fixed order in the count or envelope form (exact in the count form); per layer,
+        where that bound leaves room, the order is solved exactly later. Returns the bound
+        known now."""
         milp = PartitionMilp(tables, None, _interchangeable(tables.devices), quality=form)
         result = milp.solve(self._solve_options())
-        self._solved(extra=1)
+        self._solved(extra=1, finished=result.solved.finished)
         if result.stages is not None:
             self.offer(tables, result.stages)
-        self.tally.timed_out |= not result.solved.finished
         if form == "count" or self._beaten(result.dual_bound):
             self.tally.pruned_orders += form != "count"
             return result.dual_bound
-        return self._per_layer(tables, result.dual_bound)
+        self._per_layer_later(pair, tables, result.dual_bound)
+        return math.inf
+
+    def _per_layer_later(self, pair: _Pair, tables: CostTables, bound: float) -> None:
+        """Queue the exact per-layer MILP of one order on the second thread."""
+        assert self.pool is not None
+        pair.exact.append(self.pool.submit(self._per_layer, tables, bound))
 
     def _per_layer(self, tables: CostTables, bound: float = -math.inf) -> float:
         """The exact per-layer MILP of one order; returns its bound (``bound`` when layers
@@ -377,18 +394,23 @@ class _Search:
         group = _group_size(tables, self.options)
         units = LayerUnits.grouped(tables, group)
         columns = len(units.sizes) * tables.num_devices * (len(tables.bits) + 1)
+        if self._beaten(bound):  # the incumbent improved while this waited
+            with self.lock:
+                self.tally.pruned_orders += 1
+            return bound
         if self._left() < 2 * columns / _COLUMNS_BUILT_PER_S:
             self.tally.timed_out = True
             return bound
-        self.tally.refined_orders += 1
-        self.tally.layer_group = max(self.tally.layer_group, group)
+        with self.lock:
+            self.tally.refined_orders += 1
+            self.tally.layer_group = max(self.tally.layer_group, group)
+            same = self.tables is not None and self.tables.devices == tables.devices
+            warm = self.stages if same else None
         exact = PartitionMilp(tables, units, _interchangeable(tables.devices))
-        same = self.tables is not None and self.tables.devices == tables.devices
-        result = exact.solve(self._solve_options(), self.stages if same else None)
-        self._solved(extra=1)
+        result = exact.solve(self._solve_options(), warm)
+        self._solved(extra=1, finished=result.solved.finished)
         if result.stages is not None:
             self.offer(tables, result.stages)
-        self.tally.timed_out |= not result.solved.finished
         return max(bound, result.dual_bound) if group == 1 else bound
 
 

@@ -90,7 +90,7 @@ def test_excluding_a_device_changes_the_plan() -> None:
         (
             ["--local", "--cluster", str(CLUSTERS / "cluster-01.toml")],
             2,
-            "--local and --cluster exclude each other",
+            "--local, --cluster and --ray exclude each other",
         ),
         (["--quality", "2"], 2, "--quality: 2.0 is outside [0, 1]"),
         (["--batch", "0"], 2, "--batch: must be a positive integer, got 0"),
