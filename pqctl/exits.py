@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from planner.plan import Plan, PlanValidationError
 
@@ -19,7 +20,9 @@ EXIT_INTERRUPTED = 130
 
 def fail(title: str, message: str, code: int) -> typer.Exit:
     """Print ``error: title: message`` on stderr; the exception to raise with ``code``."""
-    Console(stderr=True).print(f"[bold red]error:[/] {title}: {message}", highlight=False)
+    Console(stderr=True).print(
+        f"[bold red]error:[/] {escape(title)}: {escape(message)}", highlight=False
+    )
     return typer.Exit(code)
 
 

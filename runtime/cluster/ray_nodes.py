@@ -21,15 +21,13 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 RAY_INSTALL_HINT = "install Ray with: pip install 'pqctl[ray]'"
 HOST_RESOURCE_PREFIX = "pqctl-host-"
-CURRENT_CLUSTER_FILE = Path("/tmp/ray/ray_current_cluster")
-"""Where ``ray start --head`` records the address of the head it started."""
 
 _ADDRESS = re.compile(r"^(?P<host>[A-Za-z0-9_.\-\[\]:]+):(?P<port>\d{1,5})$")
 PING_SIZES = (4 * 1024, 1024**2, 8 * 1024**2)
@@ -73,8 +71,9 @@ def resolve_address(address: str) -> str:
     head this machine started (``ray start --head``)."""
     if address == "auto":
         found = os.environ.get("RAY_ADDRESS", "").strip()
-        if not found and CURRENT_CLUSTER_FILE.is_file():
-            found = CURRENT_CLUSTER_FILE.read_text().strip()
+        recorded = current_cluster_file()
+        if not found and recorded.is_file():
+            found = recorded.read_text().strip()
         if not found:
             raise RayClusterError(
                 "--ray auto: RAY_ADDRESS is not set and no Ray head was started on this machine; "
@@ -86,6 +85,13 @@ def resolve_address(address: str) -> str:
     if match is None or not 0 < int(match["port"]) < 65536:
         raise RayClusterError(f'--ray: "{address}" is not HOST:PORT (e.g. 10.0.0.1:6379) or auto')
     return address
+
+
+def current_cluster_file() -> Path:
+    """Where ``ray start --head`` records the address of the head it started: ``ray`` under
+    ``RAY_TMPDIR``, else ``TMPDIR``, else ``/tmp`` (Ray's own rule)."""
+    temp = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    return Path(temp) / "ray" / "ray_current_cluster"
 
 
 def check_reachable(address: str, timeout_s: float = 3.0) -> None:
@@ -134,23 +140,25 @@ def connected(address: str) -> Iterator[str]:
 
 
 def alive_nodes() -> list[RayNode]:
-    """Every alive node, named as the module docstring says, in the order of their names."""
-    ray = _ray()
-    raw = sorted((n for n in ray.nodes() if n.get("Alive")), key=lambda n: n["NodeID"])
-    named: list[tuple[str, dict[str, Any]]] = []
-    for node in raw:
-        labels = [r for r in node["Resources"] if r.startswith(HOST_RESOURCE_PREFIX)]
+    """Every alive node of the connected cluster, named as the module docstring says."""
+    return name_nodes(n for n in _ray().nodes() if n.get("Alive"))
+
+
+def name_nodes(raw: Iterable[Mapping[str, Any]]) -> list[RayNode]:
+    """Nodes as ``ray.nodes()`` lists them, named (module docstring), in the order of names."""
+    named = []
+    for node in sorted(raw, key=lambda n: n["NodeID"]):
+        labels = sorted(r for r in node["Resources"] if r.startswith(HOST_RESOURCE_PREFIX))
         base = labels[0][len(HOST_RESOURCE_PREFIX) :] if labels else node["NodeManagerHostname"]
         named.append((_safe_host_name(base), node))
     seen: dict[str, int] = {}
     nodes = []
     for base, node in named:
         seen[base] = seen.get(base, 0) + 1
-        host = base if seen[base] == 1 else f"{base}-{seen[base]}"
         nodes.append(
             RayNode(
                 node_id=node["NodeID"],
-                host=host,
+                host=base if seen[base] == 1 else f"{base}-{seen[base]}",
                 hostname=node["NodeManagerHostname"],
                 ip=node["NodeManagerAddress"],
                 resources=dict(node["Resources"]),
