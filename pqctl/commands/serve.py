@@ -96,20 +96,31 @@ def apply(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the deployment's state as JSON once serving.")
     ] = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Start each stage on its host through the Ray cluster at HOST:PORT (or auto); "
+            "the gateway runs here. Needs pip install 'pqctl[ray]'.",
+        ),
+    ] = None,
 ) -> None:
-    """Serve a plan on this host: one process per stage, a gateway for clients.
+    """Serve a plan: one process per stage (here, or on its host with --ray), a gateway here.
 
     Then, unless --detach, a live table of measured vs predicted tokens/s per stage until Ctrl-C.
     """
     plan = load_plan(plan_file)
     name = _check_name(name)
     remote = [s for s in plan.stages if s.device.host not in _local_hosts()]
-    if remote:
+    if ray is not None:
+        ray = _check_ray_hosts(ray, plan)
+    elif remote:
         hosts = ", ".join(sorted({s.device.host for s in remote}))
         raise fail(
             "cannot start stages",
             f"the plan puts stages on {hosts}, not this host ({socket.gethostname()}); "
-            "multi-host launch needs pqctl agent on each host. Plan with --local to serve here.",
+            "start them through Ray (pqctl apply --ray HOST:PORT), or plan with --local to "
+            "serve here.",
             EXIT_BAD_INPUT,
         )
     try:
@@ -129,7 +140,7 @@ def apply(
         except ValueError as exc:
             raise fail("bad keys", str(exc), EXIT_BAD_INPUT) from exc
     console = Console(stderr=True)
-    process, log = _start_gateway(plan_file, name, endpoint, keys, restarts)
+    process, log = _start_gateway(plan_file, name, endpoint, keys, restarts, ray)
     state = _wait_for_state(process, name, log)
     monitor = Monitor(state.status_endpoint, CurveKeys.load(keys, "client") if keys else None)
     try:
@@ -168,14 +179,35 @@ def _state_dict(state: DeploymentState) -> dict[str, Any]:
     return asdict(state)
 
 
+def _check_ray_hosts(address: str, plan: Plan) -> str:
+    """The resolved Ray address, once Ray answers there and has every host of the plan (exit 2
+    naming the address or the hosts otherwise)."""
+    from runtime.cluster.ray_nodes import RayClusterError, connected
+    from runtime.serve.ray_launcher import RayLaunchError, nodes_for
+
+    try:
+        with connected(address) as resolved:
+            nodes_for(plan)
+    except RayClusterError as exc:
+        raise fail("Ray cluster", str(exc), EXIT_BAD_INPUT) from exc
+    except RayLaunchError as exc:
+        raise fail(exc.title, str(exc), EXIT_BAD_INPUT) from exc
+    return resolved
+
+
 def _start_gateway(
-    plan_file: Path, name: str, endpoint: str, keys: Path | None, restarts: int = 3
+    plan_file: Path,
+    name: str,
+    endpoint: str,
+    keys: Path | None,
+    restarts: int = 3,
+    ray: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], Path]:
     logs = state_dir() / "logs" / name
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / "gateway.log"
     keys = keys.resolve() if keys is not None else None
-    launch = GatewayLaunch(plan_file.resolve(), name, endpoint, restarts, keys)
+    launch = GatewayLaunch(plan_file.resolve(), name, endpoint, restarts, keys, ray)
     return start_gateway(launch, log), log
 
 

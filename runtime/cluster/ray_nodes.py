@@ -108,7 +108,8 @@ def check_reachable(address: str, timeout_s: float = 3.0) -> None:
         ) from exc
 
 
-def _ray() -> Any:
+def ray_module() -> Any:
+    """The ray package (imported on first use; a clear error naming the extra when absent)."""
     try:
         import ray
     except ImportError as exc:
@@ -118,13 +119,18 @@ def _ray() -> Any:
     return ray
 
 
+def node_ip() -> str:
+    """The address of the Ray node this process runs on."""
+    return str(ray_module().util.get_node_ip_address())
+
+
 @contextlib.contextmanager
 def connected(address: str) -> Iterator[str]:
     """Connected to the Ray cluster at ``address`` (or ``auto``) for the duration; yields the
     resolved address. Starts no Ray process of its own."""
     resolved = resolve_address(address)
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # before Ray's core starts
-    ray = _ray()
+    ray = ray_module()
     check_reachable(resolved)
     ray.init(
         address=resolved,
@@ -141,7 +147,7 @@ def connected(address: str) -> Iterator[str]:
 
 def alive_nodes() -> list[RayNode]:
     """Every alive node of the connected cluster, named as the module docstring says."""
-    return name_nodes(n for n in _ray().nodes() if n.get("Alive"))
+    return name_nodes(n for n in ray_module().nodes() if n.get("Alive"))
 
 
 def name_nodes(raw: Iterable[Mapping[str, Any]]) -> list[RayNode]:
@@ -187,7 +193,7 @@ def run_on_each(
 ) -> list[Any]:
     """``function(*args_for(node))`` on every node at once, each pinned to its node; results in
     the order of ``nodes``. A node that does not answer within ``timeout_s`` is named."""
-    ray = _ray()
+    ray = ray_module()
     task = ray.remote(num_cpus=0, max_retries=0)(function)
     refs = [task.options(scheduling_strategy=pinned(n)).remote(*args_for(n)) for n in nodes]
     ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
@@ -289,7 +295,7 @@ def measure_links(
 ) -> dict[frozenset[str], LinkFit]:
     """The link between every two hosts (one node per host), one pair at a time so that pairs
     do not share the wire while measured."""
-    ray = _ray()
+    ray = ray_module()
     actor = ray.remote(num_cpus=0, max_restarts=0)(PingEnd)
     ends = {n.host: actor.options(scheduling_strategy=pinned(n)).remote() for n in nodes}
     links: dict[frozenset[str], LinkFit] = {}

@@ -486,7 +486,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", type=Path, required=True)
     parser.add_argument("--name", default="default")
     parser.add_argument("--endpoint", default="tcp://127.0.0.1:7460", help="client ROUTER endpoint")
-    parser.add_argument("--bind-host", default="127.0.0.1", help="address stage sockets bind to")
+    parser.add_argument(
+        "--bind-host",
+        default=None,
+        help="address the gateway's stage-facing sockets bind to (default 127.0.0.1; with "
+        "--ray, this node's address)",
+    )
+    parser.add_argument(
+        "--ray", default=None, help="start stages through the Ray cluster at this address"
+    )
     parser.add_argument("--keys", type=Path, default=None, help="CURVE key directory")
     parser.add_argument("--beat-timeout", type=float, default=30.0)
     parser.add_argument(
@@ -499,14 +507,33 @@ def main(argv: list[str] | None = None) -> int:
         help="stage compute: the platform's kernels, or dequantized weights (for checking)",
     )
     args = parser.parse_args(argv)
+    if args.ray is None:
+        return _serve(args, LocalLauncher(), args.bind_host or "127.0.0.1")
+    from runtime.cluster.ray_nodes import RayClusterError, connected, node_ip
+    from runtime.serve.ray_launcher import RayLauncher
+
+    try:
+        with connected(args.ray):
+            try:
+                launcher = RayLauncher(Plan.load(args.plan), args.plan, args.keys)
+            except (RuntimeFailure, PlanValidationError, OSError) as exc:
+                print(f"error: {getattr(exc, 'title', 'cannot start')}: {exc}", file=sys.stderr)
+                return 1
+            return _serve(args, launcher, args.bind_host or node_ip())
+    except RayClusterError as exc:
+        print(f"error: Ray cluster: {exc}", file=sys.stderr)
+        return 1
+
+
+def _serve(args: argparse.Namespace, launcher: Launcher, bind_host: str) -> int:
     try:
         gateway = Gateway(
             args.plan,
             args.name,
             args.endpoint,
-            LocalLauncher(),
+            launcher,
             keys_dir=args.keys,
-            bind_host=args.bind_host,
+            bind_host=bind_host,
             beat_timeout_s=args.beat_timeout,
             impl=args.impl,
             max_restarts=args.restarts,

@@ -3,8 +3,8 @@ stage can be started on another host.
 
 :func:`start_gateway` starts ``python -m runtime.serve.gateway`` for ``pqctl apply`` and the
 dashboard alike. :class:`LocalLauncher` starts each stage as a child process of the gateway on
-this host. A multi-host launcher (``pqctl agent``) implements the same :class:`Launcher`
-protocol by asking the stage's host to start it.
+this host; :class:`runtime.serve.ray_launcher.RayLauncher` (``--ray``) implements the same
+:class:`Launcher` protocol with a Ray actor on the stage's host.
 """
 
 from __future__ import annotations
@@ -184,6 +184,7 @@ class GatewayLaunch:
     endpoint: str
     restarts: int | None = None  # restarts of a failed stage (None: the gateway's default)
     keys: Path | None = None
+    ray: str | None = None  # start stages through the Ray cluster at this address
 
     def argv(self) -> list[str]:
         args = [sys.executable, "-m", "runtime.serve.gateway", "--plan", str(self.plan)]
@@ -192,6 +193,8 @@ class GatewayLaunch:
             args += ["--restarts", str(self.restarts)]
         if self.keys is not None:
             args += ["--keys", str(self.keys)]
+        if self.ray is not None:
+            args += ["--ray", self.ray]
         return args
 
 

@@ -1,0 +1,247 @@
+"""Stage workers on the hosts of a Ray cluster: the :class:`~runtime.serve.launcher.Launcher`
+the gateway uses with ``--ray``.
+
+Each stage is a Ray actor placed on the node of its plan host (node affinity, not soft), asking
+Ray for its device (``num_gpus=1`` for a GPU stage, so Ray's accounting keeps other work off
+it) and no CPU (a CPU stage's kernels get threads: the node's CPUs shared among the CPU stages
+placed there). The actor writes what the stage needs onto its node (the plan, and the CURVE
+key files when the deployment has keys, in a private directory), checks that the model path
+exists there, and starts the same worker process a local stage runs (``python -m
+runtime.serve.worker``), bound to the node's address; that process dies with the actor. The
+stage's pid is the worker's; killing it (or the actor) ends the stage, which the gateway sees
+on its next poll and relaunches through Ray on the same node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from planner.plan import Plan
+from runtime.cluster.ray_nodes import RayNode, alive_nodes, node_ip, pinned, ray_module
+from runtime.errors import RuntimeFailure
+from runtime.serve.launcher import StageLaunch, child_env
+
+ACTOR_START_TIMEOUT_S = 120.0
+_PR_SET_PDEATHSIG = 1
+
+
+class RayLaunchError(RuntimeFailure):
+    """A stage cannot be placed: its host is not in the Ray cluster, or the node refused it."""
+
+    title = "cannot start stage"
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: SIGKILL when the actor process that started it dies."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class StageActor:
+    """Runs on the stage's node (as a Ray actor): starts the worker and reports on it."""
+
+    def __init__(
+        self,
+        launch: StageLaunch,
+        plan_text: str,
+        key_files: dict[str, bytes],
+        cuda_index: int | None,
+    ) -> None:
+        self.ip = node_ip()
+        self.dir = Path(tempfile.mkdtemp(prefix="pqctl-stage-"))
+        self.dir.chmod(0o700)
+        plan = self.dir / "plan.json"
+        plan.write_text(plan_text)
+        keys = None
+        if key_files:
+            keys = self.dir / "keys"
+            for name, data in key_files.items():
+                path = keys / name
+                path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+                path.write_bytes(data)
+                path.chmod(0o600)
+        checkpoint = launch.checkpoint
+        if checkpoint is not None and not checkpoint.exists():
+            raise RayLaunchError(
+                f"the model path {checkpoint} does not exist on this host "
+                f"({os.uname().nodename}, {self.ip}); put the checkpoint at the same path on "
+                "every host, or plan a hub id"
+            )
+        here = StageLaunch(
+            plan=plan,
+            stage=launch.stage,
+            control=launch.control,
+            bind_host=self.ip,
+            checkpoint=checkpoint,
+            keys=keys,
+            log=self.dir / "stage.log",
+            impl=launch.impl,
+            threads=launch.threads,
+        )
+        env = child_env()
+        env.pop("CUDA_VISIBLE_DEVICES", None)  # the plan names the device: cuda:<index>
+        if cuda_index is None:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        if launch.threads is not None:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(launch.threads)
+        with open(self.dir / "stage.log", "ab") as out:
+            self.process = subprocess.Popen(
+                here.argv(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
+
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait(self) -> int:
+        """Blocks until the worker exits; its exit code."""
+        return self.process.wait()
+
+    def signal(self, number: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.send_signal(number)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = (self.dir / "stage.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+class RayStage:
+    """A started stage on a Ray node, as the gateway sees it (:class:`StageHandle`)."""
+
+    def __init__(self, actor: Any, host: str, pid: int, log: Path | None) -> None:
+        self._ray, self.actor, self.host, self._pid, self.log = ray_module(), actor, host, pid, log
+        self._waiting = actor.wait.remote()
+        self._code: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    def exit_code(self) -> int | None:
+        if self._code is None:
+            ready, _ = self._ray.wait([self._waiting], timeout=0)
+            if ready:
+                try:
+                    self._code = int(self._ray.get(self._waiting))
+                except self._ray.exceptions.RayError:
+                    self._code = -int(signal.SIGKILL)  # the actor died with its worker
+                self._keep_log()
+        return self._code
+
+    def terminate(self) -> None:
+        if self._code is None:
+            with contextlib.suppress(self._ray.exceptions.RayError):
+                self.actor.signal.remote(int(signal.SIGTERM))
+
+    def kill(self) -> None:
+        self._keep_log()
+        self._ray.kill(self.actor, no_restart=True)
+        if self._code is None:
+            self._code = -int(signal.SIGKILL)
+
+    def _keep_log(self) -> None:
+        """The worker's log, copied next to the gateway's logs before the actor goes."""
+        if self.log is None:
+            return
+        with contextlib.suppress(self._ray.exceptions.RayError, OSError):
+            tail = self._ray.get(self.actor.log_tail.remote(200), timeout=5)
+            with open(self.log, "a") as out:
+                out.write(f"--- stage log on {self.host} ---\n{tail}\n")
+
+
+class RayLauncher:
+    """Starts each stage of ``plan`` through a Ray actor on its host's node (module docstring).
+
+    Raises:
+        RayLaunchError: a stage's host is not an alive node of the connected Ray cluster.
+    """
+
+    def __init__(self, plan: Plan, plan_path: Path, keys_dir: Path | None) -> None:
+        self.plan = plan
+        self.plan_text = plan_path.read_text()
+        self.key_files = _key_files(keys_dir) if keys_dir is not None else {}
+        self.nodes = nodes_for(plan)
+        cpu_stages = Counter(s.device.host for s in plan.stages if s.device.index < 0)
+        self.threads = {
+            host: max(1, self.nodes[host].cpus // count) for host, count in cpu_stages.items()
+        }
+
+    def start(self, launch: StageLaunch) -> RayStage:
+        ray = ray_module()
+
+        stage = self.plan.stages[launch.stage]
+        host, index = stage.device.host, stage.device.index
+        node = nodes_for(self.plan, hosts=[host])[host]  # still alive (a restart after a loss)
+        threads = self.threads.get(host) if index < 0 else None
+        actor_class = ray.remote(max_restarts=0, max_concurrency=4)(StageActor)
+        actor = actor_class.options(
+            scheduling_strategy=pinned(node),
+            num_cpus=0,
+            num_gpus=1 if index >= 0 else 0,
+            name=None,
+        ).remote(
+            replace(launch, threads=threads),
+            self.plan_text,
+            self.key_files,
+            index if index >= 0 else None,
+        )
+        try:
+            pid = int(ray.get(actor.pid.remote(), timeout=ACTOR_START_TIMEOUT_S))
+        except ray.exceptions.GetTimeoutError as exc:
+            ray.kill(actor, no_restart=True)
+            raise RayLaunchError(
+                f"stage {launch.stage} on {host}: Ray did not start it within "
+                f"{ACTOR_START_TIMEOUT_S:g} s (is a GPU free there?)"
+            ) from exc
+        except ray.exceptions.RayError as exc:
+            raise RayLaunchError(f"stage {launch.stage} on {host}: {_cause(exc)}") from exc
+        return RayStage(actor, host, pid, launch.log)
+
+
+def nodes_for(plan: Plan, hosts: list[str] | None = None) -> dict[str, RayNode]:
+    """The alive node of every host the plan (or ``hosts``) names.
+
+    Raises:
+        RayLaunchError: naming the hosts Ray does not have, and those it has.
+    """
+    nodes = {n.host: n for n in alive_nodes()}
+    wanted = hosts if hosts is not None else sorted({s.device.host for s in plan.stages})
+    missing = [h for h in wanted if h not in nodes]
+    if missing:
+        raise RayLaunchError(
+            f"the plan puts stages on {', '.join(missing)}, which the Ray cluster does not have "
+            f"(its hosts: {', '.join(sorted(nodes)) or 'none'}); re-plan with pqctl plan --ray"
+        )
+    return {h: nodes[h] for h in wanted}
+
+
+def _cause(exc: Exception) -> str:
+    """The stage's own error when the actor's constructor raised one."""
+    cause = getattr(exc, "cause", None)
+    return str(cause) if isinstance(cause, Exception) else str(exc).splitlines()[0]
+
+
+def _key_files(directory: Path) -> dict[str, bytes]:
+    """A deployment's key files (what a stage reads), relative path → content."""
+    wanted = ["server.key", "server.key_secret", "client.key", "client.key_secret"]
+    files = {name: (directory / name).read_bytes() for name in wanted}
+    for path in sorted((directory / "authorized").glob("*.key")):
+        files[f"authorized/{path.name}"] = path.read_bytes()
+    return files
