@@ -1,0 +1,206 @@
+"""`pqctl apply --ray` as an operator runs it: a real 3-node Ray cluster in a network namespace
+of its own (``tests.ray_cluster``), a stage on each host, CURVE keys on every socket, the CLI's
+own processes (``apply``, ``generate``, ``stop``), greedy tokens against transformers, and a
+stage process killed with SIGKILL in the middle of a generation."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from planner.plan import Plan
+from runtime.model.assets import BUILTIN_MODEL_NAME, builtin_model_dir
+from tests.ray_cluster import RayNamespace
+from tests.runtime.serve.plans import serving_plan
+
+pytestmark = pytest.mark.multiproc
+ROOT = Path(__file__).resolve().parents[3]
+PQCTL = [sys.executable, "-m", "pqctl"]
+HOSTS = ("hostA", "hostB", "hostC")
+PROMPTS = ["ROMEO:", "HAMLET:\nTo be, or not to be"]
+
+
+def transformers_greedy(prompt: str, new: int) -> list[int]:
+    directory = builtin_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ids = tokenizer(prompt, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(
+            **ids, max_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    return out[0, ids["input_ids"].shape[1] :].tolist()  # type: ignore[no-any-return]
+
+
+def three_stage_plan() -> Plan:
+    """The built-in model in three stages on CPUs, 16 bits (on this host's loopback names)."""
+    return serving_plan(BUILTIN_MODEL_NAME, [0, 3, 6], batch=4, prefill=2, decode=2, max_new=480)
+
+
+def three_host_plan(directory: Path) -> Path:
+    """The same stages, one on each host of the Ray cluster."""
+    plan = three_stage_plan()
+    stages = tuple(
+        replace(s, device=replace(s.device, host=host))
+        for s, host in zip(plan.stages, HOSTS, strict=True)
+    )
+    path = directory / "plan.json"
+    replace(plan, stages=stages).save(path)
+    return path
+
+
+class Cli:
+    """pqctl commands inside the cluster's namespace, with a state directory of their own."""
+
+    def __init__(self, cluster: RayNamespace, state: Path, keys: Path, name: str = "rayt") -> None:
+        self.cluster, self.keys, self.name = cluster, keys, name
+        self.env = {**cluster.env, "COLUMNS": "200", "PQCTL_STATE_DIR": str(state)}
+
+    def run(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+        return self.cluster.run([*PQCTL, *args], timeout_s=timeout_s, cwd=ROOT, env=self.env)
+
+    def generate(
+        self, prompt: str, new: int, timeout_s: float = 60, as_json: bool = True
+    ) -> list[str]:
+        return [
+            *PQCTL,
+            "generate",
+            "--name",
+            self.name,
+            "--keys",
+            str(self.keys),
+            "--max-new",
+            str(new),
+            "--ignore-eos",
+            "--json" if as_json else "--stream",
+            "--timeout",
+            str(timeout_s),
+            prompt,
+        ]
+
+
+def worker_pid(cluster: RayNamespace, stage: int) -> int:
+    """The stage worker process of ``stage`` in the cluster's namespace."""
+    ours = os.readlink(cluster.namespace)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            same = os.readlink(entry / "ns" / "net") == ours
+        except OSError:
+            continue
+        if (
+            same
+            and b"runtime.serve.worker" in argv
+            and argv[argv.index(b"--stage") + 1] == str(stage).encode()
+        ):
+            return int(entry.name)
+    raise AssertionError(f"no worker of stage {stage} in the namespace")
+
+
+def tokens(done: subprocess.CompletedProcess[str]) -> list[int]:
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.splitlines()[0])["token_ids"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def one_host_tokens(ray_cluster: RayNamespace, tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[type-arg]
+    """Greedy tokens of the same three stages served on one host by pqctl apply (no Ray)."""
+    directory = tmp_path_factory.mktemp("one-host")
+    keys = directory / "keys"
+    cli = Cli(ray_cluster, directory / "state", keys, name="local")
+    assert cli.run("keys", "init", str(keys)).returncode == 0
+    three_stage_plan().save(directory / "plan.json")
+    started = cli.run(
+        "apply", str(directory / "plan.json"), "--detach", "--name", "local",
+        "--keys", str(keys), "--endpoint", "tcp://127.0.0.1:*",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    try:
+        return {
+            p: tokens(cli.cluster.run(cli.generate(p, 12), cwd=ROOT, env=cli.env)) for p in PROMPTS
+        }
+    finally:
+        cli.run("stop", "--name", "local", timeout_s=60)
+
+
+def test_apply_over_ray_serves_exactly_on_three_hosts_and_survives_a_killed_stage(
+    ray_cluster: RayNamespace, tmp_path: Path, one_host_tokens: dict[str, list[int]]
+) -> None:
+    """Tokens equal the same plan served on one host (and transformers where the CPU's 16-bit
+    path computes as transformers does: the first prompt here)."""
+    keys = tmp_path / "keys"
+    cli = Cli(ray_cluster, tmp_path / "state", keys)
+    assert cli.run("keys", "init", str(keys)).returncode == 0
+    plan = three_host_plan(tmp_path)
+    started = cli.run(
+        "apply", str(plan), "--ray", ray_cluster.address, "--detach", "--name", "rayt",
+        "--keys", str(keys), "--endpoint", "tcp://127.0.0.1:*",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    try:
+        assert "serving bard-tiny (3 stages)" in started.stderr + started.stdout
+        for prompt in PROMPTS:  # greedy, through the CLI, CURVE on every socket
+            done = cli.cluster.run(cli.generate(prompt, 12), cwd=ROOT, env=cli.env)
+            assert tokens(done) == one_host_tokens[prompt], prompt
+        assert one_host_tokens[PROMPTS[0]] == transformers_greedy(PROMPTS[0], 12)
+
+        long = ray_cluster.popen(
+            cli.generate("ROMEO:", 470, timeout_s=60, as_json=False),
+            cwd=ROOT,
+            env=cli.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert long.stdout is not None
+        ready, _, _ = select.select([long.stdout], [], [], 60)
+        assert ready and long.stdout.read(1), "no token streamed"  # the request is in flight
+        victim = worker_pid(ray_cluster, 1)
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        _, err = long.communicate(timeout=30)
+        assert time.monotonic() - killed <= 3.0, "the in-flight request was not failed in 3 s"
+        assert long.returncode != 0
+        assert "stage 1" in err and "hostB" in err, err
+
+        deadline, answered = time.monotonic() + 120, None
+        while time.monotonic() < deadline:  # restarted by Ray on hostB, no operator action
+            done = cli.cluster.run(cli.generate(PROMPTS[0], 12), cwd=ROOT, env=cli.env)
+            if done.returncode == 0:
+                answered = done
+                break
+            time.sleep(1)
+        assert answered is not None, "no answer after the stage was killed"
+        assert tokens(answered) == one_host_tokens[PROMPTS[0]]
+        assert worker_pid(ray_cluster, 1) != victim
+    finally:
+        stopped = cli.run("stop", "--name", "rayt", timeout_s=60)
+    assert stopped.returncode == 0, stopped.stderr
+    time.sleep(1)
+    with pytest.raises(AssertionError, match="no worker"):
+        worker_pid(ray_cluster, 0)
+
+
+def test_apply_over_ray_refuses_a_plan_naming_a_host_ray_does_not_have(
+    ray_cluster: RayNamespace, tmp_path: Path
+) -> None:
+    plan = Plan.load(three_host_plan(tmp_path))
+    stages = (replace(plan.stages[0], device=replace(plan.stages[0].device, host="hostZ")),)
+    moved = replace(plan, stages=stages + plan.stages[1:])
+    moved.save(tmp_path / "moved.json")
+    cli = Cli(ray_cluster, tmp_path / "state", tmp_path / "keys")
+    done = cli.run("apply", str(tmp_path / "moved.json"), "--ray", ray_cluster.address)
+    assert done.returncode == 2
+    assert "hostZ" in done.stderr and "hostA, hostB, hostC" in done.stderr
