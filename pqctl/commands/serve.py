@@ -104,6 +104,15 @@ def apply(
             "the gateway runs here. Needs pip install 'pqctl[ray]'.",
         ),
     ] = None,
+    replan_on_loss: Annotated[
+        bool,
+        typer.Option(
+            "--replan-on-loss",
+            help="With --ray: when a host is lost, re-plan on the hosts left (same model, "
+            "workload and quality target) and serve the new plan; requests meanwhile are "
+            "refused as re-planning.",
+        ),
+    ] = False,
 ) -> None:
     """Serve a plan: one process per stage (here, or on its host with --ray), a gateway here.
 
@@ -112,6 +121,8 @@ def apply(
     plan = load_plan(plan_file)
     name = _check_name(name)
     remote = [s for s in plan.stages if s.device.host not in _local_hosts()]
+    if replan_on_loss and ray is None:
+        raise fail("bad option", "--replan-on-loss needs --ray", EXIT_BAD_INPUT)
     if ray is not None:
         ray = _check_ray_hosts(ray, plan)
     elif remote:
@@ -140,7 +151,7 @@ def apply(
         except ValueError as exc:
             raise fail("bad keys", str(exc), EXIT_BAD_INPUT) from exc
     console = Console(stderr=True)
-    process, log = _start_gateway(plan_file, name, endpoint, keys, restarts, ray)
+    process, log = _start_gateway(plan_file, name, endpoint, keys, restarts, ray, replan_on_loss)
     state = _wait_for_state(process, name, log)
     monitor = Monitor(state.status_endpoint, CurveKeys.load(keys, "client") if keys else None)
     try:
@@ -202,12 +213,13 @@ def _start_gateway(
     keys: Path | None,
     restarts: int = 3,
     ray: str | None = None,
+    replan_on_loss: bool = False,
 ) -> tuple[subprocess.Popen[bytes], Path]:
     logs = state_dir() / "logs" / name
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / "gateway.log"
     keys = keys.resolve() if keys is not None else None
-    launch = GatewayLaunch(plan_file.resolve(), name, endpoint, restarts, keys, ray)
+    launch = GatewayLaunch(plan_file.resolve(), name, endpoint, restarts, keys, ray, replan_on_loss)
     return start_gateway(launch, log), log
 
 

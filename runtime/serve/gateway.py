@@ -21,7 +21,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from runtime.serve.protocol import (
     HARD_FRAME_BYTES,
     INTERNAL,
     PROTOCOL_VERSION,
+    REPLANNING,
     SHUTTING_DOWN,
     STAGE_FAILED,
     CancelRequest,
@@ -58,6 +59,7 @@ from runtime.serve.protocol import (
     pack,
     parse_client_message,
 )
+from runtime.serve.replan import Replanner, stage_summary
 from runtime.serve.scheduler import Layout, Reply, Scheduler, Step
 
 EXIT_STAGE_FAILED = 4
@@ -106,29 +108,13 @@ class Gateway:
         log_dir: Path | None = None,
         impl: str = "auto",
         max_restarts: int = 3,
+        replanner: Replanner | None = None,
     ) -> None:
-        self.plan_path = plan_path.resolve()
-        self.plan = Plan.load(self.plan_path)
         self.name = check_name(name)
-        self.checkpoint = resolve_checkpoint(self.plan.model.source)
-        self.tokenizer, pad_id, eos_ids = load_tokenizer(self.checkpoint)
-        from runtime.model.arch import arch_from_config, read_config
-
-        check_plan_matches(
-            self.plan,
-            arch_from_config(read_config(self.checkpoint), str(self.checkpoint)),
-            str(self.checkpoint),
-        )
-        w, mb = self.plan.workload, self.plan.micro_batching
-        self.limits = Limits(w.prompt_len, w.max_new_tokens)
-        layout = Layout(
-            w.global_batch, mb.prefill_size, mb.decode_size, w.prompt_len, w.max_new_tokens
-        )
-        self.scheduler = Scheduler(layout, self.tokenizer, pad_id, eos_ids)
+        self.replanner, self.replan_note = replanner, ""
+        self._use_plan(plan_path)
         self.launcher, self.bind_host, self.beat_timeout_s = launcher, bind_host, beat_timeout_s
         self.keys_dir, self.impl, self.max_restarts = keys_dir, impl, max_restarts
-        cpu_stages = [i for i, st in enumerate(self.plan.stages) if st.device.index < 0]
-        self.threads = stage_threads(cpu_stages, available_cores())
         keys = CurveKeys.load(keys_dir) if keys_dir else None
         self.log_dir = log_dir or state_dir() / "logs" / name
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -163,6 +149,28 @@ class Gateway:
         )
         self.window_started, self.window_tokens = time.monotonic(), 0
         self.tokens_per_s = 0.0
+
+    def _use_plan(self, plan_path: Path) -> None:
+        """Load a plan and everything that follows from it (at start, and after a re-plan)."""
+        self.plan_path = plan_path.resolve()
+        self.plan = Plan.load(self.plan_path)
+        self.checkpoint = resolve_checkpoint(self.plan.model.source)
+        self.tokenizer, pad_id, eos_ids = load_tokenizer(self.checkpoint)
+        from runtime.model.arch import arch_from_config, read_config
+
+        check_plan_matches(
+            self.plan,
+            arch_from_config(read_config(self.checkpoint), str(self.checkpoint)),
+            str(self.checkpoint),
+        )
+        w, mb = self.plan.workload, self.plan.micro_batching
+        self.limits = Limits(w.prompt_len, w.max_new_tokens)
+        layout = Layout(
+            w.global_batch, mb.prefill_size, mb.decode_size, w.prompt_len, w.max_new_tokens
+        )
+        self.scheduler = Scheduler(layout, self.tokenizer, pad_id, eos_ids)
+        cpu_stages = [i for i, st in enumerate(self.plan.stages) if st.device.index < 0]
+        self.threads = stage_threads(cpu_stages, available_cores())
 
     def _bind(self, kind: int, endpoint: str, keys: CurveKeys | None) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(kind)
@@ -224,6 +232,8 @@ class Gateway:
                     self._on_clients()
                 if self.phase == "serving":
                     self._send_steps(self.scheduler.admit())
+                if self.phase == "replanning":
+                    self._poll_replan()
                 self._check_stages()
                 if self.failure is not None:
                     break
@@ -355,11 +365,59 @@ class Gateway:
         for group in self.scheduler.groups:
             self._reply(self.scheduler.fail_group(group.index, STAGE_FAILED, message))
         stage.handle.kill()
-        stage.handle = self._launch(stage.index)
+        try:
+            stage.handle = self._launch(stage.index)
+        except RuntimeFailure as exc:  # its host is gone
+            self._host_lost(stage, f"{message}; {exc}")
+            return
         stage.state, stage.data, stage.error = "starting", None, reason
         stage.restarts += 1
         stage.last_beat = time.monotonic()
         self.phase = "recovering"
+
+    def _host_lost(self, stage: StageState, message: str) -> None:
+        """A stage cannot be started again where the plan puts it: re-plan on what is left
+        (with a replanner; requests meanwhile are refused as re-planning), else fail."""
+        if self.replanner is None:
+            stage.state, stage.error = "failed", message
+            self._fail(message)
+            return
+        lost = self.plan.stages[stage.index].device.host
+        self.phase = "replanning"
+        self.replan_note = f"lost {lost}: {message}"
+        print(f"re-planning: {self.replan_note}", flush=True)
+        self._reply(self.scheduler.fail_all(REPLANNING, f"re-planning after losing {lost}"))
+        for other in self.stages:
+            self._tell(other.index, {"type": "stop"})
+        stop_all([s.handle for s in self.stages])
+        self.stages = []
+        self.replanner.start(self.plan, [lost])
+
+    def _poll_replan(self) -> None:
+        """Once the planner is done: serve its plan (old and new stages go to the log and the
+        status), or fail with its reason."""
+        assert self.replanner is not None
+        try:
+            new = self.replanner.poll()
+        except RuntimeFailure as exc:
+            self._fail(f"{self.replan_note}; {exc.title}: {exc}")
+            return
+        if new is None:
+            return
+        old = stage_summary(self.plan)
+        self._use_plan(new)
+        self.state = replace(self.state, plan=str(self.plan_path))
+        self.state.save()
+        use = getattr(self.launcher, "use", None)
+        if use is not None:
+            use(self.plan, self.plan_path)
+        self.replan_note = (
+            "re-planned: " + " | ".join(old) + " -> " + " | ".join(stage_summary(self.plan))
+        )
+        print(self.replan_note, flush=True)
+        self.to_first.close(linger=0)
+        self.to_first = self._push()
+        self.start_stages()
 
     # ----------------------------------------------------------------- data path
     def _send_steps(self, steps: list[Step]) -> None:
@@ -412,6 +470,8 @@ class Gateway:
         else:
             if self.phase in ("stopping", "failed"):
                 raise ProtocolError(SHUTTING_DOWN, "the deployment is stopping", None, message.id)
+            if self.phase == "replanning":
+                raise ProtocolError(REPLANNING, self.replan_note, None, message.id)
             ids = self.tokenizer.encode(message.prompt)
             self.scheduler.submit(identity, message, ids)
 
@@ -455,6 +515,7 @@ class Gateway:
             "name": self.name,
             "phase": self.phase,
             "failure": self.failure,
+            "replan": self.replan_note or None,
             "client_endpoint": self.state.client_endpoint,
             "stages": [
                 {
@@ -495,6 +556,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--ray", default=None, help="start stages through the Ray cluster at this address"
     )
+    parser.add_argument(
+        "--replan-on-loss",
+        action="store_true",
+        help="with --ray: when a host is lost, re-plan on the hosts left and serve that plan",
+    )
     parser.add_argument("--keys", type=Path, default=None, help="CURVE key directory")
     parser.add_argument("--beat-timeout", type=float, default=30.0)
     parser.add_argument(
@@ -519,13 +585,21 @@ def main(argv: list[str] | None = None) -> int:
             except (RuntimeFailure, PlanValidationError, OSError) as exc:
                 print(f"error: {getattr(exc, 'title', 'cannot start')}: {exc}", file=sys.stderr)
                 return 1
-            return _serve(args, launcher, args.bind_host or node_ip())
+            replanner = None
+            if args.replan_on_loss:
+                replanner = Replanner(args.ray, state_dir() / "logs" / args.name)
+            return _serve(args, launcher, args.bind_host or node_ip(), replanner)
     except RayClusterError as exc:
         print(f"error: Ray cluster: {exc}", file=sys.stderr)
         return 1
 
 
-def _serve(args: argparse.Namespace, launcher: Launcher, bind_host: str) -> int:
+def _serve(
+    args: argparse.Namespace,
+    launcher: Launcher,
+    bind_host: str,
+    replanner: Replanner | None = None,
+) -> int:
     try:
         gateway = Gateway(
             args.plan,
@@ -537,6 +611,7 @@ def _serve(args: argparse.Namespace, launcher: Launcher, bind_host: str) -> int:
             beat_timeout_s=args.beat_timeout,
             impl=args.impl,
             max_restarts=args.restarts,
+            replanner=replanner,
         )
     except (RuntimeFailure, PlanValidationError, OSError, ValueError) as exc:
         title = getattr(exc, "title", "cannot start")

@@ -185,6 +185,7 @@ class GatewayLaunch:
     restarts: int | None = None  # restarts of a failed stage (None: the gateway's default)
     keys: Path | None = None
     ray: str | None = None  # start stages through the Ray cluster at this address
+    replan_on_loss: bool = False  # with ray: re-plan on the hosts left when one is lost
 
     def argv(self) -> list[str]:
         args = [sys.executable, "-m", "runtime.serve.gateway", "--plan", str(self.plan)]
@@ -195,6 +196,8 @@ class GatewayLaunch:
             args += ["--keys", str(self.keys)]
         if self.ray is not None:
             args += ["--ray", self.ray]
+        if self.replan_on_loss:
+            args.append("--replan-on-loss")
         return args
 
 

@@ -39,6 +39,7 @@ UNKNOWN_ID: Final = "unknown_id"
 OVERLOADED: Final = "overloaded"
 STAGE_FAILED: Final = "stage_failed"
 SHUTTING_DOWN: Final = "shutting_down"
+REPLANNING: Final = "replanning"  # a host was lost; the deployment is being re-planned
 INTERNAL: Final = "internal"
 ERROR_CODES: Final = (
     BAD_MESSAGE,
@@ -53,6 +54,7 @@ ERROR_CODES: Final = (
     OVERLOADED,
     STAGE_FAILED,
     SHUTTING_DOWN,
+    REPLANNING,
     INTERNAL,
 )
 

@@ -174,9 +174,13 @@ class RayLauncher:
     """
 
     def __init__(self, plan: Plan, plan_path: Path, keys_dir: Path | None) -> None:
+        self.key_files = _key_files(keys_dir) if keys_dir is not None else {}
+        self.use(plan, plan_path)
+
+    def use(self, plan: Plan, plan_path: Path) -> None:
+        """Start the stages of this plan from now on (after a re-plan)."""
         self.plan = plan
         self.plan_text = plan_path.read_text()
-        self.key_files = _key_files(keys_dir) if keys_dir is not None else {}
         self.nodes = nodes_for(plan)
         cpu_stages = Counter(s.device.host for s in plan.stages if s.device.index < 0)
         self.threads = {

@@ -204,3 +204,46 @@ def test_apply_over_ray_refuses_a_plan_naming_a_host_ray_does_not_have(
     done = cli.run("apply", str(tmp_path / "moved.json"), "--ray", ray_cluster.address)
     assert done.returncode == 2
     assert "hostZ" in done.stderr and "hostA, hostB, hostC" in done.stderr
+
+
+def test_losing_a_host_replans_on_the_hosts_left_and_serves_exactly_again(
+    tmp_path: Path, one_host_tokens: dict[str, list[int]]
+) -> None:
+    """A cluster of its own (the shared one keeps its three hosts): hostC is removed while
+    serving; with --replan-on-loss the deployment re-plans on hostA and hostB, refuses requests
+    as re-planning meanwhile (none hangs), and serves the same greedy tokens again."""
+    plan = Plan.load(three_host_plan(tmp_path))
+    strict = replace(plan, quality=replace(plan.quality, budget=0.0))  # 16 bits after re-plan
+    strict.save(tmp_path / "plan.json")
+    with RayNamespace(HOSTS) as cluster:
+        cli = Cli(cluster, tmp_path / "state", tmp_path / "keys")
+        assert cli.run("keys", "init", str(cli.keys)).returncode == 0
+        started = cli.run(
+            "apply", str(tmp_path / "plan.json"), "--ray", cluster.address, "--detach",
+            "--replan-on-loss", "--name", "rayt", "--keys", str(cli.keys),
+            "--endpoint", "tcp://127.0.0.1:*",
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        try:
+            done = cluster.run(cli.generate(PROMPTS[0], 12), cwd=ROOT, env=cli.env)
+            assert tokens(done) == one_host_tokens[PROMPTS[0]]
+            cluster.remove("hostC")
+            lost = time.monotonic()
+            refusals, answered = [], None
+            while time.monotonic() - lost < 150:
+                done = cluster.run(cli.generate(PROMPTS[1], 12), cwd=ROOT, env=cli.env)
+                if done.returncode == 0:
+                    answered = done
+                    break
+                refusals.append(done.stderr)
+                time.sleep(0.2)
+            assert answered is not None, refusals[-3:]
+            assert tokens(answered) == one_host_tokens[PROMPTS[1]]
+            assert all("re-planning" in r or "stage 2" in r for r in refusals), refusals
+            state = json.loads(next((tmp_path / "state").glob("*.json")).read_text())
+            replanned = Plan.load(Path(state["plan"]))
+            assert {s.device.host for s in replanned.stages} <= {"hostA", "hostB"}
+            assert all(b == 16 for s in replanned.stages for b in s.layer_bits)
+        finally:
+            stopped = cli.run("stop", "--name", "rayt", timeout_s=60)
+        assert stopped.returncode == 0, stopped.stderr
