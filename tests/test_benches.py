@@ -28,6 +28,7 @@ RESULT_LINES = {
     "serving": r"16-bit, 2 stages +\d+/\d+ +[\d.]+ +[\d.]+ +[\d.]+",
     "costmodel": r"MAPE: prefill [\d.]+ %, decode [\d.]+ %",
     "quality": r"ratio 1 % plan / 16-bit: [\d.]+×",
+    "replan": r"re-plan ÷ plan, \d+ devices: [\d.]+×",
 }
 """Every bench script, and a pattern its ``--quick`` output must contain: the line with its
 result (a ratio, an error), printed only once the whole run has worked."""
