@@ -48,22 +48,29 @@ def dashboard(
         str | None,
         typer.Option(help="Model the dashboard plans (default: the built-in one)."),
     ] = None,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            help="The dashboard over a Ray cluster: HOST:PORT of its head, or auto (every "
+            "node's devices with live figures, plans over them, launch through Ray)."
+        ),
+    ] = None,
 ) -> None:
     """With no command, open the dashboard: cluster, plans, serving and prompts in one terminal
     UI. The commands below do the same from scripts."""
     if ctx.invoked_subcommand is not None:
-        if (theme, cluster, model) != (None, None, None):
+        if (theme, cluster, model, ray) != (None, None, None, None):
             raise fail(
                 "bad option",
-                "--theme, --cluster and --model before a command apply to the dashboard only; "
-                "give the command's own options after its name",
+                "--theme, --cluster, --model and --ray before a command apply to the dashboard "
+                "only; give the command's own options after its name",
                 EXIT_BAD_INPUT,
             )
         return
     from pqctl.tui.app import DashboardError, run_dashboard  # Textual loads only for the UI
 
     try:
-        run_dashboard(theme, cluster, model)
+        run_dashboard(theme, cluster, model, ray)
     except DashboardError as exc:
         raise fail("cannot open the dashboard", str(exc), EXIT_BAD_INPUT) from exc
 

@@ -218,8 +218,17 @@ def profile(
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            help="Profile a Ray cluster instead of this host: one node of each device type "
+            "(HOST:PORT of the head, or auto); the files are written here.",
+        ),
+    ] = None,
 ) -> None:
-    """Measure this host's devices for a model shape and write the profiles pqctl plan uses.
+    """Measure this host's devices (or, with --ray, one of each device type of a Ray cluster)
+    for a model shape and write the profiles pqctl plan uses.
 
     Times one decoder layer per precision (prefill and decode grids), the embedding, the head
     and the activation hop between stages.
@@ -244,6 +253,15 @@ def profile(
         group_size=group_size,
         threads=threads,
     )
+    if ray is not None:
+        if device != "all":
+            raise fail(
+                "bad option",
+                "--device and --ray exclude each other: --ray profiles one device of each type",
+                EXIT_BAD_INPUT,
+            )
+        _profile_over_ray(ray, request, as_json)
+        return
     try:
         with _progress_bar(sys.stderr.isatty()) as progress:
             outcomes = run_profile(request, progress)
@@ -261,3 +279,29 @@ def profile(
         typer.echo(_as_json(outcomes))
     else:
         _render(outcomes)
+
+
+def _profile_over_ray(address: str, request: ProfileRequest, as_json: bool) -> None:
+    from pqctl.ray_profiles import ray_profiles
+    from runtime.cluster.ray_nodes import RayClusterError
+
+    def say(line: str) -> None:
+        Console(stderr=True).print(f"[dim]{line}…[/]", highlight=False)
+
+    try:
+        done = ray_profiles(address, request, say)
+    except RayClusterError as exc:
+        raise fail("Ray cluster", str(exc), EXIT_BAD_INPUT) from exc
+    if as_json:
+        rows = [
+            {"host": r.host, "device": r.device, "device_type": r.device_type, "path": str(r.path)}
+            for r in done
+        ]
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(title="Profiles measured over Ray", title_justify="left")
+    for column in ("device type", "measured on", "file"):
+        table.add_column(column)
+    for r in done:
+        table.add_row(r.device_type, f"{r.host}/{r.device}", str(r.path))
+    Console().print(table)

@@ -86,10 +86,12 @@ class PqctlApp(App[None]):
         *,
         endpoint: str = DEFAULT_ENDPOINT,
         auto_solve: bool = True,
+        ray: str | None = None,
     ) -> None:
         """Raises DashboardError for a theme name that is neither built in nor a user theme."""
         super().__init__()
-        self.session = PlanningSession(cluster)
+        self.ray = ray
+        self.session = PlanningSession(cluster, ray=ray)
         self.model_name = model
         self.endpoint = endpoint
         self.auto_solve = auto_solve
@@ -208,6 +210,9 @@ class PqctlApp(App[None]):
             resolved = self.session.resolved()
         except PlannerError as exc:
             self.post_message(ClusterResolved(None, error=f"{exc.title}: {exc.msg}"))
+            return
+        except Exception as exc:  # reported, never a silently dead worker
+            self.post_message(ClusterResolved(None, error=f"cannot read the cluster: {exc!r}"))
             return
         try:
             sources = self.session.sources(self.model_name)
@@ -333,7 +338,9 @@ class PqctlApp(App[None]):
             )
 
 
-def run_dashboard(theme: str | None, cluster: Path | None, model: str | None) -> None:
+def run_dashboard(
+    theme: str | None, cluster: Path | None, model: str | None, ray: str | None = None
+) -> None:
     """Open the dashboard in this terminal; returns when the operator quits.
 
     Raises:
@@ -341,7 +348,9 @@ def run_dashboard(theme: str | None, cluster: Path | None, model: str | None) ->
     """
     if cluster is not None and not cluster.is_file():
         raise DashboardError(f"--cluster: no file {cluster}")
-    app = PqctlApp(theme=theme, cluster=cluster, model=model)
+    if cluster is not None and ray is not None:
+        raise DashboardError("--cluster and --ray exclude each other")
+    app = PqctlApp(theme=theme, cluster=cluster, model=model, ray=ray)
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
         raise DashboardError(
             "the dashboard needs a terminal; for scripts use pqctl plan / apply / generate "

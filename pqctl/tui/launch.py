@@ -51,7 +51,7 @@ class Launched:
 
 
 def remote_hosts(plan: Plan) -> list[str]:
-    """Hosts of the plan's stages that are not this host (they need pqctl agent)."""
+    """Hosts of the plan's stages that are not this host (they need Ray to start)."""
     local = local_host_names()
     return sorted({s.device.host for s in plan.stages if s.device.host not in local})
 
@@ -73,6 +73,7 @@ def launch(
     endpoint: str = DEFAULT_ENDPOINT,
     timeout_s: float = 60.0,
     cancelled: Callable[[], bool] = lambda: False,
+    ray: str | None = None,
 ) -> Launched:
     """Start the gateway of ``plan`` and wait until its state file appears (sockets bound).
 
@@ -82,16 +83,19 @@ def launch(
         LaunchError: stages on other hosts, the gateway exited, or no state file in time.
     """
     remote = remote_hosts(plan)
-    if remote:
+    if remote and ray is None:
         raise LaunchError(
-            f"the plan puts stages on {', '.join(remote)}, not this host; multi-host launch "
-            "needs pqctl agent on each host. Plan on this host (no cluster file) to serve here."
+            f"the plan puts stages on {', '.join(remote)}, not this host; open the dashboard "
+            "over their Ray cluster (pqctl --ray HOST:PORT) to launch there, or plan on this "
+            "host (no cluster file) to serve here."
         )
     logs = state_dir() / "logs" / name
     logs.mkdir(parents=True, exist_ok=True)
     plan_file, log = logs / "plan.json", logs / "gateway.log"
     plan.save(plan_file)
-    process = start_gateway(GatewayLaunch(plan_file, name, endpoint), log)
+    process = start_gateway(
+        GatewayLaunch(plan_file, name, endpoint, ray=ray, replan_on_loss=ray is not None), log
+    )
     try:
         state = wait_for_gateway(process, name, timeout_s, cancelled)
     except GatewayExited as exc:

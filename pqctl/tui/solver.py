@@ -52,8 +52,13 @@ class SolvedPlan:
 class PlanningSession:
     """One cluster (a file, or this host) and the models planned on it; thread-safe."""
 
-    def __init__(self, cluster_file: Path | None = None, profile_dir: Path | None = None) -> None:
-        self.cluster_file = cluster_file
+    def __init__(
+        self,
+        cluster_file: Path | None = None,
+        profile_dir: Path | None = None,
+        ray: str | None = None,
+    ) -> None:
+        self.cluster_file, self.ray = cluster_file, ray
         self.profile_dir = profile_dir
         self._lock = threading.Lock()
         self._resolved: ResolvedCluster | None = None
@@ -68,7 +73,7 @@ class PlanningSession:
         """
         with self._lock:
             if self._resolved is None:
-                self._resolved = resolve_cluster(self.cluster_file)
+                self._resolved = resolve_cluster(self.cluster_file, self.ray)
             return self._resolved
 
     def default_model(self) -> str:

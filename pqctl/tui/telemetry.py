@@ -1,39 +1,35 @@
-"""Live device figures for the Cluster view: CPU from /proc, NVIDIA GPUs through NVML.
-
-Only devices of this host can be sampled; devices of other hosts report nothing (None means
-"N/A", never zero). Every call here blocks briefly, so the dashboard calls it from a thread
-worker, never from the UI loop.
+"""Live device figures for the Cluster view: this host's devices sampled here
+(:class:`HostSampler`), or every host's through a telemetry actor on each Ray node
+(:class:`RaySampler`). Devices that cannot be sampled report nothing (None means "N/A", never
+zero). Every call here blocks briefly, so the dashboard calls it from a thread worker, never from
+the UI loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-_PROC_STAT = Path("/proc/stat")
-_PROC_MEMINFO = Path("/proc/meminfo")
+from planner.cluster import DeviceSpec
+from runtime.cluster.telemetry import (
+    NOT_AVAILABLE,
+    CpuSampler,
+    DeviceSample,
+    NodeTelemetry,
+    NvmlSampler,
+)
 
-
-@dataclass(frozen=True, slots=True)
-class DeviceSample:
-    """One reading of a device; None where the device cannot report the figure.
-
-    Attributes:
-        utilisation_percent: share of the last interval the device was busy, 0-100.
-        memory_used_bytes: memory in use, bytes.
-        memory_total_bytes: memory installed, bytes.
-    """
-
-    utilisation_percent: float | None = None
-    memory_used_bytes: int | None = None
-    memory_total_bytes: int | None = None
-
-
-NOT_AVAILABLE = DeviceSample()
+__all__ = [
+    "NOT_AVAILABLE",
+    "CpuSampler",
+    "DeviceSample",
+    "HostSampler",
+    "NvmlSampler",
+    "RaySampler",
+    "local_host_names",
+]
 
 
 def local_host_names() -> set[str]:
@@ -42,96 +38,6 @@ def local_host_names() -> set[str]:
     with contextlib.suppress(OSError):
         names.add(socket.getfqdn())
     return names
-
-
-class CpuSampler:
-    """Whole-host CPU busy share (from /proc/stat deltas) and RAM in use (/proc/meminfo)."""
-
-    def __init__(self, stat: Path = _PROC_STAT, meminfo: Path = _PROC_MEMINFO) -> None:
-        self.stat, self.meminfo = stat, meminfo
-        self._previous: tuple[int, int] | None = None
-
-    def _times(self) -> tuple[int, int] | None:
-        """(busy, total) jiffies since boot, or None when /proc/stat is unreadable."""
-        try:
-            first = self.stat.read_text().splitlines()[0].split()
-            values = [int(v) for v in first[1:9]]
-        except (OSError, IndexError, ValueError):
-            return None
-        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
-        total = sum(values)
-        return total - idle, total
-
-    def utilisation_percent(self) -> float | None:
-        """Busy share since the previous call (None on the first call)."""
-        now = self._times()
-        before, self._previous = self._previous, now
-        if now is None or before is None or now[1] <= before[1]:
-            return None
-        return 100.0 * (now[0] - before[0]) / (now[1] - before[1])
-
-    def memory_bytes(self) -> tuple[int | None, int | None]:
-        """(used, total) RAM in bytes: used = MemTotal - MemAvailable."""
-        try:
-            fields = {}
-            for line in self.meminfo.read_text().splitlines():
-                key, _, rest = line.partition(":")
-                parts = rest.split()
-                if parts:
-                    fields[key] = int(parts[0]) * 1024
-        except (OSError, ValueError):
-            return None, None
-        total, available = fields.get("MemTotal"), fields.get("MemAvailable")
-        if total is None or available is None:
-            return None, total
-        return total - available, total
-
-    def sample(self) -> DeviceSample:
-        used, total = self.memory_bytes()
-        return DeviceSample(self.utilisation_percent(), used, total)
-
-
-class NvmlSampler:
-    """Utilisation and memory of this host's NVIDIA GPUs; inert without a driver."""
-
-    def __init__(self) -> None:
-        self._nvml: Any = None
-        self.reason = ""
-
-    def open(self) -> str:
-        """Initialise NVML; the reason it is unavailable ("" when it works)."""
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-        except ImportError:
-            self.reason = "nvidia-ml-py is not installed"
-        except Exception as exc:  # pynvml.NVMLError and its many subclasses
-            self.reason = f"no NVIDIA driver ({exc})"
-        else:
-            self._nvml = pynvml
-        return self.reason
-
-    def sample(self, index: int) -> DeviceSample:
-        nvml = self._nvml
-        if nvml is None:
-            return NOT_AVAILABLE
-        try:
-            handle = nvml.nvmlDeviceGetHandleByIndex(index)
-            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
-        except nvml.NVMLError:
-            return NOT_AVAILABLE
-        try:
-            utilisation: float | None = float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu)
-        except nvml.NVMLError:
-            utilisation = None
-        return DeviceSample(utilisation, int(memory.used), int(memory.total))
-
-    def close(self) -> None:
-        if self._nvml is not None:
-            with contextlib.suppress(Exception):
-                self._nvml.nvmlShutdown()
-            self._nvml = None
 
 
 class HostSampler:
@@ -160,3 +66,51 @@ class HostSampler:
 
     def close(self) -> None:
         self.gpus.close()
+
+
+class RaySampler:
+    """Every host's devices through a telemetry actor pinned to each Ray node (one per host of
+    the cluster that Ray has), keyed by device key. Connects to Ray for its lifetime."""
+
+    def __init__(self, address: str, devices: Sequence[DeviceSpec], timeout_s: float = 2.0) -> None:
+        from runtime.cluster.ray_nodes import alive_nodes, connect, pinned, ray_module
+
+        self.address, self.timeout_s = connect(address), timeout_s
+        self._ray = ray_module()
+        nodes = {n.host: n for n in alive_nodes()}
+        actor = self._ray.remote(num_cpus=0, max_restarts=-1)(NodeTelemetry)
+        self.actors: dict[str, Any] = {}
+        self.local: dict[str, int] = {}
+        for host in dict.fromkeys(d.host for d in devices):
+            if host not in nodes:
+                continue
+            mine = [d for d in devices if d.host == host]
+            gpus = [d.index for d in mine if d.index >= 0]
+            self.actors[host] = actor.options(scheduling_strategy=pinned(nodes[host])).remote(
+                gpus, any(d.index < 0 for d in mine)
+            )
+            self.local.update({d.key: d.index for d in mine})
+
+    def sample(self) -> dict[str, DeviceSample]:
+        """The latest reading of every device whose node answered within the timeout."""
+        hosts = list(self.actors)
+        refs = [self.actors[h].latest.remote() for h in hosts]
+        ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=self.timeout_s)
+        samples: dict[str, DeviceSample] = {}
+        for host, ref in zip(hosts, refs, strict=True):
+            if ref not in ready:
+                continue
+            try:
+                readings = self._ray.get(ref)
+            except self._ray.exceptions.RayError:
+                continue
+            for key, index in self.local.items():
+                if key.rpartition("/")[0] == host and index in readings:
+                    samples[key] = DeviceSample(*readings[index])
+        return samples
+
+    def close(self) -> None:
+        for handle in self.actors.values():
+            with contextlib.suppress(Exception):
+                self._ray.kill(handle)
+        self._ray.shutdown()

@@ -19,6 +19,7 @@ import contextlib
 import os
 import re
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -124,25 +125,50 @@ def node_ip() -> str:
     return str(ray_module().util.get_node_ip_address())
 
 
-@contextlib.contextmanager
-def connected(address: str) -> Iterator[str]:
-    """Connected to the Ray cluster at ``address`` (or ``auto``) for the duration; yields the
-    resolved address. Starts no Ray process of its own."""
+def connect(address: str) -> str:
+    """Connect this process to the Ray cluster at ``address`` (or ``auto``) as a driver; the
+    resolved address. Starts no Ray process of its own; ``ray_module().shutdown()`` ends it."""
     resolved = resolve_address(address)
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # before Ray's core starts
     ray = ray_module()
     check_reachable(resolved)
-    ray.init(
-        address=resolved,
-        logging_level="ERROR",
-        log_to_driver=False,
-        configure_logging=True,
-        namespace="pqctl",
-    )
+    with _real_std_streams():
+        ray.init(
+            address=resolved,
+            logging_level="ERROR",
+            log_to_driver=False,
+            configure_logging=True,
+            namespace="pqctl",
+        )
+    return resolved
+
+
+@contextlib.contextmanager
+def _real_std_streams() -> Iterator[None]:
+    """Ray's start-up needs file descriptors behind ``sys.stdout`` and ``sys.stderr``; a
+    terminal UI (Textual) replaces them with objects that have none: the process's own streams
+    stand in meanwhile."""
+    saved = sys.stdout, sys.stderr
+    for name in ("stdout", "stderr"):
+        try:
+            os.fstat(getattr(sys, name).fileno())
+        except (AttributeError, OSError, ValueError, RuntimeError):
+            setattr(sys, name, getattr(sys, f"__{name}__"))
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
+@contextlib.contextmanager
+def connected(address: str) -> Iterator[str]:
+    """Connected to the Ray cluster at ``address`` (or ``auto``) for the duration; yields the
+    resolved address."""
+    resolved = connect(address)
     try:
         yield resolved
     finally:
-        ray.shutdown()
+        ray_module().shutdown()
 
 
 def alive_nodes() -> list[RayNode]:

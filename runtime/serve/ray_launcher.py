@@ -17,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +33,7 @@ from runtime.errors import RuntimeFailure
 from runtime.serve.launcher import StageLaunch, child_env
 
 ACTOR_START_TIMEOUT_S = 120.0
+_DIR_PREFIX = "pqctl-stage-"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -38,6 +41,15 @@ class RayLaunchError(RuntimeFailure):
     """A stage cannot be placed: its host is not in the Ray cluster, or the node refused it."""
 
     title = "cannot start stage"
+
+
+def _remove_stale_dirs() -> None:
+    """Stage directories whose actor died without cleaning up (killed): their owner's pid is
+    in the name."""
+    for path in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*"):
+        pid = path.name.removeprefix(_DIR_PREFIX).split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _die_with_parent() -> None:
@@ -57,7 +69,8 @@ class StageActor:
         cuda_index: int | None,
     ) -> None:
         self.ip = node_ip()
-        self.dir = Path(tempfile.mkdtemp(prefix="pqctl-stage-"))
+        _remove_stale_dirs()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-"))
         self.dir.chmod(0o700)
         plan = self.dir / "plan.json"
         plan.write_text(plan_text)
@@ -102,6 +115,22 @@ class StageActor:
                 env=env,
                 preexec_fn=_die_with_parent,
             )
+        self.exited, self.log_text = threading.Event(), ""
+        threading.Thread(target=self._reap, daemon=True).start()
+
+    def _reap(self) -> None:
+        """Once the worker exits, its directory (plan, key files) goes; the log is kept in
+        memory for :meth:`log_tail`."""
+        self.process.wait()
+        self.log_text = self._read_log()
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.exited.set()
+
+    def _read_log(self) -> str:
+        try:
+            return (self.dir / "stage.log").read_text(errors="replace")
+        except OSError:
+            return ""
 
     def pid(self) -> int:
         return self.process.pid
@@ -115,10 +144,7 @@ class StageActor:
             self.process.send_signal(number)
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = (self.dir / "stage.log").read_text(errors="replace")
-        except OSError:
-            return ""
+        text = self.log_text if self.exited.is_set() else self._read_log()
         return "\n".join(text.splitlines()[-lines:])
 
 

@@ -14,10 +14,10 @@ from textual.markup import escape
 from textual.widgets import DataTable, Static
 from textual.worker import get_current_worker
 
-from planner.cluster import DeviceSpec
+from planner.cluster import ClusterSpec, DeviceSpec
 from pqctl.plan_inputs import ResolvedCluster
 from pqctl.tui.messages import DeviceSamples, ExclusionChanged
-from pqctl.tui.telemetry import DeviceSample, HostSampler
+from pqctl.tui.telemetry import DeviceSample, HostSampler, RaySampler
 from pqctl.tui.widgets.figures import bar, human_bytes, level_style, spark
 from pqctl.tui.widgets.theme_styles import theme_style
 
@@ -84,7 +84,7 @@ class ClusterView(Vertical):
         self.query_one("#cluster-title", Static).update(
             f"[b]{escape(cluster.name)}[/] from {escape(resolved.source)} · "
             f"{_count(hosts, 'host')} · {_count(len(cluster.devices), 'device')} · x excludes a "
-            f"device{notes}"
+            f"device{_links_line(cluster)}{notes}"
         )
         table = self.query_one("#devices", DataTable)
         table.clear()
@@ -210,8 +210,19 @@ class ClusterView(Vertical):
     def sample_devices(self, keys: list[str]) -> None:
         """Sample this host's devices every second until cancelled (NVML and /proc block)."""
         worker = get_current_worker()
-        sampler = HostSampler(keys)
+        ray = getattr(self.app, "ray", None)
+        if ray is not None:
+            try:
+                sampler: HostSampler | RaySampler = RaySampler(ray, self.devices)
+            except Exception as exc:  # Ray went away since the inventory: figures stay N/A
+                self.app.call_from_thread(
+                    self.app.notify, f"no live figures over Ray: {exc}", severity="warning"
+                )
+                return
+        else:
+            sampler = HostSampler(keys)
         if not sampler.local:
+            sampler.close()
             return  # no device of this host: nothing to sample (other hosts show N/A)
         try:
             while not worker.is_cancelled:
@@ -225,3 +236,17 @@ class ClusterView(Vertical):
     def on_device_samples(self, message: DeviceSamples) -> None:
         message.stop()
         self.show_samples(message.samples)
+
+
+def _links_line(cluster: ClusterSpec) -> str:
+    """The links between hosts (bandwidth, latency), on a line of their own; "" for one host."""
+    names = list(dict.fromkeys(d.host for d in cluster.devices))
+    parts = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            link = cluster.links.get(frozenset((a, b)), cluster.default_link)
+            parts.append(
+                f"{escape(a)}↔{escape(b)} {link.bandwidth_gb_s * 8:,.1f} Gbit/s "
+                f"{link.latency_s * 1e6:,.0f} µs"
+            )
+    return "\nlinks: " + " · ".join(parts) if parts else ""

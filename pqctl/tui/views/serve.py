@@ -151,7 +151,11 @@ class ServeView(Vertical):
         worker = get_current_worker()
         try:
             launched = launching.launch(
-                plan, launching.free_name(), self.endpoint, cancelled=lambda: worker.is_cancelled
+                plan,
+                launching.free_name(),
+                self.endpoint,
+                cancelled=lambda: worker.is_cancelled,
+                ray=getattr(self.app, "ray", None),
             )
         except launching.LaunchError as exc:
             self.post_message(DeploymentFailed(str(exc)))

@@ -159,3 +159,34 @@ def test_ray_auto_finds_the_head_in_ray_address(ray_cluster: RayNamespace) -> No
     done = ray_cluster.run([*PQCTL, "cluster", "--ray", "auto", "--json"], cwd=ROOT, env=env)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["source"] == f"Ray cluster at {ray_cluster.address}"
+
+
+def test_profile_over_ray_measures_one_device_of_each_type_and_plan_uses_it(
+    ray_cluster: RayNamespace, tmp_path: Path
+) -> None:
+    """Three CPU nodes are one device type: one node is profiled, the file is written here, and
+    a plan over Ray with those profiles predicts from them (not from the datasheet)."""
+    profiles = tmp_path / "profiles"
+    done = in_cluster(
+        ray_cluster, "profile", "--ray", ray_cluster.address, "--bits", "16,8",
+        "--time-budget", "20", "--threads", "1", "-o", str(profiles), "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)
+    assert row["device_type"] == "cpu" and row["device"] == "cpu"
+    assert row["host"] in {"hostA", "hostB", "hostC"}
+    assert Path(row["path"]).parent == profiles and Path(row["path"]).is_file()
+    predicted = []
+    for directory in (profiles, tmp_path / "none"):
+        planned = in_cluster(
+            ray_cluster, "plan", "--ray", ray_cluster.address, "--profiles", str(directory),
+            "--json",
+        )  # fmt: skip
+        assert planned.returncode == 0, planned.stderr
+        predicted.append(Plan.from_json(planned.stdout).prediction.prefill_s)
+    assert predicted[0] != predicted[1]
+
+
+def test_profile_over_ray_refuses_a_device_choice() -> None:
+    done = pqctl("profile", "--ray", "127.0.0.1:9", "--device", "cpu")
+    assert done.returncode == 2 and "--device and --ray exclude each other" in done.stderr
