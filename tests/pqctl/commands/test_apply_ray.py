@@ -70,6 +70,13 @@ class Cli:
     def run(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
         return self.cluster.run([*PQCTL, *args], timeout_s=timeout_s, cwd=ROOT, env=self.env)
 
+    def run_module(self, module: str, *args: str) -> subprocess.CompletedProcess[str]:
+        done = self.cluster.run(
+            [sys.executable, "-m", module, *args], timeout_s=120, cwd=ROOT, env=self.env
+        )
+        assert done.returncode == 0, done.stderr
+        return done
+
     def generate(
         self, prompt: str, new: int, timeout_s: float = 60, as_json: bool = True
     ) -> list[str]:
@@ -185,6 +192,11 @@ def test_apply_over_ray_serves_exactly_on_three_hosts_and_survives_a_killed_stag
         assert answered is not None, "no answer after the stage was killed"
         assert tokens(answered) == one_host_tokens[PROMPTS[0]]
         assert worker_pid(ray_cluster, 1) != victim
+        seen = cli.run_module("tests.pqctl.commands.ray_monitor", "rayt", str(keys))
+        stages = json.loads(seen.stdout.splitlines()[-1])
+        assert [s["restarts"] for s in stages] == [0, 1, 0]  # what apply's table shows
+        assert all(s["metrics"] for s in stages), stages  # every host's stage reports
+        assert all(s["metrics_endpoint"].startswith("tcp://127.0.0.1:") for s in stages)
     finally:
         stopped = cli.run("stop", "--name", "rayt", timeout_s=60)
     assert stopped.returncode == 0, stopped.stderr
