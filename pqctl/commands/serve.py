@@ -17,8 +17,9 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 
-from planner.plan import Plan
+from planner.plan import Plan, PlanValidationError
 from pqctl.exits import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -275,10 +276,16 @@ def _live_table(
         interrupted = True
 
     previous = signal.signal(signal.SIGINT, on_sigint)
+    shown = None
     try:
         with Live(console=console, refresh_per_second=2) as live:
             while not interrupted and process.poll() is None:
                 monitor.poll(1.0)
+                note = (monitor.status or {}).get("replan")
+                if note and note != shown:  # a host was lost: old and new stages, then the new
+                    shown = note
+                    live.console.print(f"[bold yellow]{escape(note)}[/]", highlight=False)
+                    plan = _current_plan(state, plan)
                 live.update(Group(stage_table(monitor, plan), serving_summary(monitor)))
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -294,6 +301,14 @@ def _live_table(
         )
         return EXIT_STAGE_FAILED
     return 0
+
+
+def _current_plan(state: DeploymentState, plan: Plan) -> Plan:
+    """The plan the deployment serves now (another after a re-plan), else ``plan``."""
+    try:
+        return Plan.load(Path(DeploymentState.load(state.name).plan))
+    except (DeploymentError, PlanValidationError, OSError):
+        return plan
 
 
 def _stop_quietly(state: DeploymentState) -> None:

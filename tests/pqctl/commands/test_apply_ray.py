@@ -222,40 +222,55 @@ def test_losing_a_host_replans_on_the_hosts_left_and_serves_exactly_again(
     tmp_path: Path, one_host_tokens: dict[str, list[int]]
 ) -> None:
     """A cluster of its own (the shared one keeps its three hosts): hostC is removed while
-    serving; with --replan-on-loss the deployment re-plans on hostA and hostB, refuses requests
-    as re-planning meanwhile (none hangs), and serves the same greedy tokens again."""
+    ``apply --replan-on-loss`` serves in the foreground; requests meanwhile are refused as
+    re-planning at once (none hangs), apply shows the old and new stages, and the plan re-made
+    on hostA and hostB serves the same greedy tokens again."""
     plan = Plan.load(three_host_plan(tmp_path))
     strict = replace(plan, quality=replace(plan.quality, budget=0.0))  # 16 bits after re-plan
     strict.save(tmp_path / "plan.json")
+    out = tmp_path / "apply.out"
     with RayNamespace(HOSTS) as cluster:
         cli = Cli(cluster, tmp_path / "state", tmp_path / "keys")
         assert cli.run("keys", "init", str(cli.keys)).returncode == 0
-        started = cli.run(
-            "apply", str(tmp_path / "plan.json"), "--ray", cluster.address, "--detach",
-            "--replan-on-loss", "--name", "rayt", "--keys", str(cli.keys),
-            "--endpoint", "tcp://127.0.0.1:*",
-        )  # fmt: skip
-        assert started.returncode == 0, started.stderr
+        with open(out, "w") as sink:
+            apply = cluster.popen(
+                [*PQCTL, "apply", str(tmp_path / "plan.json"), "--ray", cluster.address,
+                 "--replan-on-loss", "--name", "rayt", "--keys", str(cli.keys),
+                 "--endpoint", "tcp://127.0.0.1:*"],
+                cwd=ROOT, env=cli.env, stdout=sink, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        asking = None
         try:
-            done = cluster.run(cli.generate(PROMPTS[0], 12), cwd=ROOT, env=cli.env)
-            assert tokens(done) == one_host_tokens[PROMPTS[0]]
-            cluster.remove("hostC")
-            lost = time.monotonic()
-            refusals, answered = [], None
-            while time.monotonic() - lost < 150:
-                done = cluster.run(cli.generate(PROMPTS[1], 12), cwd=ROOT, env=cli.env)
-                if done.returncode == 0:
-                    answered = done
-                    break
-                refusals.append(done.stderr)
+            deadline = time.monotonic() + 120
+            while "serving bard-tiny" not in out.read_text() and time.monotonic() < deadline:
+                assert apply.poll() is None, out.read_text()
                 time.sleep(0.2)
-            assert answered is not None, refusals[-3:]
-            assert tokens(answered) == one_host_tokens[PROMPTS[1]]
-            assert all("re-planning" in r or "stage 2" in r for r in refusals), refusals
+            asking = cluster.popen(
+                [sys.executable, "-m", "tests.pqctl.commands.ray_requests", "rayt",
+                 str(cli.keys), PROMPTS[1]],
+                cwd=ROOT, env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            assert asking.stdout is not None
+            ready, _, _ = select.select([asking.stdout], [], [], 60)
+            assert ready and asking.stdout.readline().strip() == "ready"
+            cluster.remove("hostC")
+            report, err = asking.communicate(timeout=200)
+            seen = json.loads(report.splitlines()[-1])
+            assert seen["tokens"] == one_host_tokens[PROMPTS[1]], (seen, err)
+            codes = [code for code, _ in seen["refusals"]]
+            assert "replanning" in codes, seen  # refused while the plan was re-made
+            assert set(codes) <= {"replanning", "stage_failed"}, seen
+            assert max(took for _, took in seen["refusals"]) < 5, seen  # at once, not hung
             state = json.loads(next((tmp_path / "state").glob("*.json")).read_text())
             replanned = Plan.load(Path(state["plan"]))
             assert {s.device.host for s in replanned.stages} <= {"hostA", "hostB"}
             assert all(b == 16 for s in replanned.stages for b in s.layer_bits)
         finally:
-            stopped = cli.run("stop", "--name", "rayt", timeout_s=60)
-        assert stopped.returncode == 0, stopped.stderr
+            if asking is not None and asking.poll() is None:
+                asking.kill()
+            apply.send_signal(signal.SIGINT)
+            code = apply.wait(timeout=60)
+        shown = out.read_text()
+        assert code == 130, shown
+        assert "re-planning: lost hostC" in shown or "lost hostC" in shown, shown
+        assert "re-planned: stage 0: hostA/cpu" in shown and "->" in shown, shown
