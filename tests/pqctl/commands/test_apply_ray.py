@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, OPTConfig
 
 from planner.plan import Plan
 from runtime.model.assets import BUILTIN_MODEL_NAME, builtin_model_dir
 from tests.ray_cluster import RayNamespace
+from tests.runtime.model.checkpoints import save_checkpoint
 from tests.runtime.serve.plans import serving_plan
 
 pytestmark = pytest.mark.multiproc
@@ -203,6 +205,63 @@ def test_apply_over_ray_serves_exactly_on_three_hosts_and_survives_a_killed_stag
     time.sleep(1)
     with pytest.raises(AssertionError, match="no worker"):
         worker_pid(ray_cluster, 0)
+
+
+def tiny_opt(directory: Path) -> Path:
+    """A random OPT checkpoint built by transformers (6 layers, the built-in tokenizer)."""
+    config = OPTConfig(
+        vocab_size=4096,
+        hidden_size=64,
+        ffn_dim=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    save_checkpoint(config, directory, seed=3)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(builtin_model_dir() / name, directory / name)
+    return directory
+
+
+def test_a_transformers_built_checkpoint_serves_alike_on_three_hosts_and_on_one(
+    ray_cluster: RayNamespace, tmp_path: Path
+) -> None:
+    """A checkpoint saved by transformers (OPT), planned by path: three stages on three Ray
+    hosts give the greedy tokens the same stages give on one host."""
+    model = tiny_opt(tmp_path / "tiny-opt")
+    base = serving_plan(str(model), [0, 2, 4], batch=4, prefill=2, decode=2, max_new=32)
+    stages = tuple(
+        replace(s, device=replace(s.device, host=host))
+        for s, host in zip(base.stages, HOSTS, strict=True)
+    )
+    base.save(tmp_path / "one.json")
+    replace(base, stages=stages).save(tmp_path / "three.json")
+    keys = tmp_path / "keys"
+    got = {}
+    for plan, name, ray in (
+        ("one.json", "one", None),
+        ("three.json", "three", ray_cluster.address),
+    ):
+        cli = Cli(ray_cluster, tmp_path / "state", keys, name=name)
+        if not keys.exists():
+            assert cli.run("keys", "init", str(keys)).returncode == 0
+        extra = ["--ray", ray] if ray else []
+        started = cli.run(
+            "apply", str(tmp_path / plan), *extra, "--detach", "--name", name,
+            "--keys", str(keys), "--endpoint", "tcp://127.0.0.1:*",
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        try:
+            got[name] = [
+                tokens(ray_cluster.run(cli.generate(p, 12), cwd=ROOT, env=cli.env)) for p in PROMPTS
+            ]
+        finally:
+            assert cli.run("stop", "--name", name, timeout_s=60).returncode == 0
+    assert got["three"] == got["one"]
 
 
 def test_apply_over_ray_refuses_a_plan_naming_a_host_ray_does_not_have(
