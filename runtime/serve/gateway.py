@@ -348,7 +348,8 @@ class Gateway:
         for stage in self.stages:
             code = stage.handle.exit_code()
             if code is not None and not self.stopping:
-                self._stage_lost(stage, stage.error or f"exited with code {code}")
+                why = stage.error or getattr(stage.handle, "error", None)
+                self._stage_lost(stage, why or f"exited with code {code}")
                 return
             if stage.state == "ready" and now - stage.last_beat > self.beat_timeout_s:
                 self._stage_lost(stage, f"sent no heartbeat for {self.beat_timeout_s:.0f} s")

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -149,26 +150,53 @@ class StageActor:
 
 
 class RayStage:
-    """A started stage on a Ray node, as the gateway sees it (:class:`StageHandle`)."""
+    """A stage on a Ray node, as the gateway sees it (:class:`StageHandle`). Nothing here
+    blocks the gateway's loop: the actor starts in the background; ``pid`` is 0 until it has,
+    and a stage Ray could not start (its constructor failed, or it waited for its device longer
+    than ``ACTOR_START_TIMEOUT_S``) exits with code 1, its reason in ``error``."""
 
-    def __init__(self, actor: Any, host: str, pid: int, log: Path | None) -> None:
-        self._ray, self.actor, self.host, self._pid, self.log = ray_module(), actor, host, pid, log
+    def __init__(self, actor: Any, host: str, log: Path | None) -> None:
+        self._ray, self.actor, self.host, self.log = ray_module(), actor, host, log
+        self._pid_ref, self._pid = actor.pid.remote(), 0
         self._waiting = actor.wait.remote()
         self._code: int | None = None
+        self._asked = time.monotonic()
+        self.error: str | None = None
 
     @property
     def pid(self) -> int:
+        if self._pid == 0 and self._ready(self._pid_ref):
+            with contextlib.suppress(self._ray.exceptions.RayError):
+                self._pid = int(self._ray.get(self._pid_ref))
         return self._pid
 
+    def _ready(self, ref: Any) -> bool:
+        ready, _ = self._ray.wait([ref], timeout=0)
+        return bool(ready)
+
     def exit_code(self) -> int | None:
-        if self._code is None:
-            ready, _ = self._ray.wait([self._waiting], timeout=0)
-            if ready:
-                try:
-                    self._code = int(self._ray.get(self._waiting))
-                except self._ray.exceptions.RayError:
-                    self._code = -int(signal.SIGKILL)  # the actor died with its worker
-                self._keep_log()
+        if self._code is not None:
+            return self._code
+        if self.pid == 0 and self._ready(self._pid_ref):  # the actor never started its worker
+            try:
+                self._ray.get(self._pid_ref)
+            except self._ray.exceptions.RayError as exc:
+                self.error, self._code = f"on {self.host}: {_cause(exc)}", 1
+                return self._code
+        if self.pid == 0 and time.monotonic() - self._asked > ACTOR_START_TIMEOUT_S:
+            self._ray.kill(self.actor, no_restart=True)
+            self.error = (
+                f"Ray did not start it on {self.host} within {ACTOR_START_TIMEOUT_S:g} s "
+                "(is its device free there?)"
+            )
+            self._code = 1
+            return self._code
+        if self._ready(self._waiting):
+            try:
+                self._code = int(self._ray.get(self._waiting))
+            except self._ray.exceptions.RayError:
+                self._code = -int(signal.SIGKILL)  # the actor died with its worker
+            self._keep_log()
         return self._code
 
     def terminate(self) -> None:
@@ -184,7 +212,7 @@ class RayStage:
 
     def _keep_log(self) -> None:
         """The worker's log, copied next to the gateway's logs before the actor goes."""
-        if self.log is None:
+        if self.log is None or self._pid == 0:
             return
         with contextlib.suppress(self._ray.exceptions.RayError, OSError):
             tail = self._ray.get(self.actor.log_tail.remote(200), timeout=5)
@@ -232,17 +260,7 @@ class RayLauncher:
             self.key_files,
             index if index >= 0 else None,
         )
-        try:
-            pid = int(ray.get(actor.pid.remote(), timeout=ACTOR_START_TIMEOUT_S))
-        except ray.exceptions.GetTimeoutError as exc:
-            ray.kill(actor, no_restart=True)
-            raise RayLaunchError(
-                f"stage {launch.stage} on {host}: Ray did not start it within "
-                f"{ACTOR_START_TIMEOUT_S:g} s (is a GPU free there?)"
-            ) from exc
-        except ray.exceptions.RayError as exc:
-            raise RayLaunchError(f"stage {launch.stage} on {host}: {_cause(exc)}") from exc
-        return RayStage(actor, host, pid, launch.log)
+        return RayStage(actor, host, launch.log)
 
 
 def nodes_for(plan: Plan, hosts: list[str] | None = None) -> dict[str, RayNode]:
