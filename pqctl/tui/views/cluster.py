@@ -34,6 +34,10 @@ COLUMNS = (  # most telling first: at 80 columns the last ones scroll out of vie
     ("figures", "figures"),
 )
 SPARK_WIDTH = 6
+ROLE_WIDTH = 8
+"""The role column's fixed width: its widest values ("stage 12", "excluded") fit. Measured
+widths follow content only once the table is idle, which a busy dashboard may not be for a
+while (a real terminal once showed "stag" for a minute)."""
 
 
 def _count(n: int, noun: str) -> str:
@@ -62,8 +66,8 @@ class ClusterView(Vertical):
     def compose(self) -> ComposeResult:
         yield Static("resolving the cluster…", id="cluster-title")
         table: DataTable[object] = DataTable(id="devices", cursor_type="row", zebra_stripes=True)
-        for label, key in COLUMNS:
-            table.add_column(label, key=key)
+        for label, key in COLUMNS:  # the role ("stage 12", "excluded") never waits for a resize
+            table.add_column(label, key=key, width=ROLE_WIDTH if key == "role" else None)
         yield table
         yield Static("", id="device-detail")
 
