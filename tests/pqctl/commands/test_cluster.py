@@ -84,6 +84,10 @@ def test_plan_over_ray_plans_for_the_nodes_ray_sees_and_the_saved_file_plans_ali
     assert plan.model.source == "bard-tiny"
     done = in_cluster(ray_cluster, "cluster", "--ray", ray_cluster.address, "--save", str(saved))
     assert done.returncode == 0, done.stderr
+    big = in_cluster(ray_cluster, "plan", "--ray", ray_cluster.address, "-m", "opt-30b",
+                     "--bits", "8", "--json")  # fmt: skip
+    assert big.returncode == 0, big.stderr  # 30 GB of 8-bit weights: more than one host's RAM
+    assert len({s.device.host for s in Plan.from_json(big.stdout).stages}) >= 2
     offline = pqctl("plan", "--cluster", str(saved), "--json")  # no Ray needed any more
     assert offline.returncode == 0, offline.stderr
     assert {s.device.host for s in Plan.from_json(offline.stdout).stages} <= hosts | {
