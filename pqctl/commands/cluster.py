@@ -15,7 +15,7 @@ from rich.table import Table
 from planner.cluster import GIB, ClusterSpec
 from planner.cluster_file import cluster_toml
 from planner.errors import PlannerError
-from pqctl.commands.options import RAY_OPTION_HELP
+from pqctl.commands.options import RAY_OPTION_HELP, say_step
 from pqctl.exits import EXIT_BAD_INPUT, fail
 from pqctl.plan_inputs import ResolvedCluster, resolve_cluster
 
@@ -34,7 +34,7 @@ def cluster(
 ) -> None:
     """Show the cluster pqctl would plan for: every host's GPUs (or its CPU) and the links."""
     try:
-        resolved = resolve_cluster(None, ray, progress=_progress)
+        resolved = resolve_cluster(None, ray, progress=say_step)
     except PlannerError as exc:
         raise fail(exc.title, exc.msg, EXIT_BAD_INPUT) from exc
     if save is not None:
@@ -45,10 +45,6 @@ def cluster(
     Console().print(render_cluster(resolved))
     if save is not None:
         Console().print(f"cluster file written to {save}")
-
-
-def _progress(line: str) -> None:
-    Console(stderr=True).print(f"[dim]{line}…[/]", highlight=False)
 
 
 def _save(resolved: ResolvedCluster, path: Path) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from rich.console import Console
+from rich.markup import escape
+
 from pqctl.exits import EXIT_BAD_INPUT, fail
 
 RAY_OPTION_HELP = (
@@ -29,3 +32,8 @@ def int_list(text: str, flag: str, allowed: tuple[int, ...] | None = None) -> tu
             EXIT_BAD_INPUT,
         )
     return tuple(dict.fromkeys(values))
+
+
+def say_step(line: str) -> None:
+    """One step of a longer command (a Ray inventory, a remote profile), dimmed on stderr."""
+    Console(stderr=True).print(f"[dim]{escape(line)}…[/]", highlight=False)

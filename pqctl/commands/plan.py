@@ -18,7 +18,7 @@ from planner.make_plan import make_plan
 from planner.plan import ALL_BITS, Plan
 from planner.quality_target import parse_ppl_increase
 from planner.search import SearchOptions
-from pqctl.commands.options import RAY_OPTION_HELP, int_list
+from pqctl.commands.options import RAY_OPTION_HELP, int_list, say_step
 from pqctl.exits import EXIT_BAD_INPUT, EXIT_INFEASIBLE, fail, load_plan
 from pqctl.plan_inputs import PlanRequest, build_problem, figures_source, record_ppl_target
 from pqctl.render.plan import render_plan
@@ -38,7 +38,7 @@ def ppl_increase_option(text: str | None) -> float | None:
 def _solve_with_progress(
     request: PlanRequest, options: SearchOptions, show: bool
 ) -> tuple[Plan, dict[str, str]]:
-    problem, resolved = build_problem(request, _progress if request.ray else None)
+    problem, resolved = build_problem(request, say_step if request.ray else None)
     notes = list(resolved.notes)
     if not show:
         plan = make_plan(problem, options)
@@ -57,10 +57,6 @@ def _solve_with_progress(
             )
     plan = record_ppl_target(plan, resolved.ppl_target)
     return replace(plan, notes=plan.notes + tuple(notes)), figures_source(problem)
-
-
-def _progress(line: str) -> None:
-    Console(stderr=True).print(f"[dim]{line}…[/]", highlight=False)
 
 
 def plan(

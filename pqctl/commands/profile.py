@@ -18,7 +18,7 @@ from rich.table import Table
 from planner.errors import ModelConfigError, PlannerError
 from planner.plan import ALL_BITS
 from planner.profiles import default_profile_dir
-from pqctl.commands.options import int_list
+from pqctl.commands.options import int_list, say_step
 from pqctl.device_profiles import (
     GRIDS,
     ProfileOutcome,
@@ -285,11 +285,8 @@ def _profile_over_ray(address: str, request: ProfileRequest, as_json: bool) -> N
     from pqctl.ray_profiles import ray_profiles
     from runtime.cluster.ray_nodes import RayClusterError
 
-    def say(line: str) -> None:
-        Console(stderr=True).print(f"[dim]{line}…[/]", highlight=False)
-
     try:
-        done = ray_profiles(address, request, say)
+        done = ray_profiles(address, request, say_step)
     except RayClusterError as exc:
         raise fail("Ray cluster", str(exc), EXIT_BAD_INPUT) from exc
     if as_json:
