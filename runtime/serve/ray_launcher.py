@@ -70,6 +70,13 @@ class StageActor:
         cuda_index: int | None,
     ) -> None:
         self.ip = node_ip()
+        checkpoint = launch.checkpoint  # checked before any file is written
+        if checkpoint is not None and not checkpoint.exists():
+            raise RayLaunchError(
+                f"the model path {checkpoint} does not exist on this host "
+                f"({os.uname().nodename}, {self.ip}); put the checkpoint at the same path on "
+                "every host, or plan a hub id"
+            )
         _remove_stale_dirs()
         self.dir = Path(tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-"))
         self.dir.chmod(0o700)
@@ -83,13 +90,6 @@ class StageActor:
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 path.write_bytes(data)
                 path.chmod(0o600)
-        checkpoint = launch.checkpoint
-        if checkpoint is not None and not checkpoint.exists():
-            raise RayLaunchError(
-                f"the model path {checkpoint} does not exist on this host "
-                f"({os.uname().nodename}, {self.ip}); put the checkpoint at the same path on "
-                "every host, or plan a hub id"
-            )
         here = StageLaunch(
             plan=plan,
             stage=launch.stage,
