@@ -10,14 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from planner.catalogue import cpu_device_type, find_device_type
+from planner.catalogue import find_device_type
 from planner.cluster import GIB, ClusterSpec, DeviceSpec, DeviceType, HostSpec, LinkSpec
-from planner.local_host import (
-    available_memory_bytes,
-    cpu_has_native_bf16,
-    measure_fp32_tflops,
-    measure_memory_bandwidth_gb_s,
-)
+from planner.local_host import measure_local_cpu
 from runtime.cluster.discovery import GpuInfo, discover_gpus
 from runtime.cluster.ray_nodes import (
     LinkFit,
@@ -44,20 +39,21 @@ class NodeReport:
     cpu: DeviceType | None
 
 
-def probe_node(cpus: int) -> NodeReport:
-    """Runs on the node: NVML discovery, and the CPU measured when there is no GPU (``cpus``:
-    the CPUs the node offers Ray, the cores a CPU stage there may use)."""
+def probe_node() -> NodeReport:
+    """Runs on the node: NVML discovery, and the CPU measured as on one host when there is no
+    GPU."""
     found = discover_gpus()
-    cpu = None
-    if not found.gpus:
-        cpu = cpu_device_type(
-            cores=cpus,
-            memory_bytes=available_memory_bytes(),
-            memory_bandwidth_gb_s=measure_memory_bandwidth_gb_s(),
-            fp32_tflops=measure_fp32_tflops(),
-            native_bf16=cpu_has_native_bf16(),
-        )
+    cpu = measure_local_cpu() if not found.gpus else None
     return NodeReport(found.gpus, found.reason, found.driver_version, cpu)
+
+
+def probe_nodes(
+    resolved: str, say: Callable[[str], None]
+) -> tuple[list[RayNode], list[NodeReport]]:
+    """Every alive node of the connected cluster and what its probe found."""
+    nodes = alive_nodes()
+    say(f"probing {len(nodes)} Ray node{'s' * (len(nodes) != 1)} at {resolved}")
+    return nodes, run_on_each(nodes, probe_node)
 
 
 @dataclass(frozen=True)
@@ -78,9 +74,7 @@ def ray_inventory(address: str, progress: Callable[[str], None] | None = None) -
     measure the links; raises ``RayClusterError`` naming the address or node that failed."""
     say = progress or (lambda _: None)
     with connected(address) as resolved:
-        nodes = alive_nodes()
-        say(f"probing {len(nodes)} Ray node{'s' * (len(nodes) != 1)} at {resolved}")
-        reports = run_on_each(nodes, probe_node, lambda n: (n.cpus,))
+        nodes, reports = probe_nodes(resolved, say)
         links = measure_links(nodes, progress=say) if len(nodes) > 1 else {}
     cluster, notes = cluster_from_reports(nodes, reports, links)
     return Inventory(resolved, tuple(nodes), tuple(reports), links, cluster, tuple(notes))

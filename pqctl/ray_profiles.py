@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from planner.cluster import DeviceSpec
-from pqctl.ray_inventory import cluster_from_reports, probe_node
-from runtime.cluster.ray_nodes import RayClusterError, alive_nodes, connected, pinned, ray_module
+from pqctl.ray_inventory import cluster_from_reports, probe_nodes
+from runtime.cluster.ray_nodes import RayClusterError, connected, pinned, ray_module
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,13 +42,7 @@ def ray_profiles(
     say = say or (lambda _: None)
     ray = ray_module()
     with connected(address) as resolved:
-        nodes = alive_nodes()
-        say(f"probing {len(nodes)} Ray node{'s' * (len(nodes) != 1)} at {resolved}")
-        probe = ray.remote(num_cpus=0, max_retries=0)(probe_node)
-        reports = ray.get(
-            [probe.options(scheduling_strategy=pinned(n)).remote(n.cpus) for n in nodes],
-            timeout=120,
-        )
+        nodes, reports = probe_nodes(resolved, say)
         cluster, _ = cluster_from_reports(nodes, reports, {})
         chosen: dict[str, DeviceSpec] = {}
         for d in cluster.devices:
