@@ -79,7 +79,7 @@ def report_planner(rows: list[tuple[int, int, float, float, int, int]]) -> None:
 
 def ray_recovery() -> None:
     from tests.ray_cluster import RayNamespace, namespaces_available
-    from tests.runtime.serve.plans import serving_plan
+    from tests.runtime.serve.plans import on_hosts, serving_plan
 
     why = namespaces_available()
     if why:
@@ -87,11 +87,8 @@ def ray_recovery() -> None:
         return
     with tempfile.TemporaryDirectory() as scratch, RayNamespace(["hostA", "hostB", "hostC"]) as ns:
         base = serving_plan("bard-tiny", [0, 3, 6], batch=4, prefill=2, decode=2, max_new=96)
-        stages = tuple(
-            replace(s, device=replace(s.device, host=h))
-            for s, h in zip(base.stages, ("hostA", "hostB", "hostC"), strict=True)
-        )
-        plan = replace(base, stages=stages, quality=replace(base.quality, budget=0.0))
+        moved = on_hosts(base, ns.hosts)
+        plan = replace(moved, quality=replace(moved.quality, budget=0.0))
         path = Path(scratch) / "plan.json"
         plan.save(path)
         env = {**ns.env, "PQCTL_STATE_DIR": str(Path(scratch) / "state"), "COLUMNS": "200"}

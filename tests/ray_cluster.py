@@ -122,13 +122,17 @@ class RayNamespace:
         self.process.wait(timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
-    def _kill_namespace(self) -> None:
+    def processes(self) -> list[int]:
+        """Every process in the namespace but the cluster's own script (none once it ended)."""
         try:
             ours = os.readlink(self.namespace)
         except OSError:
-            return
+            return []
+        return [pid for pid in _pids() if _netns(pid) == ours and pid != self.process.pid]
+
+    def _kill_namespace(self) -> None:
         for _ in range(3):
-            left = [pid for pid in _pids() if _netns(pid) == ours and pid != self.process.pid]
+            left = self.processes()
             if not left:
                 return
             for pid in left:

@@ -24,7 +24,7 @@ from planner.plan import Plan
 from runtime.model.assets import BUILTIN_MODEL_NAME, builtin_model_dir
 from tests.ray_cluster import RayNamespace
 from tests.runtime.model.checkpoints import save_checkpoint
-from tests.runtime.serve.plans import serving_plan
+from tests.runtime.serve.plans import on_hosts, serving_plan
 
 pytestmark = pytest.mark.multiproc
 ROOT = Path(__file__).resolve().parents[3]
@@ -52,13 +52,8 @@ def three_stage_plan() -> Plan:
 
 def three_host_plan(directory: Path) -> Path:
     """The same stages, one on each host of the Ray cluster."""
-    plan = three_stage_plan()
-    stages = tuple(
-        replace(s, device=replace(s.device, host=host))
-        for s, host in zip(plan.stages, HOSTS, strict=True)
-    )
     path = directory / "plan.json"
-    replace(plan, stages=stages).save(path)
+    on_hosts(three_stage_plan(), HOSTS).save(path)
     return path
 
 
@@ -101,21 +96,16 @@ class Cli:
 
 def worker_pid(cluster: RayNamespace, stage: int) -> int:
     """The stage worker process of ``stage`` in the cluster's namespace."""
-    ours = os.readlink(cluster.namespace)
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in cluster.processes():
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-            same = os.readlink(entry / "ns" / "net") == ours
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
         if (
-            same
-            and b"runtime.serve.worker" in argv
+            b"runtime.serve.worker" in argv
             and argv[argv.index(b"--stage") + 1] == str(stage).encode()
         ):
-            return int(entry.name)
+            return pid
     raise AssertionError(f"no worker of stage {stage} in the namespace")
 
 
@@ -234,12 +224,8 @@ def test_a_transformers_built_checkpoint_serves_alike_on_three_hosts_and_on_one(
     hosts give the greedy tokens the same stages give on one host."""
     model = tiny_opt(tmp_path / "tiny-opt")
     base = serving_plan(str(model), [0, 2, 4], batch=4, prefill=2, decode=2, max_new=32)
-    stages = tuple(
-        replace(s, device=replace(s.device, host=host))
-        for s, host in zip(base.stages, HOSTS, strict=True)
-    )
     base.save(tmp_path / "one.json")
-    replace(base, stages=stages).save(tmp_path / "three.json")
+    on_hosts(base, HOSTS).save(tmp_path / "three.json")
     keys = tmp_path / "keys"
     got = {}
     for plan, name, ray in (

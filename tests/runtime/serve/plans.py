@@ -6,6 +6,7 @@ loopback host names (``localhost``, ``127.0.0.1``, ``::1``), which ``pqctl apply
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -67,6 +68,15 @@ def serving_plan(
     )
     plan = replace(base, stages=stages, micro_batching=MicroBatching(prefill, decode))
     return Plan.from_json(plan.to_json())  # validated like a file
+
+
+def on_hosts(plan: Plan, hosts: Sequence[str]) -> Plan:
+    """``plan`` with stage k moved to ``hosts[k]`` (the same device index and type)."""
+    stages = tuple(
+        replace(s, device=replace(s.device, host=host))
+        for s, host in zip(plan.stages, hosts, strict=True)
+    )
+    return replace(plan, stages=stages)
 
 
 def write_plan(plan: Plan, directory: Path, name: str = "plan.json") -> Path:
