@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from planner.arrangement import best_arrangement
 from planner.baselines import BaselinePlan, all_baselines
@@ -237,7 +238,7 @@ class _Search:
             finally:
                 self.pool = None
 
-    @property
+    @cached_property
     def _orders_enumerable(self) -> bool:
         """Few enough pipeline orders that a refinement enumerates them all."""
         return self.problem.cluster.count_pipeline_orders() <= self.options.max_orders
@@ -342,20 +343,19 @@ class _Search:
             used = pair.placement.order[: len(pair.placement.counts)]
             self._per_layer_later(pair, pair.tables.reordered(used), -math.inf)
             return
-        self.tally.refinement = f"{cluster.count_pipeline_orders()} device orders enumerated"
-        orders = cluster.pipeline_orders()
+        self.tally.refinement = f"{len(self._orders)} device orders enumerated"
         first = pair.placement.order[: len(pair.placement.counts)]
-        pair.chosen = _first_covering(orders, [cluster.devices[j] for j in first])
+        pair.chosen = _first_covering(self._orders, [cluster.devices[j] for j in first])
         if pair.chosen is not None:
             self.tally.orders += 1
-            tables = self._in_order(pair, orders[pair.chosen])
+            tables = self._in_order(pair, self._orders[pair.chosen])
             self._per_layer_later(pair, tables, pair.bound)  # the pair's bound: that order's
 
     def _bound_other_orders(self, pair: _Pair, form: QualityForm) -> None:
         """Every other pipeline order of a pair bounded on its own (solved per layer later
         where that bound leaves room); the least of them is kept once every order has one."""
         bounds = []
-        for k, order in enumerate(self.problem.cluster.pipeline_orders()):
+        for k, order in enumerate(self._orders):
             if k == pair.chosen:
                 continue
             if self._left() <= 0:
@@ -364,9 +364,17 @@ class _Search:
             bounds.append(self._bounded(pair, self._in_order(pair, order), form))
         pair.bounded = min(bounds, default=math.inf)
 
+    @cached_property
+    def _orders(self) -> list[tuple[DeviceSpec, ...]]:
+        """Every pipeline order of the cluster, once (a pair's chosen order is an index here)."""
+        return self.problem.cluster.pipeline_orders()
+
+    @cached_property
+    def _position(self) -> dict[str, int]:
+        return {d.key: j for j, d in enumerate(self.problem.cluster.devices)}
+
     def _in_order(self, pair: _Pair, order: Sequence[DeviceSpec]) -> CostTables:
-        position = {d.key: j for j, d in enumerate(self.problem.cluster.devices)}
-        return pair.tables.reordered([position[d.key] for d in order])
+        return pair.tables.reordered([self._position[d.key] for d in order])
 
     def _bounded(self, pair: _Pair, tables: CostTables, form: QualityForm) -> float:
         """One fixed order in the count or envelope form (exact in the count form); per layer,

@@ -250,15 +250,19 @@ class Gateway:
             self.shutdown()
 
     def shutdown(self) -> None:
-        for stage in self.stages:
-            self._tell(stage.index, {"type": "stop"})
-        stop_all([s.handle for s in self.stages])
+        self._stop_stages()
         self.state.remove()
         for sock in (self.client, self.control, self.results, self.status, self.to_first):
             sock.close(linger=0)
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+
+    def _stop_stages(self) -> None:
+        """Ask every stage to stop, then end those that do not."""
+        for stage in self.stages:
+            self._tell(stage.index, {"type": "stop"})
+        stop_all([s.handle for s in self.stages])
 
     def _fail(self, message: str) -> None:
         self.failure = message
@@ -388,9 +392,7 @@ class Gateway:
         self.replan_note = f"lost {lost}: {message}"
         print(f"re-planning: {self.replan_note}", flush=True)
         self._reply(self.scheduler.fail_all(REPLANNING, f"re-planning after losing {lost}"))
-        for other in self.stages:
-            self._tell(other.index, {"type": "stop"})
-        stop_all([s.handle for s in self.stages])
+        self._stop_stages()
         self.stages = []
         self.replanner.start(self.plan, [lost])
 
