@@ -149,7 +149,12 @@ class ClusterSpec:
         if a.host == b.host:
             bandwidth = min(a.type.peer_bandwidth_gb_s, b.type.peer_bandwidth_gb_s)
             return LinkSpec(bandwidth_gb_s=bandwidth, latency_s=INTRA_HOST_LATENCY_S)
-        return self.links.get(frozenset((a.host, b.host)), self.default_link)
+        return self.between(a.host, b.host)
+
+    def between(self, a: str, b: str) -> LinkSpec:
+        """The link between hosts ``a`` and ``b``: the one given for the pair, else the
+        default."""
+        return self.links.get(frozenset((a, b)), self.default_link)
 
     def without(self, keys: Iterable[str]) -> ClusterSpec:
         """The same cluster with the devices whose keys are given left out."""

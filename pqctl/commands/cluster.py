@@ -127,13 +127,12 @@ def render_cluster(resolved: ResolvedCluster) -> Group:
         names = [h.name for h in spec.hosts]
         for i, a in enumerate(names):
             for b in names[i + 1 :]:
-                link = spec.links.get(frozenset((a, b)))
-                shown = link or spec.default_link
+                link = spec.between(a, b)
                 links.add_row(
                     f"{a} ↔ {b}",
-                    f"{shown.bandwidth_gb_s * 8:,.2f}",
-                    f"{shown.latency_s * 1e6:,.1f}",
-                    given if link is not None else "default",
+                    f"{link.bandwidth_gb_s * 8:,.2f}",
+                    f"{link.latency_s * 1e6:,.1f}",
+                    given if frozenset((a, b)) in spec.links else "default",
                 )
         parts.append(links)
     parts += [f"note: {n}" for n in resolved.notes]

@@ -248,7 +248,7 @@ def _links_line(cluster: ClusterSpec) -> str:
     parts = []
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            link = cluster.links.get(frozenset((a, b)), cluster.default_link)
+            link = cluster.between(a, b)
             parts.append(
                 f"{escape(a)}↔{escape(b)} {link.bandwidth_gb_s * 8:,.1f} Gbit/s "
                 f"{link.latency_s * 1e6:,.0f} µs"
