@@ -42,10 +42,11 @@ class DeviceType:
         launch_overhead_s: fixed cost per operator call (kernel launch or dispatch), seconds.
         dequant_gelem_s: on-the-fly dequantization rate for precisions without a fast
             kernel, 10^9 weight elements per second.
-        dense_weight_bytes: bytes per weight of the linear layers stored unquantized (16-bit
-            layers) and of the per-call dequantized copies of the others. Equal to
-            ``activation_bytes`` except on a CPU with native bf16 dot products, where the
-            runtime stores them as bf16 (2) while computing in fp32 (4). Leaving it 0 at
+        dense_weight_bytes: bytes per weight of the per-call dequantized copies of low-bit
+            layers, and of 16-bit layers whose checkpoint dtype the device computes in
+            (``planner.cost_model.weight16_bytes``). Equal to ``activation_bytes`` except on a
+            CPU with native bf16 dot products, where the runtime uses bf16 (2) while computing
+            in fp32 (4). Leaving it 0 at
             construction means ``activation_bytes``; a built device type always holds the width.
     """
 

@@ -14,9 +14,10 @@ activations read and written, and in decode the KV cache read. A precision witho
 kernel on a device is dequantized into a temporary 16-bit copy on every call, which costs an
 extra pass over the weights and the device's dequantization rate.
 
-Widths: unquantized (16-bit) linear weights and the per-call dequantized copies take the
-device's ``dense_weight_bytes`` (bf16 on a CPU with native bf16 dot products, which computes in
-fp32); activations, KV cache, biases, norms, embeddings and the LM head take its
+Widths: unquantized (16-bit) linear weights keep the checkpoint's dtype where the device computes
+in it, else the compute dtype (:func:`weight16_bytes`: fp32 on a CPU unless the checkpoint is
+bf16 and the CPU has native bf16 dot products); per-call dequantized copies take the device's
+``dense_weight_bytes``; activations, KV cache, biases, norms, embeddings and the LM head take its
 ``activation_bytes``.
 """
 
@@ -72,6 +73,19 @@ def default_group_size(model: ModelSpec, candidates: tuple[int, ...] = (128, 64,
     return next((g for g in candidates if all(w % g == 0 for w in widths)), candidates[0])
 
 
+def weight16_bytes(model: ModelSpec, device: DeviceType) -> int:
+    """Bytes per weight of ``model``'s 16-bit layers on ``device``.
+
+    16 bits keeps the checkpoint's own weights: in their dtype where the device computes in it
+    (GPUs, whose 16-bit dtype is the compute dtype; a bf16 checkpoint on a CPU with native bf16
+    dot products), else in the device's compute dtype (fp32 on a CPU), so that unquantized
+    layers compute exactly what the checkpoint holds.
+    """
+    if device.kind == "cpu" and model.weight_dtype != "bfloat16":
+        return device.activation_bytes
+    return device.dense_weight_bytes
+
+
 def layer_weight_bytes(
     model: ModelSpec,
     bits: int,
@@ -111,7 +125,7 @@ def layer_memory_bytes(
     """Memory one decoder layer needs on ``device``: weights at ``bits`` plus its KV cache."""
     dense = device.activation_bytes
     kv = kv_cache_bytes_per_layer(model, global_batch, max_context, dense)
-    weights = layer_weight_bytes(model, bits, group_size, dense, device.dense_weight_bytes)
+    weights = layer_weight_bytes(model, bits, group_size, dense, weight16_bytes(model, device))
     return weights + kv
 
 
@@ -144,8 +158,8 @@ def dequant_scratch_bytes(model: ModelSpec, dense_bytes: int = 2) -> int:
 
 
 def embedding_bytes(model: ModelSpec, dense_bytes: int = 2) -> int:
-    """Token/position embedding held by the first stage, stored like the device's 16-bit
-    weights (``dense_bytes`` each), bytes."""
+    """Token/position embedding held by the first stage, in the device's compute dtype
+    (``dense_bytes`` each), bytes."""
     return dense_bytes * model.embedding_params
 
 
@@ -192,12 +206,21 @@ def _roofline_s(device: DeviceType, flops: float, num_bytes: float, low_bit: boo
 
 
 def linear_latency_s(
-    op: LinearOp, device: DeviceType, bits: int, tokens: int, group_size: int
+    op: LinearOp,
+    device: DeviceType,
+    bits: int,
+    tokens: int,
+    group_size: int,
+    weight16: int | None = None,
 ) -> float:
-    """Time of one linear operator over ``tokens`` token rows at ``bits``, seconds."""
+    """Time of one linear operator over ``tokens`` token rows at ``bits``, seconds.
+
+    ``weight16``: bytes per weight at 16 bits (:func:`weight16_bytes`; default the device's
+    ``dense_weight_bytes``)."""
     flops = 2.0 * tokens * op.num_weights
     activations = tokens * (op.in_features + op.out_features) * device.activation_bytes
-    packed = packed_linear_bytes(op, bits, group_size, device.dense_weight_bytes)
+    width16 = device.dense_weight_bytes if weight16 is None else weight16
+    packed = packed_linear_bytes(op, bits, group_size, width16)
     if bits == 16 or bits in device.fast_kernel_bits:
         return _roofline_s(device, flops, packed + activations, low_bit=bits != 16)
     dense = op.num_weights * device.dense_weight_bytes
@@ -246,7 +269,8 @@ def layer_latency_s(
         return profile.layer_latency_s(bits, point.phase, point.micro_batch, point.context)
     tokens = point.micro_batch * point.new_tokens
     linears = sum(
-        linear_latency_s(op, device, bits, tokens, group_size) for op in model.layer_linears()
+        linear_latency_s(op, device, bits, tokens, group_size, weight16_bytes(model, device))
+        for op in model.layer_linears()
     )
     return (
         linears
@@ -287,7 +311,7 @@ def head_latency_s(
         return measured
     rows = point.micro_batch
     flops = 2.0 * rows * model.embed_dim * model.vocab_size
-    weights = device.dense_weight_bytes * model.embed_dim * model.vocab_size
+    weights = device.activation_bytes * model.embed_dim * model.vocab_size
     logits = rows * model.vocab_size * 4 * 3  # written, read by softmax/argmax, read by sampling
     norm = point.micro_batch * point.new_tokens * model.hidden_size * device.activation_bytes * 2
     return _roofline_s(device, flops, weights + logits + norm, low_bit=False)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,9 @@ EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples" / "models"
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("bloom", "gpt2", "llama", "mistral", "opt", "qwen2")
 """Values of ``model_type`` that :func:`model_spec_from_config` understands."""
+
+WEIGHT_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
+"""Checkpoint weight dtypes a config may name."""
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -81,6 +84,10 @@ class ModelSpec:
         position_table_rows: rows of a learned position embedding (0 for rotary or ALiBi).
         embed_dim: width of the token embedding (OPT-350m projects it to hidden_size).
         norm_bias: the norms have a bias (LayerNorm) or not (RMSNorm).
+        weight_dtype: the dtype the checkpoint stores its weights in (``torch_dtype`` or
+            ``dtype`` of the config: ``float32``, ``bfloat16`` or ``float16``; ``float32``
+            when absent, as transformers reads such a checkpoint). 16-bit layers keep it where
+            the device computes in it (see ``planner.cost_model.weight16_bytes``).
     """
 
     source: str
@@ -101,6 +108,7 @@ class ModelSpec:
     position_table_rows: int
     embed_dim: int
     norm_bias: bool
+    weight_dtype: str = "float32"
 
     @property
     def kv_width(self) -> int:
@@ -252,7 +260,7 @@ def model_spec_from_config(
             f'unsupported architecture "{fields.model_type}" in {fields.where}; '
             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    return builder(fields, source)
+    return replace(builder(fields, source), weight_dtype=fields.weight_dtype())
 
 
 def _is_hub_id(model: str) -> bool:
@@ -328,6 +336,21 @@ class _ConfigFields:
         raise ModelConfigError(
             f'{self.where}: missing field "{keys[0]}" (needed for {self.model_type} models{others})'
         )
+
+    def weight_dtype(self) -> str:
+        """The weights' dtype (``torch_dtype``, or ``dtype`` as transformers 5 writes it)."""
+        for key in ("torch_dtype", "dtype"):
+            value = self.config.get(key)
+            if value is None:
+                continue
+            name = str(value).removeprefix("torch.")
+            if name not in WEIGHT_DTYPES:
+                raise ModelConfigError(
+                    f'{self.where}: field "{key}" must be one of {", ".join(WEIGHT_DTYPES)}, '
+                    f"got {json.dumps(value)}"
+                )
+            return name
+        return "float32"
 
     def flag(self, key: str, default: bool) -> bool:
         """A boolean field, ``default`` when absent or null."""

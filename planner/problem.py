@@ -308,9 +308,10 @@ def _tables_of(
 def _weights_per_device(
     devices: Sequence[DeviceSpec], bytes_of: Callable[[int], int]
 ) -> np.ndarray:
-    """A per-device byte count from the width of the device's 16-bit weights
-    (``dense_weight_bytes``): the embedding tables and LM head are stored like them."""
-    return np.array([float(bytes_of(d.type.dense_weight_bytes)) for d in devices])
+    """A per-device byte count from the width of the device's compute dtype
+    (``activation_bytes``): the embedding tables and LM head are held in it, so that logits
+    come out of the head as the device computes (fp32 on a CPU)."""
+    return np.array([float(bytes_of(d.type.activation_bytes)) for d in devices])
 
 
 def _hops(

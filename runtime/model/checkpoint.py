@@ -168,6 +168,10 @@ class Checkpoint:
                     f"{list(shape)}"
                 )
 
+    def dtype_of(self, name: str) -> torch.dtype | None:
+        """torch dtype a named tensor is stored in (None for a dtype :meth:`read` refuses)."""
+        return DTYPES.get(self.tensors[name].dtype)
+
     def read(self, name: str) -> torch.Tensor:
         """Read one named tensor into CPU memory that it owns (nothing else is read).
 

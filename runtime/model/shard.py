@@ -130,16 +130,17 @@ def estimate_bytes(
     ends: Mapping[str, tuple[int, ...]],
     dtype: torch.dtype,
     device: torch.device,
+    stored: torch.dtype | None,
     impl: Impl = "auto",
 ) -> int:
     """Memory the stage will hold once loaded on ``device``, bytes.
 
-    Linear weights at their precisions (16-bit ones in :func:`dense_weight_dtype`, or in
-    ``dtype`` with ``impl="reference"``) and the ends' matrices (embedding tables, LM head) in
-    that same dtype; biases, norms and the KV cache in ``dtype``.
+    Linear weights at their precisions (16-bit ones, stored in ``stored`` in the checkpoint,
+    in :func:`dense_weight_dtype`, or in ``dtype`` with ``impl="reference"``); the ends
+    (embedding tables, LM head), biases, norms and the KV cache in ``dtype``.
     """
     dense = dtype.itemsize
-    weight_dtype = dtype if impl == "reference" else dense_weight_dtype(dtype, device)
+    weight_dtype = dtype if impl == "reference" else dense_weight_dtype(dtype, device, stored)
     shapes = linear_shapes(arch).values()
     per_bits = {
         bits: sum(
@@ -152,9 +153,7 @@ def estimate_bytes(
     vectors = sum(  # biases and norms: the layer's 1-D tensors
         math.prod(shape) for shape in layer_tensors(arch, 0).values() if len(shape) == 1
     )
-    ends_bytes = sum(  # matrices (tables, projections) as 16-bit weights, vectors in dtype
-        math.prod(s) * (weight_dtype.itemsize if len(s) == 2 else dense) for s in ends.values()
-    )
+    ends_bytes = sum(math.prod(s) * dense for s in ends.values())
     kv = 2 * layers * spec.batch_slots * spec.max_len * arch.num_kv_heads * arch.head_dim * dense
     return weights + layers * vectors * dense + ends_bytes + kv
 
@@ -276,7 +275,9 @@ def load_shard(
     for layer in range(start, stop):
         needed |= layer_tensors(arch, layer)
     checkpoint.require(needed)
-    need, free = estimate_bytes(arch, spec, ends, dtype, dev, impl), available_bytes(dev)
+    stored = checkpoint.dtype_of(next(iter(layer_tensors(arch, start)))) if stop > start else None
+    need = estimate_bytes(arch, spec, ends, dtype, dev, stored, impl)
+    free = available_bytes(dev)
     if need > free:
         gib = 1024**3
         raise StageMemoryError(
@@ -292,10 +293,8 @@ def load_shard(
             _build_layer(arch, checkpoint, layer, bits, spec.group_size, dtype, dev, impl)
         )
         report(len(layers), total)
-    matrix_dtype = dtype if impl == "reference" else dense_weight_dtype(dtype, dev)
-    tensors = {  # embedding tables and head projections as 16-bit weights; norms in ``dtype``
-        k: v.to(device=dev, dtype=matrix_dtype if v.dim() == 2 else dtype)
-        for k, v in checkpoint.load(ends).items()
+    tensors = {  # embedding tables, head projections and norms in the compute dtype
+        k: v.to(device=dev, dtype=dtype) for k, v in checkpoint.load(ends).items()
     }
     embedding = _embedding(arch, tensors, dtype) if spec.holds_embedding else None
     head = _head(arch, tensors) if spec.holds_lm_head else None

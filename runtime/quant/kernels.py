@@ -32,15 +32,19 @@ bf16 weights 1.5   1.4   1.7   10.8  20.4  45.0  2 bytes/weight, x cast to bf16 
 bf16 upcast  23.8  25.3  24.2  45.8  69.6  118   2 bytes/weight, fp32 copy made per call
 ============ ===== ===== ===== ===== ===== ===== ============================================
 
-Decision: where the CPU has native bf16 dot products (avx512_bf16 or AMX), "16 bits" means
-bf16 weights with activations cast to bf16 for the matmul: 2.2-5× faster than fp32 at every row
-count and half the memory, for a bf16 rounding of the activations (~3e-3 relative output error,
-as in the int8/int4 kernels). Elsewhere bf16 GEMM is emulated (278 ms at 128 rows in the
-reference notes) and 16 bits keeps fp32 weights. The planner counts 16-bit weights at its CPU
-device type's ``dense_weight_bytes`` (2 where ``planner.local_host.cpu_has_native_bf16`` reads
-the same flags from ``/proc/cpuinfo``). ``impl="reference"`` keeps 16-bit weights in the compute
-dtype (exact). Dequant-per-call layers dequantize into the same dtype as 16-bit weights: into
-bf16 a 4096×4096 layer takes ~15-22 ms (2-4 bit; fp32: ~25-38 ms), ~0.55-0.75 G weights/s.
+Decision: 16 bits never rounds the checkpoint's weights. Where the CPU has native bf16 dot
+products (avx512_bf16 or AMX), a checkpoint stored in bf16 keeps its bf16 weights with
+activations cast to bf16 for the matmul: 2.2-5× faster than fp32 at every row count and half
+the memory, for a bf16 rounding of the activations (~3e-3 relative output error, as in the
+int8/int4 kernels). An fp32 or fp16 checkpoint's 16-bit layers keep fp32 weights on a CPU (fp16
+is not native there; bf16 would round them), so their greedy output equals transformers' fp32
+run of the same checkpoint token for token. Elsewhere bf16 GEMM is emulated (278 ms at 128 rows
+in the reference notes) and 16 bits keeps fp32 weights. The planner counts 16-bit weights with
+``planner.cost_model.weight16_bytes`` (the same rule, with ``planner.local_host.
+cpu_has_native_bf16`` reading the same flags from ``/proc/cpuinfo``). ``impl="reference"`` keeps
+16-bit weights in the compute dtype (exact). Dequant-per-call layers dequantize into bf16 on such
+a CPU: into bf16 a 4096×4096 layer takes ~15-22 ms (2-4 bit; fp32: ~25-38 ms), ~0.55-0.75 G
+weights/s.
 
 One Llama-7B-shaped layer's seven linears (``bench/kernels.py``, same CPU, ratio to 16 bits;
 16 bits took 23 ms at 1 row and 511 ms at 512 rows):
@@ -96,13 +100,24 @@ def _cpu_has_native_bf16() -> bool:
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
-def dense_weight_dtype(compute_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """Dtype of 16-bit weights and of per-call dequantized copies on ``device``.
+def dense_weight_dtype(
+    compute_dtype: torch.dtype, device: torch.device, stored: torch.dtype | None = None
+) -> torch.dtype:
+    """Dtype of 16-bit weights (stored in ``stored`` in the checkpoint) and, with ``stored``
+    None, of per-call dequantized copies on ``device``.
 
     bf16 on a CPU with native bf16 dot products when the model computes in fp32 (the measured
-    decision in the module docstring); the compute dtype everywhere else.
+    decision in the module docstring), for a dequantized copy or a weight the checkpoint itself
+    stores in bf16; the compute dtype everywhere else. So 16 bits never rounds a checkpoint's
+    weights on a CPU: an fp32 or fp16 checkpoint's 16-bit layers compute in fp32, exactly as
+    transformers computes that checkpoint there.
     """
-    if device.type == "cpu" and compute_dtype == torch.float32 and _cpu_has_native_bf16():
+    if (
+        device.type == "cpu"
+        and compute_dtype == torch.float32
+        and stored in (None, torch.bfloat16)
+        and _cpu_has_native_bf16()
+    ):
         return torch.bfloat16
     return compute_dtype
 

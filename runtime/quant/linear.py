@@ -96,7 +96,7 @@ class DenseLinear(nn.Module):
             raise QuantizationError(f"DenseLinear holds 16-bit layers, not {bits}-bit ones")
         device = torch.device(device)
         auto = impl == "auto"
-        dtype = dense_weight_dtype(compute_dtype, device) if auto else compute_dtype
+        dtype = dense_weight_dtype(compute_dtype, device, weight.dtype) if auto else compute_dtype
         with torch.no_grad():
             w = weight.detach().to(device=device, dtype=dtype).contiguous()
             b = None if bias is None else bias.detach().to(device=device, dtype=compute_dtype)

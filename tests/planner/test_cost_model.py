@@ -407,8 +407,11 @@ def _cpu(native_bf16: bool) -> DeviceType:
     )  # fmt: skip
 
 
-def test_a_bf16_cpu_counts_16_bit_weights_at_2_bytes_and_the_rest_at_4() -> None:
-    model = tiny_opt()  # biases and LayerNorm biases: the compute-dtype part is non-zero
+def test_a_bf16_cpu_counts_a_bf16_checkpoints_16_bit_weights_at_2_bytes_and_the_rest_at_4() -> (
+    None
+):
+    # biases and LayerNorm biases: the compute-dtype part is non-zero
+    model = dataclasses.replace(tiny_opt(), weight_dtype="bfloat16")
     bf16, fp32 = _cpu(native_bf16=True), _cpu(native_bf16=False)
     assert (bf16.activation_bytes, bf16.dense_weight_bytes) == (4, 2)
     assert (fp32.activation_bytes, fp32.dense_weight_bytes) == (4, 4)
@@ -423,6 +426,21 @@ def test_a_bf16_cpu_counts_16_bit_weights_at_2_bytes_and_the_rest_at_4() -> None
         assert cm.layer_memory_bytes(model, bf16, bits, 2, 64, 64) == cm.layer_memory_bytes(
             model, fp32, bits, 2, 64, 64
         )
+
+
+def test_16_bits_keeps_fp32_and_fp16_checkpoints_in_fp32_on_a_cpu_and_16_bit_on_a_gpu() -> None:
+    bf16_cpu, fp32_cpu = _cpu(native_bf16=True), _cpu(native_bf16=False)
+    gpu = T4
+    for dtype in ("float32", "float16"):  # bf16 would round them; fp16 is not native on a CPU
+        model = dataclasses.replace(tiny_opt(), weight_dtype=dtype)
+        assert cm.weight16_bytes(model, bf16_cpu) == cm.weight16_bytes(model, fp32_cpu) == 4
+        assert cm.weight16_bytes(model, gpu) == 2
+        assert cm.layer_memory_bytes(model, bf16_cpu, 16, 2, 64, 64) == cm.layer_memory_bytes(
+            model, fp32_cpu, 16, 2, 64, 64
+        )
+    bf16_model = dataclasses.replace(tiny_opt(), weight_dtype="bfloat16")
+    assert cm.weight16_bytes(bf16_model, bf16_cpu) == 2
+    assert cm.weight16_bytes(bf16_model, fp32_cpu) == 4
 
 
 def test_a_bf16_cpu_moves_half_the_bytes_of_a_16_bit_linear() -> None:
@@ -448,8 +466,9 @@ def test_a_bf16_cpu_dequantizes_into_bf16_scratch() -> None:
         )
         tables = build_tables(problem, (device,), 1, 1)
         assert tables.dequant_scratch_bytes[0] == cm.dequant_scratch_bytes(model, width)
-        assert tables.embedding_bytes[0] == cm.embedding_bytes(model, width)  # stored alike
-        assert tables.tied_saving_bytes[0] == cm.tied_saving_bytes(model, width)
+        # the ends stay in the compute dtype (fp32) either way
+        assert tables.embedding_bytes[0] == cm.embedding_bytes(model, 4)
+        assert tables.tied_saving_bytes[0] == cm.tied_saving_bytes(model, 4)
 
 
 def test_device_type_dense_weight_bytes_defaults_to_the_activation_width() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import weakref
 from pathlib import Path
@@ -244,40 +245,59 @@ def test_the_planner_reads_the_same_bf16_flag_as_the_runtime() -> None:
     assert cpu.dense_weight_bytes == kernels.dense_weight_dtype(torch.float32, CPU).itemsize
 
 
+@pytest.fixture(scope="module")
+def bard_bf16(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in model saved as a bf16 checkpoint (as most published checkpoints are)."""
+    directory = copy_checkpoint(builtin_model_dir(), tmp_path_factory.mktemp("ckpt") / "bf16")
+    weights = directory / "model.safetensors"
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config = read_config(directory) | {"torch_dtype": "bfloat16"}
+    (directory / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    return directory
+
+
 def _planned_bytes(
     native_bf16: bool, layers: tuple[int, int], first: bool, last: bool, directory: Path
 ) -> int:
-    """The planner's memory for a 16-bit bard-tiny stage (batch 2, 64 tokens) on a CPU."""
+    """The planner's memory for a 16-bit stage (batch 2, 64 tokens) on a CPU."""
     model = load_model_spec(directory)
     cpu = cpu_device_type(cores=2, memory_bytes=8 * 1024**3, memory_bandwidth_gb_s=10,
                           fp32_tflops=0.1, native_bf16=native_bf16)  # fmt: skip
     planned = (layers[1] - layers[0]) * cm.layer_memory_bytes(model, cpu, 16, 2, 64, 64)
-    ends = cpu.dense_weight_bytes  # embedding table and LM head are stored like 16-bit weights
+    ends = cpu.activation_bytes  # embedding table and LM head are held in the compute dtype
     planned += first * cm.embedding_bytes(model, ends)
     planned -= (first and last) * cm.tied_saving_bytes(model, ends)
     return planned + last * cm.head_bytes(model, 0, ends)  # no logits buffer
 
 
+@pytest.mark.parametrize("checkpoint", ["fp32", "bf16"])
 @pytest.mark.parametrize("native_bf16", [False, True])
 @pytest.mark.parametrize(("layers", "first", "last"), BARD_STAGES)
 def test_planner_memory_matches_a_loaded_16_bit_stage(
     monkeypatch: pytest.MonkeyPatch,
+    bard_bf16: Path,
+    checkpoint: str,
     native_bf16: bool,
     layers: tuple[int, int],
     first: bool,
     last: bool,
 ) -> None:
     """The planner's bytes for a 16-bit stage on a CPU with (or without) native bf16 are what
-    the runtime holds once the stage is loaded there (its probe forced to the same answer),
-    and the other width's count is not."""
+    the runtime holds once the stage is loaded there (its probe forced to the same answer).
+    An fp32 checkpoint's 16-bit layers are fp32 on either CPU; a bf16 one's are bf16 only where
+    the CPU has native bf16, so there the other CPU's count is not what it holds."""
     monkeypatch.setattr(kernels, "_cpu_has_native_bf16", lambda: native_bf16)
-    directory = builtin_model_dir()
+    directory = builtin_model_dir() if checkpoint == "fp32" else bard_bf16
     arch = arch_from_config(read_config(directory), "bard-tiny")
     stage = StageSpec(layers, (16,) * (layers[1] - layers[0]), first, last, 64, 2, 64)
     held = load_shard(directory, arch, stage).resident_bytes()
     assert held == pytest.approx(_planned_bytes(native_bf16, layers, first, last, directory), 0.05)
     other = _planned_bytes(not native_bf16, layers, first, last, directory)
-    assert held != pytest.approx(other, rel=0.05)
+    if checkpoint == "fp32":
+        assert other == _planned_bytes(native_bf16, layers, first, last, directory)
+    else:
+        assert held != pytest.approx(other, rel=0.05)
 
 
 @pytest.mark.parametrize("bits", [16, 8, 4, 3])
@@ -290,7 +310,7 @@ def test_the_shard_estimate_matches_what_it_holds(
     stage = StageSpec(layers, (bits,) * (layers[1] - layers[0]), first, last, 64, 2, 64)
     shard = load_shard(directory, arch, stage)
     ends = end_tensors(arch, Checkpoint(directory), first, last)
-    estimate = estimate_bytes(arch, stage, ends, torch.float32, CPU)
+    estimate = estimate_bytes(arch, stage, ends, torch.float32, CPU, torch.float32)
     assert shard.resident_bytes() == pytest.approx(estimate, rel=0.01)
 
 

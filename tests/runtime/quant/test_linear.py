@@ -130,7 +130,7 @@ def big_layers() -> dict[int, torch.nn.Module]:
 
 
 def _planner_bytes(rows: int, cols: int, bits: int, group: int) -> int:
-    dense = dense_weight_dtype(FP32, CPU).itemsize
+    dense = dense_weight_dtype(FP32, CPU, FP32).itemsize  # the tests' weights are fp32
     op = LinearOp("test", in_features=cols, out_features=rows, bias=True)
     return packed_linear_bytes(op, bits, group, dense_bytes=dense) + rows * FP32.itemsize
 
@@ -148,6 +148,24 @@ def test_resident_bytes_match_the_planner_at_4096(
 ) -> None:
     expected = _planner_bytes(4096, 4096, bits, 128)
     assert big_layers[bits].resident_bytes() == pytest.approx(expected, 0.05)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_16_bits_keeps_the_weights_own_dtype_where_the_cpu_computes_it(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    """fp32 and fp16 weights stay exact (fp32) on a CPU; bf16 ones stay bf16 where the CPU
+    has native bf16 dot products: 16 bits never rounds a checkpoint's weights."""
+    monkeypatch.setattr(kernels, "_cpu_has_native_bf16", lambda: native)
+    weight = _weight(64, 128)
+    for stored, held in (
+        (torch.float32, torch.float32),
+        (torch.float16, torch.float32),
+        (torch.bfloat16, torch.bfloat16 if native else torch.float32),
+    ):
+        layer = quantize_linear(weight.to(stored), None, 16, 64, compute_dtype=FP32, device=CPU)
+        assert layer.weight.dtype == held
+        assert torch.equal(layer.weight.float(), weight.to(stored).float())
 
 
 def test_resident_memory_shrinks_with_bits(big_layers: dict[int, torch.nn.Module]) -> None:
