@@ -33,8 +33,9 @@ HOSTS = ("hostA", "hostB", "hostC")
 PROMPTS = ["ROMEO:", "HAMLET:\nTo be, or not to be"]
 
 
-def transformers_greedy(prompt: str, new: int) -> list[int]:
-    directory = builtin_model_dir()
+def transformers_greedy(prompt: str, new: int, directory: Path | None = None) -> list[int]:
+    """transformers `generate` of the checkpoint (the built-in model by default), greedy, fp32."""
+    directory = directory or builtin_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     ids = tokenizer(prompt, return_tensors="pt")
@@ -115,31 +116,16 @@ def tokens(done: subprocess.CompletedProcess[str]) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def one_host_tokens(ray_cluster: RayNamespace, tmp_path_factory: pytest.TempPathFactory) -> dict:  # type: ignore[type-arg]
-    """Greedy tokens of the same three stages served on one host by pqctl apply (no Ray)."""
-    directory = tmp_path_factory.mktemp("one-host")
-    keys = directory / "keys"
-    cli = Cli(ray_cluster, directory / "state", keys, name="local")
-    assert cli.run("keys", "init", str(keys)).returncode == 0
-    three_stage_plan().save(directory / "plan.json")
-    started = cli.run(
-        "apply", str(directory / "plan.json"), "--detach", "--name", "local",
-        "--keys", str(keys), "--endpoint", "tcp://127.0.0.1:*",
-    )  # fmt: skip
-    assert started.returncode == 0, started.stderr
-    try:
-        return {
-            p: tokens(cli.cluster.run(cli.generate(p, 12), cwd=ROOT, env=cli.env)) for p in PROMPTS
-        }
-    finally:
-        cli.run("stop", "--name", "local", timeout_s=60)
+def expected_tokens() -> dict[str, list[int]]:
+    """Greedy tokens of transformers `generate` for each prompt: what the 16-bit stages must
+    give, wherever they run."""
+    return {p: transformers_greedy(p, 12) for p in PROMPTS}
 
 
 def test_apply_over_ray_serves_exactly_on_three_hosts_and_survives_a_killed_stage(
-    ray_cluster: RayNamespace, tmp_path: Path, one_host_tokens: dict[str, list[int]]
+    ray_cluster: RayNamespace, tmp_path: Path, expected_tokens: dict[str, list[int]]
 ) -> None:
-    """Tokens equal the same plan served on one host (and transformers where the CPU's 16-bit
-    path computes as transformers does: the first prompt here)."""
+    """Greedy tokens equal transformers `generate` of the same checkpoint."""
     keys = tmp_path / "keys"
     cli = Cli(ray_cluster, tmp_path / "state", keys)
     assert cli.run("keys", "init", str(keys)).returncode == 0
@@ -153,8 +139,7 @@ def test_apply_over_ray_serves_exactly_on_three_hosts_and_survives_a_killed_stag
         assert "serving bard-tiny (3 stages)" in started.stderr + started.stdout
         for prompt in PROMPTS:  # greedy, through the CLI, CURVE on every socket
             done = cli.cluster.run(cli.generate(prompt, 12), cwd=ROOT, env=cli.env)
-            assert tokens(done) == one_host_tokens[prompt], prompt
-        assert one_host_tokens[PROMPTS[0]] == transformers_greedy(PROMPTS[0], 12)
+            assert tokens(done) == expected_tokens[prompt], prompt
 
         long = ray_cluster.popen(
             cli.generate("ROMEO:", 470, timeout_s=60, as_json=False),
@@ -182,7 +167,7 @@ def test_apply_over_ray_serves_exactly_on_three_hosts_and_survives_a_killed_stag
                 break
             time.sleep(1)
         assert answered is not None, "no answer after the stage was killed"
-        assert tokens(answered) == one_host_tokens[PROMPTS[0]]
+        assert tokens(answered) == expected_tokens[PROMPTS[0]]
         assert worker_pid(ray_cluster, 1) != victim
         seen = cli.run_module("tests.pqctl.commands.ray_monitor", "rayt", str(keys))
         stages = json.loads(seen.stdout.splitlines()[-1])
@@ -221,7 +206,7 @@ def test_a_transformers_built_checkpoint_serves_alike_on_three_hosts_and_on_one(
     ray_cluster: RayNamespace, tmp_path: Path
 ) -> None:
     """A checkpoint saved by transformers (OPT), planned by path: three stages on three Ray
-    hosts give the greedy tokens the same stages give on one host."""
+    hosts give the greedy tokens the same stages give on one host, and transformers gives."""
     model = tiny_opt(tmp_path / "tiny-opt")
     base = serving_plan(str(model), [0, 2, 4], batch=4, prefill=2, decode=2, max_new=32)
     base.save(tmp_path / "one.json")
@@ -247,7 +232,7 @@ def test_a_transformers_built_checkpoint_serves_alike_on_three_hosts_and_on_one(
             ]
         finally:
             assert cli.run("stop", "--name", name, timeout_s=60).returncode == 0
-    assert got["three"] == got["one"]
+    assert got["three"] == got["one"] == [transformers_greedy(p, 12, model) for p in PROMPTS]
 
 
 def test_apply_over_ray_refuses_a_plan_naming_a_host_ray_does_not_have(
@@ -264,7 +249,7 @@ def test_apply_over_ray_refuses_a_plan_naming_a_host_ray_does_not_have(
 
 
 def test_losing_a_host_replans_on_the_hosts_left_and_serves_exactly_again(
-    tmp_path: Path, one_host_tokens: dict[str, list[int]]
+    tmp_path: Path, expected_tokens: dict[str, list[int]]
 ) -> None:
     """A cluster of its own (the shared one keeps its three hosts): hostC is removed while
     ``apply --replan-on-loss`` serves in the foreground; requests meanwhile are refused as
@@ -301,7 +286,7 @@ def test_losing_a_host_replans_on_the_hosts_left_and_serves_exactly_again(
             cluster.remove("hostC")
             report, err = asking.communicate(timeout=200)
             seen = json.loads(report.splitlines()[-1])
-            assert seen["tokens"] == one_host_tokens[PROMPTS[1]], (seen, err)
+            assert seen["tokens"] == expected_tokens[PROMPTS[1]], (seen, err)
             codes = [code for code, _ in seen["refusals"]]
             assert "replanning" in codes, seen  # refused while the plan was re-made
             assert set(codes) <= {"replanning", "stage_failed"}, seen
