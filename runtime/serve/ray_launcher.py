@@ -9,7 +9,8 @@ key files when the deployment has keys, in a private directory), checks that the
 exists there, and starts the same worker process a local stage runs (``python -m
 runtime.serve.worker``), bound to the node's address; that process dies with the actor. The
 stage's pid is the worker's; killing it (or the actor) ends the stage, which the gateway sees
-on its next poll and relaunches through Ray on the same node.
+on its next poll and relaunches through Ray on the same node. The worker's log, written on its
+node, is copied into the gateway's log directory as it grows.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ from runtime.errors import RuntimeFailure
 from runtime.serve.launcher import StageLaunch, child_env
 
 ACTOR_START_TIMEOUT_S = 120.0
+LOG_FOLLOW_S = 1.0
+"""How often a stage's log is copied from its node to the gateway's log directory, seconds."""
+LOG_CHUNK_BYTES = 1 << 16
+LOG_DRAIN_CHUNKS = 64
 _DIR_PREFIX = "pqctl-stage-"
 _PR_SET_PDEATHSIG = 1
 
@@ -116,22 +121,33 @@ class StageActor:
                 env=env,
                 preexec_fn=_die_with_parent,
             )
-        self.exited, self.log_text = threading.Event(), ""
+        self.exited, self.log_kept = threading.Event(), b""
         threading.Thread(target=self._reap, daemon=True).start()
 
     def _reap(self) -> None:
         """Once the worker exits, its directory (plan, key files) goes; the log is kept in
-        memory for :meth:`log_tail`."""
+        memory for :meth:`read_log`."""
         self.process.wait()
-        self.log_text = self._read_log()
+        self.log_kept = self._log_bytes()
         shutil.rmtree(self.dir, ignore_errors=True)
         self.exited.set()
 
-    def _read_log(self) -> str:
+    def _log_bytes(self) -> bytes:
         try:
-            return (self.dir / "stage.log").read_text(errors="replace")
+            return (self.dir / "stage.log").read_bytes()
         except OSError:
-            return ""
+            return b""
+
+    def read_log(self, offset: int) -> bytes:
+        """The worker's log from byte ``offset`` on, at most ``LOG_CHUNK_BYTES``."""
+        if self.exited.is_set():
+            return self.log_kept[offset : offset + LOG_CHUNK_BYTES]
+        try:
+            with open(self.dir / "stage.log", "rb") as log:
+                log.seek(offset)
+                return log.read(LOG_CHUNK_BYTES)
+        except OSError:
+            return b""
 
     def pid(self) -> int:
         return self.process.pid
@@ -144,9 +160,6 @@ class StageActor:
         with contextlib.suppress(ProcessLookupError):
             self.process.send_signal(number)
 
-    def log_tail(self, lines: int = 40) -> str:
-        text = self.log_text if self.exited.is_set() else self._read_log()
-        return "\n".join(text.splitlines()[-lines:])
 
 
 class RayStage:
@@ -162,6 +175,7 @@ class RayStage:
         self._code: int | None = None
         self._asked = time.monotonic()
         self.error: str | None = None
+        self._log_offset, self._log_ref, self._log_asked = 0, None, 0.0
 
     @property
     def pid(self) -> int:
@@ -191,6 +205,7 @@ class RayStage:
             )
             self._code = 1
             return self._code
+        self._follow_log()
         if self._ready(self._waiting):
             try:
                 self._code = int(self._ray.get(self._waiting))
@@ -198,6 +213,28 @@ class RayStage:
                 self._code = -int(signal.SIGKILL)  # the actor died with its worker
             self._keep_log()
         return self._code
+
+    def _follow_log(self) -> None:
+        """Copy what the worker wrote to its log on its node into ``log`` here, once a second
+        (the gateway calls :meth:`exit_code` on every pass of its loop; this never waits)."""
+        if self.log is None or self._pid == 0:
+            return
+        if self._log_ref is None:
+            if time.monotonic() - self._log_asked >= LOG_FOLLOW_S:
+                self._log_ref = self.actor.read_log.remote(self._log_offset)
+                self._log_asked = time.monotonic()
+            return
+        if not self._ready(self._log_ref):
+            return
+        ref, self._log_ref = self._log_ref, None
+        with contextlib.suppress(self._ray.exceptions.RayError, OSError):
+            self._append(self._ray.get(ref))
+
+    def _append(self, chunk: bytes) -> None:
+        if chunk and self.log is not None:
+            with open(self.log, "ab") as out:
+                out.write(chunk)
+            self._log_offset += len(chunk)
 
     def terminate(self) -> None:
         if self._code is None:
@@ -211,13 +248,19 @@ class RayStage:
             self._code = -int(signal.SIGKILL)
 
     def _keep_log(self) -> None:
-        """The worker's log, copied next to the gateway's logs before the actor goes."""
+        """The rest of the worker's log, copied here before the actor goes (bounded: at most
+        ``LOG_DRAIN_CHUNKS`` chunks, 5 s each)."""
         if self.log is None or self._pid == 0:
             return
         with contextlib.suppress(self._ray.exceptions.RayError, OSError):
-            tail = self._ray.get(self.actor.log_tail.remote(200), timeout=5)
-            with open(self.log, "a") as out:
-                out.write(f"--- stage log on {self.host} ---\n{tail}\n")
+            if self._log_ref is not None:
+                ref, self._log_ref = self._log_ref, None
+                self._append(self._ray.get(ref, timeout=5))
+            for _ in range(LOG_DRAIN_CHUNKS):
+                chunk = self._ray.get(self.actor.read_log.remote(self._log_offset), timeout=5)
+                self._append(chunk)
+                if len(chunk) < LOG_CHUNK_BYTES:
+                    break
 
 
 class RayLauncher:

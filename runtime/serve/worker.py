@@ -269,6 +269,11 @@ class Worker:
         self.ctx.term()
 
 
+def _say(message: str) -> None:
+    """One line of the stage's log (its standard error, which the launcher keeps)."""
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.serve.worker", description=__doc__)
     parser.add_argument("--plan", type=Path, required=True)
@@ -301,6 +306,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeFailure(
                     f"the plan has {len(plan.stages)} stages, no stage {args.stage}"
                 )
+            spec = plan.stages[args.stage]
+            layers = spec.layer_range
+            _say(f"stage {args.stage}: loading layers {layers.start}-{layers.stop - 1} of "
+                 f"{plan.model.source} on {spec.device.key}")  # fmt: skip
+            began = time.monotonic()
             worker.send_control("loading")
             shard = load_plan_stage(
                 plan,
@@ -314,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         except (RuntimeFailure, PlanValidationError, OSError) as exc:
             title = getattr(exc, "title", type(exc).__name__)
             worker.send_control("failed", title=title, message=str(exc))
+            _say(f"stage {args.stage}: {title}: {exc}")
             time.sleep(0.2)  # let the message leave before the socket closes
             return 1
         worker.send_control(
@@ -323,7 +334,10 @@ def main(argv: list[str] | None = None) -> int:
             kernel_paths={str(k): v for k, v in shard.kernel_paths().items()},
             device=str(shard.device),
         )
+        _say(f"stage {args.stage}: ready in {time.monotonic() - began:.1f} s, "
+             f"{shard.resident_bytes() / 2**20:.1f} MiB resident, on {shard.device}")  # fmt: skip
         worker.serve(shard)
+        _say(f"stage {args.stage}: stopped")
         return 0
     except Exception as exc:
         worker.send_control("failed", title="stage crashed", message=f"{exc!r}")

@@ -110,6 +110,10 @@ def worker_pid(cluster: RayNamespace, stage: int) -> int:
     raise AssertionError(f"no worker of stage {stage} in the namespace")
 
 
+def _text(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
 def tokens(done: subprocess.CompletedProcess[str]) -> list[int]:
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.splitlines()[0])["token_ids"]  # type: ignore[no-any-return]
@@ -140,6 +144,16 @@ def test_apply_over_ray_serves_exactly_on_three_hosts_and_survives_a_killed_stag
         for prompt in PROMPTS:  # greedy, through the CLI, CURVE on every socket
             done = cli.cluster.run(cli.generate(prompt, 12), cwd=ROOT, env=cli.env)
             assert tokens(done) == expected_tokens[prompt], prompt
+        # each stage's log, written on its node, is followed into apply's log directory
+        logs = tmp_path / "state" / "logs" / "rayt"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not all(
+            f"stage {i}: ready in" in _text(logs / f"stage-{i}.log") for i in range(3)
+        ):
+            time.sleep(0.2)
+        for i, host in enumerate(HOSTS):
+            assert f"stage {i}: ready in" in _text(logs / f"stage-{i}.log"), i
+            assert f"on {host}/cpu" in _text(logs / f"stage-{i}.log"), i
 
         long = ray_cluster.popen(
             cli.generate("ROMEO:", 470, timeout_s=60, as_json=False),
