@@ -19,7 +19,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
 
-from planner.plan import Plan, PlanValidationError
+from planner.plan import Plan, PlanValidationError, Stage
 from pqctl.exits import (
     EXIT_BAD_INPUT,
     EXIT_FAILURE,
@@ -42,6 +42,10 @@ from runtime.serve.deployment import (
 )
 from runtime.serve.keys import CurveKeys, init_keys
 from runtime.serve.launcher import (
+    BEAT_INTERVAL_S,
+    BEAT_TIMEOUT_S,
+    MAX_RESTARTS,
+    RESTART_WINDOW_S,
     GatewayExited,
     GatewayLaunch,
     log_tail,
@@ -92,8 +96,32 @@ def apply(
         float, typer.Option("--ready-timeout", help="Seconds to wait for every stage to load.")
     ] = 600.0,
     restarts: Annotated[
-        int, typer.Option("--restarts", help="Restarts of a failed stage before giving up.", min=0)
-    ] = 3,
+        int,
+        typer.Option(
+            "--restarts",
+            help="Stage failures restarted within --restart-window; one more ends the deployment.",
+            min=0,
+        ),
+    ] = MAX_RESTARTS,
+    restart_window: Annotated[
+        float,
+        typer.Option(
+            "--restart-window",
+            help="Seconds over which stage failures are counted (older ones are forgotten).",
+        ),
+    ] = RESTART_WINDOW_S,
+    heartbeat_interval: Annotated[
+        float,
+        typer.Option("--heartbeat-interval", help="Seconds between a stage's heartbeats."),
+    ] = BEAT_INTERVAL_S,
+    heartbeat_timeout: Annotated[
+        float,
+        typer.Option(
+            "--heartbeat-timeout",
+            help="A serving stage silent this long is lost: its requests fail and it restarts. "
+            "Longer than one step of the plan's (a stage beats between steps).",
+        ),
+    ] = BEAT_TIMEOUT_S,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the deployment's state as JSON once serving.")
     ] = False,
@@ -121,6 +149,9 @@ def apply(
     """
     plan = load_plan(plan_file)
     name = _check_name(name)
+    supervision = _check_supervision(
+        heartbeat_interval, heartbeat_timeout, restart_window, plan.stages
+    )
     remote = [s for s in plan.stages if s.device.host not in _local_hosts()]
     if replan_on_loss and ray is None:
         raise fail("bad option", "--replan-on-loss needs --ray", EXIT_BAD_INPUT)
@@ -152,7 +183,9 @@ def apply(
         except ValueError as exc:
             raise fail("bad keys", str(exc), EXIT_BAD_INPUT) from exc
     console = Console(stderr=True)
-    process, log = _start_gateway(plan_file, name, endpoint, keys, restarts, ray, replan_on_loss)
+    process, log = _start_gateway(
+        plan_file, name, endpoint, keys, restarts, ray, replan_on_loss, supervision
+    )
     state = _wait_for_state(process, name, log)
     monitor = Monitor(state.status_endpoint, CurveKeys.load(keys, "client") if keys else None)
     try:
@@ -212,16 +245,47 @@ def _start_gateway(
     name: str,
     endpoint: str,
     keys: Path | None,
-    restarts: int = 3,
+    restarts: int = MAX_RESTARTS,
     ray: str | None = None,
     replan_on_loss: bool = False,
+    supervision: tuple[float, float, float] | None = None,
 ) -> tuple[subprocess.Popen[bytes], Path]:
     logs = state_dir() / "logs" / name
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / "gateway.log"
     keys = keys.resolve() if keys is not None else None
-    launch = GatewayLaunch(plan_file.resolve(), name, endpoint, restarts, keys, ray, replan_on_loss)
+    interval, timeout, window = supervision or (None, None, None)
+    launch = GatewayLaunch(
+        plan_file.resolve(), name, endpoint, restarts, keys, ray, replan_on_loss,
+        interval, timeout, window,
+    )  # fmt: skip
     return start_gateway(launch, log), log
+
+
+def _check_supervision(
+    interval: float, timeout: float, window: float, stages: tuple[Stage, ...]
+) -> tuple[float, float, float]:
+    """The heartbeat and restart options, checked (exit 2 naming the flag)."""
+    if not 0.05 <= interval <= 60:
+        raise fail("bad option", "--heartbeat-interval: give 0.05 to 60 seconds", EXIT_BAD_INPUT)
+    if not 2 * interval <= timeout <= 3600:
+        raise fail(
+            "bad option",
+            f"--heartbeat-timeout: give at least twice --heartbeat-interval ({2 * interval:g} s) "
+            "and at most 3600 s",
+            EXIT_BAD_INPUT,
+        )
+    if not 1 <= window <= 10**7:
+        raise fail("bad option", "--restart-window: give 1 to 10^7 seconds", EXIT_BAD_INPUT)
+    step = max((max(s.predicted.prefill_s, s.predicted.decode_s) for s in stages), default=0.0)
+    if step + interval > timeout:
+        Console(stderr=True).print(
+            f"[yellow]warning:[/] the plan predicts steps of {step:.1f} s, longer than "
+            f"--heartbeat-timeout ({timeout:g} s) allows between heartbeats; a busy stage may "
+            f"be taken for a hung one (give --heartbeat-timeout {2 * step + 2 * interval:.0f})",
+            highlight=False,
+        )
+    return interval, timeout, window
 
 
 def _wait_for_state(process: subprocess.Popen[bytes], name: str, log: Path) -> DeploymentState:

@@ -102,10 +102,10 @@ def serving_summary(monitor: Monitor) -> Text:
         f"{status.get('generated_tokens', 0)} tokens generated. Ctrl-C stops."
     )
     for stage in status.get("stages", []):
-        if stage.get("restarts") or stage.get("error"):
+        why = stage.get("error") or stage.get("last_failure")
+        if stage.get("restarts") or why:
             text.append(
-                f"\nstage {stage['index']}: restarted {stage.get('restarts', 0)}× "
-                f"(last: {stage.get('error')})",
+                f"\nstage {stage['index']}: restarted {stage.get('restarts', 0)}× (last: {why})",
                 style="yellow",
             )
     return text

@@ -8,8 +8,11 @@ Sockets (ZeroMQ, all bound here):
 - and a PUSH connected to the first stage's data PULL.
 
 Run as ``python -m runtime.serve.gateway --plan plan.json --name NAME``; ``pqctl apply`` does this.
-A stage that dies or stops sending heartbeats while serving fails the requests in flight (an
-error naming it) and is restarted (``--restarts`` times at most); waiting requests wait for it.
+A stage that dies or stops sending heartbeats (every ``--beat-interval`` seconds; silent for
+``--beat-timeout``) while serving fails the requests in flight (an error naming it and why) and
+is restarted; waiting requests wait for it. More than ``--restarts`` failures of the deployment's
+stages within ``--restart-window`` seconds end the deployment (failures further apart do not
+add up).
 Exit codes: 0 stopped on request, 1 start-up failure, 4 a stage failed for good.
 """
 
@@ -21,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -36,6 +40,10 @@ from runtime.serve.deployment import DeploymentState, check_name, state_dir
 from runtime.serve.frames import FrameError, decode_step, encode_step
 from runtime.serve.keys import CurveKeys, secure_client, secure_server, start_authenticator
 from runtime.serve.launcher import (
+    BEAT_INTERVAL_S,
+    BEAT_TIMEOUT_S,
+    MAX_RESTARTS,
+    RESTART_WINDOW_S,
     Launcher,
     LocalLauncher,
     StageHandle,
@@ -78,7 +86,8 @@ class StageState:
     data: str | None = None
     metrics: str | None = None
     last_beat: float = field(default_factory=time.monotonic)
-    error: str | None = None
+    error: str | None = None  # why the running process failed (until it is restarted)
+    last_failure: str | None = None  # why the stage was last restarted
     restarts: int = 0
     resident_bytes: int | None = None
     kernel_paths: dict[str, list[str]] | None = None
@@ -104,10 +113,12 @@ class Gateway:
         *,
         keys_dir: Path | None = None,
         bind_host: str = "127.0.0.1",
-        beat_timeout_s: float = 30.0,
+        beat_interval_s: float = BEAT_INTERVAL_S,
+        beat_timeout_s: float = BEAT_TIMEOUT_S,
         log_dir: Path | None = None,
         impl: str = "auto",
-        max_restarts: int = 3,
+        max_restarts: int = MAX_RESTARTS,
+        restart_window_s: float = RESTART_WINDOW_S,
         replanner: Replanner | None = None,
     ) -> None:
         self.name = check_name(name)
@@ -115,6 +126,8 @@ class Gateway:
         self._use_plan(plan_path)
         self.launcher, self.bind_host, self.beat_timeout_s = launcher, bind_host, beat_timeout_s
         self.keys_dir, self.impl, self.max_restarts = keys_dir, impl, max_restarts
+        self.beat_interval_s, self.restart_window_s = beat_interval_s, restart_window_s
+        self.failures: deque[float] = deque()  # when stages failed, within the restart window
         keys = CurveKeys.load(keys_dir) if keys_dir else None
         self.log_dir = log_dir or state_dir() / "logs" / name
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -205,6 +218,7 @@ class Gateway:
             self.log_dir / f"stage-{index}.log",
             self.impl,
             self.threads.get(index),
+            self.beat_interval_s,
         )
         return self.launcher.start(launch)
 
@@ -363,8 +377,17 @@ class Gateway:
         """Fail the requests in flight; restart the stage while restarts remain (waiting
         requests wait for it), else stop the deployment."""
         message = f"{stage.describe(self.plan)} {reason}"
-        if self.phase not in ("serving", "recovering") or stage.restarts >= self.max_restarts:
+        now = time.monotonic()
+        self.failures.append(now)
+        while self.failures and now - self.failures[0] > self.restart_window_s:
+            self.failures.popleft()
+        if self.phase not in ("serving", "recovering") or len(self.failures) > self.max_restarts:
             stage.state, stage.error = "failed", reason
+            if self.phase in ("serving", "recovering"):
+                message += (
+                    f" ({len(self.failures)} stage failures within "
+                    f"{self.restart_window_s:g} s; at most {self.max_restarts} are restarted)"
+                )
             self._fail(message)
             return
         for group in self.scheduler.groups:
@@ -375,7 +398,8 @@ class Gateway:
         except RuntimeFailure as exc:  # its host is gone
             self._host_lost(stage, f"{message}; {exc}")
             return
-        stage.state, stage.data, stage.error = "starting", None, reason
+        stage.state, stage.data, stage.error = "starting", None, None
+        stage.last_failure = reason
         stage.restarts += 1
         stage.last_beat = time.monotonic()
         self.phase = "recovering"
@@ -527,6 +551,7 @@ class Gateway:
                     "pid": s.handle.pid,
                     "metrics": s.metrics,
                     "error": s.error,
+                    "last_failure": s.last_failure,
                     "restarts": s.restarts,
                     "resident_bytes": s.resident_bytes,
                     "loaded": list(s.loaded) if s.loaded else None,
@@ -565,10 +590,19 @@ def main(argv: list[str] | None = None) -> int:
         help="with --ray: when a host is lost, re-plan on the hosts left and serve that plan",
     )
     parser.add_argument("--keys", type=Path, default=None, help="CURVE key directory")
-    parser.add_argument("--beat-timeout", type=float, default=30.0)
     parser.add_argument(
-        "--restarts", type=int, default=3, help="restarts of a failed stage before giving up"
+        "--beat-interval", type=float, default=BEAT_INTERVAL_S, help="stage heartbeat period, s"
     )
+    parser.add_argument(
+        "--beat-timeout", type=float, default=BEAT_TIMEOUT_S, help="silence, s, that loses a stage"
+    )
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=MAX_RESTARTS,
+        help="stage failures restarted within --restart-window before giving up",
+    )
+    parser.add_argument("--restart-window", type=float, default=RESTART_WINDOW_S)
     parser.add_argument(
         "--impl",
         choices=("auto", "reference"),
@@ -611,9 +645,11 @@ def _serve(
             launcher,
             keys_dir=args.keys,
             bind_host=bind_host,
+            beat_interval_s=args.beat_interval,
             beat_timeout_s=args.beat_timeout,
             impl=args.impl,
             max_restarts=args.restarts,
+            restart_window_s=args.restart_window,
             replanner=replanner,
         )
     except (RuntimeFailure, PlanValidationError, OSError, ValueError) as exc:

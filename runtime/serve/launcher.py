@@ -23,6 +23,15 @@ from typing import IO, Protocol
 from runtime.errors import RuntimeFailure
 from runtime.serve.deployment import DeploymentError, DeploymentState
 
+BEAT_INTERVAL_S = 1.0
+"""Default seconds between a stage's heartbeats."""
+BEAT_TIMEOUT_S = 4.0
+"""Default silence after which a serving stage is lost: a hung stage's requests fail within
+5 s."""
+MAX_RESTARTS = 3
+"""Default stage failures restarted within :data:`RESTART_WINDOW_S`; one more ends it."""
+RESTART_WINDOW_S = 600.0
+
 
 @dataclass(frozen=True, slots=True)
 class StageLaunch:
@@ -37,6 +46,7 @@ class StageLaunch:
     log: Path | None = None
     impl: str = "auto"
     threads: int | None = None  # CPU threads for the stage's kernels (None: torch's default)
+    beat_interval_s: float | None = None  # heartbeat period (None: the worker's default)
 
     def argv(self) -> list[str]:
         args = [
@@ -60,6 +70,8 @@ class StageLaunch:
             args += ["--keys", str(self.keys)]
         if self.threads is not None:
             args += ["--threads", str(self.threads)]
+        if self.beat_interval_s is not None:
+            args += ["--beat-interval", repr(self.beat_interval_s)]
         return args
 
 
@@ -186,6 +198,9 @@ class GatewayLaunch:
     keys: Path | None = None
     ray: str | None = None  # start stages through the Ray cluster at this address
     replan_on_loss: bool = False  # with ray: re-plan on the hosts left when one is lost
+    beat_interval_s: float | None = None  # stage heartbeat period (None: the default)
+    beat_timeout_s: float | None = None  # silence after which a stage is lost (None: default)
+    restart_window_s: float | None = None  # restarts counted over this window (None: default)
 
     def argv(self) -> list[str]:
         args = [sys.executable, "-m", "runtime.serve.gateway", "--plan", str(self.plan)]
@@ -198,6 +213,13 @@ class GatewayLaunch:
             args += ["--ray", self.ray]
         if self.replan_on_loss:
             args.append("--replan-on-loss")
+        for flag, value in (
+            ("--beat-interval", self.beat_interval_s),
+            ("--beat-timeout", self.beat_timeout_s),
+            ("--restart-window", self.restart_window_s),
+        ):
+            if value is not None:
+                args += [flag, repr(value)]
         return args
 
 

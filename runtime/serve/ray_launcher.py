@@ -161,7 +161,6 @@ class StageActor:
             self.process.send_signal(number)
 
 
-
 class RayStage:
     """A stage on a Ray node, as the gateway sees it (:class:`StageHandle`). Nothing here
     blocks the gateway's loop: the actor starts in the background; ``pid`` is 0 until it has,

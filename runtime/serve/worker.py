@@ -40,9 +40,9 @@ from runtime.serve.frames import (
     positions_and_keys,
 )
 from runtime.serve.keys import CurveKeys, secure_client, secure_server, start_authenticator
+from runtime.serve.launcher import BEAT_INTERVAL_S
 from runtime.serve.sampling import sample
 
-BEAT_INTERVAL_S = 1.0
 METRICS_INTERVAL_S = 1.0
 
 
@@ -155,9 +155,14 @@ class Worker:
     """The worker's sockets and loop (see the module docstring)."""
 
     def __init__(
-        self, stage: int, control_endpoint: str, bind_host: str, keys: CurveKeys | None
+        self,
+        stage: int,
+        control_endpoint: str,
+        bind_host: str,
+        keys: CurveKeys | None,
+        beat_interval_s: float = BEAT_INTERVAL_S,
     ) -> None:
-        self.stage = stage
+        self.stage, self.beat_interval_s = stage, beat_interval_s
         self.ctx = zmq.Context()
         self.keys = keys
         self.auth = start_authenticator(self.ctx, keys)
@@ -239,7 +244,7 @@ class Worker:
                 next_metrics = now + METRICS_INTERVAL_S
             if now >= next_beat:
                 self.send_control("beat", queue_depth=len(self.queue))
-                next_beat = now + BEAT_INTERVAL_S
+                next_beat = now + self.beat_interval_s
 
     def process(self, shard: StageShard, frames: list[zmq.Frame], meter: Meter) -> None:
         assert self.data_out is not None
@@ -291,12 +296,15 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="auto: the platform's kernels; reference: dequantized weights in the compute dtype",
     )
+    parser.add_argument(
+        "--beat-interval", type=float, default=BEAT_INTERVAL_S, help="heartbeat period, seconds"
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway decides when stages stop
     keys = CurveKeys.load(args.keys, "stage") if args.keys else None
-    worker = Worker(args.stage, args.control, args.bind_host, keys)
+    worker = Worker(args.stage, args.control, args.bind_host, keys, max(0.05, args.beat_interval))
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stopping", True))
     try:
         worker.hello()

@@ -407,9 +407,7 @@ def _cpu(native_bf16: bool) -> DeviceType:
     )  # fmt: skip
 
 
-def test_a_bf16_cpu_counts_a_bf16_checkpoints_16_bit_weights_at_2_bytes_and_the_rest_at_4() -> (
-    None
-):
+def test_a_bf16_cpu_counts_a_bf16_checkpoints_16_bit_weights_at_2_bytes_and_the_rest_at_4() -> None:
     # biases and LayerNorm biases: the compute-dtype part is non-zero
     model = dataclasses.replace(tiny_opt(), weight_dtype="bfloat16")
     bf16, fp32 = _cpu(native_bf16=True), _cpu(native_bf16=False)

@@ -244,7 +244,7 @@ class ServeView(Vertical):
             if monitor is not None:
                 monitor.set_state(
                     str(stage.get("state")),
-                    stage.get("error"),
+                    stage.get("error") or stage.get("last_failure"),
                     stage.get("resident_bytes"),
                     int(stage.get("restarts") or 0),
                     _loaded(stage.get("loaded")),

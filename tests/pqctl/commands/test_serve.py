@@ -162,6 +162,24 @@ def test_apply_refuses_bad_plans_and_other_hosts(tmp_path: Path) -> None:
     assert not state.exists() or not list(state.glob("*.json"))
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--heartbeat-interval", "0"], "--heartbeat-interval"),
+        (["--heartbeat-timeout", "1"], "--heartbeat-timeout"),  # < twice the 1 s interval
+        (["--heartbeat-interval", "3", "--heartbeat-timeout", "5"], "--heartbeat-timeout"),
+        (["--restart-window", "0"], "--restart-window"),
+    ],
+)
+def test_apply_refuses_bad_supervision_options_naming_the_flag(
+    tmp_path: Path, plan_file: Path, flags: list[str], named: str
+) -> None:
+    out = pqctl(tmp_path / "state", "apply", str(plan_file), *flags)
+    assert out.returncode == 2, out.stderr
+    assert named in out.stderr
+    assert not (tmp_path / "state").exists() or not list((tmp_path / "state").glob("*.json"))
+
+
 def test_loading_state_names_the_parts_loaded() -> None:
     assert load_state({"state": "loading", "loaded": [2, 6]}) == "loading 2/6"
     assert load_state({"state": "loading", "loaded": None}) == "loading"

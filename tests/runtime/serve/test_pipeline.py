@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -45,10 +46,11 @@ def reference() -> dict[str, list[int]]:
 def serve(
     tmp_path: Path, state_dir: Path, gateways: list[Served], splits: list[int], **kw
 ) -> Served:  # type: ignore[no-untyped-def]
-    impl = kw.pop("impl", "reference")
+    impl = kw.pop("impl", "auto")
     restarts = str(kw.pop("restarts", 3))
+    extra = kw.pop("extra", ())
     plan = write_plan(serving_plan("bard-tiny", splits, **kw), tmp_path)
-    served = start_gateway(plan, state_dir, "t", "--impl", impl, "--restarts", restarts)
+    served = start_gateway(plan, state_dir, "t", "--impl", impl, "--restarts", restarts, *extra)
     gateways.append(served)
     return served
 
@@ -208,6 +210,95 @@ def test_a_dead_stage_is_restarted_and_service_resumes(
         assert client.info()["state"] == "serving"
     assert served.process.poll() is None
     assert len(served.stage_pids()) == 2
+
+
+def _wait_serving(client: Client, served: Served, within_s: float = 60) -> None:
+    deadline = time.monotonic() + within_s
+    while client.info()["state"] != "serving":
+        assert served.process.poll() is None, served.log()
+        assert time.monotonic() < deadline, served.log()
+        time.sleep(0.1)
+
+
+def _failure_of(client: Client, request: str) -> tuple[dict, float]:  # type: ignore[type-arg]
+    """The error that ends a streamed request, and how long after the call it came."""
+    started = time.monotonic()
+    while (message := client.receive())["type"] == "token":
+        pass
+    assert (message["type"], message["id"]) == ("error", request), message
+    return message, time.monotonic() - started
+
+
+def test_a_hung_stage_fails_its_requests_within_5_s_and_is_restarted(
+    tmp_path: Path, state_dir: Path, gateways: list[Served]
+) -> None:
+    """SIGSTOP: the process lives but answers nothing. With apply's defaults (1 s heartbeats,
+    lost after 4 s of silence) the request in flight fails within 5 s, naming the stage and the
+    silence; the stage is replaced and the next request is served."""
+    served = serve(tmp_path, state_dir, gateways, [0, 4], impl="auto", max_new=48)
+    with Client(served.state.client_endpoint, timeout_s=30) as client:
+        before = client.generate("KING:", max_new_tokens=16, ignore_eos=True)
+        first = client.submit("ROMEO:", max_new_tokens=48, ignore_eos=True, stream=True)
+        assert client.receive()["type"] == "token"
+        hung = served.stage_pids()[1]
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            message, took = _failure_of(client, first)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGCONT)
+        assert message["code"] == "stage_failed" and took < 5, (message, took)
+        assert "stage 1 (cpu on 127.0.0.1, layers 4–7) sent no heartbeat for 4 s" in (
+            message["message"]
+        )
+        after = client.generate("KING:", max_new_tokens=16, ignore_eos=True)
+        assert after.token_ids == before.token_ids
+    assert hung not in served.stage_pids() and len(served.stage_pids()) == 2
+
+
+def test_stage_failures_count_in_a_sliding_window_each_with_its_own_reason(
+    tmp_path: Path, state_dir: Path, gateways: list[Served]
+) -> None:
+    """--restarts 1 --restart-window 4: a failure restarts the stage; another one more than
+    4 s later is restarted too (the first one is forgotten) and reported with its own reason;
+    a third within 4 s of the second ends the deployment, saying why."""
+    served = serve(tmp_path, state_dir, gateways, [0, 4], impl="auto", max_new=48,
+                   restarts=1, extra=("--restart-window", "4"))  # fmt: skip
+    with Client(served.state.client_endpoint, timeout_s=30) as client:
+        request = client.submit("ROMEO:", max_new_tokens=48, ignore_eos=True, stream=True)
+        assert client.receive()["type"] == "token"
+        os.kill(served.stage_pids()[1], signal.SIGKILL)
+        first_failure = time.monotonic()
+        message, _ = _failure_of(client, request)
+        assert "exited with code -9" in message["message"]
+        _wait_serving(client, served)
+        time.sleep(max(0.0, first_failure + 4.5 - time.monotonic()))
+
+        request = client.submit("ROMEO:", max_new_tokens=48, ignore_eos=True, stream=True)
+        assert client.receive()["type"] == "token"
+        hung = served.stage_pids()[1]
+        os.kill(hung, signal.SIGSTOP)
+        message, _ = _failure_of(client, request)
+        assert "sent no heartbeat" in message["message"], message  # not the old reason
+        assert "exited with code" not in message["message"], message
+        _wait_serving(client, served)
+        status = Monitor(served.state.status_endpoint)
+        try:
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and not status.status:
+                status.poll(0.5)
+            stage = status.status["stages"][1]  # type: ignore[index]
+            assert stage["restarts"] == 2 and stage["error"] is None
+            assert "sent no heartbeat" in stage["last_failure"]
+        finally:
+            status.close()
+
+        request = client.submit("ROMEO:", max_new_tokens=48, ignore_eos=True, stream=True)
+        assert client.receive()["type"] == "token"
+        os.kill(served.stage_pids()[0], signal.SIGKILL)
+        message, _ = _failure_of(client, request)
+        assert "2 stage failures within 4 s; at most 1 are restarted" in message["message"]
+    assert served.process.wait(timeout=15) == 4
 
 
 def test_shutdown_leaves_no_process_or_socket(
