@@ -248,8 +248,9 @@ def test_a_hung_stage_fails_its_requests_within_5_s_and_is_restarted(
             with contextlib.suppress(ProcessLookupError):
                 os.kill(hung, signal.SIGCONT)
         assert message["code"] == "stage_failed" and took < 5, (message, took)
-        assert "stage 1 (cpu on 127.0.0.1, layers 4–7) sent no heartbeat for 4 s" in (
-            message["message"]
+        assert (
+            "stage 1 (cpu on 127.0.0.1, layers 4–7) sent no heartbeat for 4 s"
+            in (message["message"])
         )
         after = client.generate("KING:", max_new_tokens=16, ignore_eos=True)
         assert after.token_ids == before.token_ids
