@@ -23,7 +23,7 @@ import zmq
 
 from runtime.serve.deployment import DEFAULT_NAME, DeploymentState
 from runtime.serve.keys import CurveKeys, secure_client
-from runtime.serve.protocol import pack, unpack
+from runtime.serve.protocol import HARD_FRAME_BYTES, pack, unpack
 
 
 class ServerError(RuntimeError):
@@ -71,6 +71,7 @@ class Client:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_BYTES)  # a server's replies are small
         secure_client(self._sock, CurveKeys.load(keys, "client") if keys else None)
         self._sock.connect(endpoint)
         self._ids = (f"{os.getpid()}-{n}" for n in itertools.count())

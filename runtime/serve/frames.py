@@ -39,6 +39,18 @@ _DTYPES: Final = {
 _NAMES: Final = {v: k for k, v in _DTYPES.items()}
 MAX_ROWS: Final = 1 << 16
 MAX_TENSOR_BYTES: Final = 4 << 30
+CONTROL_FRAME_BYTES: Final = 1 << 20
+"""Largest control message (hello, progress, ready, beats; connect, stop) a socket accepts."""
+_HEADER_SLACK_BYTES: Final = 64 << 10
+_HEADER_BYTES_PER_ROW: Final = 256  # pad, sample row and token of one row in a step header
+
+
+def step_frame_bytes(rows: int, tokens: int, hidden: int) -> int:
+    """Largest frame of a step of ``rows`` sequences × ``tokens`` positions of width ``hidden``
+    (fp32 hidden states, or int64 token ids): what a stage's data socket and the gateway's
+    results socket accept (``ZMQ_MAXMSGSIZE``, set before they bind)."""
+    tensor = rows * tokens * max(4 * hidden, 8)
+    return tensor + _HEADER_SLACK_BYTES + _HEADER_BYTES_PER_ROW * rows
 
 
 class FrameError(ValueError):

@@ -37,7 +37,13 @@ from runtime.errors import RuntimeFailure
 from runtime.model.stages import check_plan_matches, resolve_checkpoint
 from runtime.model.tokenizer import load_tokenizer
 from runtime.serve.deployment import DeploymentState, check_name, state_dir
-from runtime.serve.frames import FrameError, decode_step, encode_step
+from runtime.serve.frames import (
+    CONTROL_FRAME_BYTES,
+    FrameError,
+    decode_step,
+    encode_step,
+    step_frame_bytes,
+)
 from runtime.serve.keys import CurveKeys, secure_client, secure_server, start_authenticator
 from runtime.serve.launcher import (
     BEAT_INTERVAL_S,
@@ -134,15 +140,15 @@ class Gateway:
 
         self.ctx = zmq.Context()
         self.auth = start_authenticator(self.ctx, keys)
-        self.client = self._bind(zmq.ROUTER, client_endpoint, keys)
+        self.client = self._bind(zmq.ROUTER, client_endpoint, keys, HARD_FRAME_BYTES)
         self.client.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.client.setsockopt(zmq.SNDHWM, 100_000)
-        self.client.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_BYTES)
-        self.control = self._bind(zmq.ROUTER, f"tcp://{bind_host}:*", keys)
+        internal = f"tcp://{bind_host}:*"
+        self.control = self._bind(zmq.ROUTER, internal, keys, CONTROL_FRAME_BYTES)
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted stage reuses its identity
-        self.results = self._bind(zmq.PULL, f"tcp://{bind_host}:*", keys)
-        self.status = self._bind(zmq.PUB, f"tcp://{bind_host}:*", keys)
+        self.results = self._bind(zmq.PULL, internal, keys, self.step_bytes)
+        self.status = self._bind(zmq.PUB, internal, keys, CONTROL_FRAME_BYTES)
         self.keys = keys
         self.to_first = self._push()
         self.stages: list[StageState] = []
@@ -181,13 +187,22 @@ class Gateway:
         layout = Layout(
             w.global_batch, mb.prefill_size, mb.decode_size, w.prompt_len, w.max_new_tokens
         )
-        self.scheduler = Scheduler(layout, self.tokenizer, pad_id, eos_ids)
+        self.scheduler = Scheduler(
+            layout, self.tokenizer, pad_id, eos_ids, vocab_size=self.plan.model.vocab_size
+        )
+        rows = max(mb.prefill_size, mb.decode_size)
+        self.step_bytes = step_frame_bytes(rows, w.prompt_len, self.plan.model.hidden_size)
         cpu_stages = [i for i, st in enumerate(self.plan.stages) if st.device.index < 0]
         self.threads = stage_threads(cpu_stages, available_cores())
 
-    def _bind(self, kind: int, endpoint: str, keys: CurveKeys | None) -> zmq.Socket[bytes]:
+    def _bind(
+        self, kind: int, endpoint: str, keys: CurveKeys | None, max_bytes: int
+    ) -> zmq.Socket[bytes]:
+        """A socket bound to ``endpoint`` that drops any peer sending a frame over
+        ``max_bytes`` (set before binding: the listener's connections inherit it)."""
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
         secure_server(sock, keys)
         try:
             sock.bind(endpoint)
@@ -219,6 +234,7 @@ class Gateway:
             self.impl,
             self.threads.get(index),
             self.beat_interval_s,
+            self.step_bytes,
         )
         return self.launcher.start(launch)
 
@@ -332,8 +348,13 @@ class Gateway:
                     self._fail(f"{stage.describe(self.plan)} {stage.error}")
                 # while serving, the process exits next and is restarted
             elif kind == "step_failed":
+                group, seq = msg.get("group"), msg.get("seq")
+                if not (isinstance(group, int) and isinstance(seq, int)):
+                    continue  # a step the stage could not even read: nothing to fail
+                if not self.scheduler.is_pending(group, seq):
+                    continue  # not a step in flight: a stale or forged report
                 text = f"{stage.describe(self.plan)} could not run a step: {msg.get('message')}"
-                self._reply(self.scheduler.fail_group(int(msg.get("group", -1)), INTERNAL, text))
+                self._reply(self.scheduler.fail_group(group, INTERNAL, text))
 
     def _wire(self) -> None:
         """Once every stage said where it listens: chain gateway → 0 → … → N-1 → gateway."""
@@ -562,6 +583,7 @@ class Gateway:
                 "waiting": len(sched.waiting),
                 "active": sched.active_requests,
                 "completed": sched.completed,
+                "dropped_results": sched.dropped_results,
                 "steps_in_flight": sched.in_flight,
             },
             "generated_tokens": sched.generated_tokens,

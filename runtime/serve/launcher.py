@@ -47,6 +47,7 @@ class StageLaunch:
     impl: str = "auto"
     threads: int | None = None  # CPU threads for the stage's kernels (None: torch's default)
     beat_interval_s: float | None = None  # heartbeat period (None: the worker's default)
+    max_frame_bytes: int | None = None  # largest step frame its data socket accepts
 
     def argv(self) -> list[str]:
         args = [
@@ -72,6 +73,8 @@ class StageLaunch:
             args += ["--threads", str(self.threads)]
         if self.beat_interval_s is not None:
             args += ["--beat-interval", repr(self.beat_interval_s)]
+        if self.max_frame_bytes is not None:
+            args += ["--max-frame-bytes", str(self.max_frame_bytes)]
         return args
 
 

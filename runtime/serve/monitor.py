@@ -15,6 +15,9 @@ import zmq
 from planner.plan import Plan
 from runtime.serve.keys import CurveKeys, secure_client
 
+STATUS_FRAME_BYTES = 16 << 20
+"""Largest status or metrics message a monitor accepts."""
+
 
 @dataclass(frozen=True, slots=True)
 class PredictedRates:
@@ -55,6 +58,7 @@ class Monitor:
     def _sub(self, endpoint: str) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, STATUS_FRAME_BYTES)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         secure_client(sock, self.keys)
         sock.connect(endpoint)

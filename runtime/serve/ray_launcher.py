@@ -95,17 +95,7 @@ class StageActor:
                 path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
                 path.write_bytes(data)
                 path.chmod(0o600)
-        here = StageLaunch(
-            plan=plan,
-            stage=launch.stage,
-            control=launch.control,
-            bind_host=self.ip,
-            checkpoint=checkpoint,
-            keys=keys,
-            log=self.dir / "stage.log",
-            impl=launch.impl,
-            threads=launch.threads,
-        )
+        here = replace(launch, plan=plan, bind_host=self.ip, keys=keys, log=self.dir / "stage.log")
         env = child_env()
         env.pop("CUDA_VISIBLE_DEVICES", None)  # the plan names the device: cuda:<index>
         if cuda_index is None:

@@ -106,8 +106,11 @@ class Scheduler:
         pad_id: int,
         eos_ids: Sequence[int],
         clock: Callable[[], float] = time.monotonic,
+        vocab_size: int | None = None,
     ) -> None:
         self.layout, self.tokenizer, self.pad_id = layout, tokenizer, pad_id
+        self.vocab_size = vocab_size
+        self.dropped_results = 0  # results that matched no step in flight, or were malformed
         self.eos_ids = tuple(eos_ids)
         self.clock = clock
         self.groups = [Group(i, slots) for i, slots in enumerate(layout.groups)]
@@ -237,11 +240,10 @@ class Scheduler:
     # ----------------------------------------------------------------- results in
     def on_result(self, header: StepHeader) -> tuple[list[Reply], list[Step]]:
         """The last stage's tokens for a step: replies to send and the group's next step."""
-        if not 0 <= header.group < len(self.groups):
+        if not self._expected(header):
+            self.dropped_results += 1
             return [], []
         group = self.groups[header.group]
-        if header.seq not in group.pending or len(header.tokens) != header.rows:
-            return [], []  # a step of a group that was failed or reset meanwhile
         group.pending.discard(header.seq)
         offset = header.slots[0] - group.slots[0]
         for r, token in enumerate(header.tokens):
@@ -253,6 +255,28 @@ class Scheduler:
             replies.extend(self._on_token(active, group.first[r]))
         group.past = group.length if header.phase == "prefill" else group.past + 1
         return replies, self._continue(group)
+
+    def _expected(self, header: StepHeader) -> bool:
+        """A result for a step in flight (not one of a group failed or reset meanwhile), with
+        one token in the vocabulary per row of its slots."""
+        if not 0 <= header.group < len(self.groups):
+            return False
+        group = self.groups[header.group]
+        start, stop = header.slots
+        rows = len(group.rows)
+        return (
+            header.seq in group.pending
+            and len(header.tokens) == header.rows
+            and 0 <= start - group.slots[0] < stop - group.slots[0] <= rows
+            and all(
+                0 <= t < (self.vocab_size if self.vocab_size is not None else 1 << 31)
+                for t in header.tokens
+            )
+        )
+
+    def is_pending(self, group: int, seq: int) -> bool:
+        """Whether step ``seq`` of ``group`` is in flight."""
+        return 0 <= group < len(self.groups) and seq in self.groups[group].pending
 
     def _continue(self, group: Group) -> list[Step]:
         if all(a.finished for a in group.rows):

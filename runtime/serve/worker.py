@@ -33,6 +33,7 @@ from runtime.errors import RuntimeFailure
 from runtime.model.shard import StageShard
 from runtime.model.stages import load_plan_stage
 from runtime.serve.frames import (
+    CONTROL_FRAME_BYTES,
     FrameError,
     StepHeader,
     decode_step,
@@ -44,6 +45,7 @@ from runtime.serve.launcher import BEAT_INTERVAL_S
 from runtime.serve.sampling import sample
 
 METRICS_INTERVAL_S = 1.0
+DEFAULT_STEP_FRAME_BYTES = 64 << 20
 
 
 def control_message(kind: str, stage: int, **fields: Any) -> bytes:
@@ -87,7 +89,12 @@ class Meter:
 
 
 def metrics_message(
-    stage: int, meter: Meter, queue_depth: int, shard: StageShard, paths: dict[int, list[str]]
+    stage: int,
+    meter: Meter,
+    queue_depth: int,
+    shard: StageShard,
+    paths: dict[int, list[str]],
+    dropped: int = 0,
 ) -> dict[str, Any]:
     """One metrics message. Rates: tokens per wall second of the window (``*_tokens_per_s``)
     and per second of compute (``*_busy_tokens_per_s``, what the plan predicts)."""
@@ -115,6 +122,7 @@ def metrics_message(
         "rss_bytes": _rss_bytes(),
         "kernel_paths": {str(k): v for k, v in paths.items()},
         "threads": torch.get_num_threads(),
+        "dropped_steps": dropped,
     }
 
 
@@ -138,10 +146,22 @@ def run_step(shard: StageShard, header: StepHeader, x: torch.Tensor) -> tuple[St
         raise FrameError(
             f"{header.past + seqlen} positions exceed the cache's {shard.spec.max_len}"
         )
-    if shard.embedding is not None and x.dtype != torch.int64:
-        raise FrameError("the first stage takes int64 token ids")
-    if shard.embedding is None and (x.dim() != 3 or x.shape[2] != shard.arch.hidden_size):
+    if any(not 0 <= p <= header.past + seqlen for p in header.pad):
+        raise FrameError(f"pad {list(header.pad)} exceeds the {header.past + seqlen} positions")
+    if header.phase == "decode" and seqlen != 1:
+        raise FrameError(f"a decode step carries one token per row, not {seqlen}")
+    if len(header.sample) != header.rows:
+        raise FrameError(f"sample has {len(header.sample)} rows for {header.rows}")
+    if shard.embedding is not None:
+        vocab = shard.arch.vocab_size
+        if x.dtype != torch.int64 or x.dim() != 2:
+            raise FrameError("the first stage takes int64 token ids [rows, tokens]")
+        if x.numel() and not (int(x.min()) >= 0 and int(x.max()) < vocab):
+            raise FrameError(f"token ids must be in [0, {vocab})")
+    elif x.dim() != 3 or x.shape[2] != shard.arch.hidden_size:
         raise FrameError(f"expected hidden states [rows, tokens, {shard.arch.hidden_size}]")
+    elif not x.is_floating_point():
+        raise FrameError(f"hidden states must be floating point, not {x.dtype}")
     positions, keys = positions_and_keys(header, seqlen)
     out = shard(x, shard.context(header.slots, header.past, positions, keys), True)
     if shard.head is None:
@@ -161,6 +181,7 @@ class Worker:
         bind_host: str,
         keys: CurveKeys | None,
         beat_interval_s: float = BEAT_INTERVAL_S,
+        max_frame_bytes: int = DEFAULT_STEP_FRAME_BYTES,
     ) -> None:
         self.stage, self.beat_interval_s = stage, beat_interval_s
         self.ctx = zmq.Context()
@@ -168,11 +189,13 @@ class Worker:
         self.auth = start_authenticator(self.ctx, keys)
         self.control = self.ctx.socket(zmq.DEALER)
         self.control.setsockopt(zmq.LINGER, 0)
+        self.control.setsockopt(zmq.MAXMSGSIZE, CONTROL_FRAME_BYTES)
         self.control.setsockopt(zmq.IDENTITY, f"stage-{stage}".encode())
         secure_client(self.control, keys)
         self.control.connect(control_endpoint)
         self.data_in = self.ctx.socket(zmq.PULL)
         self.data_in.setsockopt(zmq.LINGER, 0)
+        self.data_in.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)  # before bind: it is inherited
         secure_server(self.data_in, keys)
         self.data_in.bind(f"tcp://{bind_host}:*")
         self.metrics = self.ctx.socket(zmq.PUB)
@@ -182,6 +205,7 @@ class Worker:
         self.data_out: zmq.Socket[bytes] | None = None
         self.queue: collections.deque[list[zmq.Frame]] = collections.deque()
         self.stopping = False
+        self.dropped = 0  # steps refused (malformed) or failed, since the start
         self.parent = os.getppid()
 
     def endpoint(self, sock: zmq.Socket[bytes]) -> str:
@@ -239,7 +263,9 @@ class Worker:
                 self.process(shard, self.queue.popleft(), meter)
             now = time.monotonic()
             if now >= next_metrics:
-                message = metrics_message(self.stage, meter, len(self.queue), shard, paths)
+                message = metrics_message(
+                    self.stage, meter, len(self.queue), shard, paths, self.dropped
+                )
                 self.metrics.send(msgpack.packb(message, use_bin_type=True))
                 next_metrics = now + METRICS_INTERVAL_S
             if now >= next_beat:
@@ -257,7 +283,8 @@ class Worker:
             out_header, out = run_step(shard, header, x)
             tokens = header.rows * (x.shape[1] if header.phase == "prefill" else 1)
             meter.add(header.phase, tokens, time.perf_counter() - started)
-        except (FrameError, RuntimeFailure, RuntimeError, ValueError) as exc:
+        except Exception as exc:  # a bad step is dropped and counted; the stage goes on
+            self.dropped += 1
             fields: dict[str, Any] = {"message": f"{type(exc).__name__}: {exc}"}
             if header is not None:
                 fields |= {"group": header.group, "seq": header.seq}
@@ -299,12 +326,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--beat-interval", type=float, default=BEAT_INTERVAL_S, help="heartbeat period, seconds"
     )
+    parser.add_argument(
+        "--max-frame-bytes",
+        type=int,
+        default=DEFAULT_STEP_FRAME_BYTES,
+        help="largest step frame the data socket accepts (the gateway sizes it from the plan)",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the gateway decides when stages stop
     keys = CurveKeys.load(args.keys, "stage") if args.keys else None
-    worker = Worker(args.stage, args.control, args.bind_host, keys, max(0.05, args.beat_interval))
+    worker = Worker(
+        args.stage,
+        args.control,
+        args.bind_host,
+        keys,
+        max(0.05, args.beat_interval),
+        max(CONTROL_FRAME_BYTES, args.max_frame_bytes),
+    )
     signal.signal(signal.SIGTERM, lambda *_: setattr(worker, "stopping", True))
     try:
         worker.hello()

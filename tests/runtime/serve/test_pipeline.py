@@ -302,6 +302,37 @@ def test_stage_failures_count_in_a_sliding_window_each_with_its_own_reason(
     assert served.process.wait(timeout=15) == 4
 
 
+def _peak_rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_an_oversize_frame_drops_its_sender_before_the_gateway_holds_it(
+    tmp_path: Path, state_dir: Path, gateways: list[Served]
+) -> None:
+    """A 256 MiB frame, 4× the documented 64 MiB limit: the limit is set before the socket
+    binds, so the connection is dropped as the frame's size arrives and the gateway's peak
+    memory stays well below the frame; other clients are served."""
+    served = serve(tmp_path, state_dir, gateways, [0])
+    before = _peak_rss_bytes(served.process.pid)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(served.state.client_endpoint)
+    try:
+        sock.send(bytes(256 << 20), copy=False)
+        time.sleep(2)
+    finally:
+        sock.close()
+        ctx.term()
+    assert _peak_rss_bytes(served.process.pid) - before < 96 << 20
+    with Client(served.state.client_endpoint, timeout_s=30) as client:
+        assert len(client.generate("ROMEO:", max_new_tokens=4, ignore_eos=True).token_ids) == 4
+    assert served.process.poll() is None
+
+
 def test_shutdown_leaves_no_process_or_socket(
     tmp_path: Path, state_dir: Path, gateways: list[Served]
 ) -> None:

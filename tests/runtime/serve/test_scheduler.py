@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -506,6 +506,13 @@ def test_stale_and_malformed_results_are_ignored(harness: Harness) -> None:
     result = h.compute(h.queue.popleft())
     assert h.deliver(result.with_tokens([])) == ([], [])  # no tokens: still pending
     assert h.deliver(StepHeader(9, result.seq, "prefill", (0, 1), 0, (0,), ())) == ([], [])
+    vocab = h.plan.model.vocab_size
+    h.scheduler.vocab_size = vocab
+    assert h.deliver(result.with_tokens([vocab])) == ([], [])  # past the vocabulary
+    assert h.deliver(result.with_tokens([-1])) == ([], [])
+    moved = replace(result, slots=(3, 4))  # rows the group does not have
+    assert h.deliver(moved) == ([], [])
+    assert h.scheduler.dropped_results == 5
     _, steps = h.deliver(result)
     assert len(steps) == 1
     assert h.deliver(result) == ([], [])  # a second copy of the same result
