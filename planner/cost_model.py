@@ -68,9 +68,16 @@ def packed_linear_bytes(op: LinearOp, bits: int, group_size: int, dense_bytes: i
 
 def default_group_size(model: ModelSpec, candidates: tuple[int, ...] = (128, 64, 32)) -> int:
     """Largest quantization group size that divides every linear operator's input width
-    (whole groups suit the packed low-bit kernels); the first candidate if none does."""
+    (whole groups suit the packed low-bit kernels; plans require it); where no candidate
+    does, the largest power of two up to the first candidate that does."""
     widths = [op.in_features for op in model.layer_linears()]
-    return next((g for g in candidates if all(w % g == 0 for w in widths)), candidates[0])
+    found = next((g for g in candidates if all(w % g == 0 for w in widths)), None)
+    if found is not None:
+        return found
+    group = candidates[0]
+    while any(w % group for w in widths):
+        group //= 2
+    return max(group, 1)
 
 
 def weight16_bytes(model: ModelSpec, device: DeviceType) -> int:

@@ -25,6 +25,33 @@ Bits: TypeAlias = Literal[2, 3, 4, 8, 16]
 
 ALL_BITS: tuple[int, ...] = tuple(sorted(get_args(Bits), reverse=True))
 
+QUANT_SCHEMES = ("rtn-asym-group",)
+"""Quantization schemes the runtime packs and computes."""
+
+MAX_PLAN_BYTES = 16 << 20
+"""Largest plan file read (a plan of 10 000 layers is well under 1 MiB)."""
+
+LIMITS: dict[str, tuple[int, int]] = {
+    "model.num_layers": (1, 10_000),
+    "model.hidden_size": (1, 1 << 20),
+    "model.intermediate_size": (1, 1 << 22),
+    "model.num_heads": (1, 1 << 14),
+    "model.num_kv_heads": (1, 1 << 14),
+    "model.vocab_size": (1, 1 << 24),
+    "workload.global_batch": (1, 1 << 16),
+    "workload.prompt_len": (1, 1 << 20),
+    "workload.max_new_tokens": (1, 1 << 20),
+    "workload.expected_new_tokens": (1, 1 << 20),
+    "micro_batching.prefill_size": (1, 1 << 16),
+    "micro_batching.decode_size": (1, 1 << 16),
+    "quantization.group_size": (1, 1 << 20),
+}
+"""Inclusive bounds of the plan's sizes: beyond them no runtime could hold the plan, and a
+number that large in a plan file is a corrupted or forged one."""
+
+MAX_INT_DIGITS = 20
+"""Longest integer a plan field may hold (64-bit counts of bytes fit in 20 digits)."""
+
 
 class PlanValidationError(ValueError):
     """A plan (in memory or on disk) breaks the schema; ``field`` names the offending field."""
@@ -269,9 +296,13 @@ class Plan:
     def from_json(cls, text: str) -> Plan:
         """Parse and validate plan JSON text; raises PlanValidationError."""
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_int=_parse_int)
         except json.JSONDecodeError as exc:
             raise PlanValidationError("<file>", f"not JSON ({exc})") from exc
+        except RecursionError as exc:
+            raise PlanValidationError("<file>", "nested too deeply to be a plan") from exc
+        except ValueError as exc:  # from _parse_int
+            raise PlanValidationError("<file>", str(exc)) from exc
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
@@ -282,13 +313,28 @@ class Plan:
     def load(cls, path: str | Path) -> Plan:
         """Read and validate a plan file."""
         try:
-            text = Path(path).read_text(encoding="utf-8")
+            with Path(path).open("rb") as handle:
+                raw = handle.read(MAX_PLAN_BYTES + 1)
         except OSError as exc:
             raise PlanValidationError(str(path), f"cannot read ({exc.strerror})") from exc
+        if len(raw) > MAX_PLAN_BYTES:
+            raise PlanValidationError("<file>", f"larger than {MAX_PLAN_BYTES >> 20} MiB")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PlanValidationError(
+                "<file>", f"not UTF-8 text (byte {exc.start}); a plan is JSON from pqctl plan"
+            ) from exc
         return cls.from_json(text)
 
 
 # --------------------------------------------------------------------------- reading JSON
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(digits)} digits is not a plan's")
+    return int(digits)
 
 
 class _PlanReader:
@@ -434,7 +480,8 @@ def _only(d: Mapping[str, Any], cls: type, path: str) -> None:
     known = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
     for key in d:
         if key not in known:
-            where = f"{path}.{key}" if path else str(key)
+            shown = key if str(key).isidentifier() else json.dumps(key)
+            where = f"{path}.{shown}" if path else shown
             raise PlanValidationError(where, f"unknown field (known: {', '.join(sorted(known))})")
 
 
@@ -449,9 +496,11 @@ def validate(plan: Plan) -> None:
     positive workload and micro-batch sizes that divide the batch.
     """
     _validate_workload(plan.workload, plan.micro_batching)
+    _validate_bounds(plan)
     model = plan.model
-    if model.num_layers <= 0:
-        raise PlanValidationError("model.num_layers", "must be positive")
+    _validate_model(model)
+    _validate_quantization(plan.quantization, model)
+    _validate_figures(plan)
     if not plan.stages:
         raise PlanValidationError("stages", "a plan needs at least one stage")
     next_layer = 0
@@ -472,8 +521,88 @@ def validate(plan: Plan) -> None:
             f"stages[{last}].layer_range.stop",
             f"is {next_layer} but the model has {model.num_layers} layers",
         )
-    if plan.quantization.group_size <= 0:
-        raise PlanValidationError("quantization.group_size", "must be positive")
+
+
+def _validate_bounds(plan: Plan) -> None:
+    for where, (low, high) in LIMITS.items():
+        section, name = where.split(".")
+        value = getattr(getattr(plan, section), name)
+        if value < low:
+            raise PlanValidationError(where, "must be positive")
+        if value > high:
+            raise PlanValidationError(
+                where, f"{value} is more than any plan holds (at most {high})"
+            )
+
+
+def _validate_model(model: ModelRef) -> None:
+    if not model.source.strip():
+        raise PlanValidationError("model.source", "must name a checkpoint")
+    if not model.family.strip():
+        raise PlanValidationError("model.family", "must name a model family")
+    if model.hidden_size % model.num_heads:
+        raise PlanValidationError(
+            "model.num_heads",
+            f"{model.num_heads} does not divide model.hidden_size {model.hidden_size}",
+        )
+    if model.num_kv_heads > model.num_heads or model.num_heads % model.num_kv_heads:
+        raise PlanValidationError(
+            "model.num_kv_heads",
+            f"{model.num_kv_heads} must divide model.num_heads {model.num_heads}",
+        )
+
+
+def _validate_quantization(quant: Quantization, model: ModelRef) -> None:
+    if quant.scheme not in QUANT_SCHEMES:
+        raise PlanValidationError(
+            "quantization.scheme",
+            f"{quant.scheme!r} is not a scheme this pqctl serves "
+            f"(known: {', '.join(QUANT_SCHEMES)})",
+        )
+    for name in ("hidden_size", "intermediate_size"):
+        width = getattr(model, name)
+        if width % quant.group_size:
+            raise PlanValidationError(
+                "quantization.group_size",
+                f"{quant.group_size} does not divide model.{name} {width}",
+            )
+
+
+def _validate_figures(plan: Plan) -> None:
+    """Predicted figures: non-negative, throughputs positive (a report divides by them)."""
+    checks: list[tuple[str, float | None]] = [
+        ("prediction.prefill_s", plan.prediction.prefill_s),
+        ("prediction.decode_s", plan.prediction.decode_s),
+        ("prediction.total_s", plan.prediction.total_s),
+        ("solver.time_s", plan.solver.time_s),
+        ("quality.theta_s", plan.quality.theta_s),
+    ]
+    for k, stage in enumerate(plan.stages):
+        p = stage.predicted
+        checks += [
+            (f"stages[{k}].predicted.prefill_s", p.prefill_s),
+            (f"stages[{k}].predicted.decode_s", p.decode_s),
+            (f"stages[{k}].predicted.memory_bytes", p.memory_bytes),
+            (f"stages[{k}].predicted.memory_capacity_bytes", p.memory_capacity_bytes),
+        ]
+    for k, b in enumerate(plan.baselines):
+        checks += [
+            (f"baselines[{k}].prefill_s", b.prefill_s),
+            (f"baselines[{k}].decode_s", b.decode_s),
+        ]
+    for where, value in checks:
+        if value is not None and value < 0:
+            raise PlanValidationError(where, f"{value} must not be negative")
+    positive: list[tuple[str, float | None]] = [
+        ("prediction.throughput_tokens_per_s", plan.prediction.throughput_tokens_per_s)
+    ]
+    positive += [
+        (f"baselines[{k}].throughput_tokens_per_s", b.throughput_tokens_per_s)
+        for k, b in enumerate(plan.baselines)
+    ]
+    for where, value in positive:
+        if value is not None and not value > 0:
+            raise PlanValidationError(where, f"{value} must be positive")
 
 
 def _validate_workload(workload: Workload, micro: MicroBatching) -> None:
@@ -500,6 +629,14 @@ def _validate_workload(workload: Workload, micro: MicroBatching) -> None:
 
 
 def _validate_stage(stage: Stage, path: str, expected_start: int, first: bool, last: bool) -> None:
+    device = stage.device
+    if not -1 <= device.index <= 1023:
+        raise PlanValidationError(
+            f"{path}.device.index",
+            f"{device.index}: give a CUDA ordinal (0..1023) or -1 for the CPU",
+        )
+    if not device.host.strip() or len(device.host) > 253 or not device.host.isprintable():
+        raise PlanValidationError(f"{path}.device.host", f"{device.host!r} is not a host name")
     rng = stage.layer_range
     if rng.start != expected_start:
         raise PlanValidationError(

@@ -37,7 +37,7 @@ from runtime.measure.evaluate import (
 from runtime.measure.passes import PassResult, token_windows
 from runtime.model.arch import arch_from_config, read_config
 from runtime.model.corpus import HELD_OUT
-from runtime.model.stages import resolve_checkpoint
+from runtime.model.source import resolve_checkpoint
 from runtime.quant.kernels import dense_weight_dtype
 
 Progress = Callable[[str, int, int], None]

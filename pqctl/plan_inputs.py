@@ -261,6 +261,12 @@ def problem_on(
     group_size = default_group_size(model) if request.group_size is None else request.group_size
     if group_size <= 0:
         raise WorkloadError(f"--group-size: must be positive, got {group_size}")
+    widths = sorted({op.in_features for op in model.layer_linears()})
+    if any(w % group_size for w in widths):
+        raise WorkloadError(
+            f"--group-size: {group_size} does not divide every layer's input width "
+            f"({', '.join(map(str, widths))}); the default is {default_group_size(model)}"
+        )
     indicator, budget, target, notes = _quality(request, model, group_size)
     problem = PlanningProblem(
         model=model,

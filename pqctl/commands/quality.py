@@ -22,7 +22,7 @@ from pqctl.exits import EXIT_BAD_INPUT, fail, load_plan
 from runtime.errors import RuntimeFailure
 from runtime.model.arch import arch_from_config, read_config
 from runtime.model.assets import BUILTIN_MODEL_NAME
-from runtime.model.stages import check_plan_matches, resolve_checkpoint
+from runtime.model.source import check_plan_matches, resolve_checkpoint
 
 PARTS = ("evaluation", "calibration", "all")
 

@@ -6,6 +6,7 @@ tables it shows come from :mod:`pqctl.render.deployment`."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -155,6 +156,7 @@ def apply(
     remote = [s for s in plan.stages if s.device.host not in _local_hosts()]
     if replan_on_loss and ray is None:
         raise fail("bad option", "--replan-on-loss needs --ray", EXIT_BAD_INPUT)
+    _check_endpoint_free(endpoint)
     if ray is not None:
         ray = _check_ray_hosts(ray, plan)
     elif remote:
@@ -166,6 +168,9 @@ def apply(
             "serve here.",
             EXIT_BAD_INPUT,
         )
+    if ray is None:
+        _check_local_devices(plan)
+        _check_checkpoint(plan)
     try:
         running = DeploymentState.load(name)
     except DeploymentError:
@@ -238,6 +243,90 @@ def _check_ray_hosts(address: str, plan: Plan) -> str:
     except RayLaunchError as exc:
         raise fail(exc.title, str(exc), EXIT_BAD_INPUT) from exc
     return resolved
+
+
+def _check_endpoint_free(endpoint: str) -> None:
+    """Exit 2 naming --endpoint when it is not a tcp:// or ipc:// endpoint, or its port is
+    already taken (the gateway would fail to bind it only after starting)."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep or scheme not in ("tcp", "ipc") or not rest:
+        raise fail(
+            "bad option",
+            f"--endpoint: {endpoint!r} is not tcp://HOST:PORT or ipc://PATH",
+            EXIT_BAD_INPUT,
+        )
+    if scheme != "tcp":
+        return
+    host, sep, port_text = rest.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not (port_text == "*" or port_text.isdigit()):
+        raise fail("bad option", f"--endpoint: {endpoint!r} is not tcp://HOST:PORT", EXIT_BAD_INPUT)
+    if port_text == "*":
+        return
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise fail("bad option", f"--endpoint: port {port} is outside 1..65535", EXIT_BAD_INPUT)
+    try:
+        infos = socket.getaddrinfo(host if host != "*" else None, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise fail(
+            "bad option", f"--endpoint: cannot resolve {host} ({exc.strerror})", EXIT_BAD_INPUT
+        ) from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ's listener
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise fail(
+                "bad option",
+                f"--endpoint: cannot listen on {endpoint} ({exc.strerror}); another deployment "
+                "may hold it (pqctl status lists them): give another port, or port * for any "
+                "free one",
+                EXIT_BAD_INPUT,
+            ) from exc
+
+
+def _check_local_devices(plan: Plan) -> None:
+    """Exit 2 naming the stage when the plan puts a stage on a GPU this host does not have."""
+    wanted = [(k, s.device) for k, s in enumerate(plan.stages) if s.device.index >= 0]
+    if not wanted:
+        return
+    from runtime.cluster.discovery import discover_gpus
+
+    found = discover_gpus()
+    count = len(found.gpus)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = min(count, len([d for d in visible.split(",") if d.strip()]))
+    for k, device in wanted:
+        if device.index >= count:
+            have = f"{count} NVIDIA GPU{'s' if count != 1 else ''}" if count else "no GPU"
+            why = f" ({found.reason})" if found.reason else ""
+            raise fail(
+                "cannot start stages",
+                f"stages[{k}].device is {device.key} but this host has {have}{why}; re-plan "
+                "for this host (pqctl plan --local)",
+                EXIT_BAD_INPUT,
+            )
+
+
+def _check_checkpoint(plan: Plan) -> None:
+    """Exit 2 when the plan's checkpoint, found here, is not the model the plan describes (or
+    no family pqctl serves). A hub id not downloaded yet is left to the gateway."""
+    from runtime.errors import RuntimeFailure
+    from runtime.model.arch import arch_from_config, read_config
+    from runtime.model.source import check_plan_matches, is_hub_id, resolve_checkpoint
+
+    source = plan.model.source
+    if is_hub_id(source):
+        return
+    try:
+        checkpoint = resolve_checkpoint(source)
+        arch = arch_from_config(read_config(checkpoint), str(checkpoint))
+        check_plan_matches(plan, arch, str(checkpoint))
+    except RuntimeFailure as exc:
+        raise fail(exc.title, exc.msg, EXIT_BAD_INPUT) from exc
 
 
 def _start_gateway(

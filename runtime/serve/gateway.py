@@ -34,7 +34,7 @@ import zmq
 
 from planner.plan import Plan, PlanValidationError
 from runtime.errors import RuntimeFailure
-from runtime.model.stages import check_plan_matches, resolve_checkpoint
+from runtime.model.source import check_plan_matches, resolve_checkpoint
 from runtime.model.tokenizer import load_tokenizer
 from runtime.serve.deployment import DeploymentState, check_name, state_dir
 from runtime.serve.frames import (

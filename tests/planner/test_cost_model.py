@@ -380,7 +380,9 @@ def test_default_group_size_divides_every_input_width() -> None:
     )
     assert cm.default_group_size(builtin) == 64
     odd = dataclasses.replace(builtin, hidden_size=200, num_heads=5, head_dim=40, num_kv_heads=5)
-    assert cm.default_group_size(odd) == 128  # no candidate divides 200: groups are ceil'd
+    assert cm.default_group_size(odd) == 8  # no candidate divides 200: a power of two that does
+    prime = dataclasses.replace(odd, hidden_size=199, num_heads=1, head_dim=199, num_kv_heads=1)
+    assert cm.default_group_size(prime) == 1
 
 
 def test_unquantized_weights_take_the_devices_compute_width() -> None:

@@ -32,7 +32,8 @@ from runtime.model.arch import arch_from_config, read_config
 from runtime.model.assets import builtin_model_dir
 from runtime.model.checkpoint import Checkpoint
 from runtime.model.shard import StageSpec, end_tensors, estimate_bytes, load_shard
-from runtime.model.stages import load_plan_stage, resolve_checkpoint
+from runtime.model.source import resolve_checkpoint
+from runtime.model.stages import load_plan_stage
 from runtime.quant import kernels
 from tests.runtime.model.checkpoints import save_checkpoint, tiny_configs
 
