@@ -31,7 +31,7 @@ from pqctl.exits import (
     load_plan,
 )
 from pqctl.render.deployment import loading_view, serving_summary, stage_table
-from runtime.serve.client import Client, ServerError
+from runtime.serve.client import Client, ConnectionLost, NotAuthorized, ServerError
 from runtime.serve.deployment import (
     DEFAULT_NAME,
     DeploymentError,
@@ -557,6 +557,10 @@ def generate(
     except ServerError as exc:
         where = f" ({exc.field})" if exc.field else ""
         raise fail(f"request rejected: {exc.code}{where}", exc.message, EXIT_BAD_INPUT) from exc
+    except NotAuthorized as exc:
+        raise fail("not authorized", f"{exc}; give --keys", EXIT_UNREACHABLE) from exc
+    except ConnectionLost as exc:
+        raise fail("connection lost", str(exc), EXIT_UNREACHABLE) from exc
     except TimeoutError as exc:
         raise fail("no reply", f"{exc}; is the deployment running?", EXIT_UNREACHABLE) from exc
     finally:

@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from runtime.serve.deployment import DEFAULT_NAME, DeploymentState
 from runtime.serve.keys import CurveKeys, secure_client
@@ -32,6 +33,24 @@ class ServerError(RuntimeError):
     def __init__(self, code: str, message: str, field: str | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code, self.message, self.field = code, message, field
+
+
+class ConnectionLost(ConnectionError):
+    """The connection to the gateway dropped while a request was in flight (the gateway
+    restarted or went away): the request will not be answered; send it again."""
+
+
+class NotAuthorized(ConnectionError):
+    """The server refused this client's credentials (a key not in its authorized list, or
+    keys where it has none / none where it has them)."""
+
+
+_WATCHED = (
+    zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +92,15 @@ class Client:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_BYTES)  # a server's replies are small
         secure_client(self._sock, CurveKeys.load(keys, "client") if keys else None)
+        # A dropped connection (the gateway restarted) fails the requests sent before it.
+        self._events = self._sock.get_monitor_socket(_WATCHED)
+        self._up = False  # a handshake succeeded and no drop since
+        self._refused = ""  # why the server refused the last handshake
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._events, zmq.POLLIN)
+        self._drops = 0  # connection drops seen so far
+        self._sent: dict[str, int] = {}  # request id -> drops seen when it was sent
         self._sock.connect(endpoint)
         self._ids = (f"{os.getpid()}-{n}" for n in itertools.count())
         self._early: list[dict[str, Any]] = []
@@ -86,6 +114,8 @@ class Client:
         self.close()
 
     def close(self) -> None:
+        self._sock.disable_monitor()
+        self._events.close(linger=0)
         self._sock.close(linger=0)
         self._ctx.term()
 
@@ -104,17 +134,61 @@ class Client:
             return self._early.pop(0)
         return self._recv(self.timeout_s if timeout_s is None else timeout_s)
 
-    def _recv(self, wait: float) -> dict[str, Any]:
-        if not self._sock.poll(int(wait * 1000)):
-            raise TimeoutError(f"no reply from {self.endpoint} in {wait:.0f} s")
-        return unpack(self._sock.recv())
+    def _recv(self, wait: float, request_id: str | None = None) -> dict[str, Any]:
+        """The next reply within ``wait`` seconds; raises ConnectionLost when the connection
+        dropped after ``request_id`` was sent."""
+        deadline = time.monotonic() + wait
+        while True:
+            self._check_connection(request_id)
+            ready = dict(self._poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
+            if self._sock in ready:  # replies that arrived before a drop still count
+                message = unpack(self._sock.recv())
+                if message.get("type") in ("done", "error"):
+                    self._sent.pop(str(message.get("id")), None)
+                return message
+            if self._events in ready:
+                self._note_drops()
+                continue
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no reply from {self.endpoint} in {wait:.0f} s")
+
+    def _note_drops(self) -> None:
+        while self._events.poll(0):
+            event = recv_monitor_message(self._events)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._up, self._refused = True, ""
+            elif event == zmq.EVENT_DISCONNECTED and self._up:
+                self._up, self._drops = False, self._drops + 1
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                self._refused = "the server refused this client's key (not in its authorized/)"
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                self._refused = (
+                    "the server speaks another security mechanism (CURVE keys on one side only?)"
+                )
+
+    def _check_connection(self, request_id: str | None) -> None:
+        if request_id is None:
+            return
+        if self._refused and not self._up:
+            raise NotAuthorized(f"{self.endpoint}: {self._refused}")
+        if self._sent.get(request_id, self._drops) >= self._drops:
+            return
+        self._sent.pop(request_id, None)
+        raise ConnectionLost(
+            f"request {request_id}: the connection to {self.endpoint} dropped before its reply "
+            "(the gateway restarted or stopped); send it again"
+        )
 
     def _until(self, request_id: str | None, kind: str) -> dict[str, Any]:
         deadline = time.monotonic() + self.timeout_s
         stash: list[dict[str, Any]] = []
         try:
             while True:
-                message = self.receive(max(0.0, deadline - time.monotonic()))
+                if self._early:
+                    message = self._early.pop(0)
+                else:
+                    wait = max(0.0, deadline - time.monotonic())
+                    message = self._recv(wait, request_id)
                 if message.get("id") == request_id and message["type"] in (kind, "error"):
                     return _checked(message)
                 stash.append(message)
@@ -125,8 +199,13 @@ class Client:
     def info(self) -> dict[str, Any]:
         """The deployment's model, state and limits."""
         request_id = next(self._ids)
+        self._note_drops()
         self.send({"type": "info", "id": request_id})
-        return self._until(request_id, "info")
+        self._sent[request_id] = self._drops
+        try:
+            return self._until(request_id, "info")
+        finally:
+            self._sent.pop(request_id, None)
 
     def submit(
         self, prompt: str, *, max_new_tokens: int, stream: bool = False, **options: Any
@@ -138,7 +217,9 @@ class Client:
         message |= {"max_new_tokens": max_new_tokens, "stream": stream}
         if "stop" in options:
             options["stop"] = list(options["stop"])
+        self._note_drops()
         self.send(message | options)
+        self._sent[request_id] = self._drops
         return request_id
 
     def cancel(self, request_id: str) -> None:
@@ -185,7 +266,7 @@ class Client:
             if message.get("id") == request_id:
                 return _checked(self._early.pop(i))
         while True:
-            message = self._recv(max(0.0, deadline - time.monotonic()))
+            message = self._recv(max(0.0, deadline - time.monotonic()), request_id)
             if message.get("id") == request_id:
                 return _checked(message)
             self._early.append(message)

@@ -1,8 +1,9 @@
 """Where a running deployment can be found: a state file per deployment name.
 
 The gateway writes ``<state dir>/<name>.json`` once its sockets are bound and removes it when
-it exits. ``pqctl generate`` reads the client endpoint from it, ``pqctl stop`` the gateway's
-pid, the dashboard and ``pqctl apply`` the status endpoint. The state directory is
+it exits. ``pqctl generate`` reads the client endpoint from it, ``pqctl stop`` the pid of the
+deployment's supervisor (:mod:`runtime.serve.supervisor`, which restarts a dead gateway), the
+dashboard and ``pqctl apply`` the status endpoint. The state directory is
 ``$PQCTL_STATE_DIR``, else ``$XDG_STATE_HOME/pqctl``, else ``~/.local/state/pqctl``.
 No torch here: clients import this module.
 """
@@ -57,6 +58,8 @@ class DeploymentState:
     started: float
     log_dir: str
     keys: str | None = None
+    gateway_pid: int = 0  # the gateway now serving (``pid`` is the deployment's supervisor)
+    gateway_restarts: int = 0  # times the supervisor restarted a dead gateway
 
     def save(self, directory: Path | None = None) -> Path:
         """Write atomically (readers never see half a file)."""
@@ -91,7 +94,7 @@ class DeploymentState:
         if not pid_alive(state.pid):
             path.unlink(missing_ok=True)
             raise DeploymentError(
-                f'deployment "{name}" is not running (its gateway, pid {state.pid}, is gone)'
+                f'deployment "{name}" is not running (its process, pid {state.pid}, is gone)'
             )
         return state
 
@@ -120,8 +123,9 @@ def pid_alive(pid: int) -> bool:
 
 
 def stop_deployment(state: DeploymentState, timeout_s: float = 20.0) -> bool:
-    """Ask the gateway to shut down (SIGTERM) and wait; SIGKILL its process group after
-    ``timeout_s``. Returns whether it stopped cleanly."""
+    """Ask the deployment to shut down (SIGTERM to its supervisor, which stops the gateway,
+    which stops its stages) and wait; SIGKILL its process group after ``timeout_s``. Returns
+    whether it stopped cleanly."""
     try:
         os.kill(state.pid, signal.SIGTERM)
     except ProcessLookupError:

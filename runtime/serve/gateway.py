@@ -126,6 +126,10 @@ class Gateway:
         max_restarts: int = MAX_RESTARTS,
         restart_window_s: float = RESTART_WINDOW_S,
         replanner: Replanner | None = None,
+        status_endpoint: str | None = None,
+        owner_pid: int | None = None,
+        deployment_started: float | None = None,
+        gateway_restarts: int = 0,
     ) -> None:
         self.name = check_name(name)
         self.replanner, self.replan_note = replanner, ""
@@ -148,7 +152,7 @@ class Gateway:
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted stage reuses its identity
         self.results = self._bind(zmq.PULL, internal, keys, self.step_bytes)
-        self.status = self._bind(zmq.PUB, internal, keys, CONTROL_FRAME_BYTES)
+        self.status = self._bind(zmq.PUB, status_endpoint or internal, keys, CONTROL_FRAME_BYTES)
         self.keys = keys
         self.to_first = self._push()
         self.stages: list[StageState] = []
@@ -157,14 +161,16 @@ class Gateway:
         self.stopping = False
         self.state = DeploymentState(
             name=self.name,
-            pid=os.getpid(),
+            pid=owner_pid or os.getpid(),
             plan=str(self.plan_path),
             model=self.plan.model.source,
             client_endpoint=self._endpoint(self.client),
             status_endpoint=self._endpoint(self.status),
-            started=time.time(),
+            started=deployment_started or time.time(),
             log_dir=str(self.log_dir),
             keys=str(keys_dir) if keys_dir else None,
+            gateway_pid=os.getpid(),
+            gateway_restarts=gateway_restarts,
         )
         self.window_started, self.window_tokens = time.monotonic(), 0
         self.tokens_per_s = 0.0
@@ -565,6 +571,10 @@ class Gateway:
             "failure": self.failure,
             "replan": self.replan_note or None,
             "client_endpoint": self.state.client_endpoint,
+            "pid": self.state.pid,
+            "gateway_pid": self.state.gateway_pid,
+            "gateway_restarts": self.state.gateway_restarts,
+            "started": self.state.started,
             "stages": [
                 {
                     "index": s.index,
@@ -612,6 +622,14 @@ def main(argv: list[str] | None = None) -> int:
         help="with --ray: when a host is lost, re-plan on the hosts left and serve that plan",
     )
     parser.add_argument("--keys", type=Path, default=None, help="CURVE key directory")
+    parser.add_argument(
+        "--status-endpoint", default=None, help="status PUB endpoint (default: a free port)"
+    )
+    parser.add_argument(
+        "--owner-pid", type=int, default=None, help="the supervisor's pid, for the state file"
+    )
+    parser.add_argument("--deployment-started", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--gateway-restarts", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument(
         "--beat-interval", type=float, default=BEAT_INTERVAL_S, help="stage heartbeat period, s"
     )
@@ -673,6 +691,10 @@ def _serve(
             max_restarts=args.restarts,
             restart_window_s=args.restart_window,
             replanner=replanner,
+            status_endpoint=args.status_endpoint,
+            owner_pid=args.owner_pid,
+            deployment_started=args.deployment_started,
+            gateway_restarts=args.gateway_restarts,
         )
     except (RuntimeFailure, PlanValidationError, OSError, ValueError) as exc:
         title = getattr(exc, "title", "cannot start")

@@ -206,6 +206,13 @@ class GatewayLaunch:
     restart_window_s: float | None = None  # restarts counted over this window (None: default)
 
     def argv(self) -> list[str]:
+        """The supervisor's command line, the gateway's after its ``--``."""
+        supervisor = [sys.executable, "-m", "runtime.serve.supervisor", "--name", self.name]
+        supervisor += ["--restarts", str(MAX_RESTARTS if self.restarts is None else self.restarts)]
+        window = RESTART_WINDOW_S if self.restart_window_s is None else self.restart_window_s
+        return [*supervisor, "--restart-window", repr(window), "--", *self.gateway_argv()]
+
+    def gateway_argv(self) -> list[str]:
         args = [sys.executable, "-m", "runtime.serve.gateway", "--plan", str(self.plan)]
         args += ["--name", self.name, "--endpoint", self.endpoint]
         if self.restarts is not None:
@@ -237,8 +244,9 @@ class GatewayExited(RuntimeFailure):
 
 
 def start_gateway(launch: GatewayLaunch, log: Path) -> subprocess.Popen[bytes]:
-    """Start the gateway in a session of its own, so that it outlives a detached caller and a
-    Ctrl-C reaches it only when relayed; its output goes to ``log``."""
+    """Start the deployment's supervisor (which starts the gateway and restarts it if it dies)
+    in a session of its own, so that it outlives a detached caller and a Ctrl-C reaches it only
+    when relayed; its output and the gateway's go to ``log``."""
     with open(log, "wb") as out:
         return _spawn(launch.argv(), out, child_env(), new_session=True)
 

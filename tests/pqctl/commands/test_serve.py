@@ -17,6 +17,7 @@ import pytest
 from planner.plan import Plan
 from pqctl.render.deployment import load_state
 from runtime.model.assets import builtin_model_dir
+from runtime.serve.client import Client, ConnectionLost
 from runtime.serve.deployment import DeploymentState, pid_alive
 from tests.runtime.serve.plans import serving_plan, write_plan
 
@@ -184,3 +185,56 @@ def test_loading_state_names_the_parts_loaded() -> None:
     assert load_state({"state": "loading", "loaded": [2, 6]}) == "loading 2/6"
     assert load_state({"state": "loading", "loaded": None}) == "loading"
     assert load_state({"state": "ready", "loaded": [6, 6]}) == "ready"
+
+
+def _group(pgid: int) -> set[int]:
+    """Live processes of process group ``pgid``."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.add(int(entry.name))
+    return found
+
+
+def test_a_killed_gateway_is_restarted_and_its_clients_told_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    monkeypatch.setenv("PQCTL_STATE_DIR", str(state))
+    plan = write_plan(serving_plan("bard-tiny", [0, 4], batch=4, max_new=256), tmp_path)
+    try:
+        up = pqctl(state, "apply", str(plan), "--detach", "--endpoint", "tcp://127.0.0.1:*")
+        assert up.returncode == 0, up.stderr
+        first = DeploymentState.load("default", state)
+        stages = _group(first.pid) - {first.pid, first.gateway_pid}
+        assert len(stages) == 2
+        with Client(timeout_s=60) as client:
+            pieces = client.stream("ROMEO:", max_new_tokens=256, ignore_eos=True)
+            next(pieces)  # in flight
+            os.kill(first.gateway_pid, signal.SIGKILL)
+            killed = time.monotonic()
+            with pytest.raises(ConnectionLost):
+                for _ in pieces:
+                    pass
+            assert time.monotonic() - killed < 3
+            # the next request is served by a new gateway on the same endpoint, unasked
+            done = client.generate("KING:", max_new_tokens=8)
+            assert done.usage["completion_tokens"] >= 1
+        after = DeploymentState.load("default", state)
+        assert (after.pid, after.client_endpoint) == (first.pid, first.client_endpoint)
+        assert after.status_endpoint == first.status_endpoint
+        assert after.gateway_pid != first.gateway_pid and after.gateway_restarts == 1
+        assert not any(pid_alive(p) for p in stages)  # the old stages went with their gateway
+        assert "restarting it on" in (Path(after.log_dir) / "gateway.log").read_text()
+        assert pqctl(state, "stop").returncode == 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _group(first.pid):
+            time.sleep(0.1)
+        assert not _group(first.pid)
+    finally:
+        _cleanup(state)

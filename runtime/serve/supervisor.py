@@ -1,0 +1,152 @@
+"""The process that owns a deployment: it runs the gateway and restarts it when it dies.
+
+``pqctl apply`` (detached or not) and the dashboard start ``python -m runtime.serve.supervisor``
+in a session of its own; it starts the gateway as its child and waits. When the gateway dies
+unexpectedly (a signal such as ``kill -9``, or a crash once it had written its state file), the
+supervisor ends what the gateway had started on this host (its stage processes; stages on Ray
+die with their owner) and starts a new gateway on the same client and status endpoints with the
+plan it was serving. Clients in flight see their connection drop (the Python client raises at
+once); the next request is served once the new gateway's stages are ready. Restarts are counted
+in a sliding window; one more than ``--restarts`` within ``--restart-window`` ends the
+deployment. A clean exit of the gateway (stopped: 0; its stages failed past their budget: 4; it
+could not start: 1 before any state file) ends the supervisor with the same code.
+
+The deployment's state file names the supervisor's pid (``pid``: what ``pqctl stop`` signals,
+and the process group it kills last) and the current gateway's (``gateway_pid``). Stdlib only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+from runtime.serve.deployment import DeploymentError, DeploymentState, state_dir
+
+EXIT_GAVE_UP = 4
+
+
+class Supervisor:
+    """Runs ``gateway_argv`` until it exits cleanly, restarting it after a crash."""
+
+    def __init__(self, gateway_argv: list[str], name: str, restarts: int, window_s: float) -> None:
+        self.argv, self.name = gateway_argv, name
+        self.restarts, self.window_s = restarts, window_s
+        self.failures: deque[float] = deque()
+        self.child: subprocess.Popen[bytes] | None = None
+        self.stopping = False
+
+    def stop(self, *_: object) -> None:
+        """SIGTERM / SIGINT: relay a stop to the gateway (it stops its stages), then exit."""
+        self.stopping = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+
+    def run(self) -> int:
+        extra: list[str] = ["--owner-pid", str(os.getpid())]
+        while True:
+            self.child = subprocess.Popen([*self.argv, *extra], stdin=subprocess.DEVNULL)
+            code = self._wait(self.child)
+            state = self._state()
+            if self.stopping or (code >= 0 and (code != 1 or state is None)):
+                return code
+            _end_leftovers()
+            if state is None:
+                _say(f"the gateway exited ({_describe(code)}) before it served; not restarting")
+                return code if code > 0 else 1
+            now = time.monotonic()
+            self.failures.append(now)
+            while self.failures and now - self.failures[0] > self.window_s:
+                self.failures.popleft()
+            if len(self.failures) > self.restarts:
+                _say(
+                    f"the gateway exited ({_describe(code)}): {len(self.failures)} failures "
+                    f"within {self.window_s:g} s, more than --restarts {self.restarts}; "
+                    "the deployment ends"
+                )
+                state.remove()
+                return EXIT_GAVE_UP
+            _say(
+                f"the gateway (pid {self.child.pid}) exited ({_describe(code)}); restarting it "
+                f"on {state.client_endpoint} ({len(self.failures)}/{self.restarts} within "
+                f"{self.window_s:g} s)"
+            )
+            extra = [
+                "--owner-pid", str(os.getpid()),
+                "--plan", state.plan,
+                "--endpoint", state.client_endpoint,
+                "--status-endpoint", state.status_endpoint,
+                "--deployment-started", repr(state.started),
+                "--gateway-restarts", str(state.gateway_restarts + 1),
+            ]  # fmt: skip
+
+    def _wait(self, child: subprocess.Popen[bytes]) -> int:
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:  # pragma: no cover - SIGINT is handled by stop()
+                continue
+
+    def _state(self) -> DeploymentState | None:
+        """The state file the gateway left for this deployment, if it is this supervisor's."""
+        try:
+            state = DeploymentState.load(self.name)
+        except DeploymentError:
+            return None
+        return state if state.pid == os.getpid() else None
+
+
+def _describe(code: int) -> str:
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _say(message: str) -> None:
+    print(f"supervisor: {message}", file=sys.stderr, flush=True)
+
+
+def _end_leftovers() -> None:
+    """SIGKILL every other process of this process group (the dead gateway's stage workers)."""
+    group, me = os.getpgrp(), os.getpid()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == group:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(entry.name), signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):  # reap whatever was ours
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.serve.supervisor", description=__doc__)
+    parser.add_argument("--name", required=True, help="the deployment's name")
+    parser.add_argument("--restarts", type=int, default=3, help="gateway restarts in the window")
+    parser.add_argument("--restart-window", type=float, default=600.0, help="seconds")
+    parser.add_argument("gateway", nargs=argparse.REMAINDER, help="-- then the gateway's argv")
+    args = parser.parse_args(argv)
+    gateway = args.gateway[1:] if args.gateway[:1] == ["--"] else args.gateway
+    if not gateway:
+        parser.error("give the gateway's command after --")
+    state_dir().mkdir(parents=True, exist_ok=True)
+    supervisor = Supervisor(gateway, args.name, args.restarts, args.restart_window)
+    signal.signal(signal.SIGTERM, supervisor.stop)
+    signal.signal(signal.SIGINT, supervisor.stop)
+    return supervisor.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
