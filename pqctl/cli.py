@@ -83,6 +83,7 @@ app.command(name="eval")(quality.evaluate)
 app.command()(serve.apply)
 app.command()(serve.generate)
 app.command()(serve.stop)
+app.command()(serve.status)
 app.command()(profile.profile)
 app.add_typer(serve.keys_app, name="keys")
 

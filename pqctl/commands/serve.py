@@ -30,7 +30,13 @@ from pqctl.exits import (
     fail,
     load_plan,
 )
-from pqctl.render.deployment import loading_view, serving_summary, stage_table
+from pqctl.render.deployment import (
+    deployment_row,
+    deployments_table,
+    loading_view,
+    serving_summary,
+    stage_table,
+)
 from runtime.serve.client import Client, ConnectionLost, NotAuthorized, ServerError
 from runtime.serve.deployment import (
     DEFAULT_NAME,
@@ -38,6 +44,7 @@ from runtime.serve.deployment import (
     DeploymentState,
     check_name,
     pid_alive,
+    running_deployments,
     state_dir,
     stop_deployment,
 )
@@ -484,6 +491,49 @@ def stop(
     Console(stderr=True).print(
         f'stopped "{name}"' if clean else f'"{name}" did not stop in {timeout:.0f} s; killed it'
     )
+
+
+def status(
+    name: Annotated[
+        str | None, typer.Option("--name", help="Only this deployment (default: every one).")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="A JSON list, one object per deployment.")
+    ] = False,
+    wait: Annotated[
+        float, typer.Option("--wait", help="Seconds to wait for each deployment's status.")
+    ] = 2.0,
+) -> None:
+    """List the deployments running on this host: name, plan, endpoint, stages, pid, uptime,
+    requests. Any of them can be used by name (pqctl generate/stop --name)."""
+    if name is not None:
+        try:
+            states = [DeploymentState.load(_check_name(name))]
+        except DeploymentError as exc:
+            raise fail("no deployment", str(exc), EXIT_UNREACHABLE) from exc
+    else:
+        states = running_deployments()
+    rows = [deployment_row(state, _snapshot(state, wait)) for state in states]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        Console(stderr=True).print("no deployment is running here; start one with pqctl apply")
+        return
+    Console(soft_wrap=True).print(deployments_table(rows))
+
+
+def _snapshot(state: DeploymentState, wait_s: float) -> dict[str, Any] | None:
+    """The deployment's next status message (None when none comes within ``wait_s``)."""
+    keys = CurveKeys.load(Path(state.keys), "client") if state.keys else None
+    monitor = Monitor(state.status_endpoint, keys)
+    try:
+        deadline = time.monotonic() + wait_s
+        while monitor.status is None and time.monotonic() < deadline:
+            monitor.poll(min(0.2, max(0.0, deadline - time.monotonic())))
+        return monitor.status
+    finally:
+        monitor.close()
 
 
 def generate(

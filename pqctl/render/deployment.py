@@ -3,12 +3,14 @@ measured prefill/decode throughput beside the plan's prediction."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from rich.table import Table
 from rich.text import Text
 
 from planner.plan import Plan
+from runtime.serve.deployment import DeploymentState
 from runtime.serve.monitor import Monitor, predicted_rates
 
 
@@ -109,3 +111,71 @@ def serving_summary(monitor: Monitor) -> Text:
                 style="yellow",
             )
     return text
+
+
+def deployment_row(state: DeploymentState, status: dict[str, Any] | None) -> dict[str, Any]:
+    """What ``pqctl status`` says of one deployment (its ``--json`` object)."""
+    stages = (status or {}).get("stages") or []
+    requests = (status or {}).get("requests") or {}
+    return {
+        "name": state.name,
+        "phase": (status or {}).get("phase", "no status"),
+        "plan": state.plan,
+        "model": state.model,
+        "endpoint": state.client_endpoint,
+        "pid": state.pid,
+        "gateway_pid": state.gateway_pid or state.pid,
+        "uptime_s": round(max(0.0, time.time() - state.started), 1),
+        "stages": [
+            {
+                "index": st.get("index"),
+                "state": st.get("state"),
+                "pid": st.get("pid"),
+                "restarts": st.get("restarts", 0),
+            }
+            for st in stages
+        ],
+        "requests": {key: requests.get(key, 0) for key in ("active", "waiting", "completed")},
+        "gateway_restarts": state.gateway_restarts,
+        "keys": state.keys,
+        "log_dir": state.log_dir,
+    }
+
+
+def deployments_table(rows: list[dict[str, Any]]) -> Table:
+    """The deployments of ``pqctl status``, one line each."""
+    table = Table(title="deployments", title_justify="left")
+    for column in ("name", "phase", "model", "endpoint", "stages", "pid", "uptime", "requests"):
+        table.add_column(column, no_wrap=True)
+    table.add_column("plan")
+    for row in rows:
+        states = [str(st["state"]) for st in row["stages"]]
+        ready = sum(s == "ready" for s in states)
+        stages = f"{ready}/{len(states)} ready" if states else "?"
+        restarts = sum(int(st["restarts"] or 0) for st in row["stages"])
+        if restarts or row["gateway_restarts"]:
+            stages += f", {restarts + row['gateway_restarts']} restarts"
+        r = row["requests"]
+        table.add_row(
+            row["name"],
+            row["phase"],
+            row["model"],
+            row["endpoint"],
+            stages,
+            str(row["pid"]),
+            _uptime(row["uptime_s"]),
+            f"{r['active']} running, {r['waiting']} waiting, {r['completed']} done",
+            row["plan"],
+        )
+    return table
+
+
+def _uptime(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes:02d}m"
+    return f"{minutes}m {secs:02d}s"

@@ -107,6 +107,18 @@ class DeploymentState:
             pass
 
 
+def running_deployments(directory: Path | None = None) -> list[DeploymentState]:
+    """Every deployment running on this host (its state file's process alive), by name; the
+    state files of those that died are removed."""
+    found = []
+    for path in sorted((directory or state_dir()).glob("*.json")):
+        if not NAME_PATTERN.match(path.stem):
+            continue
+        with contextlib.suppress(DeploymentError):
+            found.append(DeploymentState.load(path.stem, directory))
+    return found
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists (zombies of our own children count as gone)."""
     try:

@@ -69,6 +69,21 @@ def test_apply_detach_generate_stop(plan_file: Path, tmp_path: Path) -> None:
         assert [line["prompt"] for line in lines] == ["ROMEO:", "KING:"]
         assert all(line["usage"]["completion_tokens"] <= 8 for line in lines)
 
+        listed = pqctl(state, "status", "--json")
+        assert listed.returncode == 0, listed.stderr
+        (row,) = json.loads(listed.stdout)
+        assert (row["name"], row["phase"], row["pid"]) == ("default", "serving", deployment.pid)
+        assert row["endpoint"] == deployment.client_endpoint
+        assert row["plan"] == str(plan_file.resolve()) and row["model"] == "bard-tiny"
+        assert [st["state"] for st in row["stages"]] == ["ready", "ready"]
+        assert row["requests"]["completed"] == 2 and row["uptime_s"] > 0
+        table = pqctl(state, "status")
+        assert table.returncode == 0
+        cells = [c.strip() for c in table.stdout.splitlines()[4].split("│")[1:-1]]
+        assert cells[:3] == ["default", "serving", "bard-tiny"], table.stdout
+        assert cells[3] == deployment.client_endpoint and cells[4] == "2/2 ready"
+        assert "2 done" in table.stdout
+
         streamed = pqctl(state, "generate", "ROMEO:", "--max-new", "8")
         assert streamed.returncode == 0
         assert streamed.stdout.startswith("ROMEO:" + lines[0]["text"])  # greedy: same text
@@ -81,6 +96,8 @@ def test_apply_detach_generate_stop(plan_file: Path, tmp_path: Path) -> None:
         assert down.returncode == 0 and 'stopped "default"' in down.stderr
         assert not pid_alive(deployment.pid)
         assert pqctl(state, "stop").returncode == 5
+        assert json.loads(pqctl(state, "status", "--json").stdout) == []
+        assert pqctl(state, "status", "--name", "default").returncode == 5
         gone = pqctl(state, "generate", "ROMEO:")
         assert gone.returncode == 5 and "no deployment" in gone.stderr
     finally:
