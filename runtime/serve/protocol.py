@@ -24,7 +24,8 @@ MAX_ID_CHARS: Final = 128
 MAX_STOP_STRINGS: Final = 16
 MAX_STOP_CHARS: Final = 256
 MAX_SEED: Final = (1 << 63) - 1
-MAX_QUEUED: Final = 4096
+MAX_QUEUED: Final = 4096  # waiting requests of a deployment, all clients together
+MAX_QUEUED_PER_CLIENT: Final = 1024  # waiting requests of one client connection
 
 # Error codes: the complete list, documented in docs/protocol.md.
 BAD_MESSAGE: Final = "bad_message"  # not one frame of a msgpack map with a string "type"

@@ -2,7 +2,9 @@
 
 The plan's global batch of B sequences is cut into decode micro-batches ("groups") of the
 plan's decode size; group g owns KV-cache slots [g·ξ_d, min((g+1)·ξ_d, B)) on every stage.
-A free group admits up to ξ_d waiting requests at once (first come, first served), left-pads
+A free group admits up to ξ_d waiting requests at once, taken round-robin over the clients that
+have requests waiting (each client connection's own requests in order: one client's flood
+cannot starve another), left-pads
 their prompts to the longest, and sends the prompt in prefill chunks of ξ_p rows. When every
 chunk has produced its first token, the group decodes as one unit, one step in flight at a
 time; the other groups' steps fill the pipeline meanwhile (spec §7.1). Requests that arrive
@@ -17,7 +19,7 @@ from __future__ import annotations
 import collections
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,7 @@ from runtime.serve.frames import StepHeader
 from runtime.serve.protocol import (
     DUPLICATE_ID,
     MAX_QUEUED,
+    MAX_QUEUED_PER_CLIENT,
     MAX_SEED,
     OVERLOADED,
     PROMPT_TOO_LONG,
@@ -96,6 +99,57 @@ class Group:
         return bool(self.rows)
 
 
+class FairQueue:
+    """Waiting requests, one queue per client; :meth:`popleft` takes them round-robin over the
+    clients (each client's in the order it sent them)."""
+
+    def __init__(self) -> None:
+        self.queues: collections.OrderedDict[bytes, collections.deque[Active]] = (
+            collections.OrderedDict()
+        )
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+    def __iter__(self) -> Iterator[Active]:
+        """Every waiting request, in the order :meth:`popleft` would take them."""
+        queues = [list(q) for q in self.queues.values()]
+        for turn in range(max((len(q) for q in queues), default=0)):
+            yield from (q[turn] for q in queues if turn < len(q))
+
+    def __contains__(self, active: Active) -> bool:
+        return active in self.queues.get(active.client, ())
+
+    def waiting_for(self, client: bytes) -> int:
+        """Requests of ``client`` waiting."""
+        return len(self.queues.get(client, ()))
+
+    def append(self, active: Active) -> None:
+        self.queues.setdefault(active.client, collections.deque()).append(active)
+        self.size += 1
+
+    def popleft(self) -> Active:
+        """The next client's oldest request; that client then goes to the back of the round."""
+        client, queue = next(iter(self.queues.items()))
+        active = queue.popleft()
+        del self.queues[client]
+        if queue:
+            self.queues[client] = queue
+        self.size -= 1
+        return active
+
+    def remove(self, active: Active) -> None:
+        queue = self.queues[active.client]
+        queue.remove(active)
+        self.size -= 1
+        if not queue:
+            del self.queues[active.client]
+
+
 class Scheduler:
     """Requests in, steps out; step results in, client replies out."""
 
@@ -114,7 +168,7 @@ class Scheduler:
         self.eos_ids = tuple(eos_ids)
         self.clock = clock
         self.groups = [Group(i, slots) for i, slots in enumerate(layout.groups)]
-        self.waiting: collections.deque[Active] = collections.deque()
+        self.waiting = FairQueue()
         self.by_key: dict[tuple[bytes, str], Active] = {}
         self.seq = 0
         self.completed = 0
@@ -147,6 +201,14 @@ class Scheduler:
         if len(self.waiting) >= MAX_QUEUED:
             raise ProtocolError(
                 OVERLOADED, f"{MAX_QUEUED} requests are waiting; retry later", None, request.id
+            )
+        if self.waiting.waiting_for(client) >= MAX_QUEUED_PER_CLIENT:
+            raise ProtocolError(
+                OVERLOADED,
+                f"this connection has {MAX_QUEUED_PER_CLIENT} requests waiting, the most one "
+                "client may queue; retry when some are done",
+                None,
+                request.id,
             )
         seed = request.seed if request.seed is not None else random.randint(0, MAX_SEED)
         eos = () if request.ignore_eos else self.eos_ids

@@ -435,6 +435,42 @@ def test_full_queue_is_overloaded(harness: Harness, monkeypatch: pytest.MonkeyPa
     assert {rid for _, rid in terminals(h.replies)} == {"a", "b", "c"}
 
 
+def test_one_clients_cap_is_overloaded_while_others_still_queue(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runtime.serve.scheduler, "MAX_QUEUED_PER_CLIENT", 3)
+    h = harness
+    for n in range(3):
+        h.submit(f"a{n}", PROMPTS[0], 2, client=C1)
+    with pytest.raises(ProtocolError) as info:
+        h.submit("a3", PROMPTS[0], 2, client=C1)
+    assert (info.value.code, info.value.request_id) == (OVERLOADED, "a3")
+    assert "3 requests waiting, the most one client may queue" in info.value.message
+    h.submit("b0", PROMPTS[0], 2, client=C2)  # another client is not capped by C1's queue
+    h.run()
+    assert len(terminals(h.replies)) == 4
+
+
+def test_a_flooding_client_does_not_starve_another(harness: Harness) -> None:
+    """C1 queues 12 requests, then C2 sends one: C2's is admitted in the next free group (the
+    round-robin takes one of each client's in turn), not after C1's twelve."""
+    h = harness
+    for n in range(12):
+        h.submit(f"a{n}", PROMPTS[0], 4, client=C1, ignore_eos=True)
+    h.admit()  # groups 0 and 1 take a0-a3
+    h.submit("b", PROMPTS[1], 4, client=C2, ignore_eos=True)
+    order: list[tuple[bytes, str]] = []
+
+    def note_admissions(_: int) -> None:
+        for key, active in h.scheduler.by_key.items():
+            if active.admitted is not None and key not in order:
+                order.append(key)
+
+    h.run(on_tick=note_admissions)
+    assert order.index((C2, "b")) <= 5, order  # right after a0-a3 and one more of C1's
+    assert [rid for client, rid in order if client == C1] == [f"a{n}" for n in range(12)]
+
+
 def test_a_failed_group_errors_its_requests_once_and_is_reused(harness: Harness) -> None:
     h = harness
     h.submit("short", PROMPTS[0], 2, ignore_eos=True)
