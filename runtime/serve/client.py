@@ -143,7 +143,10 @@ class Client:
             ready = dict(self._poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
             if self._sock in ready:  # replies that arrived before a drop still count
                 message = unpack(self._sock.recv())
-                if message.get("type") in ("done", "error"):
+                ends = message.get("type") == "done" or (
+                    message.get("type") == "error" and message.get("code") != "duplicate_id"
+                )  # duplicate_id names a running request it does not end
+                if ends:
                     self._sent.pop(str(message.get("id")), None)
                 return message
             if self._events in ready:

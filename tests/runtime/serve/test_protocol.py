@@ -330,3 +330,19 @@ def test_replies_round_trip_through_pack_and_unpack() -> None:
     assert "field" not in messages[3]
     request = generate(temperature=0.7, stop=["\n"], seed=MAX_SEED)
     assert unpack(pack(request)) == request
+
+
+@pytest.mark.parametrize(
+    ("raw_id", "reported"),
+    [("x" * 129, "x" * 129), ("", ""), (7, None), (None, None)],
+    ids=["too-long", "empty", "int", "nil"],
+)
+def test_an_invalid_id_is_reported_as_sent_when_it_is_a_string(
+    raw_id: Any, reported: str | None
+) -> None:
+    """docs/protocol.md: an error's id is the message's id whenever it is a string, even an
+    invalid one (then field is "id"); nil otherwise."""
+    message = {"type": "generate", "id": raw_id, "prompt": "x", "max_new_tokens": 1}
+    error = rejected(message)
+    assert (error.request_id, error.field) == (reported, "id")
+    assert error.reply()["id"] == reported
