@@ -199,7 +199,7 @@ def apply(
         plan_file, name, endpoint, keys, restarts, ray, replan_on_loss, supervision
     )
     state = _wait_for_state(process, name, log)
-    monitor = Monitor(state.status_endpoint, CurveKeys.load(keys, "client") if keys else None)
+    monitor = _monitor(state)
     try:
         if not _wait_until_serving(monitor, process, plan, ready_timeout, console, log):
             _stop_quietly(state)
@@ -523,10 +523,18 @@ def status(
     Console(soft_wrap=True).print(deployments_table(rows))
 
 
+def _monitor(state: DeploymentState) -> Monitor:
+    """A monitor of the deployment, with its own keys (exit 2 when this user cannot read
+    them)."""
+    try:
+        return Monitor.of(state)
+    except ValueError as exc:
+        raise fail("cannot watch the deployment", str(exc), EXIT_BAD_INPUT) from exc
+
+
 def _snapshot(state: DeploymentState, wait_s: float) -> dict[str, Any] | None:
     """The deployment's next status message (None when none comes within ``wait_s``)."""
-    keys = CurveKeys.load(Path(state.keys), "client") if state.keys else None
-    monitor = Monitor(state.status_endpoint, keys)
+    monitor = _monitor(state)
     try:
         deadline = time.monotonic() + wait_s
         while monitor.status is None and time.monotonic() < deadline:

@@ -58,6 +58,7 @@ class DeploymentState:
     started: float
     log_dir: str
     keys: str | None = None
+    internal_keys: str | None = None  # the deployment's own keys (status, stages), with keys
     gateway_pid: int = 0  # the gateway now serving (``pid`` is the deployment's supervisor)
     gateway_restarts: int = 0  # times the supervisor restarted a dead gateway
 
@@ -97,6 +98,10 @@ class DeploymentState:
                 f'deployment "{name}" is not running (its process, pid {state.pid}, is gone)'
             )
         return state
+
+    def monitor_keys_dir(self) -> Path | None:
+        """The key directory a tool on this host watches the deployment's status with."""
+        return Path(self.internal_keys) if self.internal_keys else None
 
     def remove(self, directory: Path | None = None) -> None:
         path = (directory or state_dir()) / f"{self.name}.json"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -44,7 +45,15 @@ from runtime.serve.frames import (
     encode_step,
     step_frame_bytes,
 )
-from runtime.serve.keys import CurveKeys, secure_client, secure_server, start_authenticator
+from runtime.serve.keys import (
+    CLIENT_DOMAIN,
+    INTERNAL_DOMAIN,
+    CurveKeys,
+    deployment_keys,
+    secure_client,
+    secure_server,
+    start_authenticator,
+)
 from runtime.serve.launcher import (
     BEAT_INTERVAL_S,
     BEAT_TIMEOUT_S,
@@ -130,6 +139,7 @@ class Gateway:
         owner_pid: int | None = None,
         deployment_started: float | None = None,
         gateway_restarts: int = 0,
+        internal_keys_dir: Path | None = None,
     ) -> None:
         self.name = check_name(name)
         self.replanner, self.replan_note = replanner, ""
@@ -138,13 +148,21 @@ class Gateway:
         self.keys_dir, self.impl, self.max_restarts = keys_dir, impl, max_restarts
         self.beat_interval_s, self.restart_window_s = beat_interval_s, restart_window_s
         self.failures: deque[float] = deque()  # when stages failed, within the restart window
-        keys = CurveKeys.load(keys_dir) if keys_dir else None
+        # With keys, the client endpoint admits the operator's authorized/ and everything else
+        # only the deployment's own keys (runtime/serve/keys.py: roles).
+        client_keys = CurveKeys.load(keys_dir) if keys_dir else None
+        if keys_dir is not None and internal_keys_dir is None:
+            internal_keys_dir = internal_keys(name, reuse=gateway_restarts > 0)
+        self.internal_keys_dir = internal_keys_dir
+        keys = CurveKeys.load(internal_keys_dir) if internal_keys_dir else None
         self.log_dir = log_dir or state_dir() / "logs" / name
         self.log_dir.mkdir(parents=True, exist_ok=True)
 
         self.ctx = zmq.Context()
-        self.auth = start_authenticator(self.ctx, keys)
-        self.client = self._bind(zmq.ROUTER, client_endpoint, keys, HARD_FRAME_BYTES)
+        self.auth = start_authenticator(self.ctx, keys, client_keys)
+        self.client = self._bind(
+            zmq.ROUTER, client_endpoint, client_keys, HARD_FRAME_BYTES, CLIENT_DOMAIN
+        )
         self.client.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.client.setsockopt(zmq.SNDHWM, 100_000)
         internal = f"tcp://{bind_host}:*"
@@ -169,6 +187,7 @@ class Gateway:
             started=deployment_started or time.time(),
             log_dir=str(self.log_dir),
             keys=str(keys_dir) if keys_dir else None,
+            internal_keys=str(internal_keys_dir) if internal_keys_dir else None,
             gateway_pid=os.getpid(),
             gateway_restarts=gateway_restarts,
         )
@@ -202,14 +221,19 @@ class Gateway:
         self.threads = stage_threads(cpu_stages, available_cores())
 
     def _bind(
-        self, kind: int, endpoint: str, keys: CurveKeys | None, max_bytes: int
+        self,
+        kind: int,
+        endpoint: str,
+        keys: CurveKeys | None,
+        max_bytes: int,
+        domain: str = INTERNAL_DOMAIN,
     ) -> zmq.Socket[bytes]:
         """A socket bound to ``endpoint`` that drops any peer sending a frame over
         ``max_bytes`` (set before binding: the listener's connections inherit it)."""
         sock = self.ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_bytes)
-        secure_server(sock, keys)
+        secure_server(sock, keys, domain)
         try:
             sock.bind(endpoint)
         except zmq.ZMQError as exc:
@@ -235,7 +259,7 @@ class Gateway:
             self._endpoint(self.control),
             self.bind_host,
             self.checkpoint,
-            self.keys_dir,
+            self.internal_keys_dir,
             self.log_dir / f"stage-{index}.log",
             self.impl,
             self.threads.get(index),
@@ -293,6 +317,9 @@ class Gateway:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+        own = state_dir() / "keys" / self.name
+        if self.internal_keys_dir is not None and self.internal_keys_dir == own:
+            shutil.rmtree(own, ignore_errors=True)
 
     def _stop_stages(self) -> None:
         """Ask every stage to stop, then end those that do not."""
@@ -602,6 +629,11 @@ class Gateway:
         self.status.send(msgpack.packb(message, use_bin_type=True))
 
 
+def internal_keys(name: str, reuse: bool) -> Path:
+    """The deployment's own key directory (created fresh at its first start)."""
+    return deployment_keys(state_dir() / "keys" / name, reuse=reuse)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.serve.gateway", description=__doc__)
     parser.add_argument("--plan", type=Path, required=True)
@@ -658,14 +690,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with connected(args.ray):
             try:
-                launcher = RayLauncher(Plan.load(args.plan), args.plan, args.keys)
+                internal = None
+                if args.keys is not None:
+                    internal = internal_keys(args.name, reuse=args.gateway_restarts > 0)
+                launcher = RayLauncher(Plan.load(args.plan), args.plan, internal)
             except (RuntimeFailure, PlanValidationError, OSError) as exc:
                 print(f"error: {getattr(exc, 'title', 'cannot start')}: {exc}", file=sys.stderr)
                 return 1
             replanner = None
             if args.replan_on_loss:
                 replanner = Replanner(args.ray, state_dir() / "logs" / args.name)
-            return _serve(args, launcher, args.bind_host or node_ip(), replanner)
+            return _serve(args, launcher, args.bind_host or node_ip(), replanner, internal)
     except RayClusterError as exc:
         print(f"error: Ray cluster: {exc}", file=sys.stderr)
         return 1
@@ -676,6 +711,7 @@ def _serve(
     launcher: Launcher,
     bind_host: str,
     replanner: Replanner | None = None,
+    internal_keys_dir: Path | None = None,
 ) -> int:
     try:
         gateway = Gateway(
@@ -695,6 +731,7 @@ def _serve(
             owner_pid=args.owner_pid,
             deployment_started=args.deployment_started,
             gateway_restarts=args.gateway_restarts,
+            internal_keys_dir=internal_keys_dir,
         )
     except (RuntimeFailure, PlanValidationError, OSError, ValueError) as exc:
         title = getattr(exc, "title", "cannot start")

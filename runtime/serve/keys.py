@@ -7,9 +7,16 @@ A key directory (``pqctl keys init DIR``) holds::
     authorized/                     public keys allowed to connect (client.key to begin with;
                                     copy a user's ``*.key`` here to admit their client)
 
-Binding sockets accept only peers whose public key is in ``authorized/`` (a ZAP authenticator
-runs in every process that binds). Connecting sockets must know ``server.key``. Without a key
-directory sockets are plain TCP: fine on loopback, not across hosts.
+That directory is the *client* role: the gateway's client endpoint uses ``server.key`` and
+admits the public keys in ``authorized/``, and nothing else. Every deployment started with keys
+also gets a key directory of its own (:func:`deployment_keys`, same layout, created fresh under
+the state directory, mode 0700): its *internal* role, which the gateway's internal sockets
+(control, results, status), every stage's sockets (data, metrics) and the operator's tools on
+this host (``pqctl apply``'s table, ``pqctl status``, the dashboard) use, and which admits only
+its own ``client.key``. A client key therefore reaches the client endpoint only: it cannot
+connect to a stage or forge a stage's message. A ZAP authenticator runs in every process that
+binds; the gateway's tells the two roles apart by ZAP domain. Without keys, sockets are plain
+TCP: fine on loopback for one user, not across hosts.
 """
 
 from __future__ import annotations
@@ -22,6 +29,11 @@ from typing import Any
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+
+CLIENT_DOMAIN = "client"
+"""ZAP domain of the gateway's client endpoint (the operator's ``authorized/``)."""
+INTERNAL_DOMAIN = "internal"
+"""ZAP domain of every other socket of a deployment (the deployment's own keys)."""
 
 
 class KeyError_(ValueError):
@@ -74,6 +86,20 @@ def init_keys(directory: Path) -> list[Path]:
     return [Path(p) for p in (server_public, server_secret, client_public, client_secret)]
 
 
+def deployment_keys(directory: Path, reuse: bool = False) -> Path:
+    """The deployment's own key directory at ``directory`` (its internal role): created fresh,
+    replacing what was there, unless ``reuse`` and it holds keys already (a restarted gateway
+    keeps the keys its stages' successors and the operator's tools use)."""
+    directory = Path(directory)
+    if reuse and (directory / "client.key_secret").exists():
+        return directory
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    init_keys(directory)
+    return directory
+
+
 def _public(path: Path) -> bytes:
     try:
         public, _ = zmq.auth.load_certificate(str(path))
@@ -96,14 +122,18 @@ def _secret(path: Path) -> bytes:
     return _pair(path)[1]
 
 
-def secure_server(sock: zmq.Socket[Any], keys: CurveKeys | None) -> None:
-    """Make a binding socket a CURVE server (call before bind); no-op without keys."""
+def secure_server(
+    sock: zmq.Socket[Any], keys: CurveKeys | None, domain: str = INTERNAL_DOMAIN
+) -> None:
+    """Make a binding socket a CURVE server of ``domain`` (call before bind); no-op without
+    keys."""
     if keys is None:
         return
     assert keys.server_secret is not None, "a binding socket needs the server secret key"
     sock.curve_secretkey = keys.server_secret
     sock.curve_publickey = keys.server_public
     sock.curve_server = True
+    sock.zap_domain = domain.encode()
 
 
 def secure_client(sock: zmq.Socket[Any], keys: CurveKeys | None) -> None:
@@ -116,12 +146,15 @@ def secure_client(sock: zmq.Socket[Any], keys: CurveKeys | None) -> None:
 
 
 def start_authenticator(
-    ctx: zmq.Context[Any], keys: CurveKeys | None
+    ctx: zmq.Context[Any], keys: CurveKeys | None, clients: CurveKeys | None = None
 ) -> ThreadAuthenticator | None:
-    """Admit only the public keys in ``authorized/`` on this context's CURVE server sockets."""
+    """Admit, on this context's CURVE server sockets, the public keys in ``keys``'s
+    ``authorized/`` on internal sockets, and those in ``clients``'s on client-domain ones."""
     if keys is None:
         return None
     auth = ThreadAuthenticator(ctx)
     auth.start()
-    auth.configure_curve(domain="*", location=str(keys.authorized))
+    auth.configure_curve(domain=INTERNAL_DOMAIN, location=str(keys.authorized))
+    if clients is not None:
+        auth.configure_curve(domain=CLIENT_DOMAIN, location=str(clients.authorized))
     return auth

@@ -13,6 +13,7 @@ import msgpack
 import zmq
 
 from planner.plan import Plan
+from runtime.serve.deployment import DeploymentState
 from runtime.serve.keys import CurveKeys, secure_client
 
 STATUS_FRAME_BYTES = 16 << 20
@@ -54,6 +55,19 @@ class Monitor:
         self.status: dict[str, Any] | None = None
         self.metrics: dict[int, dict[str, Any]] = {}
         self.updated = 0.0
+
+    @classmethod
+    def of(cls, state: DeploymentState) -> Monitor:
+        """A monitor of a running deployment, with the deployment's own keys when it has keys
+        (its status and metrics sockets admit only those).
+
+        Raises:
+            ValueError: its key directory cannot be read (another user's deployment).
+        """
+        directory = state.monitor_keys_dir()
+        return cls(
+            state.status_endpoint, CurveKeys.load(directory, "client") if directory else None
+        )
 
     def _sub(self, endpoint: str) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(zmq.SUB)

@@ -186,7 +186,7 @@ class ServeView(Vertical):
     def watch_deployment(self, launched: launching.Launched) -> None:
         """Relay the gateway's status and the stages' metrics until it exits or we stop."""
         worker = get_current_worker()
-        monitor = Monitor(launched.state.status_endpoint)
+        monitor = Monitor.of(launched.state)
         try:
             next_post = 0.0
             while not worker.is_cancelled:

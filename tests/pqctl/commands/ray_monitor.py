@@ -1,5 +1,6 @@
 """What ``pqctl apply``'s live table reads, from inside a Ray cluster's namespace: run as
-``python -m tests.pqctl.commands.ray_monitor NAME KEYS`` (by ``test_apply_ray.py``); prints one
+``python -m tests.pqctl.commands.ray_monitor NAME`` (by ``test_apply_ray.py``; the deployment's
+own keys, which its status sockets admit, come from its state file); prints one
 JSON line, per stage: its restarts, its host's address in its metrics endpoint, and whether its
 metrics messages (tokens/s, threads, busy share) arrived."""
 
@@ -8,17 +9,15 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 from runtime.serve.deployment import DeploymentState
-from runtime.serve.keys import CurveKeys
 from runtime.serve.monitor import Monitor
 
 
 def main() -> int:
-    name, keys = sys.argv[1], Path(sys.argv[2])
+    name = sys.argv[1]
     state = DeploymentState.load(name)
-    monitor = Monitor(state.status_endpoint, CurveKeys.load(keys, "client"))
+    monitor = Monitor.of(state)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -183,7 +183,7 @@ def test_apply_over_ray_serves_exactly_on_three_hosts_and_survives_a_killed_stag
         assert answered is not None, "no answer after the stage was killed"
         assert tokens(answered) == expected_tokens[PROMPTS[0]]
         assert worker_pid(ray_cluster, 1) != victim
-        seen = cli.run_module("tests.pqctl.commands.ray_monitor", "rayt", str(keys))
+        seen = cli.run_module("tests.pqctl.commands.ray_monitor", "rayt")
         stages = json.loads(seen.stdout.splitlines()[-1])
         assert [s["restarts"] for s in stages] == [0, 1, 0]  # what apply's table shows
         assert all(s["metrics"] for s in stages), stages  # every host's stage reports

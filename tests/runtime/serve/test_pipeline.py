@@ -6,16 +6,18 @@ import contextlib
 import os
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import zmq
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from zmq.utils.monitor import recv_monitor_message
 
 from runtime.model.assets import builtin_model_dir
 from runtime.serve.client import Client, NotAuthorized, ServerError
-from runtime.serve.keys import CurveKeys, init_keys
+from runtime.serve.keys import CurveKeys, init_keys, secure_client
 from runtime.serve.monitor import Monitor
 from runtime.serve.protocol import pack, unpack
 from tests.runtime.serve.conftest import Served, start_gateway, stop_gateway
@@ -383,15 +385,61 @@ def test_curve_keys_admit_only_authorized_clients(
             client.info()
         assert time.monotonic() - started < 5
 
-    monitor = Monitor(served.state.status_endpoint, CurveKeys.load(keys, "client"))
+    monitor = Monitor.of(served.state)  # the deployment's own keys: a client key is refused
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and 1 not in monitor.metrics:
             monitor.poll(0.5)
         assert monitor.status is not None and monitor.status["phase"] == "serving"
         assert monitor.metrics[1]["stage"] == 1  # stage metrics are encrypted too
+        status = monitor.status
     finally:
         monitor.close()
+
+    # Roles: the client's key (in the operator's authorized/) reaches the client endpoint only.
+    # Every internal socket (the gateway's control and status, each stage's data and metrics)
+    # refuses it, so it cannot forge a stage's message; the deployment's own keys are admitted.
+    stage = status["stages"][0]
+    argv = Path(f"/proc/{stage['pid']}/cmdline").read_bytes().split(b"\0")
+    control = argv[argv.index(b"--control") + 1].decode()
+    internal = [
+        (control, zmq.DEALER),
+        (served.state.status_endpoint, zmq.SUB),
+        (stage["metrics"], zmq.SUB),
+        (status["stages"][1]["metrics"], zmq.SUB),
+    ]
+    client_keys = CurveKeys.load(keys, "client")
+    own_keys = CurveKeys.load(Path(served.state.internal_keys or ""), "client")
+    # the client's keypair, even with the internal sockets' public key (public keys leak)
+    intruder = replace(client_keys, server_public=own_keys.server_public)
+    assert handshake(served.state.client_endpoint, zmq.DEALER, client_keys) == "ok"
+    for endpoint, kind in internal:
+        assert handshake(endpoint, kind, intruder) == "refused", endpoint
+        assert handshake(endpoint, kind, own_keys) == "ok", endpoint
+    member = replace(own_keys, server_public=client_keys.server_public)
+    assert handshake(served.state.client_endpoint, zmq.DEALER, member) == "refused"
+
+
+def handshake(endpoint: str, kind: int, keys: CurveKeys) -> str:
+    """How a CURVE handshake with ``keys`` at ``endpoint`` ends: "ok" or "refused"."""
+    ctx = zmq.Context()
+    sock = ctx.socket(kind)
+    try:
+        secure_client(sock, keys)
+        events = sock.get_monitor_socket()
+        sock.connect(endpoint)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if events.poll(100):
+                event = recv_monitor_message(events)["event"]
+                if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                    return "ok"
+                if event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+                    return "refused"
+        return "no handshake"
+    finally:
+        sock.disable_monitor()
+        ctx.destroy(linger=0)
 
 
 def test_requests_sent_together_are_admitted_together(
