@@ -59,6 +59,7 @@ class DeploymentState:
     log_dir: str
     keys: str | None = None
     internal_keys: str | None = None  # the deployment's own keys (status, stages), with keys
+    run_dir: str | None = None  # private directory of its internal Unix sockets (one host)
     gateway_pid: int = 0  # the gateway now serving (``pid`` is the deployment's supervisor)
     gateway_restarts: int = 0  # times the supervisor restarted a dead gateway
 

@@ -57,6 +57,7 @@ from runtime.serve.keys import (
 from runtime.serve.launcher import (
     BEAT_INTERVAL_S,
     BEAT_TIMEOUT_S,
+    IPC_PREFIX,
     MAX_RESTARTS,
     RESTART_WINDOW_S,
     Launcher,
@@ -64,6 +65,8 @@ from runtime.serve.launcher import (
     StageHandle,
     StageLaunch,
     available_cores,
+    bind_endpoint,
+    make_run_dir,
     stage_threads,
     stop_all,
 )
@@ -165,12 +168,16 @@ class Gateway:
         )
         self.client.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.client.setsockopt(zmq.SNDHWM, 100_000)
-        internal = f"tcp://{bind_host}:*"
-        self.control = self._bind(zmq.ROUTER, internal, keys, CONTROL_FRAME_BYTES)
+        self.control = self._bind(
+            zmq.ROUTER, bind_endpoint(bind_host, "control"), keys, CONTROL_FRAME_BYTES
+        )
         self.control.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.control.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted stage reuses its identity
-        self.results = self._bind(zmq.PULL, internal, keys, self.step_bytes)
-        self.status = self._bind(zmq.PUB, status_endpoint or internal, keys, CONTROL_FRAME_BYTES)
+        self.results = self._bind(
+            zmq.PULL, bind_endpoint(bind_host, "results"), keys, self.step_bytes
+        )
+        status_endpoint = status_endpoint or bind_endpoint(bind_host, "status")
+        self.status = self._bind(zmq.PUB, status_endpoint, keys, CONTROL_FRAME_BYTES)
         self.keys = keys
         self.to_first = self._push()
         self.stages: list[StageState] = []
@@ -188,6 +195,9 @@ class Gateway:
             log_dir=str(self.log_dir),
             keys=str(keys_dir) if keys_dir else None,
             internal_keys=str(internal_keys_dir) if internal_keys_dir else None,
+            run_dir=bind_host.removeprefix(IPC_PREFIX)
+            if bind_host.startswith(IPC_PREFIX)
+            else None,
             gateway_pid=os.getpid(),
             gateway_restarts=gateway_restarts,
         )
@@ -317,6 +327,8 @@ class Gateway:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
+        if self.state.run_dir:  # the private directory of its Unix sockets
+            shutil.rmtree(self.state.run_dir, ignore_errors=True)
         own = state_dir() / "keys" / self.name
         if self.internal_keys_dir is not None and self.internal_keys_dir == own:
             shutil.rmtree(own, ignore_errors=True)
@@ -661,6 +673,13 @@ def main(argv: list[str] | None = None) -> int:
         "--owner-pid", type=int, default=None, help="the supervisor's pid, for the state file"
     )
     parser.add_argument("--deployment-started", type=float, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="private directory for the internal Unix sockets (default: a fresh one; not with "
+        "--ray or --bind-host, which use TCP)",
+    )
     parser.add_argument("--gateway-restarts", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument(
         "--beat-interval", type=float, default=BEAT_INTERVAL_S, help="stage heartbeat period, s"
@@ -683,7 +702,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.ray is None:
-        return _serve(args, LocalLauncher(), args.bind_host or "127.0.0.1")
+        run_dir = args.run_dir or (None if args.bind_host else make_run_dir())
+        bind = f"{IPC_PREFIX}{run_dir}" if run_dir else args.bind_host or "127.0.0.1"
+        return _serve(args, LocalLauncher(), bind)
     from runtime.cluster.ray_nodes import RayClusterError, connected, node_ip
     from runtime.serve.ray_launcher import RayLauncher
 

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,29 @@ BEAT_TIMEOUT_S = 4.0
 MAX_RESTARTS = 3
 """Default stage failures restarted within :data:`RESTART_WINDOW_S`; one more ends it."""
 RESTART_WINDOW_S = 600.0
+
+
+IPC_PREFIX = "ipc://"
+MAX_IPC_PATH = 100  # under the 107 bytes a Unix socket path may have, with room for names
+
+
+def bind_endpoint(bind: str, name: str) -> str:
+    """Where an internal socket named ``name`` binds: ``bind`` is a host address (a TCP port
+    picked by the system) or ``ipc://DIR``, a deployment's private directory (a Unix socket
+    ``DIR/name``: only its owner can connect)."""
+    if bind.startswith(IPC_PREFIX):
+        return f"{bind}/{name}"
+    return f"tcp://{bind}:*"
+
+
+def make_run_dir() -> Path | None:
+    """A fresh private directory (mode 0700) for a deployment's Unix sockets; None where the
+    temporary directory's path is too long for one."""
+    path = Path(tempfile.mkdtemp(prefix="pqctl-"))
+    if len(str(path)) + 20 > MAX_IPC_PATH:
+        path.rmdir()
+        return None
+    return path
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,8 @@ class Supervisor:
                     "the deployment ends"
                 )
                 state.remove()
+                if state.run_dir:
+                    shutil.rmtree(state.run_dir, ignore_errors=True)
                 return EXIT_GAVE_UP
             _say(
                 f"the gateway (pid {self.child.pid}) exited ({_describe(code)}); restarting it "
@@ -85,6 +88,8 @@ class Supervisor:
                 "--deployment-started", repr(state.started),
                 "--gateway-restarts", str(state.gateway_restarts + 1),
             ]  # fmt: skip
+            if state.run_dir:
+                extra += ["--run-dir", state.run_dir]
 
     def _wait(self, child: subprocess.Popen[bytes]) -> int:
         while True:

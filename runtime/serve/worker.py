@@ -41,7 +41,7 @@ from runtime.serve.frames import (
     positions_and_keys,
 )
 from runtime.serve.keys import CurveKeys, secure_client, secure_server, start_authenticator
-from runtime.serve.launcher import BEAT_INTERVAL_S
+from runtime.serve.launcher import BEAT_INTERVAL_S, bind_endpoint
 from runtime.serve.sampling import sample
 
 METRICS_INTERVAL_S = 1.0
@@ -197,11 +197,11 @@ class Worker:
         self.data_in.setsockopt(zmq.LINGER, 0)
         self.data_in.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)  # before bind: it is inherited
         secure_server(self.data_in, keys)
-        self.data_in.bind(f"tcp://{bind_host}:*")
+        self.data_in.bind(bind_endpoint(bind_host, f"stage-{stage}-data"))
         self.metrics = self.ctx.socket(zmq.PUB)
         self.metrics.setsockopt(zmq.LINGER, 0)
         secure_server(self.metrics, keys)
-        self.metrics.bind(f"tcp://{bind_host}:*")
+        self.metrics.bind(bind_endpoint(bind_host, f"stage-{stage}-metrics"))
         self.data_out: zmq.Socket[bytes] | None = None
         self.queue: collections.deque[list[zmq.Frame]] = collections.deque()
         self.stopping = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -69,6 +70,15 @@ def test_apply_detach_generate_stop(plan_file: Path, tmp_path: Path) -> None:
         assert [line["prompt"] for line in lines] == ["ROMEO:", "KING:"]
         assert all(line["usage"]["completion_tokens"] <= 8 for line in lines)
 
+        # Internal sockets are Unix sockets in a private directory: the only TCP port any of
+        # the deployment's processes listens on is the client endpoint's.
+        run_dir = Path(deployment.run_dir or "")
+        assert run_dir.is_dir() and run_dir.stat().st_mode & 0o777 == 0o700
+        assert deployment.status_endpoint == f"ipc://{run_dir}/status"
+        assert {p.name for p in run_dir.iterdir()} >= {"control", "results", "status"}
+        port = int(deployment.client_endpoint.rsplit(":", 1)[1])
+        assert _listening_tcp_ports(_group(deployment.pid)) == {port}
+
         listed = pqctl(state, "status", "--json")
         assert listed.returncode == 0, listed.stderr
         (row,) = json.loads(listed.stdout)
@@ -96,6 +106,7 @@ def test_apply_detach_generate_stop(plan_file: Path, tmp_path: Path) -> None:
         assert down.returncode == 0 and 'stopped "default"' in down.stderr
         assert not pid_alive(deployment.pid)
         assert pqctl(state, "stop").returncode == 5
+        assert not run_dir.exists()
         assert json.loads(pqctl(state, "status", "--json").stdout) == []
         assert pqctl(state, "status", "--name", "default").returncode == 5
         gone = pqctl(state, "generate", "ROMEO:")
@@ -255,3 +266,23 @@ def test_a_killed_gateway_is_restarted_and_its_clients_told_at_once(
         assert not _group(first.pid)
     finally:
         _cleanup(state)
+
+
+def _listening_tcp_ports(pids: set[int]) -> set[int]:
+    """TCP ports the processes ``pids`` listen on (from their sockets' inodes)."""
+    inodes = set()
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    target = os.readlink(fd)
+                    if target.startswith("socket:["):
+                        inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
