@@ -80,6 +80,22 @@ def default_group_size(model: ModelSpec, candidates: tuple[int, ...] = (128, 64,
     return max(group, 1)
 
 
+CPU_PROCESS_BASELINE_BYTES = 246 << 20
+"""Resident memory of a stage process on a CPU before it holds any of the model: Python,
+torch, ZeroMQ and the runtime imported (measured: peak RSS of ``import runtime.serve.worker``,
+torch 2.13 CPU build, Python 3.11, x86-64 Linux: 246 MiB)."""
+
+GPU_PROCESS_BASELINE_BYTES = 512 << 20
+"""Device memory a stage process holds on a GPU before any weight: the CUDA context and the
+caching allocator's first blocks (NVIDIA documents 300-600 MiB depending on the GPU and CUDA
+version; not measured on this project's machines)."""
+
+
+def process_baseline_bytes(device: DeviceType) -> int:
+    """Memory one stage process holds on ``device`` before any weight (see the constants)."""
+    return CPU_PROCESS_BASELINE_BYTES if device.kind == "cpu" else GPU_PROCESS_BASELINE_BYTES
+
+
 def weight16_bytes(model: ModelSpec, device: DeviceType) -> int:
     """Bytes per weight of ``model``'s 16-bit layers on ``device``.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from planner.baselines import BaselinePlan
+from planner.cost_model import process_baseline_bytes
 from planner.plan import (
     BaselineResult,
     LayerRange,
@@ -54,6 +55,8 @@ def _stages(result: SearchResult) -> tuple[Stage, ...]:
                     decode_s=ev.stage_decode_s[k],
                     memory_bytes=ev.stage_memory_bytes[k],
                     memory_capacity_bytes=ev.stage_capacity_bytes[k],
+                    process_bytes=int(ev.stage_memory_bytes[k])
+                    + process_baseline_bytes(tables.devices[s.position].type),
                 ),
             )
         )

@@ -138,12 +138,20 @@ class LayerRange:
 
 @dataclass(frozen=True, slots=True)
 class StagePrediction:
-    """What the cost model predicts for one stage (seconds per micro-batch, bytes)."""
+    """What the cost model predicts for one stage (seconds per micro-batch, bytes).
+
+    ``memory_bytes`` is what the stage's weights, KV cache and activations take, against the
+    device's ``memory_capacity_bytes`` (its memory less the runtime reserve). ``process_bytes``
+    is the whole stage process at its peak: ``memory_bytes`` plus the runtime's own baseline on
+    that device (Python and torch on a CPU, the CUDA context on a GPU); 0 in plans that predate
+    it.
+    """
 
     prefill_s: float
     decode_s: float
     memory_bytes: int
     memory_capacity_bytes: int
+    process_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,6 +592,7 @@ def _validate_figures(plan: Plan) -> None:
             (f"stages[{k}].predicted.decode_s", p.decode_s),
             (f"stages[{k}].predicted.memory_bytes", p.memory_bytes),
             (f"stages[{k}].predicted.memory_capacity_bytes", p.memory_capacity_bytes),
+            (f"stages[{k}].predicted.process_bytes", p.process_bytes),
         ]
     for k, b in enumerate(plan.baselines):
         checks += [

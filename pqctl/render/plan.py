@@ -27,7 +27,12 @@ def _ms(seconds: float) -> str:
 
 def _memory(stage: Stage) -> str:
     used, total = stage.predicted.memory_bytes / GIB, stage.predicted.memory_capacity_bytes / GIB
-    return f"{used:,.1f}/{total:,.1f}"
+    return f"{used:,.2f}/{total:,.1f}"
+
+
+def _process(stage: Stage) -> str:
+    process = stage.predicted.process_bytes
+    return f"{process / GIB:,.2f}" if process else "–"
 
 
 def stage_table(plan: Plan) -> Table:
@@ -42,6 +47,7 @@ def stage_table(plan: Plan) -> Table:
         ("pre ms", "right"),
         ("dec ms", "right"),
         ("GiB", "right"),
+        ("process GiB", "right"),
     ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     slowest = max(range(len(plan.stages)), key=lambda k: plan.stages[k].predicted.decode_s)
@@ -57,6 +63,7 @@ def stage_table(plan: Plan) -> Table:
             _ms(stage.predicted.prefill_s),
             _ms(stage.predicted.decode_s),
             _memory(stage),
+            _process(stage),
             style="bold yellow" if k == slowest and len(plan.stages) > 1 else None,
         )
     table.caption = "e/h: embedding / LM head here; ms per micro-batch; GiB used/usable"

@@ -286,3 +286,24 @@ def _listening_tcp_ports(pids: set[int]) -> set[int]:
                 if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
                     ports.add(int(fields[1].rsplit(":", 1)[1], 16))
     return ports
+
+
+def test_a_stage_process_holds_what_the_plan_predicts(tmp_path: Path) -> None:
+    """The plan's per-stage process_bytes (weights, KV cache, activations and the runtime's own
+    baseline) is within 15 % of the stage process's peak resident memory once it has served."""
+    state = tmp_path / "state"
+    plan_path = tmp_path / "plan.json"
+    made = pqctl(state, "plan", "--local", "--bits", "16", "-o", str(plan_path))
+    assert made.returncode == 0, made.stderr
+    (stage,) = Plan.load(plan_path).stages
+    try:
+        up = pqctl(state, "apply", str(plan_path), "--detach", "--endpoint", "tcp://127.0.0.1:*")
+        assert up.returncode == 0, up.stderr
+        assert pqctl(state, "generate", "ROMEO:", "KING:", "-n", "16").returncode == 0
+        (row,) = json.loads(pqctl(state, "status", "--json").stdout)
+        status = Path(f"/proc/{row['stages'][0]['pid']}/status").read_text()
+        peak = int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1]) << 10
+        predicted = stage.predicted.process_bytes
+        assert abs(predicted - peak) <= 0.15 * peak, (predicted >> 20, peak >> 20)
+    finally:
+        _cleanup(state)
