@@ -159,7 +159,8 @@ def decode_step(frames: list[Any]) -> tuple[StepHeader, Tensor | None]:
 
 
 def _tensor(meta: dict[str, Any], frame: Any, rows: int) -> Tensor:
-    dtype = _DTYPES.get(meta.get("dtype"))  # type: ignore[arg-type]
+    name = meta.get("dtype")
+    dtype = _DTYPES.get(name) if isinstance(name, str) else None
     if dtype is None:
         raise FrameError(f"dtype must be one of {', '.join(_DTYPES)}, got {meta.get('dtype')!r}")
     shape = _ints(meta, "shape")
