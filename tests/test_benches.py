@@ -29,6 +29,7 @@ RESULT_LINES = {
     "costmodel": r"MAPE: prefill [\d.]+ %, decode [\d.]+ %",
     "quality": r"ratio 1 % plan / 16-bit: [\d.]+×",
     "replan": r"re-plan ÷ plan, \d+ devices: [\d.]+×",
+    "fuzz": r"crashes 0; a valid request afterwards: served",
     "load": r"lost 0 of \d+; fairness, interleaved p99 under a flood ÷ alone: [\d.]+×",
 }
 """Every bench script, and a pattern its ``--quick`` output must contain: the line with its
