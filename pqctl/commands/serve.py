@@ -37,6 +37,7 @@ from pqctl.render.deployment import (
     serving_summary,
     stage_table,
 )
+from runtime.model.arch import SERVED_FAMILIES
 from runtime.serve.client import Client, ConnectionLost, NotAuthorized, ServerError
 from runtime.serve.deployment import (
     DEFAULT_NAME,
@@ -156,6 +157,13 @@ def apply(
     Then, unless --detach, a live table of measured vs predicted tokens/s per stage until Ctrl-C.
     """
     plan = load_plan(plan_file)
+    if plan.model.family not in SERVED_FAMILIES:
+        raise fail(
+            "unsupported architecture",
+            f"the plan is for a {plan.model.family} model; pqctl serves the "
+            f"{' and '.join(SERVED_FAMILIES)} families (Llama, Mistral, Qwen2, OPT)",
+            EXIT_BAD_INPUT,
+        )
     name = _check_name(name)
     supervision = _check_supervision(
         heartbeat_interval, heartbeat_timeout, restart_window, plan.stages

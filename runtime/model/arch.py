@@ -15,6 +15,9 @@ from runtime.errors import CheckpointError, UnsupportedArchitectureError
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_TYPES = (*LLAMA_TYPES, "opt")
+SERVED_FAMILIES = ("llama", "opt")
+"""The plan families (``planner.model_spec``) a stage can run; the planner also plans ``bloom``
+and ``gpt2`` (the LLM-PQ paper's clusters), which ``pqctl apply`` refuses."""
 
 
 @dataclass(frozen=True, slots=True)
