@@ -1,6 +1,7 @@
 """Greedy 16-bit output through the path users run equals transformers `generate`, token for
-token: `pqctl plan` (or a plan split in two stages), `pqctl apply --detach` starting the real
-gateway and stage processes on this machine's CPU kernels, `pqctl generate`. Prompts of different
+token, for the built-in model and transformers-built Llama, Mistral, Qwen2 and OPT checkpoints:
+`pqctl plan` (or a plan split in two stages), `pqctl apply --detach` starting the real gateway
+and stage processes on this machine's CPU kernels, `pqctl generate`. Prompts of different
 lengths sent together share micro-batches (padding), and give what each gives alone."""
 
 from __future__ import annotations
@@ -15,7 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, OPTConfig
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
+)
 
 from runtime.model.assets import builtin_model_dir
 from tests.runtime.model.checkpoints import save_checkpoint
@@ -34,6 +42,16 @@ CONFIGS = {
     "llama": LlamaConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **SHAPE,
+    ),
+    "mistral": MistralConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+        sliding_window=None, **SHAPE,
+    ),
+    "qwen2": Qwen2Config(  # q/k/v projections with biases
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        use_sliding_window=False, **SHAPE,
     ),
     "opt": OPTConfig(
         hidden_size=64, ffn_dim=128, num_hidden_layers=4, num_attention_heads=4,
