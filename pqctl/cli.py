@@ -55,22 +55,29 @@ def dashboard(
             "node's devices with live figures, plans over them, launch through Ray)."
         ),
     ] = None,
+    attach: Annotated[
+        str | None,
+        typer.Option(
+            help="Open the dashboard on the running deployment NAME (started by pqctl apply or "
+            "another dashboard; pqctl status lists them); it keeps running when you quit."
+        ),
+    ] = None,
 ) -> None:
     """With no command, open the dashboard: cluster, plans, serving and prompts in one terminal
     UI. The commands below do the same from scripts."""
     if ctx.invoked_subcommand is not None:
-        if (theme, cluster, model, ray) != (None, None, None, None):
+        if (theme, cluster, model, ray, attach) != (None, None, None, None, None):
             raise fail(
                 "bad option",
-                "--theme, --cluster, --model and --ray before a command apply to the dashboard "
-                "only; give the command's own options after its name",
+                "--theme, --cluster, --model, --ray and --attach before a command apply to the "
+                "dashboard only; give the command's own options after its name",
                 EXIT_BAD_INPUT,
             )
         return
     from pqctl.tui.app import DashboardError, run_dashboard  # Textual loads only for the UI
 
     try:
-        run_dashboard(theme, cluster, model, ray)
+        run_dashboard(theme, cluster, model, ray, attach)
     except DashboardError as exc:
         raise fail("cannot open the dashboard", str(exc), EXIT_BAD_INPUT) from exc
 

@@ -87,10 +87,12 @@ class PqctlApp(App[None]):
         endpoint: str = DEFAULT_ENDPOINT,
         auto_solve: bool = True,
         ray: str | None = None,
+        attach: str | None = None,
     ) -> None:
         """Raises DashboardError for a theme name that is neither built in nor a user theme."""
         super().__init__()
         self.ray = ray
+        self.attach_to = attach
         self.session = PlanningSession(cluster, ray=ray)
         self.model_name = model
         self.endpoint = endpoint
@@ -161,6 +163,9 @@ class PqctlApp(App[None]):
             self.notify(warning, severity="warning", timeout=15)
         self.query_one("#devices", DataTable).focus()
         self.resolve_cluster()
+        if self.attach_to is not None:
+            self.action_show_tab("serve")
+            self.serve_view.attach(self.attach_to)
 
     def _remember_theme(self, theme: object) -> None:
         name = getattr(theme, "name", None)
@@ -307,7 +312,7 @@ class PqctlApp(App[None]):
 
     async def action_quit(self) -> None:
         """Stop the deployment this dashboard launched (off the UI loop), then exit."""
-        if self.serve_view.running:
+        if self.serve_view.owns_deployment:
             self.notify("stopping the deployment…")
             await self.run_worker(self.serve_view.stop_now, thread=True, group="quit").wait()
         self.exit()
@@ -339,7 +344,11 @@ class PqctlApp(App[None]):
 
 
 def run_dashboard(
-    theme: str | None, cluster: Path | None, model: str | None, ray: str | None = None
+    theme: str | None,
+    cluster: Path | None,
+    model: str | None,
+    ray: str | None = None,
+    attach: str | None = None,
 ) -> None:
     """Open the dashboard in this terminal; returns when the operator quits.
 
@@ -350,7 +359,7 @@ def run_dashboard(
         raise DashboardError(f"--cluster: no file {cluster}")
     if cluster is not None and ray is not None:
         raise DashboardError("--cluster and --ray exclude each other")
-    app = PqctlApp(theme=theme, cluster=cluster, model=model, ray=ray)
+    app = PqctlApp(theme=theme, cluster=cluster, model=model, ray=ray, attach=attach)
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
         raise DashboardError(
             "the dashboard needs a terminal; for scripts use pqctl plan / apply / generate "

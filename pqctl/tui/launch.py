@@ -19,7 +19,13 @@ from pathlib import Path
 
 from planner.plan import Plan
 from pqctl.tui.telemetry import local_host_names
-from runtime.serve.deployment import DeploymentError, DeploymentState, state_dir, stop_deployment
+from runtime.serve.deployment import (
+    DeploymentError,
+    DeploymentState,
+    pid_alive,
+    state_dir,
+    stop_deployment,
+)
 from runtime.serve.launcher import (
     GatewayExited,
     GatewayLaunch,
@@ -38,9 +44,11 @@ class LaunchError(RuntimeError):
 
 @dataclass(frozen=True, slots=True)
 class Launched:
-    """A running deployment this dashboard started and must stop."""
+    """A running deployment the dashboard watches: one it started (``process``, its supervisor;
+    stopped when the dashboard quits) or one it attached to by name (``process`` None; left
+    running when the dashboard quits)."""
 
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None
     state: DeploymentState
     plan_file: Path
     log: Path
@@ -48,6 +56,30 @@ class Launched:
     @property
     def log_dir(self) -> Path:
         return self.log.parent
+
+    @property
+    def owned(self) -> bool:
+        """Whether this dashboard started it (and stops it when it quits)."""
+        return self.process is not None
+
+    def exit_code(self) -> int | None:
+        """None while the deployment runs."""
+        if self.process is not None:
+            return self.process.poll()
+        return None if pid_alive(self.state.pid) else 0
+
+
+def attach(name: str) -> Launched:
+    """The running deployment ``name`` (started by pqctl apply or another dashboard).
+
+    Raises:
+        LaunchError: none runs under that name.
+    """
+    try:
+        state = DeploymentState.load(name)
+    except DeploymentError as exc:
+        raise LaunchError(str(exc)) from exc
+    return Launched(None, state, Path(state.plan), Path(state.log_dir) / "gateway.log")
 
 
 def remote_hosts(plan: Plan) -> list[str]:
@@ -118,8 +150,11 @@ def _kill(process: subprocess.Popen[bytes]) -> None:
 
 
 def stop(launched: Launched, timeout_s: float = 20.0) -> bool:
-    """Stop the gateway (it stops its stages) and reap it; whether it stopped cleanly."""
+    """Stop the deployment (its supervisor stops the gateway, which stops its stages) and reap
+    it; whether it stopped cleanly."""
     clean = stop_deployment(launched.state, timeout_s)
+    if launched.process is None:
+        return clean
     try:
         launched.process.wait(5)
     except subprocess.TimeoutExpired:

@@ -1,8 +1,10 @@
 """Serve view: launch the plan on this host, watch each stage load and then its measured
 prefill/decode throughput beside the prediction; stop it.
 
-The dashboard owns the deployment it launched and stops it on exit. Launching, watching
-(ZeroMQ SUB via :class:`runtime.serve.monitor.Monitor`) and stopping run in thread workers.
+The dashboard owns the deployment it launched and stops it on exit; one it attached to by name
+(``pqctl --attach NAME``: started by ``pqctl apply`` or another dashboard) keeps running.
+Launching, watching (ZeroMQ SUB via :class:`runtime.serve.monitor.Monitor`) and stopping run in
+thread workers.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from textual.markup import escape
 from textual.widgets import Log, Static
 from textual.worker import get_current_worker
 
-from planner.plan import Plan
+from planner.plan import Plan, PlanValidationError
 from pqctl.tui import launch as launching
 from pqctl.tui.messages import (
     DeploymentFailed,
@@ -89,6 +91,11 @@ class ServeView(Vertical):
     @property
     def running(self) -> bool:
         return self.launched is not None
+
+    @property
+    def owns_deployment(self) -> bool:
+        """Whether a deployment this dashboard started is running (stopped when it quits)."""
+        return self.launched is not None and self.launched.owned
 
     @property
     def client_endpoint(self) -> str | None:
@@ -168,10 +175,35 @@ class ServeView(Vertical):
             return
         self.post_message(DeploymentStarted(launched))
 
+    def attach(self, name: str) -> None:
+        """Watch the running deployment ``name`` (its plan, stages, requests) as if launched."""
+        if self.launched is not None:
+            self.app.notify("a deployment is already shown: s stops it", severity="warning")
+            return
+        try:
+            launched = launching.attach(name)
+            plan = Plan.load(launched.plan_file)
+        except (launching.LaunchError, PlanValidationError) as exc:
+            self.log_line(f"cannot attach: {exc}")
+            self.app.notify(str(exc), title="cannot attach", severity="error")
+            return
+        self.serving_plan = plan
+        self.generation_rate.clear()
+        self.last_generated = None
+        self._show_stages(plan, "attaching")
+        self.post_message(DeploymentStarted(launched))
+
     def on_deployment_started(self, message: DeploymentStarted) -> None:
         self.launched = message.launched
         self.phase = "loading"
-        self.log_line(f"gateway up (pid {message.launched.state.pid}); stages loading")
+        state = message.launched.state
+        if message.launched.owned:
+            self.log_line(f"gateway up (pid {state.pid}); stages loading")
+        else:
+            self.log_line(
+                f'attached to "{state.name}" (pid {state.pid}) at {state.client_endpoint}; '
+                "it keeps running when the dashboard quits (s stops it)"
+            )
         self._show_status()
         self.watch_deployment(message.launched)
 
@@ -191,7 +223,7 @@ class ServeView(Vertical):
             next_post = 0.0
             while not worker.is_cancelled:
                 monitor.poll(0.1)
-                code = launched.process.poll()
+                code = launched.exit_code()
                 if code is not None:
                     self.post_message(
                         DeploymentSnapshot(monitor.status, dict(monitor.metrics), code)
@@ -306,7 +338,7 @@ class ServeView(Vertical):
     def stop_now(self) -> None:
         """Stop the deployment synchronously (at exit, when the UI is going away)."""
         launched, self.launched = self.launched, None
-        if launched is not None and launched.process.poll() is None:
+        if launched is not None and launched.owned and launched.exit_code() is None:
             launching.stop(launched, timeout_s=10.0)
 
 

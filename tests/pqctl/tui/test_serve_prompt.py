@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,9 @@ from pqctl.tui.app import PqctlApp
 from pqctl.tui.widgets.stage_monitor import StageMonitor
 from runtime.serve.deployment import DeploymentState, pid_alive
 from tests.pqctl.tui.helpers import HOME_LAB, PLAN_FILE, wait_for
+from tests.runtime.serve.plans import serving_plan
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _kill_leftovers(state_dir: Path) -> None:
@@ -126,3 +131,50 @@ async def test_stage_cards_show_load_progress() -> None:
         assert "300" in str(monitors[0].render())  # MiB so far
         second = str(monitors[1].render())
         assert "loading" in second and "3/9" not in second
+
+
+@pytest.mark.multiproc
+async def test_attach_by_name_to_a_deployment_started_elsewhere(
+    dashboard_dirs: Path, tmp_path: Path
+) -> None:
+    """A deployment started by `pqctl apply --detach` is watched by name (`pqctl --attach`),
+    outlives a dashboard that quits, is attached to again by another, and stops with `s`."""
+    state_dir = dashboard_dirs / "state"
+    plan = tmp_path / "plan.json"
+    serving_plan("bard-tiny", [0, 4], batch=4, max_new=16).save(plan)
+    argv = [sys.executable, "-m", "pqctl", "apply", str(plan), "--detach", "--name", "ext",
+            "--endpoint", "tcp://127.0.0.1:*"]  # fmt: skip
+    up = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert up.returncode == 0, up.stderr
+    state = DeploymentState.load("ext", state_dir)
+    try:
+        await _attach_and_leave(state, stop=False)
+        assert DeploymentState.load("ext", state_dir).pid == state.pid  # quitting left it up
+        await _attach_and_leave(state, stop=True)
+        assert not pid_alive(state.pid)
+        app = PqctlApp(cluster=HOME_LAB, auto_solve=False, attach="ext")
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.pause()
+            assert app.serve_view.launched is None
+            assert 'no deployment "ext" is running' in str(app.query_one("#serve-log").lines)
+    finally:
+        _kill_leftovers(state_dir)
+
+
+async def _attach_and_leave(state: DeploymentState, stop: bool) -> None:
+    """A dashboard attached to ``state``'s deployment by name: it shows it serving, with its
+    stages and endpoint; then quit (ctrl+q) or stop it (s)."""
+    app = PqctlApp(cluster=HOME_LAB, auto_solve=False, attach=state.name)
+    async with app.run_test(size=(100, 30)) as pilot:
+        view = app.serve_view
+        await wait_for(pilot, lambda: view.phase == "serving", 30, "attached, serving")
+        assert app.active_tab == "serve" and view.launched is not None
+        assert not view.launched.owned
+        assert len(list(app.query(StageMonitor))) == 2
+        await wait_for(pilot, lambda: app.prompt_view.endpoint is not None, 10, "endpoint")
+        assert app.prompt_view.endpoint == state.client_endpoint
+        if stop:
+            await pilot.press("s")
+            await wait_for(pilot, lambda: view.phase == "idle", 30, "stopped")
+        else:
+            await pilot.press("ctrl+q")
