@@ -1,7 +1,8 @@
 """What a stage needs to know about a checkpoint's architecture, read from its config.json.
 
-Supported families: Llama (also Qwen2 and Mistral, which share its layer structure) and OPT.
-Tensor names follow the Hugging Face checkpoints of each family.
+Supported families: Llama (also Qwen2 and Mistral, which share its layer structure), OPT, and
+GPT-2 (run through OPT's layout: ``runtime.model.gpt2`` maps its tensors). Tensor names follow
+the Hugging Face checkpoints of each family.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from typing import Any
 from runtime.errors import CheckpointError, UnsupportedArchitectureError
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_TYPES = (*LLAMA_TYPES, "opt")
-SERVED_FAMILIES = ("llama", "opt")
+SUPPORTED_TYPES = (*LLAMA_TYPES, "opt", "gpt2")
+SERVED_FAMILIES = ("llama", "opt", "gpt2")
 """The plan families (``planner.model_spec``) a stage can run; the planner also plans ``bloom``
-and ``gpt2`` (the LLM-PQ paper's clusters), which ``pqctl apply`` refuses."""
+(the LLM-PQ paper's clusters), which ``pqctl apply`` refuses."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +48,8 @@ class ArchConfig:
     embed_dim: int = 0
     norm_before: bool = True
     final_norm: bool = True
+    position_offset: int = 0  # learned positions: row of position p is p + offset (OPT: 2)
+    plan_family: str = ""  # the planner's family when the stage code runs another's layout
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
@@ -71,6 +74,8 @@ def arch_from_config(data: dict[str, Any], source: str) -> ArchConfig:
         return _llama(data, model_type)
     if model_type == "opt":
         return _opt(data)
+    if model_type == "gpt2":
+        return _gpt2(data)
     raise UnsupportedArchitectureError(
         f'unsupported architecture "{model_type}" in {source}; supported: '
         + ", ".join(sorted(SUPPORTED_TYPES))
@@ -143,6 +148,39 @@ def _opt(data: dict[str, Any]) -> ArchConfig:
         embed_dim=int(data.get("word_embed_proj_dim") or hidden),
         norm_before=before,
         final_norm=before and not data.get("_remove_final_layer_norm", False),
+        position_offset=2,
+        raw=data,
+    )
+
+
+def _gpt2(data: dict[str, Any]) -> ArchConfig:
+    """GPT-2, served through OPT's layout (runtime.model.gpt2 maps its tensors)."""
+    for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if data.get(flag):
+            raise UnsupportedArchitectureError(f"GPT-2 checkpoints with {flag} are not supported")
+    if data.get("scale_attn_weights", True) is False:
+        raise UnsupportedArchitectureError("GPT-2 checkpoints with scale_attn_weights=false")
+    hidden, heads = int(_get(data, "n_embd")), int(_get(data, "n_head"))
+    return ArchConfig(
+        model_type="gpt2",
+        family="opt",
+        num_layers=int(_get(data, "n_layer")),
+        hidden_size=hidden,
+        intermediate_size=int(data.get("n_inner") or 4 * hidden),
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        vocab_size=int(_get(data, "vocab_size")),
+        max_positions=int(data.get("n_positions", 1024)),
+        tied_embeddings=bool(data.get("tie_word_embeddings", True)),
+        norm_eps=float(data.get("layer_norm_epsilon", 1e-5)),
+        attention_bias=True,
+        output_bias=True,
+        mlp_bias=True,
+        activation=str(data.get("activation_function", "gelu_new")),
+        embed_dim=hidden,
+        position_offset=0,
+        plan_family="gpt2",
         raw=data,
     )
 

@@ -23,6 +23,8 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
     "relu": F.relu,
     "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
 _ATTENTION_LINEARS = frozenset({"q", "k", "v", "o"})
 
@@ -161,8 +163,10 @@ class Embedding(nn.Module):
         positions: Tensor | None = None,
         project_in: Tensor | None = None,
         out_dtype: torch.dtype | None = None,
+        position_offset: int = 2,
     ) -> None:
         super().__init__()
+        self.position_offset = position_offset
         self.out_dtype = out_dtype or tokens.dtype  # the tables may be stored narrower
         self.tokens = nn.Parameter(tokens, requires_grad=False)
         self.positions = None if positions is None else nn.Parameter(positions, requires_grad=False)
@@ -175,8 +179,9 @@ class Embedding(nn.Module):
         if self.project_in is not None:
             x = F.linear(x, self.project_in)
         x = x.to(self.out_dtype)
-        if self.positions is not None:  # OPT's learned positions, offset by 2
-            x = x + F.embedding(positions + 2, self.positions).to(self.out_dtype)
+        if self.positions is not None:  # learned positions (OPT's offset by 2)
+            rows = positions + self.position_offset
+            x = x + F.embedding(rows, self.positions).to(self.out_dtype)
         return x
 
 

@@ -31,6 +31,7 @@ from runtime.model.blocks import (
     layer_norm,
 )
 from runtime.model.checkpoint import Checkpoint
+from runtime.model.gpt2 import Gpt2Checkpoint
 from runtime.model.kv_cache import KVCache
 from runtime.model.memory import available_bytes, release_freed_host_memory
 from runtime.model.rope import rotary_parameters
@@ -111,7 +112,8 @@ def end_tensors(
         out["lm_head.weight"] = (vocab, e)
     if arch.family == "opt":
         if first:
-            out["model.decoder.embed_positions.weight"] = (arch.max_positions + 2, h)
+            rows = arch.max_positions + arch.position_offset
+            out["model.decoder.embed_positions.weight"] = (rows, h)
             if e != h:
                 out["model.decoder.project_in.weight"] = (h, e)
         if last and e != h:
@@ -122,6 +124,15 @@ def end_tensors(
     elif last:
         out["model.norm.weight"] = (h,)
     return out
+
+
+def open_checkpoint(directory: Path, arch: ArchConfig) -> Checkpoint:
+    """The checkpoint's tensors under the names the stage code reads (GPT-2's mapped onto
+    OPT's layout, runtime.model.gpt2)."""
+    checkpoint = Checkpoint(directory)
+    if arch.model_type == "gpt2":
+        return Gpt2Checkpoint(checkpoint, arch.num_layers, arch.hidden_size)
+    return checkpoint
 
 
 def estimate_bytes(
@@ -266,7 +277,7 @@ def load_shard(
         QuantizationError: a precision or group size the layers cannot represent.
     """
     dev = torch.device(device)
-    checkpoint = Checkpoint(checkpoint_dir)
+    checkpoint = open_checkpoint(checkpoint_dir, arch)
     start, stop = spec.layer_range
     if len(spec.layer_bits) != stop - start:
         raise QuantizationError(f"{len(spec.layer_bits)} precisions for {stop - start} layers")
@@ -380,6 +391,7 @@ def _embedding(arch: ArchConfig, t: Mapping[str, Tensor], dtype: torch.dtype) ->
             t["model.decoder.embed_positions.weight"],
             t.get("model.decoder.project_in.weight"),
             out_dtype=dtype,
+            position_offset=arch.position_offset,
         )
     return Embedding(t["model.embed_tokens.weight"], out_dtype=dtype)
 

@@ -53,7 +53,7 @@ def check_plan_matches(plan: Plan, arch: ArchConfig, source: str) -> None:
     """Raise PlanMismatchError when the plan was made for another model shape."""
     model = plan.model
     pairs = (
-        ("family", model.family, arch.family),
+        ("family", model.family, arch.plan_family or arch.family),
         ("num_layers", model.num_layers, arch.num_layers),
         ("hidden_size", model.hidden_size, arch.hidden_size),
         ("intermediate_size", model.intermediate_size, arch.intermediate_size),
