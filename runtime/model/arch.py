@@ -1,8 +1,8 @@
 """What a stage needs to know about a checkpoint's architecture, read from its config.json.
 
-Supported families: Llama (also Qwen2 and Mistral, which share its layer structure), OPT, and
-GPT-2 (run through OPT's layout: ``runtime.model.gpt2`` maps its tensors). Tensor names follow
-the Hugging Face checkpoints of each family.
+Supported families: Llama (also Qwen2 and Mistral, which share its layer structure), OPT, GPT-2
+and BLOOM (both run through OPT's layout: ``runtime.model.mapped`` maps their tensors). Tensor
+names follow the Hugging Face checkpoints of each family.
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def _opt(data: dict[str, Any]) -> ArchConfig:
 
 
 def _gpt2(data: dict[str, Any]) -> ArchConfig:
-    """GPT-2, served through OPT's layout (runtime.model.gpt2 maps its tensors)."""
+    """GPT-2, served through OPT's layout (runtime.model.mapped maps its tensors)."""
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if data.get(flag):
             raise UnsupportedArchitectureError(f"GPT-2 checkpoints with {flag} are not supported")

@@ -31,8 +31,8 @@ from runtime.model.blocks import (
     layer_norm,
 )
 from runtime.model.checkpoint import Checkpoint
-from runtime.model.gpt2 import Gpt2Checkpoint
 from runtime.model.kv_cache import KVCache
+from runtime.model.mapped import bloom_checkpoint, gpt2_checkpoint
 from runtime.model.memory import available_bytes, release_freed_host_memory
 from runtime.model.rope import rotary_parameters
 from runtime.quant import dense_weight_dtype, packed_nbytes, quantize_linear
@@ -127,11 +127,13 @@ def end_tensors(
 
 
 def open_checkpoint(directory: Path, arch: ArchConfig) -> Checkpoint:
-    """The checkpoint's tensors under the names the stage code reads (GPT-2's mapped onto
-    OPT's layout, runtime.model.gpt2)."""
+    """The checkpoint's tensors under the names the stage code reads (GPT-2's and BLOOM's
+    mapped onto OPT's layout, runtime.model.mapped)."""
     checkpoint = Checkpoint(directory)
     if arch.model_type == "gpt2":
-        return Gpt2Checkpoint(checkpoint, arch.num_layers, arch.hidden_size)
+        return gpt2_checkpoint(checkpoint, arch.num_layers, arch.hidden_size)
+    if arch.model_type == "bloom":
+        return bloom_checkpoint(checkpoint, arch.num_layers, arch.hidden_size, arch.num_heads)
     return checkpoint
 
 
