@@ -22,7 +22,6 @@ from pqctl.commands.options import RAY_OPTION_HELP, int_list, say_step
 from pqctl.exits import EXIT_BAD_INPUT, EXIT_INFEASIBLE, fail, load_plan
 from pqctl.plan_inputs import PlanRequest, build_problem, figures_source, record_ppl_target
 from pqctl.render.plan import render_plan
-from runtime.model.arch import SERVED_FAMILIES
 from runtime.model.assets import BUILTIN_MODEL_NAME
 
 
@@ -234,13 +233,6 @@ def plan(
     Console().print(render_plan(result, sources))
     if output is not None:
         Console().print(f"plan written to {output}")
-    if result.model.family not in SERVED_FAMILIES:
-        Console(stderr=True).print(
-            f"[yellow]note:[/] the runtime serves the {' and '.join(SERVED_FAMILIES)} families; "
-            f"this {result.model.family} plan is for planning and comparison only (pqctl apply "
-            "refuses it)",
-            highlight=False,
-        )
 
 
 def show(

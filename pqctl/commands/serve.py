@@ -161,7 +161,7 @@ def apply(
         raise fail(
             "unsupported architecture",
             f"the plan is for a {plan.model.family} model; pqctl serves the "
-            f"{' and '.join(SERVED_FAMILIES)} families (Llama, Mistral, Qwen2, OPT)",
+            f"{', '.join(SERVED_FAMILIES)} families (Llama also covers Mistral and Qwen2)",
             EXIT_BAD_INPUT,
         )
     name = _check_name(name)

@@ -15,10 +15,10 @@ from typing import Any
 from runtime.errors import CheckpointError, UnsupportedArchitectureError
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_TYPES = (*LLAMA_TYPES, "opt", "gpt2")
-SERVED_FAMILIES = ("llama", "opt", "gpt2")
-"""The plan families (``planner.model_spec``) a stage can run; the planner also plans ``bloom``
-(the LLM-PQ paper's clusters), which ``pqctl apply`` refuses."""
+SUPPORTED_TYPES = (*LLAMA_TYPES, "opt", "gpt2", "bloom")
+SERVED_FAMILIES = ("llama", "opt", "gpt2", "bloom")
+"""The plan families (``planner.model_spec``) a stage can run; ``pqctl apply`` refuses a plan
+of any other family."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +49,8 @@ class ArchConfig:
     norm_before: bool = True
     final_norm: bool = True
     position_offset: int = 0  # learned positions: row of position p is p + offset (OPT: 2)
+    alibi: bool = False  # ALiBi attention biases instead of a position table (BLOOM)
+    embed_norm: bool = False  # a LayerNorm right after the token embedding (BLOOM)
     plan_family: str = ""  # the planner's family when the stage code runs another's layout
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -76,6 +78,8 @@ def arch_from_config(data: dict[str, Any], source: str) -> ArchConfig:
         return _opt(data)
     if model_type == "gpt2":
         return _gpt2(data)
+    if model_type == "bloom":
+        return _bloom(data)
     raise UnsupportedArchitectureError(
         f'unsupported architecture "{model_type}" in {source}; supported: '
         + ", ".join(sorted(SUPPORTED_TYPES))
@@ -181,6 +185,39 @@ def _gpt2(data: dict[str, Any]) -> ArchConfig:
         embed_dim=hidden,
         position_offset=0,
         plan_family="gpt2",
+        raw=data,
+    )
+
+
+def _bloom(data: dict[str, Any]) -> ArchConfig:
+    """BLOOM, served through OPT's layout with ALiBi (runtime.model.mapped maps its tensors)."""
+    if data.get("apply_residual_connection_post_layernorm"):
+        raise UnsupportedArchitectureError(
+            "BLOOM checkpoints with apply_residual_connection_post_layernorm are not supported"
+        )
+    hidden = int(data.get("hidden_size") or _get(data, "n_embed"))
+    heads = int(data.get("n_head") or _get(data, "num_attention_heads"))
+    return ArchConfig(
+        model_type="bloom",
+        family="opt",
+        num_layers=int(data.get("n_layer") or _get(data, "num_hidden_layers")),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hidden // heads,
+        vocab_size=int(_get(data, "vocab_size")),
+        max_positions=int(data.get("seq_length") or data.get("max_position_embeddings") or 2048),
+        tied_embeddings=bool(data.get("tie_word_embeddings", True)),
+        norm_eps=float(data.get("layer_norm_epsilon", 1e-5)),
+        attention_bias=True,
+        output_bias=True,
+        mlp_bias=True,
+        activation="bloom_gelu",
+        embed_dim=hidden,
+        alibi=True,
+        embed_norm=True,
+        plan_family="bloom",
         raw=data,
     )
 

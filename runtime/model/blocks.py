@@ -24,6 +24,8 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    # BLOOM's own tanh GELU, with its rounded constant (token-exact with its checkpoints)
+    "bloom_gelu": lambda x: x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
 _ATTENTION_LINEARS = frozenset({"q", "k", "v", "o"})
@@ -48,7 +50,8 @@ class StepContext:
         slots: half-open range of batch slots (sequences) this micro-batch occupies.
         past: tokens already in the cache for these slots (left-padded: the same for all).
         positions: [bsz, seqlen] position of each new token.
-        mask: [bsz, 1, seqlen, past + seqlen] True where a query may attend to a key.
+        mask: [bsz, 1, seqlen, past + seqlen] True where a query may attend to a key; for
+            ALiBi families, [bsz, heads, seqlen, past + seqlen] float biases (-inf where not).
         rope: (cos, sin), each [bsz, seqlen, head_dim], for rotary families; else None.
     """
 
@@ -164,9 +167,10 @@ class Embedding(nn.Module):
         project_in: Tensor | None = None,
         out_dtype: torch.dtype | None = None,
         position_offset: int = 2,
+        norm: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.position_offset = position_offset
+        self.position_offset, self.norm = position_offset, norm
         self.out_dtype = out_dtype or tokens.dtype  # the tables may be stored narrower
         self.tokens = nn.Parameter(tokens, requires_grad=False)
         self.positions = None if positions is None else nn.Parameter(positions, requires_grad=False)
@@ -179,6 +183,8 @@ class Embedding(nn.Module):
         if self.project_in is not None:
             x = F.linear(x, self.project_in)
         x = x.to(self.out_dtype)
+        if self.norm is not None:  # BLOOM's word_embeddings_layernorm
+            x = self.norm(x)
         if self.positions is not None:  # learned positions (OPT's offset by 2)
             rows = positions + self.position_offset
             x = x + F.embedding(rows, self.positions).to(self.out_dtype)

@@ -111,9 +111,12 @@ def end_tensors(
     if last and "lm_head.weight" in checkpoint.tensors:
         out["lm_head.weight"] = (vocab, e)
     if arch.family == "opt":
-        if first:
+        if first and not arch.alibi:
             rows = arch.max_positions + arch.position_offset
             out["model.decoder.embed_positions.weight"] = (rows, h)
+        if first and arch.embed_norm:
+            out["model.decoder.embed_layer_norm.weight"] = (h,)
+            out["model.decoder.embed_layer_norm.bias"] = (h,)
             if e != h:
                 out["model.decoder.project_in.weight"] = (h, e)
         if last and e != h:
@@ -124,6 +127,19 @@ def end_tensors(
     elif last:
         out["model.norm.weight"] = (h,)
     return out
+
+
+def alibi_slopes(heads: int) -> Tensor:
+    """BLOOM's per-head ALiBi slopes, fp32 as BLOOM computes them: a geometric sequence, with
+    interleaved extras when the head count is not a power of two."""
+    closest = 2 ** math.floor(math.log2(heads))
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32)
+    slopes = torch.pow(base, torch.arange(1, 1 + closest, dtype=torch.int32))
+    if closest != heads:
+        extra = torch.tensor(2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32)
+        more = torch.arange(1, 1 + 2 * min(closest, heads - closest), 2, dtype=torch.int32)
+        slopes = torch.cat([slopes, torch.pow(extra, more)])
+    return slopes
 
 
 def open_checkpoint(directory: Path, arch: ArchConfig) -> Checkpoint:
@@ -189,6 +205,9 @@ class StageShard(nn.Module):
         self.arch, self.spec, self.dtype, self.device = arch, spec, dtype, device
         self.layers = nn.ModuleList(layers)
         self.embedding, self.head, self.rope = embedding, head, rope
+        self.slopes = (
+            alibi_slopes(arch.num_heads).to(device=device, dtype=dtype) if arch.alibi else None
+        )
         start, stop = spec.layer_range
         self.cache = KVCache(
             stop - start,
@@ -221,7 +240,13 @@ class StageShard(nn.Module):
         rope = None
         if self.rope is not None:
             rope = self.rope(positions.to(self.device), self.dtype)
-        return StepContext(slots, past, positions.to(self.device), mask[:, None], rope)
+        mask = mask[:, None]
+        if self.slopes is not None:  # ALiBi: slope × the key's position within its sequence
+            valid = key_valid.to(self.device)
+            key_pos = ((valid.cumsum(-1) - 1) * valid).to(self.dtype)[:, None, None, :]
+            bias = self.slopes[None, :, None, None] * key_pos
+            mask = bias.masked_fill(~mask, float("-inf"))
+        return StepContext(slots, past, positions.to(self.device), mask, rope)
 
     @torch.inference_mode()
     def forward(self, x: Tensor, ctx: StepContext, last_only: bool = True) -> Tensor:
@@ -388,12 +413,20 @@ def _norm(
 
 def _embedding(arch: ArchConfig, t: Mapping[str, Tensor], dtype: torch.dtype) -> Embedding:
     if arch.family == "opt":
+        norm = None
+        if arch.embed_norm:
+            norm = layer_norm(
+                t["model.decoder.embed_layer_norm.weight"],
+                t["model.decoder.embed_layer_norm.bias"],
+                arch.norm_eps,
+            )
         return Embedding(
             t["model.decoder.embed_tokens.weight"],
-            t["model.decoder.embed_positions.weight"],
+            t.get("model.decoder.embed_positions.weight"),
             t.get("model.decoder.project_in.weight"),
             out_dtype=dtype,
             position_offset=arch.position_offset,
+            norm=norm,
         )
     return Embedding(t["model.embed_tokens.weight"], out_dtype=dtype)
 

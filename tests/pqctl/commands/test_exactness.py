@@ -1,8 +1,9 @@
 """Greedy 16-bit output through the path users run equals transformers `generate`, token for
-token, for the built-in model and transformers-built Llama, Mistral, Qwen2, OPT and GPT-2
-checkpoints: `pqctl plan` (or a plan split in two stages), `pqctl apply --detach` starting the
-real gateway and stage processes on this machine's CPU kernels, `pqctl generate`. Prompts of
-different lengths sent together share micro-batches (padding), and give what each gives alone."""
+token, for the built-in model and transformers-built Llama, Mistral, Qwen2, OPT, GPT-2 and
+BLOOM checkpoints: `pqctl plan` (or a plan split in two stages), `pqctl apply --detach`
+starting the real gateway and stage processes on this machine's CPU kernels, `pqctl generate`.
+Prompts of different lengths sent together share micro-batches (padding), and give what each
+gives alone."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
+    BloomConfig,
     GPT2Config,
     LlamaConfig,
     MistralConfig,
@@ -53,6 +55,9 @@ CONFIGS = {
         hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
         use_sliding_window=False, **SHAPE,
+    ),
+    "bloom": BloomConfig(  # ALiBi, fused per-head q/k/v, an embedding LayerNorm
+        hidden_size=64, n_layer=4, n_head=4, **SHAPE,
     ),
     "gpt2": GPT2Config(  # Conv1D weights, fused q/k/v, tanh GELU, positions without offset
         n_embd=64, n_inner=128, n_layer=4, n_head=4, n_positions=256, **SHAPE,

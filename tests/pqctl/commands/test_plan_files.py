@@ -120,15 +120,11 @@ def test_apply_refuses_a_family_it_does_not_serve(tmp_path: Path) -> None:
     assert "mamba" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_apply_refuses_a_plan_for_a_family_it_only_plans(tmp_path: Path) -> None:
-    made = pqctl(
-        tmp_path / "state", "plan", "--cluster", "examples/clusters/cluster-07.toml",
-        "-o", str(tmp_path / "bloom.json"),
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
-    assert "this bloom plan is for planning and comparison only" in " ".join(made.stderr.split())
-    out = pqctl(tmp_path / "state", "apply", str(tmp_path / "bloom.json"))
-    assert out.returncode == 2 and "the plan is for a bloom model" in out.stderr
+def test_apply_refuses_a_family_no_stage_serves(tmp_path: Path) -> None:
+    path = tmp_path / "plan.json"
+    path.write_bytes(_edit(_set("model", "family", "rwkv")))
+    out = pqctl(tmp_path / "state", "apply", str(path))
+    assert out.returncode == 2 and "the plan is for a rwkv model" in out.stderr
 
 
 @pytest.mark.skipif(bool(discover_gpus().gpus), reason="this host has an NVIDIA GPU")

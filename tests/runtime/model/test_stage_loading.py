@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config
+from transformers import GPTNeoXConfig
 
 from planner import cost_model as cm
 from planner.catalogue import cpu_device_type
@@ -114,13 +114,16 @@ def test_a_header_whose_byte_range_does_not_fit_the_shape_is_refused(tmp_path: P
 
 
 def test_unsupported_architecture_is_named(tmp_path: Path) -> None:
-    directory = save_checkpoint(
-        GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64), tmp_path / "gpt2"
-    )
+    config = GPTNeoXConfig(
+        num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+        vocab_size=64,
+    )  # fmt: skip
+    directory = save_checkpoint(config, tmp_path / "neox")
     with pytest.raises(UnsupportedArchitectureError) as err:
         arch_from_config(read_config(directory), str(directory))
     assert str(err.value) == (
-        f'unsupported architecture "gpt2" in {directory}; supported: llama, mistral, opt, qwen2'
+        f'unsupported architecture "gpt_neox" in {directory}; supported: bloom, gpt2, llama, '
+        "mistral, opt, qwen2"
     )
 
 
