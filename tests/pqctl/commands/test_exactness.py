@@ -121,6 +121,11 @@ def generated(env: dict[str, str], *prompts: str) -> dict[str, list[int]]:
     return {r["prompt"]: r["token_ids"] for r in replies}
 
 
+TWO_STAGES_ONLY = {"mistral", "qwen2", "gpt2", "bloom"}
+"""Families whose layers the two-stage case covers (the one-stage path runs the same layer code
+as Llama's and OPT's, which are checked in both); keeps the default test run short."""
+
+
 @pytest.mark.parametrize("stages", [1, 2])
 def test_16_bit_greedy_output_equals_transformers_alone_and_in_a_batch(
     checkpoint: Path,
@@ -129,6 +134,8 @@ def test_16_bit_greedy_output_equals_transformers_alone_and_in_a_batch(
     tmp_path: Path,
     stages: int,
 ) -> None:
+    if stages == 1 and checkpoint.name in TWO_STAGES_ONLY:
+        pytest.skip("this family's layers are checked in two stages")
     plan = tmp_path / "plan.json"
     if stages == 1:  # what a user runs: plan this host at 16 bits
         pqctl(env, "plan", "-m", str(checkpoint), "--local", "--bits", "16", "--batch", "4",
