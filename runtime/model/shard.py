@@ -114,11 +114,11 @@ def end_tensors(
         if first and not arch.alibi:
             rows = arch.max_positions + arch.position_offset
             out["model.decoder.embed_positions.weight"] = (rows, h)
+        if first and e != h:
+            out["model.decoder.project_in.weight"] = (h, e)
         if first and arch.embed_norm:
             out["model.decoder.embed_layer_norm.weight"] = (h,)
             out["model.decoder.embed_layer_norm.bias"] = (h,)
-            if e != h:
-                out["model.decoder.project_in.weight"] = (h, e)
         if last and e != h:
             out["model.decoder.project_out.weight"] = (e, h)
         if last and arch.final_norm:
