@@ -456,6 +456,8 @@ def _check_type(value: Any, accepted: type | tuple[type, ...], where: str) -> An
         raise PlanValidationError(where, f"expected {names}, got {json.dumps(value)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise PlanValidationError(where, "must be a finite number")
+    if isinstance(value, int) and not is_bool and not -(2**63) <= value < 2**63:
+        raise PlanValidationError(where, f"{value} is outside the 64-bit integer range")
     return value
 
 
@@ -654,6 +656,11 @@ def _validate_stage(stage: Stage, path: str, expected_start: int, first: bool, l
         )
     if rng.stop <= rng.start:
         raise PlanValidationError(f"{path}.layer_range", "must hold at least one layer")
+    most = LIMITS["model.num_layers"][1]
+    if rng.stop > most:
+        raise PlanValidationError(
+            f"{path}.layer_range.stop", f"{rng.stop} is more than any plan holds (at most {most})"
+        )
     if len(stage.layer_bits) != len(rng):
         raise PlanValidationError(
             f"{path}.layer_bits",
