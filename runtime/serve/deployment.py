@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -156,4 +157,6 @@ def stop_deployment(state: DeploymentState, timeout_s: float = 20.0) -> bool:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(state.pid, signal.SIGKILL)
     state.remove()
+    if state.run_dir:  # its private socket directory, which nothing killed can remove now
+        shutil.rmtree(state.run_dir, ignore_errors=True)
     return False
