@@ -20,9 +20,8 @@ from planner.plan import ALL_BITS, Plan
 from pqctl import model_quality
 from pqctl.exits import EXIT_BAD_INPUT, fail, load_plan
 from runtime.errors import RuntimeFailure
-from runtime.model.arch import arch_from_config, read_config
 from runtime.model.assets import BUILTIN_MODEL_NAME
-from runtime.model.source import check_plan_matches, resolve_checkpoint
+from runtime.model.source import checked_checkpoint, resolve_checkpoint
 
 PARTS = ("evaluation", "calibration", "all")
 
@@ -174,9 +173,7 @@ def _eval_target(
         if group_size is not None:
             raise fail("bad option", "--group-size: the plan gives the group size", EXIT_BAD_INPUT)
         plan = load_plan(plan_file, "--plan")
-        checkpoint = resolve_checkpoint(model or plan.model.source)
-        arch = arch_from_config(read_config(checkpoint), str(checkpoint))
-        check_plan_matches(plan, arch, str(checkpoint))
+        checkpoint, _ = checked_checkpoint(plan, resolve_checkpoint(model) if model else None)
         return checkpoint, plan.layer_bits, plan.quantization.group_size, plan
     if bits not in ALL_BITS:
         choices = ", ".join(map(str, ALL_BITS))

@@ -330,16 +330,12 @@ def _check_checkpoint(plan: Plan) -> None:
     """Exit 2 when the plan's checkpoint, found here, is not the model the plan describes (or
     no family pqctl serves). A hub id not downloaded yet is left to the gateway."""
     from runtime.errors import RuntimeFailure
-    from runtime.model.arch import arch_from_config, read_config
-    from runtime.model.source import check_plan_matches, is_hub_id, resolve_checkpoint
+    from runtime.model.source import checked_checkpoint, is_hub_id
 
-    source = plan.model.source
-    if is_hub_id(source):
+    if is_hub_id(plan.model.source):
         return
     try:
-        checkpoint = resolve_checkpoint(source)
-        arch = arch_from_config(read_config(checkpoint), str(checkpoint))
-        check_plan_matches(plan, arch, str(checkpoint))
+        checked_checkpoint(plan)
     except RuntimeFailure as exc:
         raise fail(exc.title, exc.msg, EXIT_BAD_INPUT) from exc
 

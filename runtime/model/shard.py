@@ -411,15 +411,14 @@ def _norm(
     return RMSNorm(weight, arch.norm_eps)
 
 
+def _loaded_norm(arch: ArchConfig, t: Mapping[str, Tensor], name: str) -> nn.LayerNorm:
+    """The LayerNorm ``name`` of an end part, from its loaded weight and bias."""
+    return layer_norm(t[f"{name}.weight"], t[f"{name}.bias"], arch.norm_eps)
+
+
 def _embedding(arch: ArchConfig, t: Mapping[str, Tensor], dtype: torch.dtype) -> Embedding:
     if arch.family == "opt":
-        norm = None
-        if arch.embed_norm:
-            norm = layer_norm(
-                t["model.decoder.embed_layer_norm.weight"],
-                t["model.decoder.embed_layer_norm.bias"],
-                arch.norm_eps,
-            )
+        norm = _loaded_norm(arch, t, "model.decoder.embed_layer_norm") if arch.embed_norm else None
         return Embedding(
             t["model.decoder.embed_tokens.weight"],
             t.get("model.decoder.embed_positions.weight"),
@@ -436,12 +435,6 @@ def _head(arch: ArchConfig, t: Mapping[str, Tensor]) -> LMHead:
     weight = t.get("lm_head.weight", t.get(f"{base}embed_tokens.weight"))
     assert weight is not None
     if arch.family == "opt":
-        norm = None
-        if arch.final_norm:
-            norm = layer_norm(
-                t["model.decoder.final_layer_norm.weight"],
-                t["model.decoder.final_layer_norm.bias"],
-                arch.norm_eps,
-            )
+        norm = _loaded_norm(arch, t, "model.decoder.final_layer_norm") if arch.final_norm else None
         return LMHead(norm, weight, t.get("model.decoder.project_out.weight"))
     return LMHead(RMSNorm(t["model.norm.weight"], arch.norm_eps), weight)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from planner.plan import Plan
 from runtime.errors import CheckpointError, PlanMismatchError
-from runtime.model.arch import ArchConfig
+from runtime.model.arch import ArchConfig, arch_from_config, read_config
 from runtime.model.assets import BUILTIN_MODEL_NAME, builtin_model_dir
 
 
@@ -67,3 +67,18 @@ def check_plan_matches(plan: Plan, arch: ArchConfig, source: str) -> None:
                 f"the plan's model.{name} is {planned} but the checkpoint {source} has "
                 f"{actual}; re-plan for this model"
             )
+
+
+def checked_checkpoint(plan: Plan, directory: Path | None = None) -> tuple[Path, ArchConfig]:
+    """The plan's checkpoint directory (``directory`` when given, else found from
+    ``model.source``) and its architecture, once the plan is checked to describe it.
+
+    Raises:
+        CheckpointError: no such checkpoint, or an unreadable config.json.
+        UnsupportedArchitectureError: a family no stage serves.
+        PlanMismatchError: the plan was made for another model shape.
+    """
+    directory = directory or resolve_checkpoint(plan.model.source)
+    arch = arch_from_config(read_config(directory), str(directory))
+    check_plan_matches(plan, arch, str(directory))
+    return directory, arch

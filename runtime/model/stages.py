@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 
 from planner.plan import Plan
-from runtime.model.arch import arch_from_config, read_config
 from runtime.model.shard import Impl, StageShard, StageSpec, load_shard
-from runtime.model.source import check_plan_matches, resolve_checkpoint
+from runtime.model.source import checked_checkpoint
 
 
 def stage_spec(plan: Plan, index: int) -> StageSpec:
@@ -54,9 +53,7 @@ def load_plan_stage(
 ) -> StageShard:
     """Load stage ``index`` of ``plan`` (checkpoint and device default to the plan's);
     ``progress(done, total)`` as in :func:`runtime.model.shard.load_shard`."""
-    directory = checkpoint or resolve_checkpoint(plan.model.source)
-    arch = arch_from_config(read_config(directory), str(directory))
-    check_plan_matches(plan, arch, str(directory))
+    directory, arch = checked_checkpoint(plan, checkpoint)
     dev = device or stage_device(plan, index)
     return load_shard(
         directory,

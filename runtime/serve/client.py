@@ -202,9 +202,7 @@ class Client:
     def info(self) -> dict[str, Any]:
         """The deployment's model, state and limits."""
         request_id = next(self._ids)
-        self._note_drops()
-        self.send({"type": "info", "id": request_id})
-        self._sent[request_id] = self._drops
+        self._send_request(request_id, {"type": "info", "id": request_id})
         try:
             return self._until(request_id, "info")
         finally:
@@ -220,10 +218,15 @@ class Client:
         message |= {"max_new_tokens": max_new_tokens, "stream": stream}
         if "stop" in options:
             options["stop"] = list(options["stop"])
-        self._note_drops()
-        self.send(message | options)
-        self._sent[request_id] = self._drops
+        self._send_request(request_id, message | options)
         return request_id
+
+    def _send_request(self, request_id: str, message: dict[str, Any]) -> None:
+        """Send a message that expects replies, noting the connection it went out on (a drop
+        seen after this fails it with ConnectionLost)."""
+        self._note_drops()
+        self.send(message)
+        self._sent[request_id] = self._drops
 
     def cancel(self, request_id: str) -> None:
         """Ask the server to end a request; its ``done`` reply says ``cancelled``."""

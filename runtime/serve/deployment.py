@@ -106,6 +106,10 @@ class DeploymentState:
         return Path(self.internal_keys) if self.internal_keys else None
 
     def remove(self, directory: Path | None = None) -> None:
+        """Remove the state file (while it is still this deployment's) and the private
+        directory of its Unix sockets."""
+        if self.run_dir:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
         path = (directory or state_dir()) / f"{self.name}.json"
         try:
             if json.loads(path.read_text(encoding="utf-8")).get("pid") == self.pid:
@@ -157,6 +161,4 @@ def stop_deployment(state: DeploymentState, timeout_s: float = 20.0) -> bool:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(state.pid, signal.SIGKILL)
     state.remove()
-    if state.run_dir:  # its private socket directory, which nothing killed can remove now
-        shutil.rmtree(state.run_dir, ignore_errors=True)
     return False

@@ -25,7 +25,6 @@ import shutil
 import signal
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import zmq
 
 from planner.plan import Plan, PlanValidationError
 from runtime.errors import RuntimeFailure
-from runtime.model.source import check_plan_matches, resolve_checkpoint
+from runtime.model.source import checked_checkpoint
 from runtime.model.tokenizer import load_tokenizer
 from runtime.serve.deployment import DeploymentState, check_name, state_dir
 from runtime.serve.frames import (
@@ -62,6 +61,7 @@ from runtime.serve.launcher import (
     RESTART_WINDOW_S,
     Launcher,
     LocalLauncher,
+    RestartWindow,
     StageHandle,
     StageLaunch,
     available_cores,
@@ -150,7 +150,7 @@ class Gateway:
         self.launcher, self.bind_host, self.beat_timeout_s = launcher, bind_host, beat_timeout_s
         self.keys_dir, self.impl, self.max_restarts = keys_dir, impl, max_restarts
         self.beat_interval_s, self.restart_window_s = beat_interval_s, restart_window_s
-        self.failures: deque[float] = deque()  # when stages failed, within the restart window
+        self.failures = RestartWindow(max_restarts, restart_window_s)  # stage failures
         # With keys, the client endpoint admits the operator's authorized/ and everything else
         # only the deployment's own keys (runtime/serve/keys.py: roles).
         client_keys = CurveKeys.load(keys_dir) if keys_dir else None
@@ -208,15 +208,8 @@ class Gateway:
         """Load a plan and everything that follows from it (at start, and after a re-plan)."""
         self.plan_path = plan_path.resolve()
         self.plan = Plan.load(self.plan_path)
-        self.checkpoint = resolve_checkpoint(self.plan.model.source)
+        self.checkpoint, _ = checked_checkpoint(self.plan)
         self.tokenizer, pad_id, eos_ids = load_tokenizer(self.checkpoint)
-        from runtime.model.arch import arch_from_config, read_config
-
-        check_plan_matches(
-            self.plan,
-            arch_from_config(read_config(self.checkpoint), str(self.checkpoint)),
-            str(self.checkpoint),
-        )
         w, mb = self.plan.workload, self.plan.micro_batching
         self.limits = Limits(w.prompt_len, w.max_new_tokens)
         layout = Layout(
@@ -327,9 +320,7 @@ class Gateway:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
-        if self.state.run_dir:  # the private directory of its Unix sockets
-            shutil.rmtree(self.state.run_dir, ignore_errors=True)
-        own = state_dir() / "keys" / self.name
+        own = internal_keys_dir(self.name)
         if self.internal_keys_dir is not None and self.internal_keys_dir == own:
             shutil.rmtree(own, ignore_errors=True)
 
@@ -443,15 +434,12 @@ class Gateway:
         """Fail the requests in flight; restart the stage while restarts remain (waiting
         requests wait for it), else stop the deployment."""
         message = f"{stage.describe(self.plan)} {reason}"
-        now = time.monotonic()
-        self.failures.append(now)
-        while self.failures and now - self.failures[0] > self.restart_window_s:
-            self.failures.popleft()
-        if self.phase not in ("serving", "recovering") or len(self.failures) > self.max_restarts:
+        failures = self.failures.fail()
+        if self.phase not in ("serving", "recovering") or self.failures.exhausted:
             stage.state, stage.error = "failed", reason
             if self.phase in ("serving", "recovering"):
                 message += (
-                    f" ({len(self.failures)} stage failures within "
+                    f" ({failures} stage failures within "
                     f"{self.restart_window_s:g} s; at most {self.max_restarts} are restarted)"
                 )
             self._fail(message)
@@ -641,9 +629,14 @@ class Gateway:
         self.status.send(msgpack.packb(message, use_bin_type=True))
 
 
+def internal_keys_dir(name: str) -> Path:
+    """Where deployment ``name`` keeps its own keys (with --keys)."""
+    return state_dir() / "keys" / name
+
+
 def internal_keys(name: str, reuse: bool) -> Path:
     """The deployment's own key directory (created fresh at its first start)."""
-    return deployment_keys(state_dir() / "keys" / name, reuse=reuse)
+    return deployment_keys(internal_keys_dir(name), reuse=reuse)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ this host; :class:`runtime.serve.ray_launcher.RayLauncher` (``--ray``) implement
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
@@ -32,6 +33,28 @@ BEAT_TIMEOUT_S = 4.0
 MAX_RESTARTS = 3
 """Default stage failures restarted within :data:`RESTART_WINDOW_S`; one more ends it."""
 RESTART_WINDOW_S = 600.0
+
+
+class RestartWindow:
+    """Failures counted over a sliding window: more than ``allowed`` within ``window_s``
+    seconds exhaust it (failures further apart do not add up). The gateway counts its stages'
+    failures so, the supervisor its gateway's."""
+
+    def __init__(self, allowed: int, window_s: float) -> None:
+        self.allowed, self.window_s = allowed, window_s
+        self.times: collections.deque[float] = collections.deque()
+
+    def fail(self) -> int:
+        """Count a failure now; the failures within the window, this one included."""
+        now = time.monotonic()
+        self.times.append(now)
+        while self.times and now - self.times[0] > self.window_s:
+            self.times.popleft()
+        return len(self.times)
+
+    @property
+    def exhausted(self) -> bool:
+        return len(self.times) > self.allowed
 
 
 IPC_PREFIX = "ipc://"

@@ -321,14 +321,13 @@ class Scheduler:
     def _expected(self, header: StepHeader) -> bool:
         """A result for a step in flight (not one of a group failed or reset meanwhile), with
         one token in the vocabulary per row of its slots."""
-        if not 0 <= header.group < len(self.groups):
+        if not self.is_pending(header.group, header.seq):
             return False
         group = self.groups[header.group]
         start, stop = header.slots
         rows = len(group.rows)
         return (
-            header.seq in group.pending
-            and len(header.tokens) == header.rows
+            len(header.tokens) == header.rows
             and 0 <= start - group.slots[0] < stop - group.slots[0] <= rows
             and all(
                 0 <= t < (self.vocab_size if self.vocab_size is not None else 1 << 31)

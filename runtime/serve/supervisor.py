@@ -20,15 +20,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections import deque
 from pathlib import Path
 
 from runtime.serve.deployment import DeploymentError, DeploymentState, state_dir
+from runtime.serve.launcher import MAX_RESTARTS, RESTART_WINDOW_S, RestartWindow
 
 EXIT_GAVE_UP = 4
 
@@ -39,7 +37,7 @@ class Supervisor:
     def __init__(self, gateway_argv: list[str], name: str, restarts: int, window_s: float) -> None:
         self.argv, self.name = gateway_argv, name
         self.restarts, self.window_s = restarts, window_s
-        self.failures: deque[float] = deque()
+        self.failures = RestartWindow(restarts, window_s)
         self.child: subprocess.Popen[bytes] | None = None
         self.stopping = False
 
@@ -61,23 +59,18 @@ class Supervisor:
             if state is None:
                 _say(f"the gateway exited ({_describe(code)}) before it served; not restarting")
                 return code if code > 0 else 1
-            now = time.monotonic()
-            self.failures.append(now)
-            while self.failures and now - self.failures[0] > self.window_s:
-                self.failures.popleft()
-            if len(self.failures) > self.restarts:
+            failures = self.failures.fail()
+            if self.failures.exhausted:
                 _say(
-                    f"the gateway exited ({_describe(code)}): {len(self.failures)} failures "
+                    f"the gateway exited ({_describe(code)}): {failures} failures "
                     f"within {self.window_s:g} s, more than --restarts {self.restarts}; "
                     "the deployment ends"
                 )
                 state.remove()
-                if state.run_dir:
-                    shutil.rmtree(state.run_dir, ignore_errors=True)
                 return EXIT_GAVE_UP
             _say(
                 f"the gateway (pid {self.child.pid}) exited ({_describe(code)}); restarting it "
-                f"on {state.client_endpoint} ({len(self.failures)}/{self.restarts} within "
+                f"on {state.client_endpoint} ({failures}/{self.restarts} within "
                 f"{self.window_s:g} s)"
             )
             extra = [
@@ -139,8 +132,10 @@ def _end_leftovers() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.serve.supervisor", description=__doc__)
     parser.add_argument("--name", required=True, help="the deployment's name")
-    parser.add_argument("--restarts", type=int, default=3, help="gateway restarts in the window")
-    parser.add_argument("--restart-window", type=float, default=600.0, help="seconds")
+    parser.add_argument(
+        "--restarts", type=int, default=MAX_RESTARTS, help="gateway restarts in the window"
+    )
+    parser.add_argument("--restart-window", type=float, default=RESTART_WINDOW_S, help="seconds")
     parser.add_argument("gateway", nargs=argparse.REMAINDER, help="-- then the gateway's argv")
     args = parser.parse_args(argv)
     gateway = args.gateway[1:] if args.gateway[:1] == ["--"] else args.gateway
