@@ -50,6 +50,7 @@ def _cleanup(state: Path, name: str = "default") -> None:
     except Exception:
         return
     os.killpg(info.pid, signal.SIGKILL)
+    info.remove(state)  # what the killed gateway would have removed: its private directory
 
 
 def test_apply_detach_generate_stop(plan_file: Path, tmp_path: Path) -> None:
@@ -305,5 +306,6 @@ def test_a_stage_process_holds_what_the_plan_predicts(tmp_path: Path) -> None:
         peak = int(next(x for x in status.splitlines() if x.startswith("VmHWM")).split()[1]) << 10
         predicted = stage.predicted.process_bytes
         assert abs(predicted - peak) <= 0.15 * peak, (predicted >> 20, peak >> 20)
+        assert pqctl(state, "stop").returncode == 0
     finally:
         _cleanup(state)

@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[3]
 def _kill_leftovers(state_dir: Path) -> None:
     for path in state_dir.glob("*.json"):
         with contextlib.suppress(Exception):
-            os.killpg(DeploymentState.load(path.stem, state_dir).pid, signal.SIGKILL)
+            state = DeploymentState.load(path.stem, state_dir)
+            os.killpg(state.pid, signal.SIGKILL)
+            state.remove(state_dir)
 
 
 @pytest.mark.multiproc
