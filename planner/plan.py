@@ -240,11 +240,12 @@ class SolverReport:
         """How device orders were searched, in one line ("" for plans that do not say)."""
         if not self.order_search:
             return ""
-        scope = {True: "exhaustive", False: "not exhaustive", None: ""}[
+        scope = {True: "every order covered", False: "not every order covered", None: ""}[
             self.order_search_exhaustive
         ]
+        method = self.order_search.replace("in the MILP", "chosen by the solver")
         return (
-            f"device order {self.order_search}"
+            f"device order {method}"
             + (f" ({scope})" if scope else "")
             + (f": {self.order_search_note}" if self.order_search_note else "")
         )

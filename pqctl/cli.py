@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from pqctl.commands import cluster, plan, profile, quality, serve
 from pqctl.exits import EXIT_BAD_INPUT, fail
+from pqctl.render.console import make_console
 
 app = typer.Typer(
     name="pqctl",
@@ -100,5 +100,5 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted")
+        make_console(stderr=True).print("interrupted")
         sys.exit(130)

@@ -37,8 +37,6 @@ from pqctl.plan_inputs import resolve_model
 from runtime.cluster.discovery import discover_gpus
 from runtime.measure.hop_timing import activation_frame_sizes, measure_hop
 from runtime.measure.profiling import (
-    FULL_GRID,
-    QUICK_GRID,
     DeviceMeasurement,
     ProfileGrid,
     measure_device,
@@ -48,7 +46,6 @@ from runtime.model.assets import BUILTIN_MODEL_NAME, builtin_model_dir
 
 CPU_TYPE_NAME = "cpu"
 """The device type the planner gives this host's CPU (``planner.catalogue.cpu_device_type``)."""
-GRIDS = {"quick": QUICK_GRID, "full": FULL_GRID}
 
 Progress = Callable[[str, int, int], None]
 """Called with (device label, samples done, samples planned)."""

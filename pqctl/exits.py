@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from planner.plan import Plan, PlanValidationError
+from pqctl.render.console import make_console
 
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
@@ -20,7 +20,7 @@ EXIT_INTERRUPTED = 130
 
 def fail(title: str, message: str, code: int) -> typer.Exit:
     """Print ``error: title: message`` on stderr; the exception to raise with ``code``."""
-    Console(stderr=True).print(
+    make_console(stderr=True).print(
         f"[bold red]error:[/] {escape(title)}: {escape(message)}", highlight=False
     )
     return typer.Exit(code)

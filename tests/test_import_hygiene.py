@@ -88,3 +88,47 @@ def test_python_client_loads_only_pyzmq_msgpack_and_its_own_modules() -> None:
         "runtime.serve.protocol",
     ]
     assert set(installed) <= {"zmq", "msgpack"}, installed
+
+
+def test_quick_commands_never_import_torch_or_transformers(tmp_path: Path) -> None:
+    """``pqctl --help``, plan, show, generate, stop and status start in a fraction of a second:
+    run as users run them (``python -X importtime -m pqctl …``), none loads torch or
+    transformers (-X importtime lists every module a process imports). Their output into a
+    pipe keeps its width: the plan's table is not cut at 80 columns."""
+    import os
+
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env = {**env, "PQCTL_STATE_DIR": str(state), "PQCTL_PROFILE_DIR": str(tmp_path / "profiles")}
+    plan_file = tmp_path / "plan.json"
+    cluster = ROOT / "examples" / "clusters" / "cluster-07.toml"
+    commands = [
+        ["--help"],
+        ["plan", "--cluster", str(cluster), "-o", str(plan_file)],
+        ["show", str(plan_file)],
+        ["plan", "--local", "-o", str(tmp_path / "local.json")],
+        ["status", "--json"],
+        ["generate", "--name", "absent", "hello"],
+        ["stop", "--name", "absent"],
+    ]
+    for args in commands:
+        run = subprocess.run(
+            [sys.executable, "-X", "importtime", "-m", "pqctl", *args],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        imported = {
+            line.rsplit("|", 1)[-1].strip()
+            for line in run.stderr.splitlines()
+            if line.startswith("import time:")
+        }
+        assert "typer" in imported, (args, run.stderr[-2000:])  # importtime did report
+        heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "transformers"))
+        assert heavy == [], (args, heavy[:5])
+        assert run.returncode in (0, 5), (args, run.returncode, run.stderr[-2000:])
+        if args[0] == "plan" and "--cluster" in args:  # a pipe: nothing cut at 80 columns
+            assert "│ 2 │ a100-node/cuda:1 │ A100-40G │" in run.stdout, run.stdout
+            assert "memory-proportional" in run.stdout and "…" not in run.stdout

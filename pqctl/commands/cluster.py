@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console, Group
+from rich.console import Group
 from rich.table import Table
 
 from planner.cluster import GIB, ClusterSpec
@@ -18,6 +18,7 @@ from planner.errors import PlannerError
 from pqctl.commands.options import RAY_OPTION_HELP, say_step
 from pqctl.exits import EXIT_BAD_INPUT, fail
 from pqctl.plan_inputs import ResolvedCluster, resolve_cluster
+from pqctl.render.console import make_console
 
 
 def cluster(
@@ -42,9 +43,9 @@ def cluster(
     if as_json:
         typer.echo(json.dumps(cluster_dict(resolved), indent=2))
         return
-    Console().print(render_cluster(resolved))
+    make_console().print(render_cluster(resolved))
     if save is not None:
-        Console().print(f"cluster file written to {save}")
+        make_console().print(f"cluster file written to {save}")
 
 
 def _save(resolved: ResolvedCluster, path: Path) -> None:

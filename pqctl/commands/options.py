@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from rich.console import Console
 from rich.markup import escape
 
 from pqctl.exits import EXIT_BAD_INPUT, fail
+from pqctl.render.console import make_console
 
 RAY_OPTION_HELP = (
     "A Ray cluster: HOST:PORT of its head, or auto (RAY_ADDRESS, else the head started on "
@@ -36,4 +36,4 @@ def int_list(text: str, flag: str, allowed: tuple[int, ...] | None = None) -> tu
 
 def say_step(line: str) -> None:
     """One step of a longer command (a Ray inventory, a remote profile), dimmed on stderr."""
-    Console(stderr=True).print(f"[dim]{escape(line)}…[/]", highlight=False)
+    make_console(stderr=True).print(f"[dim]{escape(line)}…[/]", highlight=False)

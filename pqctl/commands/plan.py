@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from planner.errors import InfeasiblePlanError, PlannerError
@@ -21,6 +20,7 @@ from planner.search import SearchOptions
 from pqctl.commands.options import RAY_OPTION_HELP, int_list, say_step
 from pqctl.exits import EXIT_BAD_INPUT, EXIT_INFEASIBLE, fail, load_plan
 from pqctl.plan_inputs import PlanRequest, build_problem, figures_source, record_ppl_target
+from pqctl.render.console import make_console
 from pqctl.render.plan import render_plan
 from runtime.model.assets import BUILTIN_MODEL_NAME
 
@@ -47,10 +47,10 @@ def _solve_with_progress(
             SpinnerColumn(),
             TextColumn("solving {task.description}"),
             BarColumn(),
-            TextColumn("{task.completed}/{task.total} MILPs"),
+            TextColumn("{task.completed}/{task.total} solves"),
             TimeElapsedColumn(),
         )
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        with Progress(*columns, console=make_console(stderr=True), transient=True) as bar:
             task = bar.add_task(f"{problem.model.source} on {resolved.source}", total=None)
             plan = make_plan(
                 problem, options, lambda done, total: bar.update(task, completed=done, total=total)
@@ -230,9 +230,9 @@ def plan(
     if as_json:
         typer.echo(result.to_json(), nl=False)
         return
-    Console().print(render_plan(result, sources))
+    make_console().print(render_plan(result, sources))
     if output is not None:
-        Console().print(f"plan written to {output}")
+        make_console().print(f"plan written to {output}")
 
 
 def show(
@@ -248,4 +248,4 @@ def show(
     if as_json:
         typer.echo(json.dumps(loaded.to_dict(), indent=2))
         return
-    Console().print(render_plan(loaded, {}))
+    make_console().print(render_plan(loaded, {}))

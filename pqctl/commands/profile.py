@@ -3,34 +3,27 @@
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from planner.errors import ModelConfigError, PlannerError
 from planner.plan import ALL_BITS
 from planner.profiles import default_profile_dir
 from pqctl.commands.options import int_list, say_step
-from pqctl.device_profiles import (
-    GRIDS,
-    ProfileOutcome,
-    ProfileRequest,
-    run_profile,
-)
-from pqctl.device_profiles import (
-    Progress as ProgressFn,
-)
+from pqctl.commands.progress import progress
 from pqctl.exits import EXIT_BAD_INPUT, EXIT_FAILURE, fail
+from pqctl.render.console import make_console
 from runtime.errors import CheckpointError, RuntimeFailure, UnsupportedArchitectureError
-from runtime.measure.profiling import MIN_POINTS, ProfileGrid
+from runtime.measure.grid import FULL_GRID, MIN_POINTS, QUICK_GRID, ProfileGrid
+
+if TYPE_CHECKING:  # the measuring code loads torch: it is imported when a profile runs
+    from pqctl.device_profiles import ProfileOutcome, ProfileRequest
+
+GRIDS = {"quick": QUICK_GRID, "full": FULL_GRID}
 
 
 def _grid(
@@ -74,34 +67,12 @@ def _grid(
     return grid
 
 
-@contextmanager
-def _progress_bar(show: bool) -> Iterator[ProgressFn | None]:
-    if not show:
-        yield None
-        return
-    columns = (
-        TextColumn("profiling {task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} samples"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        tasks: dict[str, TaskID] = {}
-
-        def update(label: str, done: int, total: int) -> None:
-            if label not in tasks:
-                tasks[label] = bar.add_task(label, total=total)
-            bar.update(tasks[label], completed=done, total=total)
-
-        yield update
-
-
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f} %"
 
 
 def _render(outcomes: list[ProfileOutcome]) -> None:
-    console = Console()
+    console = make_console()
     for o in outcomes:
         m = o.measurement
         unavailable = ", ".join(f"{b} ({why})" for b, why in sorted(m.unavailable.items()))
@@ -243,6 +214,8 @@ def profile(
         raise fail(
             "bad option", f"--group-size: must be positive, got {group_size}", EXIT_BAD_INPUT
         )
+    from pqctl.device_profiles import ProfileRequest, run_profile
+
     request = ProfileRequest(
         model=model,
         devices=device,
@@ -263,8 +236,8 @@ def profile(
         _profile_over_ray(ray, request, as_json)
         return
     try:
-        with _progress_bar(sys.stderr.isatty()) as progress:
-            outcomes = run_profile(request, progress)
+        with progress("samples") as update:
+            outcomes = run_profile(request, lambda what, *n: update(f"profiling {what}", *n))
     except ModelConfigError as exc:
         raise fail(exc.title, f"--model: {exc.msg}", EXIT_BAD_INPUT) from exc
     except PlannerError as exc:
@@ -301,4 +274,4 @@ def _profile_over_ray(address: str, request: ProfileRequest, as_json: bool) -> N
         table.add_column(column)
     for r in done:
         table.add_row(r.device_type, f"{r.host}/{r.device}", str(r.path))
-    Console().print(table)
+    make_console().print(table)

@@ -4,24 +4,27 @@ render."""
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from planner.cost_model import default_group_size
 from planner.errors import PlannerError
 from planner.plan import ALL_BITS, Plan
-from pqctl import model_quality
+from planner.quality_target import default_stats_path
+from pqctl.commands.progress import progress
 from pqctl.exits import EXIT_BAD_INPUT, fail, load_plan
+from pqctl.plan_inputs import SHIPPED_STATS
+from pqctl.render.console import make_console
 from runtime.errors import RuntimeFailure
-from runtime.model.assets import BUILTIN_MODEL_NAME
+from runtime.model.assets import BUILTIN_MODEL_NAME, builtin_model_dir
 from runtime.model.source import checked_checkpoint, resolve_checkpoint
+
+if TYPE_CHECKING:  # loads torch: imported when a measurement runs
+    from pqctl import model_quality
 
 PARTS = ("evaluation", "calibration", "all")
 
@@ -70,27 +73,6 @@ def _failing_as(title: str) -> Iterator[None]:
         raise fail(title, str(exc), EXIT_BAD_INPUT) from exc
 
 
-@contextmanager
-def _progress_bar(show: bool) -> Iterator[model_quality.Progress | None]:
-    """A rich progress bar on stderr (TTY only); yields the callback, or None."""
-    if not show:
-        yield None
-        return
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("loading", total=None)
-
-        def update(what: str, done: int, total: int) -> None:
-            bar.update(task, description=what, completed=done, total=total)
-
-        yield update
-
-
 def calibrate(
     model: ModelOption = None,
     text: TextOption = None,
@@ -133,16 +115,23 @@ def calibrate(
         raise fail("bad option", "--mixed-plans: must be 0 or more", EXIT_BAD_INPUT)
     if group_size is not None and group_size < 1:
         raise fail("bad option", "--group-size: must be positive", EXIT_BAD_INPUT)
+    from pqctl import model_quality
+
     request = model_quality.CalibrateRequest(
         model, text, tokens, seq_len, group_size, output, layers_per_pass, device, mixed_plans, seed
     )
-    with _failing_as("cannot calibrate"), _progress_bar(sys.stderr.isatty()) as progress:
-        outcome = model_quality.calibrate(request, progress)
+    with _failing_as("cannot calibrate"):
+        spec, _ = model_quality.resolve(model)
+    note = _replacement_note(spec.source, output)
+    if note:
+        make_console(stderr=True).print(f"note: {note}", highlight=False)
+    with _failing_as("cannot calibrate"), progress() as update:
+        outcome = model_quality.calibrate(request, update)
     mapping = outcome.mapping
     if as_json:
         typer.echo(json.dumps({"path": str(outcome.path), **mapping.to_dict()}, indent=2))
         return
-    console = Console()
+    console = make_console()
     console.print(
         f"statistics of {outcome.stats['tokens']} tokens ({mapping.text}) written to "
         f"{outcome.path}",
@@ -163,6 +152,26 @@ def calibrate(
         )
 
 
+def _replacement_note(source: str, output: Path | None) -> str:
+    """What the statistics file about to be written replaces for pqctl plan, and the way back;
+    "" when it replaces nothing pqctl plan reads."""
+
+    default = default_stats_path(source)
+    if output is not None and output.resolve() != default.resolve():
+        return ""  # a file of the user's own, read only when given to pqctl plan --stats
+    if default.is_file():
+        return (
+            f"{default} exists and will be replaced; copy it elsewhere first to keep it "
+            "(pqctl plan --stats FILE reads any copy)"
+        )
+    if source == BUILTIN_MODEL_NAME and (builtin_model_dir() / SHIPPED_STATS).is_file():
+        return (
+            f"{default} will replace the calibration shipped with pqctl for {source} in "
+            f"pqctl plan; to go back to the shipped one, delete it (rm {default})"
+        )
+    return ""
+
+
 def _eval_target(
     model: str | None, plan_file: Path | None, bits: int | None, group_size: int | None
 ) -> tuple[Path, tuple[int, ...], int, Plan | None]:
@@ -178,6 +187,8 @@ def _eval_target(
     if bits not in ALL_BITS:
         choices = ", ".join(map(str, ALL_BITS))
         raise fail("bad option", f"--bits: {bits} is not one of {choices}", EXIT_BAD_INPUT)
+    from pqctl import model_quality
+
     spec, checkpoint = model_quality.resolve(model)
     group = group_size or default_group_size(spec)
     return checkpoint, (int(bits),) * spec.num_layers, group, None
@@ -219,6 +230,8 @@ def evaluate(
         raise fail("bad option", f"--part: expected one of {', '.join(PARTS)}", EXIT_BAD_INPUT)
     with _failing_as("cannot evaluate"):
         checkpoint, layer_bits, group, loaded = _eval_target(model, plan, bits, group_size)
+        from pqctl import model_quality
+
         request = model_quality.EvalRequest(
             checkpoint,
             layer_bits,
@@ -231,8 +244,8 @@ def evaluate(
             layers_per_pass,
             baseline,
         )
-        with _progress_bar(sys.stderr.isatty()) as progress:
-            outcome = model_quality.evaluate(request, progress)
+        with progress() as update:
+            outcome = model_quality.evaluate(request, update)
     _render_eval(outcome, layer_bits, loaded, as_json)
 
 
@@ -265,4 +278,4 @@ def _render_eval(
         line += f"; target +{target:.2%} {'met' if meets else 'MISSED'}"
     elif target is not None:
         line += f"; the plan's target is +{target:.2%} (add --baseline to check it)"
-    Console().print(line, highlight=False)
+    make_console().print(line, highlight=False)

@@ -30,9 +30,11 @@ from pqctl.exits import (
     fail,
     load_plan,
 )
+from pqctl.render.console import make_console
 from pqctl.render.deployment import (
     deployment_row,
     deployments_table,
+    loading_lines,
     loading_view,
     serving_summary,
     stage_table,
@@ -202,7 +204,7 @@ def apply(
             CurveKeys.load(keys)
         except ValueError as exc:
             raise fail("bad keys", str(exc), EXIT_BAD_INPUT) from exc
-    console = Console(stderr=True)
+    console = make_console(stderr=True)
     process, log = _start_gateway(
         plan_file, name, endpoint, keys, restarts, ray, replan_on_loss, supervision
     )
@@ -379,7 +381,7 @@ def _check_supervision(
         raise fail("bad option", "--restart-window: give 1 to 10^7 seconds", EXIT_BAD_INPUT)
     step = max((max(s.predicted.prefill_s, s.predicted.decode_s) for s in stages), default=0.0)
     if step + interval > timeout:
-        Console(stderr=True).print(
+        make_console(stderr=True).print(
             f"[yellow]warning:[/] the plan predicts steps of {step:.1f} s, longer than "
             f"--heartbeat-timeout ({timeout:g} s) allows between heartbeats; a busy stage may "
             f"be taken for a hung one (give --heartbeat-timeout {2 * step + 2 * interval:.0f})",
@@ -408,12 +410,17 @@ def _wait_until_serving(
     log: Path,
 ) -> bool:
     deadline = time.monotonic() + timeout_s
+    said: dict[int, str] = {}
     with Live(console=console, transient=True, refresh_per_second=4) as live:
         while time.monotonic() < deadline:
             monitor.poll(0.25)
             status = monitor.status
             if status is not None:
-                live.update(loading_view(status, plan))
+                if console.is_terminal:
+                    live.update(loading_view(status, plan))
+                else:  # a log: one line each time a stage's state changes
+                    for line in loading_lines(status, plan, said):
+                        console.print(line, highlight=False, soft_wrap=True)
                 if status["phase"] == "serving":
                     return True
                 if status["phase"] == "failed":
@@ -432,7 +439,7 @@ def _wait_until_serving(
 def _live_table(
     monitor: Monitor, process: subprocess.Popen[bytes], plan: Plan, state: DeploymentState
 ) -> int:
-    console = Console()
+    console = make_console()
     interrupted = False
 
     def on_sigint(*_: object) -> None:
@@ -460,7 +467,7 @@ def _live_table(
     code = process.wait()
     failure = (monitor.status or {}).get("failure")
     if code != 0 or failure:
-        Console(stderr=True).print(
+        make_console(stderr=True).print(
             f"[bold red]error:[/] {failure or f'gateway exited with {code}'}"
         )
         return EXIT_STAGE_FAILED
@@ -492,7 +499,7 @@ def stop(
     except DeploymentError as exc:
         raise fail("nothing to stop", str(exc), EXIT_UNREACHABLE) from exc
     clean = stop_deployment(state, timeout)
-    Console(stderr=True).print(
+    make_console(stderr=True).print(
         f'stopped "{name}"' if clean else f'"{name}" did not stop in {timeout:.0f} s; killed it'
     )
 
@@ -522,9 +529,9 @@ def status(
         typer.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        Console(stderr=True).print("no deployment is running here; start one with pqctl apply")
+        make_console(stderr=True).print("no deployment is running here; start one with pqctl apply")
         return
-    Console(soft_wrap=True).print(deployments_table(rows))
+    make_console(soft_wrap=True).print(deployments_table(rows))
 
 
 def _monitor(state: DeploymentState) -> Monitor:
@@ -598,7 +605,7 @@ def generate(
         client = Client(endpoint, name=_check_name(name), keys=keys, timeout_s=timeout)
     except (DeploymentError, ValueError) as exc:
         raise fail("no deployment", str(exc), EXIT_UNREACHABLE) from exc
-    out = Console(highlight=False, soft_wrap=True)
+    out = make_console(highlight=False, soft_wrap=True)
     try:
         if stream and not as_json and len(texts) == 1:
             pieces = client.stream(texts[0], max_new_tokens=max_new, **options)

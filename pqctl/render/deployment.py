@@ -33,6 +33,22 @@ def loading_view(status: dict[str, Any], plan: Plan) -> Table:
     return table
 
 
+def loading_lines(status: dict[str, Any], plan: Plan, said: dict[int, str]) -> list[str]:
+    """A line per stage whose state changed since ``said`` (updated): the loading view as a
+    log, for output that is not a terminal."""
+    lines = []
+    for s in status["stages"]:
+        index, state = s["index"], load_state(s)
+        if said.get(index) != state:
+            said[index] = state
+            stage = plan.stages[index]
+            lines.append(
+                f"stage {index} ({_device(plan, index)}, layers {stage.layer_range.start}–"
+                f"{stage.layer_range.stop - 1}): {state}"
+            )
+    return lines
+
+
 def load_state(stage: dict[str, Any]) -> str:
     """A stage's state from the gateway's status, with its load progress while loading:
     "loading 3/9" (decoder layers, then the embedding/head part, loaded of all)."""

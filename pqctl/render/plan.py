@@ -106,15 +106,32 @@ def summary(plan: Plan, sources: Mapping[str, str]) -> Text:
         f"{p.total_s:,.3f} s  →  {p.throughput_tokens_per_s:,.1f} tokens/s",
         f"quality: Σω = {q.omega_sum:.4f} (budget {budget}, θ {q.theta_s:g} s, "
         f"indicator {q.indicator})" + _ppl_target(plan),
-        f"solver: {s.status}, gap {s.gap_text}, {s.time_s:.2f} s, "
-        f"{s.milps_solved} MILP{'s' * (s.milps_solved != 1)}, "
-        + (f"{s.orders_tried} fixed device orders, " if s.orders_tried else "")
-        + f"{s.formulation} form"
-        + (f", layers grouped by {s.layer_group_size}" if s.layer_group_size > 1 else ""),
+        _solver_line(plan),
         *([s.order_text] if s.order_text else []),
         figures_line(plan, sources),
     ]
     return Text("\n".join(lines))
+
+
+def _solver_line(plan: Plan) -> str:
+    """How the solver did, in words: "proven optimal in 0.04 s" rather than its counters."""
+    s = plan.solver
+    if s.status == "optimal":
+        close = s.mip_gap is None or s.mip_gap < 5e-5
+        outcome = "proven optimal" if close else f"optimal within {s.gap_text}"
+    elif s.mip_gap is not None:
+        outcome = f"{s.status}: at most {s.gap_text} from optimal"
+    else:
+        outcome = f"{s.status} (nothing bounds how far from optimal it is)"
+    solves = (
+        f"{s.milps_solved} full solve{'s' * (s.milps_solved != 1)}"
+        if s.milps_solved
+        else "settled by bounds alone"
+    )
+    if s.orders_tried:
+        solves += f" over {s.orders_tried} device order{'s' * (s.orders_tried != 1)}"
+    grouped = f", layers in groups of {s.layer_group_size}" if s.layer_group_size > 1 else ""
+    return f"solver: {outcome} in {s.time_s:.2f} s ({solves}{grouped})"
 
 
 def baseline_table(plan: Plan) -> Table:
