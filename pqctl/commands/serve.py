@@ -153,6 +153,25 @@ def apply(
             "refused as re-planning.",
         ),
     ] = False,
+    http: Annotated[
+        str | None,
+        typer.Option(
+            "--http",
+            help="Also serve the OpenAI-compatible HTTP API on HOST:PORT (e.g. 127.0.0.1:8000): "
+            "/v1/models, /v1/completions, /v1/chat/completions, /health, /metrics "
+            "(docs/http.md).",
+        ),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key",
+            envvar="PQCTL_API_KEY",
+            show_envvar=True,
+            help="With --http: the key every route but /health requires (Authorization: Bearer "
+            "KEY). Prefer the environment variable: a command line is visible to other users.",
+        ),
+    ] = None,
 ) -> None:
     """Serve a plan: one process per stage (here, or on its host with --ray), a gateway here.
 
@@ -174,6 +193,8 @@ def apply(
     if replan_on_loss and ray is None:
         raise fail("bad option", "--replan-on-loss needs --ray", EXIT_BAD_INPUT)
     _check_endpoint_free(endpoint)
+    if http is not None:
+        _check_http_free(http)
     if ray is not None:
         ray = _check_ray_hosts(ray, plan)
     elif remote:
@@ -206,7 +227,7 @@ def apply(
             raise fail("bad keys", str(exc), EXIT_BAD_INPUT) from exc
     console = make_console(stderr=True)
     process, log = _start_gateway(
-        plan_file, name, endpoint, keys, restarts, ray, replan_on_loss, supervision
+        plan_file, name, endpoint, keys, restarts, ray, replan_on_loss, supervision, http, api_key
     )
     state = _wait_for_state(process, name, log)
     monitor = _monitor(state)
@@ -220,7 +241,9 @@ def apply(
             flag = _name_flag(name)
             console.print(
                 f"[bold green]serving[/] {plan.model.source} ({_stages(len(plan.stages))}) at "
-                f"[bold]{state.client_endpoint}[/]\n"
+                f"[bold]{state.client_endpoint}[/]"
+                + (f" and [bold]http://{http}/v1[/] (OpenAI API)" if http else "")
+                + "\n"
                 f'  try: pqctl generate{flag} "ROMEO:"   stop: pqctl stop{flag}',
                 highlight=False,
             )
@@ -304,6 +327,33 @@ def _check_endpoint_free(endpoint: str) -> None:
             ) from exc
 
 
+def _check_http_free(listen: str) -> None:
+    """Exit 2 naming --http when it is not HOST:PORT or that port is taken."""
+    from runtime.serve.http import split_listen
+
+    try:
+        host, port = split_listen(listen)
+    except ValueError as exc:
+        raise fail("bad option", f"--http: {exc}", EXIT_BAD_INPUT) from exc
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise fail(
+            "bad option", f"--http: cannot resolve {host} ({exc.strerror})", EXIT_BAD_INPUT
+        ) from exc
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's listener
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise fail(
+                "bad option",
+                f"--http: cannot listen on {listen} ({exc.strerror}); give another port",
+                EXIT_BAD_INPUT,
+            ) from exc
+
+
 def _check_local_devices(plan: Plan) -> None:
     """Exit 2 naming the stage when the plan puts a stage on a GPU this host does not have."""
     wanted = [(k, s.device) for k, s in enumerate(plan.stages) if s.device.index >= 0]
@@ -351,6 +401,8 @@ def _start_gateway(
     ray: str | None = None,
     replan_on_loss: bool = False,
     supervision: tuple[float, float, float] | None = None,
+    http: str | None = None,
+    api_key: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], Path]:
     logs = state_dir() / "logs" / name
     logs.mkdir(parents=True, exist_ok=True)
@@ -359,7 +411,7 @@ def _start_gateway(
     interval, timeout, window = supervision or (None, None, None)
     launch = GatewayLaunch(
         plan_file.resolve(), name, endpoint, restarts, keys, ray, replan_on_loss,
-        interval, timeout, window,
+        interval, timeout, window, http, api_key if http else None,
     )  # fmt: skip
     return start_gateway(launch, log), log
 

@@ -63,6 +63,8 @@ class DeploymentState:
     run_dir: str | None = None  # private directory of its internal Unix sockets (one host)
     gateway_pid: int = 0  # the gateway now serving (``pid`` is the deployment's supervisor)
     gateway_restarts: int = 0  # times the supervisor restarted a dead gateway
+    control_endpoint: str | None = None  # the gateway's control ROUTER (stages; the operator)
+    http_endpoint: str | None = None  # the OpenAI-compatible HTTP endpoint, HOST:PORT
 
     def save(self, directory: Path | None = None) -> Path:
         """Write atomically (readers never see half a file)."""

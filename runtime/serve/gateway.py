@@ -86,12 +86,15 @@ from runtime.serve.protocol import (
     parse_client_message,
 )
 from runtime.serve.replan import Replanner, stage_summary
+from runtime.serve.request_stats import RequestStats
 from runtime.serve.scheduler import Layout, Reply, Scheduler, Step
 
 EXIT_STAGE_FAILED = 4
 STATUS_INTERVAL_S = 0.5
 GATHER_GAP_S = 0.005  # a pause this long ends a burst of requests (see Gateway._on_clients)
 GATHER_MAX_S = 0.05
+OPERATOR_IDENTITY = b"operator"
+"""The control-socket identity of an operator's tool (the dashboard), told apart from stages."""
 
 
 @dataclass
@@ -143,6 +146,7 @@ class Gateway:
         deployment_started: float | None = None,
         gateway_restarts: int = 0,
         internal_keys_dir: Path | None = None,
+        http_endpoint: str | None = None,
     ) -> None:
         self.name = check_name(name)
         self.replanner, self.replan_note = replanner, ""
@@ -200,7 +204,10 @@ class Gateway:
             else None,
             gateway_pid=os.getpid(),
             gateway_restarts=gateway_restarts,
+            control_endpoint=self._endpoint(self.control),
+            http_endpoint=http_endpoint,
         )
+        self.stats = RequestStats()
         self.window_started, self.window_tokens = time.monotonic(), 0
         self.tokens_per_s = 0.0
 
@@ -346,6 +353,9 @@ class Gateway:
     def _on_control(self) -> None:
         while self.control.poll(0):
             frames = self.control.recv_multipart()
+            if frames[0] == OPERATOR_IDENTITY:
+                self._on_operator(frames[-1])
+                continue
             try:
                 msg = msgpack.unpackb(frames[-1], raw=False)
                 index = int(msg["stage"])
@@ -391,6 +401,21 @@ class Gateway:
                     continue  # not a step in flight: a stale or forged report
                 text = f"{stage.describe(self.plan)} could not run a step: {msg.get('message')}"
                 self._reply(self.scheduler.fail_group(group, INTERNAL, text))
+
+    def _on_operator(self, frame: bytes) -> None:
+        """An operator's message on the control socket (the dashboard's Requests view):
+        ``{"type": "cancel", "client": <the id's last 8 hex digits, as listed>, "id": <str>}``
+        ends that request as its own client's cancel would. Anything else is ignored."""
+        try:
+            msg = msgpack.unpackb(frame, raw=False)
+            kind, client, request_id = msg["type"], msg["client"], msg["id"]
+        except Exception:
+            return
+        if kind != "cancel" or not isinstance(client, str) or not isinstance(request_id, str):
+            return
+        active = self.scheduler.find(client, request_id)
+        if active is not None:
+            self._reply(self.scheduler.cancel(active.client, request_id))
 
     def _wire(self) -> None:
         """Once every stage said where it listens: chain gateway → 0 → … → N-1 → gateway."""
@@ -578,6 +603,7 @@ class Gateway:
         for identity, message in replies:
             if message.get("type") == "token":
                 self.window_tokens += len(message["token_ids"])
+            self.stats.on_reply(message)
             try:
                 self.client.send_multipart([identity, pack(message)], zmq.NOBLOCK)
             except zmq.ZMQError:
@@ -624,6 +650,8 @@ class Gateway:
                 "steps_in_flight": sched.in_flight,
             },
             "generated_tokens": sched.generated_tokens,
+            "request_list": sched.request_rows(),
+            "request_stats": self.stats.to_dict(),
             "time": time.time(),
         }
         self.status.send(msgpack.packb(message, use_bin_type=True))
@@ -674,6 +702,12 @@ def main(argv: list[str] | None = None) -> int:
         "--ray or --bind-host, which use TCP)",
     )
     parser.add_argument("--gateway-restarts", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--http-endpoint",
+        default=None,
+        help="HOST:PORT of the deployment's HTTP endpoint (served by runtime.serve.http beside "
+        "the gateway), recorded in the state file",
+    )
     parser.add_argument(
         "--beat-interval", type=float, default=BEAT_INTERVAL_S, help="stage heartbeat period, s"
     )
@@ -746,6 +780,7 @@ def _serve(
             deployment_started=args.deployment_started,
             gateway_restarts=args.gateway_restarts,
             internal_keys_dir=internal_keys_dir,
+            http_endpoint=args.http_endpoint,
         )
     except (RuntimeFailure, PlanValidationError, OSError, ValueError) as exc:
         title = getattr(exc, "title", "cannot start")

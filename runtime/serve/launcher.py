@@ -169,6 +169,10 @@ class LocalProcess:
         self.process.wait(timeout=10)
 
 
+API_KEY_ENV = "PQCTL_API_KEY"
+"""The environment variable holding the key the HTTP endpoint requires (unset: none)."""
+
+
 def child_env() -> dict[str, str]:
     """This process's environment, with the project root importable (runs from a checkout)."""
     env = dict(os.environ)
@@ -251,17 +255,23 @@ class GatewayLaunch:
     beat_interval_s: float | None = None  # stage heartbeat period (None: the default)
     beat_timeout_s: float | None = None  # silence after which a stage is lost (None: default)
     restart_window_s: float | None = None  # restarts counted over this window (None: default)
+    http: str | None = None  # HOST:PORT of the OpenAI-compatible HTTP endpoint (runtime.serve.http)
+    api_key: str | None = None  # the key the HTTP endpoint requires (passed in the environment)
 
     def argv(self) -> list[str]:
         """The supervisor's command line, the gateway's after its ``--``."""
         supervisor = [sys.executable, "-m", "runtime.serve.supervisor", "--name", self.name]
         supervisor += ["--restarts", str(MAX_RESTARTS if self.restarts is None else self.restarts)]
+        if self.http is not None:
+            supervisor += ["--http", self.http]
         window = RESTART_WINDOW_S if self.restart_window_s is None else self.restart_window_s
         return [*supervisor, "--restart-window", repr(window), "--", *self.gateway_argv()]
 
     def gateway_argv(self) -> list[str]:
         args = [sys.executable, "-m", "runtime.serve.gateway", "--plan", str(self.plan)]
         args += ["--name", self.name, "--endpoint", self.endpoint]
+        if self.http is not None:
+            args += ["--http-endpoint", self.http]
         if self.restarts is not None:
             args += ["--restarts", str(self.restarts)]
         if self.keys is not None:
@@ -294,8 +304,11 @@ def start_gateway(launch: GatewayLaunch, log: Path) -> subprocess.Popen[bytes]:
     """Start the deployment's supervisor (which starts the gateway and restarts it if it dies)
     in a session of its own, so that it outlives a detached caller and a Ctrl-C reaches it only
     when relayed; its output and the gateway's go to ``log``."""
+    env = child_env()
+    if launch.api_key:
+        env[API_KEY_ENV] = launch.api_key  # never on a command line (ps shows those)
     with open(log, "wb") as out:
-        return _spawn(launch.argv(), out, child_env(), new_session=True)
+        return _spawn(launch.argv(), out, env, new_session=True)
 
 
 def wait_for_gateway(

@@ -17,6 +17,7 @@ A group finishes when all its requests have; a request's rows stay in the group 
 from __future__ import annotations
 
 import collections
+import itertools
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +47,10 @@ from runtime.serve.textstream import Decoder, TextStream
 
 Reply = tuple[bytes, dict[str, Any]]
 Step = tuple[StepHeader, Tensor]
+RECENT_REQUESTS = 64
+"""Finished requests the status keeps listing after their running ones."""
+LISTED_WAITING = 256
+"""Waiting requests the status lists (the count covers all of them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +85,24 @@ class Active:
     generated: int = 0
     sent_ids: int = 0
     finished: str | None = None
+    ended: float | None = None
+
+    def row(self, now: float) -> dict[str, Any]:
+        """What the status lists of this request (the dashboard's Requests view)."""
+        state = self.finished or ("running" if self.admitted is not None else "waiting")
+        end = self.ended if self.ended is not None else now
+        decoding = end - self.first_token if self.first_token is not None else 0.0
+        return {
+            "id": self.request.id,
+            "client": self.client.hex()[-8:],
+            "state": state,
+            "prompt_tokens": len(self.prompt_ids),
+            "generated_tokens": self.generated,
+            "max_new_tokens": self.request.max_new_tokens,
+            "ttft_s": None if self.first_token is None else self.first_token - self.received,
+            "tokens_per_s": (self.generated - 1) / decoding if decoding > 0 else None,
+            "age_s": now - self.received,
+        }
 
 
 @dataclass(eq=False)
@@ -173,6 +196,7 @@ class Scheduler:
         self.seq = 0
         self.completed = 0
         self.generated_tokens = 0
+        self.recent: collections.deque[Active] = collections.deque(maxlen=RECENT_REQUESTS)
 
     # ----------------------------------------------------------------- requests
     def submit(self, client: bytes, request: GenerateRequest, prompt_ids: list[int]) -> None:
@@ -234,6 +258,27 @@ class Scheduler:
                     self.waiting.remove(active)
                 active.finished = "cancelled"
                 del self.by_key[key]
+                self._ended(active, self.clock())
+
+    def _ended(self, active: Active, now: float) -> None:
+        active.ended = now
+        self.recent.append(active)
+
+    def request_rows(self) -> list[dict[str, Any]]:
+        """Running requests, then waiting ones (the first :data:`LISTED_WAITING`), then the
+        last :data:`RECENT_REQUESTS` finished, newest first: each as :meth:`Active.row`."""
+        now = self.clock()
+        running = [a for a in self.by_key.values() if a.admitted is not None]
+        waiting = list(itertools.islice(self.waiting, LISTED_WAITING))
+        return [a.row(now) for a in (*running, *waiting, *reversed(self.recent))]
+
+    def find(self, client_tail: str, request_id: str) -> Active | None:
+        """The running or waiting request ``request_id`` of the connection whose id ends in
+        ``client_tail`` (as :meth:`Active.row` shows it)."""
+        for (client, rid), active in self.by_key.items():
+            if rid == request_id and client.hex().endswith(client_tail):
+                return active
+        return None
 
     @property
     def active_requests(self) -> int:
@@ -383,6 +428,7 @@ class Scheduler:
         self.by_key.pop((active.client, active.request.id), None)
         self.completed += 1
         now = self.clock()
+        self._ended(active, now)
         usage = Usage(
             len(active.prompt_ids),
             active.generated,
@@ -417,4 +463,5 @@ class Scheduler:
     def _error(self, active: Active, code: str, message: str) -> Reply:
         active.finished = "error"
         self.by_key.pop((active.client, active.request.id), None)
+        self._ended(active, self.clock())
         return active.client, error_reply(active.request.id, code, message)
