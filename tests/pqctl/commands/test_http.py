@@ -108,6 +108,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
         else:
             pytest.fail("the HTTP endpoint never reported healthy")
         assert DeploymentState.load(NAME, state).http_endpoint == f"127.0.0.1:{port}"
+        listed = _pqctl(state, "status", "--json", "--name", NAME)
+        assert [row["http"] for row in json.loads(listed.stdout)] == [f"{base}/v1"]
         yield Served(state, base)
     finally:
         down = _pqctl(state, "stop", "--name", NAME)
