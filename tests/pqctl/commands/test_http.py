@@ -8,6 +8,7 @@ import http.client
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -303,3 +304,51 @@ def test_metrics_speak_prometheus_with_vllm_names(served: Served) -> None:
             ), (stage, source)
     bad = _http(served.base, "POST", "/v1/completions", {"model": "bard-tiny", "prompt": "x"}, KEY)
     assert bad[0] == 200  # max_tokens defaults to OpenAI's 16
+
+
+def test_while_a_stage_restarts_requests_get_503_then_are_served_again(served: Served) -> None:
+    """Last in this module: it kills a stage of the shared deployment."""
+    listed = json.loads(_pqctl(served.state, "status", "--json", "--name", NAME).stdout)
+    stage_pid = listed[0]["stages"][1]["pid"]
+    os.kill(stage_pid, signal.SIGKILL)
+    body = {"model": "bard-tiny", "prompt": "ROMEO:", "max_tokens": 2}
+    statuses = set()
+    deadline = time.monotonic() + 20
+    while 503 not in statuses:
+        assert time.monotonic() < deadline, statuses
+        status, text = _http(served.base, "POST", "/v1/completions", body, KEY)
+        statuses.add(status)
+        assert status in (200, 503), text
+        if status == 503:
+            error = json.loads(text)["error"]
+            assert error["type"] == "service_unavailable", error
+            if error["code"] == "stage_failed":  # it was in flight: the error names the stage
+                assert "stage 1" in error["message"], error
+                statuses.discard(503)  # go on until one is refused while the stage restarts
+            else:
+                assert error["code"] == "unavailable" and "recovering" in error["message"]
+                assert _http(served.base, "GET", "/health")[0] == 503
+    deadline = time.monotonic() + 90
+    while _http(served.base, "GET", "/health")[0] != 200:
+        assert time.monotonic() < deadline, "the stage was not restarted"
+        time.sleep(0.3)
+    answer = served.client().completions.create(model="bard-tiny", prompt="KING:", max_tokens=3)
+    assert answer.choices[0].finish_reason in ("length", "stop")
+    assert re.search(r'pqctl:stage_restarts_total\{[^}]*stage="1"[^}]*\} 1\.0', served.metrics())
+
+
+def test_gateway_errors_become_openai_statuses() -> None:
+    """Every code of the client protocol maps to the status OpenAI's API uses for it."""
+    from runtime.serve.http import APIError
+    from runtime.serve.protocol import ERROR_CODES
+
+    expected = {"overloaded": 429, "stage_failed": 503, "replanning": 503, "shutting_down": 503}
+    expected |= {"bad_field": 400, "prompt_too_long": 400, "internal": 500}
+    for code in ERROR_CODES:
+        error = APIError.from_reply({"type": "error", "code": code, "message": "m"})
+        assert error.status in (400, 404, 413, 429, 500, 503), code
+        assert error.status == expected.get(code, error.status), code
+    field = APIError.from_reply(
+        {"code": "bad_field", "field": "max_new_tokens", "message": "max_new_tokens must be …"}
+    )
+    assert (field.param, field.message) == ("max_tokens", "max_tokens must be …")
