@@ -41,3 +41,9 @@ class InfeasiblePlanError(PlannerError):
     """No plan fits the cluster under the workload and quality target; says why."""
 
     title = "no feasible plan"
+
+
+class SolveCancelledError(PlannerError):
+    """The search was cancelled (``SearchOptions.cancel`` was set) before it finished."""
+
+    title = "solve cancelled"

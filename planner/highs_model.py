@@ -12,12 +12,14 @@ import contextlib
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import highspy
 import numpy as np
+from highspy.highs import HighsCallbackEvent
 
 INF = highspy.kHighsInf
 GIB = float(1024**3)
@@ -53,12 +55,15 @@ _absorb_banner()
 
 @dataclass(frozen=True, slots=True)
 class SolveOptions:
-    """Solver settings: time limit (s), relative MIP gap, incumbent cutoff, log output."""
+    """Solver settings: time limit (s), relative MIP gap, incumbent cutoff, log output, and
+    ``cancel``: once set, HiGHS stops at its next interrupt check (status "Interrupted by
+    user"), through its simplex, IPM and MIP interrupt callbacks."""
 
     time_limit_s: float = 10.0
     mip_rel_gap: float = 1e-4
     cutoff: float = math.inf
     verbose: bool = False
+    cancel: threading.Event | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +169,8 @@ class SparseModel:
             ("solver", solver),
         ):
             h.setOptionValue(name, value)
+        if options.cancel is not None:
+            _interrupt_on(h, options.cancel)
         self.to_highs(h, integer)
         if math.isfinite(options.cutoff):
             self._add_cutoff_row(h, options.cutoff)
@@ -185,6 +192,18 @@ class SparseModel:
         return self.solve(
             SolveOptions(time_limit_s=INF), integer=[False] * len(self.lb), solver="simplex"
         )
+
+
+def _interrupt_on(h: highspy.Highs, cancel: threading.Event) -> None:
+    """Make ``h`` stop at its next interrupt check once ``cancel`` is set."""
+
+    def interrupt(event: HighsCallbackEvent) -> None:
+        if cancel.is_set():
+            event.interrupt()
+
+    h.cbSimplexInterrupt += interrupt
+    h.cbIpmInterrupt += interrupt
+    h.cbMipInterrupt += interrupt
 
 
 def _solved(h: highspy.Highs, elapsed: float, mip: bool) -> Solved:

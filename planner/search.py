@@ -44,7 +44,7 @@ from planner.arrangement import best_arrangement
 from planner.baselines import BaselinePlan, all_baselines
 from planner.cluster import DeviceSpec
 from planner.diagnose import why_infeasible
-from planner.errors import InfeasiblePlanError
+from planner.errors import InfeasiblePlanError, SolveCancelledError
 from planner.highs_model import SolveOptions
 from planner.milp import QualityForm
 from planner.partition_milp import LayerUnits, PartitionMilp
@@ -71,6 +71,11 @@ class SearchOptions:
             consecutive layers are grouped (its plan stays valid; its bound is not used).
         max_orders: refine over every pipeline order when there are at most this many.
         verbose: print HiGHS's log.
+        cancel: once set (from another thread), the search stops and raises
+            SolveCancelledError: HiGHS is interrupted at its next interrupt check, usually
+            within a tenth of a second; its sub-MIP heuristics check none, so the root node of
+            a large MILP can run on for a few seconds (the dashboard, which must stop within a
+            second, also kills the process it searches in).
     """
 
     time_limit_s: float = 60.0
@@ -78,6 +83,7 @@ class SearchOptions:
     max_unit_binaries: int = 4000
     max_orders: int = 24
     verbose: bool = False
+    cancel: threading.Event | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,7 @@ class _Search:
                 for pair in sorted(pairs, key=lambda p: p.bound):
                     if pair.solved and not self._beaten(pair.bound) and not self.tally.timed_out:
                         self._bound_other_orders(pair, form)
+        self._check_cancelled()  # an interrupted MILP proves nothing
         for pair in pairs:
             exact = min((f.result() for f in pair.exact), default=math.inf)
             pair.bound = max(pair.bound, min(pair.bounded, exact))
@@ -247,7 +254,13 @@ class _Search:
         """Nothing at or above ``bound`` can beat the incumbent by more than the gap."""
         return bound >= self.objective * (1 - self.options.mip_rel_gap)
 
+    def _check_cancelled(self) -> None:
+        if self.options.cancel is not None and self.options.cancel.is_set():
+            raise SolveCancelledError("the solve was cancelled")
+
     def _left(self) -> float:
+        """Seconds left of the time limit; raises SolveCancelledError once cancelled."""
+        self._check_cancelled()
         left = self.options.time_limit_s - (time.perf_counter() - self.started)
         if left <= 0:
             self.tally.timed_out = True
@@ -258,7 +271,7 @@ class _Search:
         limit on a large model: it gets the time left less a margin for that."""
         o, left = self.options, self._left()
         limit = max(left * 0.95 - 0.05, 1e-3)
-        return SolveOptions(limit, o.mip_rel_gap, self.objective * (1 + 1e-9), o.verbose)
+        return SolveOptions(limit, o.mip_rel_gap, self.objective * (1 + 1e-9), o.verbose, o.cancel)
 
     def _solved(self, extra: int = 0, finished: bool = True) -> None:
         with self.lock:
@@ -483,15 +496,19 @@ def _order_search(problem: PlanningProblem, pairs: Sequence[_Pair], tally: _Tall
     hosts = len({d.host for d in problem.cluster.devices})
     method = "in the MILP" + (f", then {tally.refinement}" if tally.refinement else "")
     solved = sum(p.solved for p in pairs)
+    hosts_text = (
+        f"{hosts} hosts kept contiguous, their order chosen by the solver"
+        if hosts > 1
+        else "one host"
+    )
     note = (
-        f"{hosts} host{'s' * (hosts != 1)} kept contiguous, their order chosen by the MILP; "
-        f"{len(pairs)} micro-batch pairs: {solved} solved, {tally.pruned_pairs} pruned by their "
-        "LP bound"
+        f"{hosts_text}; {len(pairs)} pairs of micro-batch sizes: {solved} solved in full, "
+        f"{tally.pruned_pairs} ruled out by a bound"
     )
     if tally.refinement:
         note += (
-            f"; {tally.orders} fixed orders bounded, {tally.pruned_orders} pruned by their "
-            f"count-form bound, {tally.refined_orders} solved per layer"
+            f"; {tally.orders} fixed device orders bounded, {tally.pruned_orders} ruled out by "
+            f"that bound, {tally.refined_orders} solved layer by layer"
         )
     if tally.timed_out:
         note += "; stopped at the time limit"

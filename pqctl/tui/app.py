@@ -1,4 +1,4 @@
-"""The ``pqctl`` dashboard: the App wires the four views, themes, bindings and commands.
+"""The ``pqctl`` dashboard: the App wires the five views, themes, bindings and commands.
 
 Views own their workers (solving, sampling, launching, streaming); the App holds what they
 share (the planning session) and forwards their messages to each other.
@@ -23,23 +23,38 @@ from textual.worker import get_current_worker
 
 from planner.errors import PlannerError
 from pqctl.tui.launch import DEFAULT_ENDPOINT
-from pqctl.tui.messages import ClusterResolved, EndpointChanged, ExclusionChanged, PlanReady
+from pqctl.tui.messages import (
+    ClusterResolved,
+    DeploymentStarted,
+    EndpointChanged,
+    ExclusionChanged,
+    PlanReady,
+)
 from pqctl.tui.screens.help import HelpScreen
 from pqctl.tui.screens.path_dialog import PathDialog
 from pqctl.tui.settings import Settings, load_settings, save_settings, user_theme_dir
 from pqctl.tui.solver import PlanningSession
 from pqctl.tui.views.cluster import ClusterView
+from pqctl.tui.views.logs import LogsView
 from pqctl.tui.views.plan import PlanView
 from pqctl.tui.views.prompt import PromptView
 from pqctl.tui.views.serve import ServeView
+from pqctl.tui.widgets.field import ALT_DIGIT_KEYS
 from themes import BUILTIN_THEMES, DEFAULT_THEME, THEME_ALIASES, load_theme_dir
 
-TABS = (("cluster", "Cluster"), ("plan", "Plan"), ("serve", "Serve"), ("prompt", "Prompt"))
+TABS = (
+    ("cluster", "Cluster"),
+    ("plan", "Plan"),
+    ("serve", "Serve"),
+    ("prompt", "Prompt"),
+    ("logs", "Logs"),
+)
 FIRST_FOCUS = {
     "cluster": "#devices",
     "plan": "#model",
     "serve": "#stage-monitors",
     "prompt": "#prompt-text",
+    "logs": "#log-lines",
 }
 
 
@@ -52,7 +67,8 @@ class DashboardError(Exception):
 
 
 class PqctlApp(App[None]):
-    """Cluster, Plan, Serve and Prompt tabs over one planning session and one deployment."""
+    """Cluster, Plan, Serve, Prompt and Logs tabs over one planning session and one
+    deployment."""
 
     TITLE = "pqctl"
     SUB_TITLE = "plan and serve LLMs on heterogeneous clusters"
@@ -62,10 +78,12 @@ class PqctlApp(App[None]):
             Binding(str(n), f"show_tab('{tab}')", label, show=False)
             for n, (tab, label) in enumerate(TABS, 1)
         ),
-        *(
-            Binding(f"alt+{n}", f"show_tab('{tab}')", label, show=False)
-            for n, (tab, label) in enumerate(TABS, 1)
+        *(  # priority: they switch tabs from inside a text field too
+            Binding(f"alt+{n},{alt}", f"show_tab('{tab}')", label, show=False, priority=True)
+            for n, ((tab, label), alt) in enumerate(zip(TABS, ALT_DIGIT_KEYS, strict=True), 1)
         ),
+        Binding("ctrl+pagedown", "next_tab(1)", "Next tab", show=False, priority=True),
+        Binding("ctrl+pageup", "next_tab(-1)", "Previous tab", show=False, priority=True),
         Binding("x", "exclude", "Exclude device"),
         Binding("f5", "solve", "Solve"),
         Binding("l", "launch", "Launch"),
@@ -144,7 +162,7 @@ class PqctlApp(App[None]):
                     yield self._view(tab)
         yield Footer()
 
-    def _view(self, tab: str) -> ClusterView | PlanView | ServeView | PromptView:
+    def _view(self, tab: str) -> ClusterView | PlanView | ServeView | PromptView | LogsView:
         if tab == "cluster":
             return ClusterView(id="cluster-view")
         if tab == "plan":
@@ -152,6 +170,8 @@ class PqctlApp(App[None]):
         if tab == "serve":
             self.serve = ServeView(self.endpoint, id="serve-view")  # outlives the DOM at exit
             return self.serve
+        if tab == "logs":
+            return LogsView(id="logs-view")
         return PromptView(id="prompt-view")
 
     def on_mount(self) -> None:
@@ -195,6 +215,10 @@ class PqctlApp(App[None]):
     def action_show_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
         self._focus_tab(tab)
+
+    def action_next_tab(self, step: int) -> None:
+        names = [tab for tab, _ in TABS]
+        self.action_show_tab(names[(names.index(self.active_tab) + step) % len(names)])
 
     def _focus_tab(self, tab: str) -> None:
         self.query_one(FIRST_FOCUS[tab]).focus()
@@ -246,6 +270,9 @@ class PqctlApp(App[None]):
         self.cluster_view.sources.update(message.sources)  # the planned model's figures
         self.cluster_view.set_plan_devices(stage_of)
         self.serve_view.set_plan(message.plan)
+
+    def on_deployment_started(self, message: DeploymentStarted) -> None:
+        self.query_one(LogsView).show_dir(message.launched.log_dir)
 
     def on_endpoint_changed(self, message: EndpointChanged) -> None:
         self.prompt_view.set_endpoint(message.endpoint, message.name, message.max_new_tokens)
@@ -378,5 +405,6 @@ def run_dashboard(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        app.session.close()  # the solver process
         if app.serve is not None:
             app.serve.stop_now()  # never leave the deployment behind, however the app ended

@@ -113,20 +113,23 @@ class DeploymentSnapshot(Message):
 
 @dataclass
 class TokensArrived(Message):
-    """Streamed text of request ``request``."""
+    """Streamed text of prompt ``index`` of send number ``request``."""
 
     request: int
     text: str
+    index: int = 0
 
 
 @dataclass
 class GenerationEnded(Message):
-    """Request ``request`` finished (``usage`` and ``finish_reason``) or failed (``error``)."""
+    """Prompt ``index`` of send number ``request`` finished (``usage`` and ``finish_reason``)
+    or failed (``error``)."""
 
     request: int
     finish_reason: str = ""
     usage: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    index: int = 0
 
 
 @dataclass

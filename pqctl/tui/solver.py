@@ -2,8 +2,9 @@
 
 Resolving this host measures its CPU (about a second), so :class:`PlanningSession` keeps the
 resolved cluster and the models it has read, and builds each new problem from them the way
-:func:`pqctl.plan_inputs.build_problem` does. Everything here blocks: the dashboard calls it from a
-thread worker.
+:func:`pqctl.plan_inputs.build_problem` does. The search itself runs in a child process
+(:mod:`pqctl.tui.solver_process`), so that a cancelled one stops using the CPU at once.
+Everything here blocks: the dashboard calls it from a thread worker.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from planner.cost_model import default_group_size
-from planner.make_plan import make_plan
 from planner.model_spec import ModelSpec
 from planner.plan import Plan
 from planner.problem import PlanningProblem
@@ -31,6 +31,7 @@ from pqctl.plan_inputs import (
     resolve_cluster,
     resolve_model,
 )
+from pqctl.tui.solver_process import SolverProcess
 from runtime.model.assets import BUILTIN_MODEL_NAME
 
 
@@ -64,6 +65,11 @@ class PlanningSession:
         self._resolved: ResolvedCluster | None = None
         self._models: dict[str, ModelSpec] = {}
         self._profiles: list[LatencyProfile] | None = None
+        self.solver = SolverProcess()
+
+    def close(self) -> None:
+        """Stop the solver process (a later solve starts a new one)."""
+        self.solver.close()
 
     def resolved(self) -> ResolvedCluster:
         """The cluster (resolved on first use; measuring this host takes about a second).
@@ -120,29 +126,35 @@ class PlanningSession:
         request: PlanRequest,
         options: SearchOptions | None = None,
         progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
     ) -> SolvedPlan:
-        """Build the problem and search it (blocks; cannot be interrupted mid-MILP).
+        """Build the problem and search it in the solver process (blocks until the plan, an
+        error, or shortly after ``cancel`` is set).
 
         Raises:
-            PlannerError: bad input, or no feasible plan (InfeasiblePlanError says why).
+            PlannerError: bad input, or no feasible plan (InfeasiblePlanError says why);
+                SolveCancelledError once ``cancel`` is set.
+            SolverProcessError: the solver process died.
         """
         started = time.perf_counter()
         problem, target, notes = self.problem(request)
-        plan = make_plan(problem, options or SearchOptions(time_limit_s=30.0), progress)
+        options = options or SearchOptions(time_limit_s=30.0)
+        plan = self.solver.solve(problem, options, progress, cancel)
         plan = record_ppl_target(plan, target)
         plan = replace(plan, notes=plan.notes + self.resolved().notes + tuple(notes))
         return SolvedPlan(plan, figures_source(problem), time.perf_counter() - started)
 
 
 class SolveJob:
-    """One search on a daemon thread, so that an abandoned search (HiGHS cannot be interrupted
-    mid-MILP) never holds up the dashboard, not even its exit. Read ``result`` or ``error``
-    once ``done`` is set."""
+    """One search on a daemon thread, so that the dashboard never waits for it, not even at
+    exit; :meth:`cancel` stops it (its process stops computing within a second). Read
+    ``result`` or ``error`` once ``done`` is set."""
 
     def __init__(
         self, session: PlanningSession, request: PlanRequest, progress: ProgressFn | None = None
     ) -> None:
         self.done = threading.Event()
+        self.cancelled = threading.Event()
         self.result: SolvedPlan | None = None
         self.error: BaseException | None = None
         self._thread = threading.Thread(
@@ -154,8 +166,12 @@ class SolveJob:
         self, session: PlanningSession, request: PlanRequest, progress: ProgressFn | None
     ) -> None:
         try:
-            self.result = session.solve(request, progress=progress)
+            self.result = session.solve(request, progress=progress, cancel=self.cancelled)
         except BaseException as exc:  # handed to the waiting worker, which reports it
             self.error = exc
         finally:
             self.done.set()
+
+    def cancel(self) -> None:
+        """Stop the search: it ends with SolveCancelledError shortly."""
+        self.cancelled.set()

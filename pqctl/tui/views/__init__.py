@@ -1,1 +1,1 @@
-"""The dashboard's four views (tabs): Cluster, Plan, Serve and Prompt."""
+"""The dashboard's five views (tabs): Cluster, Plan, Serve, Prompt and Logs."""

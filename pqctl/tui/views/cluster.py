@@ -10,7 +10,6 @@ from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.markup import escape
 from textual.widgets import DataTable, Static
 from textual.worker import get_current_worker
 
@@ -18,12 +17,12 @@ from planner.cluster import ClusterSpec, DeviceSpec
 from pqctl.plan_inputs import ResolvedCluster
 from pqctl.tui.messages import DeviceSamples, ExclusionChanged
 from pqctl.tui.telemetry import DeviceSample, HostSampler, RaySampler
-from pqctl.tui.widgets.figures import bar, human_bytes, level_style, spark
+from pqctl.tui.widgets.figures import bar, count, human_bytes, level_style, markup_escape, spark
 from pqctl.tui.widgets.theme_styles import theme_style
 
 HISTORY = 60
 SAMPLE_INTERVAL_S = 1.0
-COLUMNS = (  # most telling first: at 80 columns the last ones scroll out of view
+COLUMNS = (  # label, key; most telling first
     ("device", "device"),
     ("role", "role"),
     ("type", "type"),
@@ -33,15 +32,14 @@ COLUMNS = (  # most telling first: at 80 columns the last ones scroll out of vie
     ("bits", "bits"),
     ("figures", "figures"),
 )
+NARROW = ("device", "role", "type", "memory", "util")
+"""The columns shown when all of them do not fit (80 columns): the precisions and the figures'
+source of the selected device are in the detail line below the table, whatever the width."""
 SPARK_WIDTH = 6
 ROLE_WIDTH = 8
 """The role column's fixed width: its widest values ("stage 12", "excluded") fit. Measured
 widths follow content only once the table is idle, which a busy dashboard may not be for a
 while (a real terminal once showed "stag" for a minute)."""
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 class ClusterView(Vertical):
@@ -62,14 +60,51 @@ class ClusterView(Vertical):
         self.samples: dict[str, DeviceSample] = {}
         self.util_history: dict[str, deque[float | None]] = {}
         self.memory_history: dict[str, deque[float | None]] = {}
+        self.shown: tuple[str, ...] = tuple(key for _, key in COLUMNS)
 
     def compose(self) -> ComposeResult:
         yield Static("resolving the cluster…", id="cluster-title")
         table: DataTable[object] = DataTable(id="devices", cursor_type="row", zebra_stripes=True)
-        for label, key in COLUMNS:  # the role ("stage 12", "excluded") never waits for a resize
-            table.add_column(label, key=key, width=ROLE_WIDTH if key == "role" else None)
+        self._add_columns(table)
         yield table
         yield Static("", id="device-detail")
+
+    def _add_columns(self, table: DataTable[object]) -> None:
+        for label, key in COLUMNS:  # the role ("stage 12", "excluded") never waits for a resize
+            if key in self.shown:
+                table.add_column(label, key=key, width=ROLE_WIDTH if key == "role" else None)
+
+    def on_resize(self) -> None:
+        self._fit_columns()
+
+    def _fit_columns(self) -> None:
+        """Every column where they all fit the view's width, else the NARROW ones (the table
+        is rebuilt when that changes)."""
+        wanted = tuple(key for _, key in COLUMNS)
+        if self._table_width(wanted) > self.size.width:
+            wanted = NARROW
+        if wanted == self.shown:
+            return
+        self.shown = wanted
+        table = self.query_one("#devices", DataTable)
+        row = table.cursor_row
+        table.clear(columns=True)
+        self._add_columns(table)
+        for device in self.devices:
+            cells = self._cells(device)
+            table.add_row(*(cells[key] for key in self.shown), key=device.key)
+        if self.devices:
+            table.move_cursor(row=min(row, len(self.devices) - 1))
+
+    def _table_width(self, keys: tuple[str, ...]) -> int:
+        """Cells a table of these columns takes: widest cell or label, padding, scroll bar."""
+        widths = {key: len(label) for label, key in COLUMNS}
+        widths["role"] = ROLE_WIDTH
+        for device in self.devices:
+            for key, cell in self._cells(device).items():
+                width = cell.cell_len if isinstance(cell, Text) else len(str(cell))
+                widths[key] = max(widths[key], width)
+        return sum(widths[key] + 2 for key in keys) + 6  # scroll bar, and room for samples
 
     def on_mount(self) -> None:
         self.app.theme_changed_signal.subscribe(self, lambda _theme: self._refresh_rows())
@@ -84,10 +119,10 @@ class ClusterView(Vertical):
         self.resolved, self.sources = resolved, sources
         cluster = resolved.cluster
         hosts = len({d.host for d in cluster.devices})
-        notes = "".join(f"\n[$warning]{escape(n)}[/]" for n in resolved.notes)
+        notes = "".join(f"\n[$warning]{markup_escape(n)}[/]" for n in resolved.notes)
         self.query_one("#cluster-title", Static).update(
-            f"[b]{escape(cluster.name)}[/] from {escape(resolved.source)} · "
-            f"{_count(hosts, 'host')} · {_count(len(cluster.devices), 'device')} · x excludes a "
+            f"[b]{markup_escape(cluster.name)}[/] from {markup_escape(resolved.source)} · "
+            f"{count(hosts, 'host')} · {count(len(cluster.devices), 'device')} · x excludes a "
             f"device{_links_line(cluster)}{notes}"
         )
         table = self.query_one("#devices", DataTable)
@@ -95,7 +130,9 @@ class ClusterView(Vertical):
         for device in cluster.devices:
             self.util_history[device.key] = deque(maxlen=HISTORY)
             self.memory_history[device.key] = deque(maxlen=HISTORY)
-            table.add_row(*self._cells(device), key=device.key)
+            cells = self._cells(device)
+            table.add_row(*(cells[key] for key in self.shown), key=device.key)
+        self._fit_columns()
         self._show_detail()
         self.sample_devices([d.key for d in cluster.devices])
 
@@ -124,11 +161,13 @@ class ClusterView(Vertical):
         for device in self.devices:
             if wanted is not None and device.key not in wanted:
                 continue
-            for (_, column), cell in zip(COLUMNS, self._cells(device), strict=True):
-                table.update_cell(device.key, column, cell, update_width=True)
+            cells = self._cells(device)
+            for column in self.shown:
+                table.update_cell(device.key, column, cells[column], update_width=True)
         self._show_detail()
 
-    def _cells(self, device: DeviceSpec) -> list[object]:
+    def _cells(self, device: DeviceSpec) -> dict[str, object]:
+        """The row of ``device``, by column key."""
         key = device.key
         excluded = key in self.excluded
         muted = theme_style(self.app, "text-muted")
@@ -147,16 +186,18 @@ class ClusterView(Vertical):
             spark(list(util), SPARK_WIDTH, 100.0), style=theme_style(self.app, "primary")
         )
         util_text.append(f" {last_util:3.0f}%" if last_util is not None else " N/A", style=muted)
-        return [
-            name,
-            role,
-            Text(device.type.name, style=muted),
-            self._memory_cell(device, sample),
-            util_text,
-            Text(spark(list(mem), SPARK_WIDTH, 1.0), style=theme_style(self.app, "secondary")),
-            " ".join(str(b) for b in sorted(device.type.supported_bits, reverse=True)),
-            self.sources.get(key, "datasheet"),
-        ]
+        return {
+            "device": name,
+            "role": role,
+            "type": Text(device.type.name, style=muted),
+            "memory": self._memory_cell(device, sample),
+            "util": util_text,
+            "mem_trend": Text(
+                spark(list(mem), SPARK_WIDTH, 1.0), style=theme_style(self.app, "secondary")
+            ),
+            "bits": " ".join(str(b) for b in sorted(device.type.supported_bits, reverse=True)),
+            "figures": self.sources.get(key, "datasheet"),
+        }
 
     def _memory_cell(self, device: DeviceSpec, sample: DeviceSample | None) -> Text:
         total = sample.memory_total_bytes if sample and sample.memory_total_bytes else None
@@ -178,10 +219,11 @@ class ClusterView(Vertical):
         t = d.type
         fast = "/".join(str(b) for b in sorted(t.fast_kernel_bits, reverse=True)) or "none"
         bits = "/".join(str(b) for b in sorted(t.supported_bits, reverse=True))
+        memory = f"{t.memory_bytes / 2**30:,.1f} GiB, usable {t.usable_memory_bytes / 2**30:,.1f}"
         self.query_one("#device-detail", Static).update(
-            f"[b]{escape(d.key)}[/] {escape(t.name)} ({t.kind}): {t.memory_bytes / 2**30:,.1f} "
-            f"GiB, usable {t.usable_memory_bytes / 2**30:,.1f} · {t.memory_bandwidth_gb_s:,.0f} "
-            f"GB/s · fp16 {t.fp16_tflops:.4g} TFLOPS · runs {bits} bits (fast kernels {fast})"
+            f"[b]{markup_escape(d.key)}[/] {markup_escape(t.name)} ({t.kind}): {memory} · "
+            f"{t.memory_bandwidth_gb_s:,.0f} GB/s · fp16 {t.fp16_tflops:.4g} TFLOPS · "
+            f"runs {bits} bits (fast kernels {fast})"
             f" · latency figures: {self.sources.get(d.key, 'datasheet')}"
             + (" · [$warning]excluded from planning[/]" if d.key in self.excluded else "")
         )
@@ -250,7 +292,7 @@ def _links_line(cluster: ClusterSpec) -> str:
         for b in names[i + 1 :]:
             link = cluster.between(a, b)
             parts.append(
-                f"{escape(a)}↔{escape(b)} {link.bandwidth_gb_s * 8:,.1f} Gbit/s "
+                f"{markup_escape(a)}↔{markup_escape(b)} {link.bandwidth_gb_s * 8:,.1f} Gbit/s "
                 f"{link.latency_s * 1e6:,.0f} µs"
             )
     return "\nlinks: " + " · ".join(parts) if parts else ""

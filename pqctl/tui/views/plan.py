@@ -1,18 +1,20 @@
 """Plan view: model, workload and quality target in; the pipeline and the baselines out.
 
-Solving runs in a thread worker (HiGHS cannot be interrupted mid-MILP): a newer request or a
-cancel bumps ``generation``, and results of older generations are dropped when they arrive.
+Solving runs in a thread worker, the search itself in the solver process
+(:mod:`pqctl.tui.solver_process`): a newer request or a cancel bumps ``generation`` and stops the
+running search (its CPU use ends within a second); results of older generations are dropped.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import ClassVar
 
 from textual import work
 from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.markup import escape
 from textual.suggester import SuggestFromList
 from textual.widgets import DataTable, Input, Label, ProgressBar, Static
 from textual.worker import get_current_worker
@@ -24,7 +26,8 @@ from pqctl.plan_inputs import DEFAULT_WORKLOAD, PlanRequest
 from pqctl.tui.messages import PlanReady, SolveFinished, SolveProgress
 from pqctl.tui.solver import PlanningSession, SolveJob
 from pqctl.tui.widgets.bits_strip import BitsLegend
-from pqctl.tui.widgets.figures import human_rate
+from pqctl.tui.widgets.field import Field
+from pqctl.tui.widgets.figures import count, human_rate, markup_escape
 from pqctl.tui.widgets.stage_card import StageCard
 from runtime.model.assets import BUILTIN_MODEL_NAME
 
@@ -35,6 +38,9 @@ FIELDS = (  # input id, label, width, placeholder
     ("max-new", "new", 5, str(DEFAULT_WORKLOAD["max_new"])),
     ("quality", "quality", 7, "0.05"),
 )
+QUALITY_CHARACTERS = r"[0-9.eE+-]*%?"
+"""What the quality field accepts as it is typed: a Σω budget (0.05) or a perplexity increase
+(1%): a text field, since a number field refuses the "%"."""
 OMEGA_DEFAULT, PPL_DEFAULT = "0.05", "1%"
 """The quality target when the field is empty: a 1 % perplexity increase where the model has
 calibration with a perplexity mapping, else a Σω budget of 0.05 (about uniform 4 bits)."""
@@ -63,7 +69,13 @@ def bottlenecks(plan: Plan) -> dict[int, str]:
 
 
 class PlanView(Vertical):
-    """Enter in any field (or F5) solves; Esc cancels; the result replaces the last plan."""
+    """Enter in any field (or F5) solves; Esc cancels; the result replaces the last plan;
+    PageUp/PageDown scroll the result from the form too."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("pagedown", "page(1)", "Page down", show=False),
+        Binding("pageup", "page(-1)", "Page up", show=False),
+    ]
 
     DEFAULT_CSS = """
     PlanView #plan-form { height: auto; padding: 0 1; }
@@ -88,18 +100,20 @@ class PlanView(Vertical):
         self.excluded: frozenset[str] = frozenset()
         self.plan: Plan | None = None
         self.sources: dict[str, str] = {}
+        self.job: SolveJob | None = None  # the latest search
 
     def compose(self) -> ComposeResult:
         models = [BUILTIN_MODEL_NAME, *example_model_names()]
         with Horizontal(id="plan-form"):
             for field, label, width, placeholder in FIELDS:
                 yield Label(label)
-                box = Input(
+                box = Field(
                     placeholder=placeholder,
                     id=field,
                     compact=True,
                     suggester=SuggestFromList(models) if field == "model" else None,
-                    type="text" if field == "model" else "number",
+                    type="text" if field in ("model", "quality") else "number",
+                    restrict=QUALITY_CHARACTERS if field == "quality" else None,
                 )
                 box.styles.width = width
                 yield box
@@ -119,6 +133,18 @@ class PlanView(Vertical):
     def on_mount(self) -> None:
         if self.initial_model:
             self.query_one("#model", Input).value = self.initial_model
+
+    def on_unmount(self) -> None:
+        if self.job is not None:
+            self.job.cancel()
+        self.session.close()
+
+    def action_page(self, pages: int) -> None:
+        result = self.query_one("#plan-result", VerticalScroll)
+        if pages > 0:
+            result.scroll_page_down(animate=False)
+        else:
+            result.scroll_page_up(animate=False)
 
     # ----------------------------------------------------------------- the request
     def _number(self, field: str, kind: type[int] | type[float]) -> int | float | None:
@@ -206,7 +232,7 @@ class PlanView(Vertical):
         try:
             request = self.request()
         except PlanFormError as exc:
-            self._status(f"[$error]{escape(str(exc))}[/]")
+            self._status(f"[$error]{markup_escape(str(exc))}[/]")
             self.query_one(f"#{exc.field}", Input).focus()
             return
         self.generation += 1
@@ -238,10 +264,11 @@ class PlanView(Vertical):
             if not worker.is_cancelled:
                 self.post_message(SolveProgress(generation, done, total))
 
-        job = SolveJob(self.session, request, progress)
+        self.job = job = SolveJob(self.session, request, progress)
         while not job.done.wait(0.05):
             if worker.is_cancelled:
-                return  # the search finishes on its own thread; its result is dropped
+                job.cancel()  # the search stops in its process; whatever it returns is dropped
+                return
         error, solved = job.error, job.result
         if isinstance(error, PlannerError):
             result = SolveFinished(generation, error_title=error.title, error=error.msg)
@@ -266,7 +293,9 @@ class PlanView(Vertical):
             return  # cancelled or superseded
         self.query_one("#solve-progress", ProgressBar).remove_class("-solving")
         if message.plan is None:
-            self._status(f"[$error]{escape(message.error_title)}:[/] {escape(message.error)}")
+            self._status(
+                f"[$error]{markup_escape(message.error_title)}:[/] {markup_escape(message.error)}"
+            )
             return
         self.show_plan(message.plan, message.sources, f"solved in {message.elapsed_s:.2f} s")
 
@@ -277,7 +306,7 @@ class PlanView(Vertical):
     def show_plan(self, plan: Plan, sources: dict[str, str], origin: str) -> None:
         """Render ``plan`` and tell the app (Serve launches it, Cluster marks its devices)."""
         self.plan, self.sources = plan, sources
-        self._status(f"[$success]{escape(origin)}[/]")
+        self._status(f"[$success]{markup_escape(origin)}[/]")
         self.query_one("#plan-summary", Static).update(self._summary(plan, sources))
         stages = self.query_one("#stages", Vertical)
         stages.remove_children()
@@ -305,15 +334,15 @@ class PlanView(Vertical):
         profiled = [k for k in used if sources.get(k) == "profile"]
         figures = f"profile for {', '.join(profiled)}" if profiled else "datasheet"
         return (
-            f"[b]{escape(plan.model.source)}[/] · {len(plan.stages)} stages · [b $success]"
-            f"{human_rate(p.throughput_tokens_per_s)} tokens/s[/] predicted · batch "
+            f"[b]{markup_escape(plan.model.source)}[/] · {count(len(plan.stages), 'stage')} · "
+            f"[b $success]{human_rate(p.throughput_tokens_per_s)} tokens/s[/] predicted · batch "
             f"{w.global_batch}, prompt {w.prompt_len}, new {w.expected_new_tokens}/"
             f"{w.max_new_tokens}\nprefill {p.prefill_s:,.3f} s + decode {p.decode_s:,.3f} s · "
             f"micro-batches {m.prefill_size}/{m.decode_size} · Σω {q.omega_sum:.4f} {budget}"
-            f"{calibrated}\nsolver {escape(s.status)}, gap {s.gap_text}, {s.milps_solved} "
-            f"MILP{'s' * (s.milps_solved != 1)}, {s.time_s:.2f} s · latency figures: "
-            f"{escape(figures)}"
-            + "".join(f"\n[$text-muted]note: {escape(n)}[/]" for n in plan.notes)
+            f"{calibrated}\nsolver {markup_escape(s.status)}, gap {s.gap_text}, "
+            f"{count(s.milps_solved, 'MILP')}, {s.time_s:.2f} s · latency figures: "
+            f"{markup_escape(figures)}"
+            + "".join(f"\n[$text-muted]note: {markup_escape(n)}[/]" for n in plan.notes)
         )
 
     def _fill_baselines(self, plan: Plan) -> None:

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any
+from typing import Any, ClassVar
 
 from textual import work
 from textual.app import ComposeResult
+from textual.binding import Binding, BindingType
 from textual.containers import Vertical, VerticalScroll
-from textual.markup import escape
 from textual.widgets import Log, Static
 from textual.worker import get_current_worker
 
@@ -29,7 +29,8 @@ from pqctl.tui.messages import (
     DeploymentStopped,
     EndpointChanged,
 )
-from pqctl.tui.widgets.figures import human_rate, spark
+from pqctl.tui.widgets.figures import count, human_rate, markup_escape, spark
+from pqctl.tui.widgets.stage_chart import PHASES, StageChart, StageSeries
 from pqctl.tui.widgets.stage_monitor import StageMonitor
 from runtime.serve.monitor import Monitor, predicted_rates
 
@@ -37,12 +38,15 @@ SNAPSHOT_INTERVAL_S = 0.5
 
 
 class ServeView(Vertical):
-    """``l`` launches the current plan, ``s`` stops the deployment."""
+    """``l`` launches the current plan, ``s`` stops the deployment, ``c`` shows the decode
+    chart, then the prefill chart, then none."""
 
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("c", "cycle_chart", "Chart")]
     DEFAULT_CSS = """
     ServeView #serve-status { height: auto; padding: 0 1; }
     ServeView #serve-requests { height: auto; padding: 0 1; color: $text-muted; }
     ServeView #stage-monitors { height: 1fr; padding: 0 1; }
+    ServeView #serve-chart { height: 1fr; }
     ServeView #serve-log { height: 5; border-top: solid $panel; }
     """
 
@@ -57,11 +61,13 @@ class ServeView(Vertical):
         self.monitors: dict[int, StageMonitor] = {}
         self.generation_rate: deque[float | None] = deque(maxlen=60)
         self.last_generated: tuple[float, int] | None = None
+        self.chart_phase: str | None = PHASES[0]
 
     def compose(self) -> ComposeResult:
         yield Static("no plan yet: solve or load one on the Plan tab", id="serve-status")
         yield Static("", id="serve-requests")
         yield VerticalScroll(id="stage-monitors")
+        yield StageChart(id="serve-chart")
         yield Log(id="serve-log", max_lines=500)
 
     def on_mount(self) -> None:
@@ -87,6 +93,34 @@ class ServeView(Vertical):
         for monitor in self.monitors.values():
             monitor.state = state
         container.mount_all(self.monitors.values())
+        self._show_chart()
+
+    def action_cycle_chart(self) -> None:
+        """Decode chart, prefill chart, no chart (the monitors get the room)."""
+        order = [*PHASES, None]
+        self.chart_phase = order[(order.index(self.chart_phase) + 1) % len(order)]
+        self._show_chart()
+
+    def _show_chart(self) -> None:
+        chart = self.query_one("#serve-chart", StageChart)
+        measured = any(m.times for m in self.monitors.values())
+        chart.display = self.chart_phase is not None and measured  # before: the room is theirs
+        if self.chart_phase is None or not measured:
+            return
+        phase = self.chart_phase
+        start = min((m.times[0] for m in self.monitors.values() if m.times), default=0.0)
+        chart.show(
+            phase,
+            [
+                StageSeries(
+                    f"stage {k}",
+                    [t - start for t in m.times],
+                    list(getattr(m, phase)),
+                    m.predicted_prefill if phase == "prefill" else m.predicted_decode,
+                )
+                for k, m in self.monitors.items()
+            ],
+        )
 
     @property
     def running(self) -> bool:
@@ -105,24 +139,25 @@ class ServeView(Vertical):
         return self.launched.state.client_endpoint
 
     def log_line(self, text: str) -> None:
-        self.query_one("#serve-log", Log).write_line(f"{time.strftime('%H:%M:%S')} {text}")
+        self.query_one("#serve-log", Log).write_line(f"{clock()} {text}")
 
     def _show_status(self) -> None:
         if self.launched is None:
             if self.plan is None:
                 text = "no plan yet: solve or load one on the Plan tab"
             else:
-                remote = launching.remote_hosts(self.plan)
+                remote = self._unreachable_hosts(self.plan)
+                ray = getattr(self.app, "ray", None)
                 where = (
-                    f"[$warning]stages on {escape(', '.join(remote))}: multi-host launch needs "
-                    "pqctl agent[/]"
+                    f"[$warning]{markup_escape(_needs_ray(remote))}[/]"
                     if remote
+                    else f"l launches it over Ray ({markup_escape(ray)})"
+                    if ray
                     else "l launches it on this host"
                 )
-                n = len(self.plan.stages)
+                stages = count(len(self.plan.stages), "stage")
                 text = (
-                    f"ready to launch {escape(self.plan.model.source)} ({n} stage"
-                    f"{'s' * (n != 1)}) · {where}"
+                    f"ready to launch {markup_escape(self.plan.model.source)} ({stages}) · {where}"
                 )
             if self.phase == "failed":
                 text = "[$error]failed[/] (see the log below) · " + text
@@ -130,8 +165,9 @@ class ServeView(Vertical):
             state = self.launched.state
             colour = {"serving": "$success", "failed": "$error"}.get(self.phase, "$warning")
             text = (
-                f"[{colour}]{self.phase}[/] [b]{escape(state.name)}[/] at "
-                f"[b]{escape(state.client_endpoint)}[/] · s stops · logs {escape(state.log_dir)}"
+                f"[{colour}]{self.phase}[/] [b]{markup_escape(state.name)}[/] at "
+                f"[b]{markup_escape(state.client_endpoint)}[/] · s stops · logs "
+                f"{markup_escape(state.log_dir)}"
             )
         self.query_one("#serve-status", Static).update(text)
 
@@ -143,12 +179,17 @@ class ServeView(Vertical):
         if self.plan is None:
             self.app.notify("no plan to launch: solve one on the Plan tab", severity="warning")
             return
+        remote = self._unreachable_hosts(self.plan)
+        if remote:  # refused at once: nothing is started, nothing shows "starting"
+            self.log_line(f"not launched: {_needs_ray(remote)}")
+            self.app.notify(_needs_ray(remote), title="cannot launch here", severity="error")
+            return
         self.serving_plan = self.plan
         self.phase = "starting"
         self.generation_rate.clear()
         self.last_generated = None
         n = len(self.plan.stages)
-        self.log_line(f"launching {self.plan.model.source} ({n} stage{'s' * (n != 1)})")
+        self.log_line(f"launching {self.plan.model.source} ({count(n, 'stage')})")
         self.query_one("#serve-status", Static).update("[$warning]starting the gateway…[/]")
         self._show_stages(self.plan, "starting")
         self.start_deployment(self.plan)
@@ -207,7 +248,13 @@ class ServeView(Vertical):
         self._show_status()
         self.watch_deployment(message.launched)
 
+    def _unreachable_hosts(self, plan: Plan) -> list[str]:
+        """Hosts of the plan's stages this dashboard cannot start (not this host, no Ray)."""
+        return [] if getattr(self.app, "ray", None) else launching.remote_hosts(plan)
+
     def on_deployment_failed(self, message: DeploymentFailed) -> None:
+        for monitor in self.monitors.values():
+            monitor.set_state("not started")
         self.phase = "failed"
         self.log_line(f"error: {message.error}")
         self.app.notify(message.error, title="deployment failed", severity="error")
@@ -244,6 +291,8 @@ class ServeView(Vertical):
         for index, metrics in message.metrics.items():
             if index in self.monitors:
                 self.monitors[index].add_metrics(metrics)
+        if message.metrics:
+            self._show_chart()
         if message.exit_code is not None and self.phase != "stopping":
             failure = (status or {}).get("failure") or f"gateway exited ({message.exit_code})"
             self.launched = None
@@ -274,6 +323,7 @@ class ServeView(Vertical):
         for stage in status.get("stages", []):
             monitor = self.monitors.get(stage.get("index", -1))
             if monitor is not None:
+                self._record_events(monitor, stage)
                 monitor.set_state(
                     str(stage.get("state")),
                     stage.get("error") or stage.get("last_failure"),
@@ -292,6 +342,19 @@ class ServeView(Vertical):
             f"{human_rate(self._last_rate())} tokens/s · the plan predicts "
             f"{human_rate(self._predicted_total())} at full batch"
         )
+
+    def _record_events(self, monitor: StageMonitor, stage: dict[str, Any]) -> None:
+        """Write a stage's crash or restart to the event log (before the monitor takes the
+        new state)."""
+        state, restarts = str(stage.get("state")), int(stage.get("restarts") or 0)
+        reason = stage.get("error") or stage.get("last_failure") or "no reason given"
+        if state == "failed" and monitor.state != "failed":
+            self.log_line(f"stage {monitor.index} ({monitor.stage.device.key}) failed: {reason}")
+        if restarts > monitor.restarts:
+            self.log_line(
+                f"stage {monitor.index} ({monitor.stage.device.key}) restarted "
+                f"({restarts}× so far) after: {reason}"
+            )
 
     def _rate(self, now: float, generated: int) -> float | None:
         """Tokens per second generated since the previous status message (None at first)."""
@@ -340,6 +403,20 @@ class ServeView(Vertical):
         launched, self.launched = self.launched, None
         if launched is not None and launched.owned and launched.exit_code() is None:
             launching.stop(launched, timeout_s=10.0)
+
+
+def clock() -> str:
+    """The event log's time stamp: the local time of day."""
+    return time.strftime("%H:%M:%S")
+
+
+def _needs_ray(hosts: list[str]) -> str:
+    """Why a plan with stages on ``hosts`` is not launched from a dashboard without Ray."""
+    return (
+        f"stages on {', '.join(hosts)}: this host cannot start them; open the dashboard over "
+        "their Ray cluster (pqctl --ray HOST:PORT) to launch there, or plan without a cluster "
+        "file to serve on this host"
+    )
 
 
 def _loaded(value: object) -> tuple[int, int] | None:

@@ -17,6 +17,19 @@ SPARK_LEVELS = "▁▂▃▄▅▆▇█"
 NOT_AVAILABLE = "N/A"
 
 
+def count(n: int, noun: str) -> str:
+    """``"1 stage"``, ``"3 stages"``: a number and its noun, plural unless it is one."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def markup_escape(text: str) -> str:
+    """``text`` for Textual markup, shown as it is: every "[" escaped, so that "[Exit]" stays
+    (Textual's own ``escape`` passes tags that start with a capital letter, which the markup
+    then drops). A backslash right before a "[" is still read as an escape: text that may
+    hold one (streamed tokens) goes into a ``Content`` instead of markup."""
+    return text.replace("[", "\\[")
+
+
 def human_bytes(value: float | None) -> str:
     """``"12.3G"``, ``"512M"``; N/A for None."""
     if value is None:

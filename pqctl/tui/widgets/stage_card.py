@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.markup import escape
 from textual.widgets import Static
 
 from planner.plan import Stage
 from pqctl.tui.widgets.bits_strip import BitsStrip
-from pqctl.tui.widgets.figures import GIB, human_seconds
+from pqctl.tui.widgets.figures import GIB, human_seconds, markup_escape
 
 
 def markup_bar(fraction: float, width: int) -> str:
@@ -49,8 +48,9 @@ class StageCard(Vertical):
         ends = " +embedding" * s.holds_embedding + " +LM head" * s.holds_lm_head
         badge = f"  [b $warning]◀ {self.bottleneck} bottleneck[/]" if self.bottleneck else ""
         yield Static(
-            f"{self.index}  {escape(s.device.key)}  [$text-muted]{escape(s.device.device_type)}"
-            f"[/]  layers {r.start}–{r.stop - 1} ({len(r)}){ends}{badge}",
+            f"{self.index}  {markup_escape(s.device.key)}  "
+            f"[$text-muted]{markup_escape(s.device.device_type)}[/]  "
+            f"layers {r.start}–{r.stop - 1} ({len(r)}){ends}{badge}",
             classes="stage-head",
         )
         yield BitsStrip(s.layer_bits)

@@ -5,11 +5,10 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from textual.markup import escape
 from textual.widgets import Static
 
 from planner.plan import Stage
-from pqctl.tui.widgets.figures import human_bytes, human_rate, spark
+from pqctl.tui.widgets.figures import human_bytes, human_rate, markup_escape, spark
 
 HISTORY = 60
 SPARK_WIDTH = 24
@@ -32,6 +31,7 @@ class StageMonitor(Static):
         self.predicted_prefill, self.predicted_decode = predicted
         self.prefill: deque[float | None] = deque(maxlen=HISTORY)
         self.decode: deque[float | None] = deque(maxlen=HISTORY)
+        self.times: deque[float] = deque(maxlen=HISTORY)  # each reading's time stamp, s
         self.state = "starting"
         self.error: str | None = None
         self.metrics: dict[str, Any] = {}
@@ -48,6 +48,7 @@ class StageMonitor(Static):
         if metrics.get("time") == self.last_time:
             return
         self.last_time, self.metrics = metrics.get("time"), metrics
+        self.times.append(float(metrics.get("time") or 0.0))
         self.prefill.append(metrics.get("prefill", {}).get("busy_tokens_per_s"))
         self.decode.append(metrics.get("decode", {}).get("busy_tokens_per_s"))
         self._render_lines()
@@ -99,8 +100,8 @@ class StageMonitor(Static):
         busy = f"{100 * m['busy']:.0f}%" if "busy" in m else "–"
         memory = m.get("rss_bytes") or self.resident_bytes
         head = (
-            f"[b]{self.index}[/]  {escape(s.device.key)}  layers {r.start}–{r.stop - 1}  "
-            f"[{colour}]{escape(self._state_text())}[/]  mem {human_bytes(memory)}  "
+            f"[b]{self.index}[/]  {markup_escape(s.device.key)}  layers {r.start}–{r.stop - 1}  "
+            f"[{colour}]{markup_escape(self._state_text())}[/]  mem {human_bytes(memory)}  "
             f"queue {queue}  busy {busy}"
             + (f"  [$warning]restarted {self.restarts}×[/]" if self.restarts else "")
         )
@@ -110,5 +111,5 @@ class StageMonitor(Static):
             self._phase_line("decode", self.decode, self.predicted_decode),
         ]
         if self.error:
-            lines.append(f"[$error]{escape(self.error)}[/]")
+            lines.append(f"[$error]{markup_escape(self.error)}[/]")
         self.update("\n".join(lines))

@@ -27,6 +27,29 @@ async def test_number_keys_switch_tabs_and_escape_leaves_a_field() -> None:
         assert tabs.active == "cluster" and app.focused is app.query_one("#devices")
 
 
+async def test_alt_digits_and_ctrl_page_keys_switch_tabs_from_a_text_field() -> None:
+    """Alt+3 as a kitty-protocol terminal reports it, and as tmux/xterm send it (ESC 3, which
+    Textual reads as "£"); Ctrl+PgDn/PgUp: none of them types into the field."""
+    app = PqctlApp(cluster=HOME_LAB, auto_solve=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        tabs = app.query_one(TabbedContent)
+        for key, tab in (("alt+3", "serve"), ("pound_sign", "serve")):
+            await pilot.press("trade_mark_sign")  # Alt+2 under tmux: the model field
+            assert tabs.active == "plan" and app.focused is app.query_one("#model")
+            await pilot.press(key)
+            assert tabs.active == tab, key
+        await pilot.press("alt+4")
+        assert isinstance(app.focused, Input)
+        await pilot.press("ctrl+pagedown")  # from the prompt field
+        assert tabs.active == "logs"
+        await pilot.press("ctrl+pagedown")  # round to the first
+        assert tabs.active == "cluster"
+        await pilot.press("ctrl+pageup")
+        assert tabs.active == "logs"
+        assert app.query_one("#model", Input).value == ""
+        assert app.query_one("#prompt-text", Input).value == ""
+
+
 async def test_tab_keys_work_and_show_only_on_their_tab() -> None:
     app = PqctlApp(cluster=HOME_LAB, auto_solve=False)
     async with app.run_test(size=(100, 30)) as pilot:
@@ -78,7 +101,7 @@ async def test_every_tab_fits_small_and_large_terminals(size: tuple[int, int]) -
     app = PqctlApp(cluster=HOME_LAB, auto_solve=False)
     async with app.run_test(size=size) as pilot:
         app.plan_view.load_plan(PLAN_FILE)
-        for tab in ("cluster", "plan", "serve", "prompt"):
+        for tab in ("cluster", "plan", "serve", "prompt", "logs"):
             app.action_show_tab(tab)
             await pilot.pause()
             view = app.query_one(f"#{tab}-view")

@@ -3,18 +3,24 @@ new target, cancel, validate the form, save and load plan.json."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 from textual.widgets import Input
 
-from planner.plan import Plan
+from planner.indicator import QualityIndicator, prior_indicator
+from planner.model_spec import load_model_spec
+from planner.plan import Plan, Workload
+from planner.problem import PlanningProblem
 from pqctl.plan_inputs import PlanRequest
 from pqctl.tui.app import PqctlApp
 from pqctl.tui.solver import SolvedPlan
 from pqctl.tui.views.plan import bottlenecks
 from pqctl.tui.widgets.stage_card import StageCard
+from tests.planner.instances import synthetic_cluster
 from tests.pqctl.tui.helpers import HOME_LAB, PLAN_FILE, wait_for
 
 
@@ -133,6 +139,52 @@ async def test_cancel_drops_the_running_solve() -> None:
         assert app.plan_view.plan is None
 
 
+def _cpu_s(pid: int) -> float | None:
+    """CPU seconds process ``pid`` has used (None: it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    if fields[0] == "Z":
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _hard_problem() -> PlanningProblem:
+    """64 GPUs on 16 hosts, per-layer ω: a search that runs to its 30 s limit."""
+    model = load_model_spec("llama-3.1-70b")
+    shape = np.linspace(2.0, 0.5, model.num_layers)[:, None]
+    return PlanningProblem(
+        model=model,
+        cluster=synthetic_cluster(64),
+        workload=Workload(32, 512, 100, 100),
+        indicator=QualityIndicator("sloped", prior_indicator(model, 128).omega * shape),
+        quality_budget=0.05,
+    )
+
+
+async def test_escape_stops_the_solver_using_the_cpu_within_a_second() -> None:
+    """HiGHS itself stops: a cancelled search's process uses no CPU a second after Esc."""
+    app = PqctlApp(cluster=HOME_LAB, auto_solve=False)
+    problem = _hard_problem()
+    app.session.problem = lambda _request: (problem, None, [])  # type: ignore[method-assign]
+    async with app.run_test(size=(100, 30)) as pilot:
+        await pilot.press("2", "f5")
+        solver = app.session.solver
+        await wait_for(pilot, lambda: solver.pid is not None, 10, "solver process")
+        pid = solver.pid
+        assert pid is not None
+        await wait_for(pilot, lambda: (_cpu_s(pid) or 0) > 1.0, 20, "the search busy")
+        await pilot.press("escape")
+        assert "cancelled" in str(app.query_one("#solve-status").render())
+        await pilot.pause(1.0)
+        before = _cpu_s(pid)
+        await pilot.pause(0.5)
+        after = _cpu_s(pid)
+        assert before is None or after is None or after - before < 0.05, (before, after)
+        assert app.plan_view.plan is None
+
+
 async def test_save_and_load_plan_files(tmp_path: Path) -> None:
     app = PqctlApp(cluster=HOME_LAB, auto_solve=False)
     async with app.run_test(size=(100, 30)) as pilot:
@@ -182,3 +234,14 @@ async def test_quitting_does_not_wait_for_a_running_solve() -> None:
         assert time.monotonic() - began < 5
     finally:
         release.set()
+
+
+async def test_a_one_stage_plan_says_1_stage() -> None:
+    app = PqctlApp(cluster=HOME_LAB.parent / "cluster-01.toml")  # one GPU
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_for(pilot, lambda: app.plan_view.plan is not None, 30, "first plan")
+        await pilot.press("2")
+        summary = str(app.query_one("#plan-summary").render())
+        assert " · 1 stage · " in summary and "1 stages" not in summary
+        await pilot.press("alt+3")
+        assert "(1 stage)" in str(app.query_one("#serve-status").render())

@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
-from textual.widgets import Input
+from textual.widgets import Input, Log
 
 from pqctl.tui.app import PqctlApp
+from pqctl.tui.views import prompt as prompt_module
 from pqctl.tui.widgets.stage_monitor import StageMonitor
 from runtime.serve.deployment import DeploymentState, pid_alive
 from tests.pqctl.tui.helpers import HOME_LAB, PLAN_FILE, wait_for
@@ -95,16 +97,88 @@ async def test_launch_watch_prompt_and_stop_the_builtin_model(dashboard_dirs: Pa
         _kill_leftovers(state_dir)
 
 
-async def test_a_plan_on_other_hosts_is_not_launched() -> None:
+async def test_a_plan_on_other_hosts_says_at_once_it_needs_ray() -> None:
+    """Without --ray, a plan with stages on other hosts is refused at once, saying how to
+    launch it; nothing shows "starting"."""
     app = PqctlApp(cluster=HOME_LAB, auto_solve=False)
     async with app.run_test(size=(100, 30)) as pilot:
         app.plan_view.load_plan(PLAN_FILE)
         await pilot.press("alt+3")
-        assert "multi-host launch needs pqctl agent" in str(app.query_one("#serve-status").render())
+        status = str(app.query_one("#serve-status").render())
+        assert "gaming-pc" in status and "pqctl --ray" in status
         await pilot.press("l")
-        await wait_for(pilot, lambda: app.serve_view.phase == "failed", 10, "refused")
-        assert app.serve_view.launched is None
-        assert any("gaming-pc" in n.message for n in app._notifications)
+        assert app.serve_view.phase == "idle" and app.serve_view.launched is None
+        assert not app.serve_view.workers  # no launch was even tried
+        assert all(m.state == "not started" for m in app.query(StageMonitor))
+        assert "starting" not in str(app.query_one("#serve-status").render())
+        assert any("pqctl --ray" in n.message for n in app._notifications)
+        assert "not launched" in "\n".join(app.query_one("#serve-log", Log).lines)
+
+
+class FakeClient:
+    """Stands in for runtime.serve.client.Client: every request streams back "[Exit]" in
+    brackets and markup-like text, in two tokens, then ends; ``submitted`` keeps the prompts."""
+
+    submitted: ClassVar[list[str]] = []
+
+    def __init__(self, endpoint: str, timeout_s: float = 0.0) -> None:
+        self.replies: list[dict[str, Any]] = []
+
+    def __enter__(self) -> FakeClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+    def submit(self, prompt: str, *, max_new_tokens: int, stream: bool, **_: Any) -> str:
+        request_id = str(len(self.submitted))
+        self.submitted.append(prompt)
+        self.replies += [
+            {"id": request_id, "type": "token", "text": " [Exit] pursued"},
+            {"id": request_id, "type": "token", "text": " by a [b]bear[/b]"},
+        ]
+        return request_id
+
+    def receive(self, timeout_s: float) -> dict[str, Any]:
+        if not self.replies:  # every token went out: the requests end, in order
+            raise TimeoutError
+        reply = self.replies.pop(0)
+        if not any(r["id"] == reply["id"] for r in self.replies):
+            usage = {"completion_tokens": 2, "first_token_s": 0.01, "total_s": 0.02, "seed": 0}
+            self.replies.append(
+                {"id": reply["id"], "type": "done", "finish_reason": "length", "usage": usage}
+            )
+        return reply
+
+    def cancel(self, request_id: str) -> None:
+        return None
+
+
+async def test_prompt_output_keeps_brackets_and_several_prompts_go_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(prompt_module, "Client", FakeClient)
+    FakeClient.submitted = []
+    app = PqctlApp(cluster=HOME_LAB, auto_solve=False)
+    async with app.run_test(size=(100, 30)) as pilot:
+        view = app.prompt_view
+        view.set_endpoint("tcp://127.0.0.1:1", "fake", 16)
+        await pilot.press("alt+4", *"[Exit] ROMEO:", "enter")
+        await wait_for(pilot, lambda: not view.running and view.outputs, 10, "one reply")
+        completion = str(app.query_one("#completion").render())
+        assert completion == "[Exit] ROMEO: [Exit] pursued by a [b]bear[/b]"
+        assert "length · 2 tokens" in str(app.query_one("#prompt-usage").render())
+
+        field = app.query_one("#prompt-text", Input)
+        field.focus()
+        await pilot.press("ctrl+u", *"[A] one || [B] two", "tab", "backspace", "2", "enter")
+        await wait_for(pilot, lambda: len(FakeClient.submitted) == 5, 10, "four more requests")
+        await wait_for(pilot, lambda: not view.running, 10, "four replies")
+        assert FakeClient.submitted[1:] == ["[A] one", "[A] one", "[B] two", "[B] two"]
+        completion = str(app.query_one("#completion").render())
+        assert completion.count("[Exit] pursued by a [b]bear[/b]") == 4
+        assert "#4 [B] two" in completion
+        assert "4 requests at once · 8 tokens" in str(app.query_one("#prompt-usage").render())
 
 
 async def test_prompt_without_a_deployment_says_what_to_do() -> None:

@@ -12,6 +12,11 @@ from textual.pilot import Pilot
 from textual.widgets import Tabs
 
 from pqctl.tui.app import PqctlApp
+from pqctl.tui.launch import Launched
+from pqctl.tui.views import serve as serve_module
+from pqctl.tui.views.logs import LogsView
+from pqctl.tui.views.prompt import Output
+from runtime.serve.deployment import DeploymentState
 from tests.pqctl.tui.helpers import PLAN_FILE, ROOT, wait_for
 
 pytest.importorskip("pytest_textual_snapshot", reason="pip install -e '.[dev]'")
@@ -63,3 +68,104 @@ def test_help_screen(snap_compare: Any) -> None:
     assert snap_compare(
         _app(), terminal_size=(80, 24), run_before=_showing("plan"), press=["question_mark"]
     )
+
+
+def test_cluster_tab_80x24(snap_compare: Any) -> None:
+    assert snap_compare(_app(), terminal_size=(80, 24), run_before=_showing("cluster"))
+
+
+def test_cluster_tab_wide_140x30(snap_compare: Any) -> None:
+    assert snap_compare(_app(), terminal_size=(140, 30), run_before=_showing("cluster"))
+
+
+def _live(pilot: Pilot[Any]) -> None:
+    """Serve as if the plan ran: stage states, then a minute of measured tokens/s (stage 1
+    restarted once), fed as the gateway's status and metrics messages read."""
+    app = pilot.app
+    assert isinstance(app, PqctlApp)
+    view = app.serve_view
+    state = DeploymentState(
+        "dashboard", 0, "plan.json", "opt-30b", "tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556",
+        0.0, "logs/dashboard",
+    )  # fmt: skip
+    view.launched = Launched(None, state, Path("plan.json"), Path("logs/dashboard/gateway.log"))
+    view.serving_plan, view.phase = view.plan, "loading"
+    stages = [
+        {"index": k, "state": "ready", "restarts": int(k == 1), "resident_bytes": (k + 1) << 33}
+        for k in view.monitors
+    ]
+    for second, generated in ((0, 0), (1, 180)):
+        requests = {"active": 4, "waiting": 1, "completed": 12}
+        status = {"time": 1000.0 + second, "generated_tokens": generated, "requests": requests}
+        view._apply_status({"phase": "serving", "stages": stages, **status})
+    for second in range(60):
+        for k, monitor in view.monitors.items():
+            wave = 0.8 + 0.15 * ((second * (k + 2)) % 7) / 7
+            monitor.add_metrics(
+                {
+                    "time": 1000.0 + second,
+                    "busy": 0.5 + 0.1 * k,
+                    "queue_depth": k,
+                    "prefill": {"busy_tokens_per_s": monitor.predicted_prefill * wave},
+                    "decode": {"busy_tokens_per_s": monitor.predicted_decode * wave},
+                }
+            )
+    view._show_chart()
+
+
+def _serving(tab: str) -> Callable[[Pilot[Any]], Any]:
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await _showing("serve")(pilot)
+        _live(pilot)
+        pilot.app.action_show_tab(tab)  # type: ignore[attr-defined]
+        await pilot.pause()
+        pilot.app.query_one(Tabs).focus()
+        await pilot.pause()
+
+    return run_before
+
+
+def test_serve_tab_live_100x40(snap_compare: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve_module, "clock", lambda: "12:00:00")  # the event log's stamps
+    assert snap_compare(_app(), terminal_size=(100, 40), run_before=_serving("serve"))
+
+
+def test_prompt_tab_with_several_replies(snap_compare: Any) -> None:
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await _showing("prompt")(pilot)
+        app = pilot.app
+        assert isinstance(app, PqctlApp)
+        view = app.prompt_view
+        view.set_endpoint("tcp://127.0.0.1:5555", "dashboard", 32)
+        view.outputs = [
+            Output("ROMEO: [Exit]", " But soft, what light", True, "length", USAGE),
+            Output("JULIET:", " O Romeo, Romeo!", True, "length", USAGE),
+        ]
+        view._show_completion()
+        view._show_usage()
+        await pilot.pause()
+
+    assert snap_compare(_app(), terminal_size=(80, 24), run_before=run_before)
+
+
+USAGE = {"completion_tokens": 5, "first_token_s": 0.12, "total_s": 0.4, "seed": 0}
+
+
+def test_logs_tab(snap_compare: Any, dashboard_dirs: Path) -> None:
+    logs = dashboard_dirs / "state" / "logs" / "snap"  # shown relative to the state dir
+    logs.mkdir(parents=True)
+    (logs / "gateway.log").write_text(
+        "".join(f"gateway: step {n} [ok]\n" for n in range(30)) + "stage 1 failed: exit 1\n"
+    )
+    (logs / "stage-0.log").write_text("loading layers 0-25\n")
+
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await _showing("logs")(pilot)
+        app = pilot.app
+        assert isinstance(app, PqctlApp)
+        view = app.query_one(LogsView)
+        view.show_dir(logs)
+        await wait_for(pilot, lambda: len(view.lines) == 31, 5, "gateway log")
+        await pilot.pause()
+
+    assert snap_compare(_app(), terminal_size=(80, 24), run_before=run_before)

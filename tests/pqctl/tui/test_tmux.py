@@ -127,3 +127,37 @@ def test_closing_the_terminal_stops_the_launched_deployment(tmp_path: Path) -> N
         for child in dashboards:  # the test leaves no dashboard behind either way
             if pid_alive(child):
                 os.kill(child, signal.SIGKILL)
+
+
+def test_keys_of_a_real_terminal_at_80x24(tmp_path: Path) -> None:
+    """What tmux delivers: Alt+digit (ESC + digit, read as "™" etc.) switches tabs from inside
+    a text field, "%" types into the quality field, PageDown scrolls the plan, and the Cluster
+    table fits 80 columns."""
+    tmux = Tmux(f"pqctl-keys-{os.getpid()}")
+    _start(tmux, tmp_path, "--cluster", str(HOME_LAB))
+    try:
+        tmux.wait_for("stage 0", 60)
+        screen = tmux.screen()
+        header = next(line for line in screen.splitlines() if line.lstrip().startswith("device"))
+        assert "util" in header  # the telling columns all show at 80 columns
+        row = next(line for line in screen.splitlines() if "cpu-server/cpu" in line)
+        assert row.rstrip().endswith("N/A")  # its last column is whole, not cut
+        tmux.run("send-keys", "-t", "pqctl", "M-2")  # the model field has the focus
+        screen = tmux.wait_for("tokens/s predicted", 10)
+        assert "Baselines" not in screen
+        tmux.run("send-keys", "-t", "pqctl", "PageDown")
+        tmux.wait_for("Baselines", 5)
+        tmux.run("send-keys", "-t", "pqctl", "M-3")  # from inside the model field
+        tmux.wait_for("pqctl --ray", 5)
+        for key in ("M-2", "Tab", "Tab", "Tab", "Tab", "1", "%"):  # as typed, not in a burst
+            tmux.run("send-keys", "-t", "pqctl", key)
+            time.sleep(0.2)
+        screen = tmux.wait_for("quality 1%", 5)
+        model_line = next(line for line in screen.splitlines() if "quality" in line)
+        assert "£" not in model_line and "™" not in model_line
+        tmux.run("send-keys", "-t", "pqctl", "M-1")
+        tmux.wait_for("x excludes", 5)
+        tmux.run("send-keys", "-t", "pqctl", "C-q")
+        tmux.wait_for("pqctl-exit=0", 20)
+    finally:
+        subprocess.run(["tmux", "-L", tmux.socket, "kill-server"], capture_output=True, timeout=10)
