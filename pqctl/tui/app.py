@@ -25,7 +25,9 @@ from planner.errors import PlannerError
 from pqctl.tui.launch import DEFAULT_ENDPOINT
 from pqctl.tui.messages import (
     ClusterResolved,
+    DeploymentSnapshot,
     DeploymentStarted,
+    DeploymentStopped,
     EndpointChanged,
     ExclusionChanged,
     PlanReady,
@@ -38,6 +40,7 @@ from pqctl.tui.views.cluster import ClusterView
 from pqctl.tui.views.logs import LogsView
 from pqctl.tui.views.plan import PlanView
 from pqctl.tui.views.prompt import PromptView
+from pqctl.tui.views.requests import RequestsView
 from pqctl.tui.views.serve import ServeView
 from pqctl.tui.widgets.field import ALT_DIGIT_KEYS
 from themes import BUILTIN_THEMES, DEFAULT_THEME, THEME_ALIASES, load_theme_dir
@@ -48,6 +51,7 @@ TABS = (
     ("serve", "Serve"),
     ("prompt", "Prompt"),
     ("logs", "Logs"),
+    ("requests", "Requests"),
 )
 FIRST_FOCUS = {
     "cluster": "#devices",
@@ -55,6 +59,7 @@ FIRST_FOCUS = {
     "serve": "#stage-monitors",
     "prompt": "#prompt-text",
     "logs": "#log-lines",
+    "requests": "#request-table",
 }
 
 
@@ -162,7 +167,9 @@ class PqctlApp(App[None]):
                     yield self._view(tab)
         yield Footer()
 
-    def _view(self, tab: str) -> ClusterView | PlanView | ServeView | PromptView | LogsView:
+    def _view(
+        self, tab: str
+    ) -> ClusterView | PlanView | ServeView | PromptView | LogsView | RequestsView:
         if tab == "cluster":
             return ClusterView(id="cluster-view")
         if tab == "plan":
@@ -172,6 +179,8 @@ class PqctlApp(App[None]):
             return self.serve
         if tab == "logs":
             return LogsView(id="logs-view")
+        if tab == "requests":
+            return RequestsView(id="requests-view")
         return PromptView(id="prompt-view")
 
     def on_mount(self) -> None:
@@ -273,6 +282,15 @@ class PqctlApp(App[None]):
 
     def on_deployment_started(self, message: DeploymentStarted) -> None:
         self.query_one(LogsView).show_dir(message.launched.log_dir)
+        self.query_one(RequestsView).watch_deployment(message.launched.state)
+
+    def on_deployment_snapshot(self, message: DeploymentSnapshot) -> None:
+        rows = (message.status or {}).get("request_list")
+        if isinstance(rows, list):
+            self.query_one(RequestsView).show_rows(rows)
+
+    def on_deployment_stopped(self, message: DeploymentStopped) -> None:
+        self.query_one(RequestsView).watch_deployment(None)
 
     def on_endpoint_changed(self, message: EndpointChanged) -> None:
         self.prompt_view.set_endpoint(message.endpoint, message.name, message.max_new_tokens)

@@ -70,6 +70,7 @@ from runtime.serve.launcher import (
     stage_threads,
     stop_all,
 )
+from runtime.serve.operator import OPERATOR_IDENTITY
 from runtime.serve.protocol import (
     HARD_FRAME_BYTES,
     INTERNAL,
@@ -93,8 +94,6 @@ EXIT_STAGE_FAILED = 4
 STATUS_INTERVAL_S = 0.5
 GATHER_GAP_S = 0.005  # a pause this long ends a burst of requests (see Gateway._on_clients)
 GATHER_MAX_S = 0.05
-OPERATOR_IDENTITY = b"operator"
-"""The control-socket identity of an operator's tool (the dashboard), told apart from stages."""
 
 
 @dataclass

@@ -14,7 +14,7 @@ HELP = """\
 # pqctl dashboard
 
 Plan and serve a language model on a heterogeneous cluster. Tabs: **1** Cluster, **2** Plan,
-**3** Serve, **4** Prompt, **5** Logs (or click them). **Alt+1**…**Alt+5** and
+**3** Serve, **4** Prompt, **5** Logs, **6** Requests (or click them). **Alt+1**…**Alt+6** and
 **Ctrl+PgUp**/**Ctrl+PgDn** switch tabs from anywhere, text fields included; the plain number
 keys outside a text field. **Ctrl+P** opens the command palette (every action below, and
 **Theme** to change and remember the theme). **?** or **F1** shows this help, **Ctrl+Q** quits
@@ -55,6 +55,12 @@ temperature (0 = greedy), top-k, top-p, seed. **Esc** cancels.
 The gateway's log and each stage's, of the deployment shown: the last lines, followed as they
 grow (**f** pauses or follows again). Type in the filter field to keep the lines containing
 that text; pick the log in the list beside it.
+
+## Requests
+Every running, waiting and recently finished request of the deployment shown, from any client
+(ZeroMQ or HTTP): id, client connection, state, prompt and generated tokens, time to first
+token, decode tokens/s, age. **c** cancels the highlighted request (its client gets a
+`cancelled` reply).
 """
 
 

@@ -1,4 +1,4 @@
-"""The dashboard's text field: an ``Input`` that leaves the tab keys (Alt+1-5) to the app."""
+"""The dashboard's text field: an ``Input`` that leaves the tab keys (Alt+1-6) to the app."""
 
 from __future__ import annotations
 
@@ -10,14 +10,15 @@ ALT_DIGIT_KEYS = (
     "pound_sign",
     "cent_sign",
     "infinity",
+    "section_sign",
 )
-"""What Alt+1-5 arrive as where the terminal sends ESC + digit (xterm, tmux, GNOME Terminal):
+"""What Alt+1-6 arrive as where the terminal sends ESC + digit (xterm, tmux, GNOME Terminal):
 Textual reads ESC 1 as "¡" (macOS Option+1), ESC 2 as "™", ESC 3 as "£", ESC 4 as "¢", ESC 5
-as "∞". Only terminals with the kitty keyboard protocol report "alt+1"."""
+as "∞", ESC 6 as "§". Only terminals with the kitty keyboard protocol report "alt+1"."""
 
 
 class Field(Input):
-    """An ``Input`` that does not take the keys Alt+1-5 arrive as, so that the app's tab
+    """An ``Input`` that does not take the keys Alt+1-6 arrive as, so that the app's tab
     bindings see them (Textual hides a binding from the chain when the focused ``Input`` would
     insert its character, priority or not)."""
 

@@ -42,10 +42,12 @@ async def test_alt_digits_and_ctrl_page_keys_switch_tabs_from_a_text_field() -> 
         assert isinstance(app.focused, Input)
         await pilot.press("ctrl+pagedown")  # from the prompt field
         assert tabs.active == "logs"
-        await pilot.press("ctrl+pagedown")  # round to the first
+        await pilot.press("ctrl+pagedown", "ctrl+pagedown")  # round to the first
         assert tabs.active == "cluster"
         await pilot.press("ctrl+pageup")
-        assert tabs.active == "logs"
+        assert tabs.active == "requests"
+        await pilot.press("trade_mark_sign", "section_sign")  # Alt+6 from the model field
+        assert tabs.active == "requests"
         assert app.query_one("#model", Input).value == ""
         assert app.query_one("#prompt-text", Input).value == ""
 

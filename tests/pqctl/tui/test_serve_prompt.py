@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from textual.widgets import Input, Log
+from textual.widgets import DataTable, Input, Log
 
 from pqctl.tui.app import PqctlApp
 from pqctl.tui.views import prompt as prompt_module
@@ -217,7 +217,7 @@ async def test_attach_by_name_to_a_deployment_started_elsewhere(
     outlives a dashboard that quits, is attached to again by another, and stops with `s`."""
     state_dir = dashboard_dirs / "state"
     plan = tmp_path / "plan.json"
-    serving_plan("bard-tiny", [0, 4], batch=4, max_new=16).save(plan)
+    serving_plan("bard-tiny", [0, 4], batch=4, max_new=256).save(plan)
     argv = [sys.executable, "-m", "pqctl", "apply", str(plan), "--detach", "--name", "ext",
             "--endpoint", "tcp://127.0.0.1:*"]  # fmt: skip
     up = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=ROOT)
@@ -237,6 +237,37 @@ async def test_attach_by_name_to_a_deployment_started_elsewhere(
         _kill_leftovers(state_dir)
 
 
+async def _cancel_from_the_requests_view(app: PqctlApp, pilot: Any, state: DeploymentState) -> None:
+    """Another client's long request is listed in the Requests tab (6) and ``c`` cancels it:
+    that client gets ``done`` with finish reason cancelled."""
+    from pqctl.tui.views.requests import RequestsView
+    from runtime.serve.client import Client
+
+    view = app.query_one(RequestsView)
+    with Client(state.client_endpoint, timeout_s=30) as client:
+        request_id = client.submit("ROMEO:", max_new_tokens=256, ignore_eos=True, id="long-one")
+        await pilot.press("6")
+        await pilot.pause()
+        assert app.active_tab == "requests", app.focused
+        await wait_for(
+            pilot,
+            lambda: any(r["id"] == request_id and r["state"] == "running" for r in view.rows),
+            15,
+            "the request listed as running",
+        )
+        row = next(k for k, r in enumerate(view.rows) if r["id"] == request_id)
+        view.query_one("#request-table", DataTable).move_cursor(row=row)
+        await pilot.press("c")
+        done = client.wait(request_id)
+    assert done.finish_reason == "cancelled" and len(done.token_ids) < 256
+    await wait_for(
+        pilot,
+        lambda: any(r["id"] == request_id and r["state"] == "cancelled" for r in view.rows),
+        10,
+        "the request listed as cancelled",
+    )
+
+
 async def _attach_and_leave(state: DeploymentState, stop: bool) -> None:
     """A dashboard attached to ``state``'s deployment by name: it shows it serving, with its
     stages and endpoint; then quit (ctrl+q) or stop it (s)."""
@@ -249,6 +280,8 @@ async def _attach_and_leave(state: DeploymentState, stop: bool) -> None:
         assert len(list(app.query(StageMonitor))) == 2
         await wait_for(pilot, lambda: app.prompt_view.endpoint is not None, 10, "endpoint")
         assert app.prompt_view.endpoint == state.client_endpoint
+        if not stop:
+            await _cancel_from_the_requests_view(app, pilot, state)
         if stop:
             await pilot.press("s")
             await wait_for(pilot, lambda: view.phase == "idle", 30, "stopped")

@@ -16,6 +16,7 @@ from pqctl.tui.launch import Launched
 from pqctl.tui.views import serve as serve_module
 from pqctl.tui.views.logs import LogsView
 from pqctl.tui.views.prompt import Output
+from pqctl.tui.views.requests import RequestsView
 from runtime.serve.deployment import DeploymentState
 from tests.pqctl.tui.helpers import PLAN_FILE, ROOT, wait_for
 
@@ -166,6 +167,31 @@ def test_logs_tab(snap_compare: Any, dashboard_dirs: Path) -> None:
         view = app.query_one(LogsView)
         view.show_dir(logs)
         await wait_for(pilot, lambda: len(view.lines) == 31, 5, "gateway log")
+        await pilot.pause()
+
+    assert snap_compare(_app(), terminal_size=(80, 24), run_before=run_before)
+
+
+REQUEST_ROWS = [
+    {"id": "chat-7", "client": "00a1b2c3", "state": "running", "prompt_tokens": 41,
+     "generated_tokens": 12, "max_new_tokens": 64, "ttft_s": 0.212, "tokens_per_s": 38.5,
+     "age_s": 0.6},
+    {"id": "http-19-3", "client": "00d4e5f6", "state": "waiting", "prompt_tokens": 7,
+     "generated_tokens": 0, "max_new_tokens": 16, "ttft_s": None, "tokens_per_s": None,
+     "age_s": 0.1},
+    {"id": "batch-[1]", "client": "00a1b2c3", "state": "cancelled", "prompt_tokens": 3,
+     "generated_tokens": 5, "max_new_tokens": 64, "ttft_s": 0.101, "tokens_per_s": 41.0,
+     "age_s": 9.0},
+]  # fmt: skip
+
+
+def test_requests_tab(snap_compare: Any) -> None:
+    async def run_before(pilot: Pilot[Any]) -> None:
+        await _showing("requests")(pilot)
+        app = pilot.app
+        assert isinstance(app, PqctlApp)
+        view = app.query_one(RequestsView)
+        view.show_rows(REQUEST_ROWS)
         await pilot.pause()
 
     assert snap_compare(_app(), terminal_size=(80, 24), run_before=run_before)
