@@ -62,22 +62,29 @@ def dashboard(
             "another dashboard; pqctl status lists them); it keeps running when you quit."
         ),
     ] = None,
+    http: Annotated[
+        str | None,
+        typer.Option(
+            help="A deployment the dashboard launches also serves the OpenAI-compatible HTTP "
+            "API on HOST:PORT (guarded by $PQCTL_API_KEY when set; docs/http.md)."
+        ),
+    ] = None,
 ) -> None:
     """With no command, open the dashboard: cluster, plans, serving and prompts in one terminal
     UI. The commands below do the same from scripts."""
     if ctx.invoked_subcommand is not None:
-        if (theme, cluster, model, ray, attach) != (None, None, None, None, None):
+        if (theme, cluster, model, ray, attach, http) != (None,) * 6:
             raise fail(
                 "bad option",
-                "--theme, --cluster, --model, --ray and --attach before a command apply to the "
-                "dashboard only; give the command's own options after its name",
+                "--theme, --cluster, --model, --ray, --attach and --http before a command apply "
+                "to the dashboard only; give the command's own options after its name",
                 EXIT_BAD_INPUT,
             )
         return
     from pqctl.tui.app import DashboardError, run_dashboard  # Textual loads only for the UI
 
     try:
-        run_dashboard(theme, cluster, model, ray, attach)
+        run_dashboard(theme, cluster, model, ray, attach, http)
     except DashboardError as exc:
         raise fail("cannot open the dashboard", str(exc), EXIT_BAD_INPUT) from exc
 

@@ -111,10 +111,12 @@ class PqctlApp(App[None]):
         auto_solve: bool = True,
         ray: str | None = None,
         attach: str | None = None,
+        http: str | None = None,
     ) -> None:
         """Raises DashboardError for a theme name that is neither built in nor a user theme."""
         super().__init__()
         self.ray = ray
+        self.http = http
         self.attach_to = attach
         self.session = PlanningSession(cluster, ray=ray)
         self.model_name = model
@@ -394,17 +396,26 @@ def run_dashboard(
     model: str | None,
     ray: str | None = None,
     attach: str | None = None,
+    http: str | None = None,
 ) -> None:
-    """Open the dashboard in this terminal; returns when the operator quits.
+    """Open the dashboard in this terminal; returns when the operator quits. With ``http``
+    (HOST:PORT), a deployment it launches also serves the OpenAI-compatible HTTP API there.
 
     Raises:
-        DashboardError: no such cluster file, an unknown theme, or no terminal.
+        DashboardError: no such cluster file, an unknown theme, a bad --http, or no terminal.
     """
+    if http is not None:
+        from runtime.serve.http import split_listen
+
+        try:
+            split_listen(http)
+        except ValueError as exc:
+            raise DashboardError(f"--http: {exc}") from exc
     if cluster is not None and not cluster.is_file():
         raise DashboardError(f"--cluster: no file {cluster}")
     if cluster is not None and ray is not None:
         raise DashboardError("--cluster and --ray exclude each other")
-    app = PqctlApp(theme=theme, cluster=cluster, model=model, ray=ray, attach=attach)
+    app = PqctlApp(theme=theme, cluster=cluster, model=model, ray=ray, attach=attach, http=http)
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
         raise DashboardError(
             "the dashboard needs a terminal; for scripts use pqctl plan / apply / generate "

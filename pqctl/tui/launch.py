@@ -27,6 +27,7 @@ from runtime.serve.deployment import (
     stop_deployment,
 )
 from runtime.serve.launcher import (
+    API_KEY_ENV,
     GatewayExited,
     GatewayLaunch,
     log_tail,
@@ -106,8 +107,11 @@ def launch(
     timeout_s: float = 60.0,
     cancelled: Callable[[], bool] = lambda: False,
     ray: str | None = None,
+    http: str | None = None,
 ) -> Launched:
     """Start the gateway of ``plan`` and wait until its state file appears (sockets bound).
+    With ``http`` (HOST:PORT) the deployment also serves the OpenAI-compatible HTTP API there,
+    guarded by ``$PQCTL_API_KEY`` when set.
 
     Stages load afterwards: follow them with a Monitor on ``state.status_endpoint``.
 
@@ -125,9 +129,11 @@ def launch(
     logs.mkdir(parents=True, exist_ok=True)
     plan_file, log = logs / "plan.json", logs / "gateway.log"
     plan.save(plan_file)
-    process = start_gateway(
-        GatewayLaunch(plan_file, name, endpoint, ray=ray, replan_on_loss=ray is not None), log
-    )
+    launch = GatewayLaunch(
+        plan_file, name, endpoint, ray=ray, replan_on_loss=ray is not None, http=http,
+        api_key=os.environ.get(API_KEY_ENV) if http else None,
+    )  # fmt: skip
+    process = start_gateway(launch, log)
     try:
         state = wait_for_gateway(process, name, timeout_s, cancelled)
     except GatewayExited as exc:

@@ -204,6 +204,7 @@ class ServeView(Vertical):
                 self.endpoint,
                 cancelled=lambda: worker.is_cancelled,
                 ray=getattr(self.app, "ray", None),
+                http=getattr(self.app, "http", None),
             )
         except launching.LaunchError as exc:
             self.post_message(DeploymentFailed(str(exc)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,11 @@ def _kill_leftovers(state_dir: Path) -> None:
 @pytest.mark.multiproc
 async def test_launch_watch_prompt_and_stop_the_builtin_model(dashboard_dirs: Path) -> None:
     state_dir = dashboard_dirs / "state"
-    app = PqctlApp()  # the embedded default: this host, the built-in model
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        http_port = probe.getsockname()[1]
+    # the embedded default: this host, the built-in model; launched with the HTTP API too
+    app = PqctlApp(http=f"127.0.0.1:{http_port}")
     pids: list[int] = []
     try:
         async with app.run_test(size=(100, 30)) as pilot:
@@ -58,7 +63,10 @@ async def test_launch_watch_prompt_and_stop_the_builtin_model(dashboard_dirs: Pa
             await wait_for(pilot, lambda: app.serve_view.phase == "serving", 90, "serving")
             launched = app.serve_view.launched
             assert launched is not None and launched.state.name == "dashboard"
-            assert DeploymentState.load("dashboard", state_dir).pid == launched.state.pid
+            deployment = DeploymentState.load("dashboard", state_dir)
+            assert deployment.pid == launched.state.pid
+            assert deployment.http_endpoint == f"127.0.0.1:{http_port}"
+            await wait_for(pilot, lambda: _healthy(http_port), 30, "the HTTP API serving")
             pids = [launched.state.pid] + [
                 s["pid"] for s in (app.serve_view.status or {}).get("stages", [])
             ]
@@ -93,8 +101,23 @@ async def test_launch_watch_prompt_and_stop_the_builtin_model(dashboard_dirs: Pa
             assert app.prompt_view.endpoint is None
         assert pids and not any(pid_alive(pid) for pid in pids)
         assert not list(state_dir.glob("*.json"))
+        assert not _healthy(http_port)  # the HTTP API stopped with the deployment
     finally:
         _kill_leftovers(state_dir)
+
+
+def _healthy(port: int) -> bool:
+    """Whether the HTTP API on ``port`` answers /health with 200."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        connection.request("GET", "/health")
+        return connection.getresponse().status == 200
+    except OSError:
+        return False
+    finally:
+        connection.close()
 
 
 async def test_a_plan_on_other_hosts_says_at_once_it_needs_ray() -> None:
