@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -13,6 +14,7 @@ from rich.table import Table
 from planner.errors import ModelConfigError, PlannerError
 from planner.plan import ALL_BITS
 from planner.profiles import default_profile_dir
+from pqctl import STARTED
 from pqctl.commands.options import int_list, say_step
 from pqctl.commands.progress import progress
 from pqctl.exits import EXIT_BAD_INPUT, EXIT_FAILURE, fail
@@ -124,6 +126,14 @@ def _as_json(outcomes: list[ProfileOutcome]) -> str:
     )
 
 
+def _left_of(budget_s: float | None) -> float | None:
+    """What is left of the command's --time-budget once it has started (loading torch and the
+    measuring code takes seconds of it), so the whole command keeps to the budget."""
+    if budget_s is None:
+        return None
+    return max(0.0, budget_s - (time.monotonic() - STARTED))
+
+
 def profile(
     model: Annotated[
         str | None,
@@ -214,14 +224,14 @@ def profile(
         raise fail(
             "bad option", f"--group-size: must be positive, got {group_size}", EXIT_BAD_INPUT
         )
-    from pqctl.device_profiles import ProfileRequest, run_profile
+    from pqctl.device_profiles import ProfileRequest, run_profile  # loads torch: seconds
 
     request = ProfileRequest(
         model=model,
         devices=device,
         bits=int_list(bits, "--bits", ALL_BITS),
         grid=_grid(grid, prefill_batches, prompt_lens, decode_batches, contexts, repeats),
-        budget_s=time_budget,
+        budget_s=_left_of(time_budget),
         output_dir=output if output is not None else default_profile_dir(),
         group_size=group_size,
         threads=threads,
@@ -235,6 +245,17 @@ def profile(
             )
         _profile_over_ray(ray, request, as_json)
         return
+    points = sum(len(request.grid.points(phase)) for phase in ("prefill", "decode"))
+    bits_text = ",".join(map(str, request.bits))
+    make_console(stderr=True).print(
+        f"profiling {device} at {bits_text} bits: {points} grid points per precision"
+        + (
+            f", trimmed to keep the whole run within --time-budget {time_budget:g} s"
+            if time_budget is not None
+            else f", {request.grid.repeats}+ passes each; no time limit (--time-budget bounds it)"
+        ),
+        highlight=False,
+    )
     try:
         with progress("samples") as update:
             outcomes = run_profile(request, lambda what, *n: update(f"profiling {what}", *n))

@@ -40,7 +40,9 @@ def progress(unit: str = "", *, console: Console | None = None) -> Iterator[Upda
         with _bars(out, unit) as update:
             yield update
     else:
-        yield _lines(out, unit)
+        lines = _Lines(out, unit)
+        yield lines.update
+        lines.finish()
 
 
 @contextmanager
@@ -64,25 +66,38 @@ def _bars(console: Console, unit: str) -> Iterator[Update]:
         yield update
 
 
-def _lines(console: Console, unit: str) -> Update:
-    started: dict[str, float] = {}
-    said: dict[str, tuple[float, int]] = {}
+class _Lines:
+    """One line when a task starts, then at most every :data:`LINE_EVERY_S` seconds, and its
+    last state when the operation ends (a task's planned total may still grow meanwhile)."""
 
-    def update(what: str, done: int, total: int) -> None:
+    def __init__(self, console: Console, unit: str) -> None:
+        self.console, self.unit = console, unit
+        self.started: dict[str, float] = {}
+        self.said: dict[str, float] = {}
+        self.latest: dict[str, tuple[int, int]] = {}
+        self.shown: dict[str, tuple[int, int]] = {}
+
+    def update(self, what: str, done: int, total: int) -> None:
         now = time.monotonic()
-        first = what not in started
-        started.setdefault(what, now)
-        last_time, last_done = said.get(what, (0.0, -1))
-        complete = total > 0 and done >= total
-        if done == last_done or not (first or complete or now - last_time >= LINE_EVERY_S):
-            return
-        said[what] = (now, done)
-        elapsed = now - started[what]
-        line = f"{what}: {done}/{total}" + (f" {unit}" if unit else "")
-        if complete:
-            line += f", done in {elapsed:.1f} s"
+        first = what not in self.started
+        self.started.setdefault(what, now)
+        self.latest[what] = (done, total)
+        if first or now - self.said.get(what, 0.0) >= LINE_EVERY_S:
+            self._say(what, now)
+
+    def finish(self) -> None:
+        now = time.monotonic()
+        for what, latest in self.latest.items():
+            if self.shown.get(what) != latest:
+                self._say(what, now)
+
+    def _say(self, what: str, now: float) -> None:
+        done, total = self.latest[what]
+        self.said[what], self.shown[what] = now, (done, total)
+        elapsed = now - self.started[what]
+        line = f"{what}: {done}/{total}" + (f" {self.unit}" if self.unit else "")
+        if total > 0 and done >= total:
+            line += f", {elapsed:.1f} s"
         elif done > 0:
             line += f", {elapsed:.0f} s, about {elapsed * (total - done) / done:.0f} s left"
-        console.print(escape(line), highlight=False, soft_wrap=True)
-
-    return update
+        self.console.print(escape(line), highlight=False, soft_wrap=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,10 @@ def profiled(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "profile", "-d", "cpu", "--bits", "16,4", "-o", str(out), *TINY_GRID, "--json"
     )
     assert code == 0, stderr
+    # without a terminal: what it will do up front, then progress one line at a time, the
+    # last with every sample done
+    assert "profiling cpu at 16,4 bits: 10 grid points per precision" in stderr, stderr
+    assert re.search(r"^profiling cpu: (\d+)/\1 samples, [\d.]+ s$", stderr, re.M), stderr
     report = json.loads(stdout)
     assert [r["device_type"] for r in report] == [CPU_TYPE_NAME]
     assert {(e["fit"], e["phase"]) for e in report[0]["fit_error"]} >= {
