@@ -96,7 +96,7 @@ def summary(plan: Plan, sources: Mapping[str, str]) -> Text:
     """Micro-batches, predicted times and throughput, quality, solver."""
     p, q, s, m = plan.prediction, plan.quality, plan.solver, plan.micro_batching
     w = plan.workload
-    budget = "none" if q.budget is None else f"{q.budget:g}"
+    budget = "none" if q.budget is None else f"{q.budget:.3g}"
     lines = [
         f"model {plan.model.source} ({plan.model.family}, {plan.model.num_layers} layers); "
         f"batch {w.global_batch}, prompt {w.prompt_len}, new tokens {w.expected_new_tokens} "

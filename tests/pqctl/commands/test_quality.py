@@ -70,6 +70,12 @@ def test_calibrate_writes_where_plan_finds_it(tmp_path: Path) -> None:
     assert code == 0, err
     written = tmp_path / "stats" / "bard-tiny.json"
     assert json.loads(out)["path"] == str(written)
+    # it said, before measuring, what the file replaces and the way back
+    said = " ".join(err.split())
+    assert f"{written} will replace the calibration shipped with pqctl for bard-tiny" in said
+    assert f"rm {written}" in said
+    code, _, err = run("calibrate", "--tokens", "256", "--mixed-plans", "0", "--json")
+    assert code == 0 and f"{written} exists and will be replaced" in " ".join(err.split())
     loaded = load_calibration(written, load_model_spec(builtin_model_dir()))
     assert loaded.mapping is not None and loaded.mapping.tokens == 256
     assert [p.layer_bits[0] for p in loaded.mapping.points] == [8, 4, 3, 2]
