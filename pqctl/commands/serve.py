@@ -306,25 +306,11 @@ def _check_endpoint_free(endpoint: str) -> None:
     port = int(port_text)
     if not 1 <= port <= 65535:
         raise fail("bad option", f"--endpoint: port {port} is outside 1..65535", EXIT_BAD_INPUT)
-    try:
-        infos = socket.getaddrinfo(host if host != "*" else None, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise fail(
-            "bad option", f"--endpoint: cannot resolve {host} ({exc.strerror})", EXIT_BAD_INPUT
-        ) from exc
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ's listener
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise fail(
-                "bad option",
-                f"--endpoint: cannot listen on {endpoint} ({exc.strerror}); another deployment "
-                "may hold it (pqctl status lists them): give another port, or port * for any "
-                "free one",
-                EXIT_BAD_INPUT,
-            ) from exc
+    hint = (
+        "another deployment may hold it (pqctl status lists them): give another port, or "
+        "port * for any free one"
+    )
+    _check_port_free("--endpoint", None if host == "*" else host, port, endpoint, hint)
 
 
 def _check_http_free(listen: str) -> None:
@@ -335,21 +321,27 @@ def _check_http_free(listen: str) -> None:
         host, port = split_listen(listen)
     except ValueError as exc:
         raise fail("bad option", f"--http: {exc}", EXIT_BAD_INPUT) from exc
+    _check_port_free("--http", host, port, listen, "give another port")
+
+
+def _check_port_free(flag: str, host: str | None, port: int, shown: str, hint: str) -> None:
+    """Exit 2 naming ``flag`` when ``host`` does not resolve or ``port`` cannot be listened on
+    there (the server would fail to bind it only after starting)."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise fail(
-            "bad option", f"--http: cannot resolve {host} ({exc.strerror})", EXIT_BAD_INPUT
+            "bad option", f"{flag}: cannot resolve {host} ({exc.strerror})", EXIT_BAD_INPUT
         ) from exc
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's listener
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers' listeners
         try:
             probe.bind(address)
         except OSError as exc:
             raise fail(
                 "bad option",
-                f"--http: cannot listen on {listen} ({exc.strerror}); give another port",
+                f"{flag}: cannot listen on {shown} ({exc.strerror}); {hint}",
                 EXIT_BAD_INPUT,
             ) from exc
 

@@ -45,7 +45,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from runtime.serve.deployment import DeploymentError, DeploymentState
+from runtime.serve.deployment import DeploymentError, DeploymentState, pid_alive
 from runtime.serve.http_metrics import exposition, registry_for
 from runtime.serve.keys import CurveKeys, secure_client
 from runtime.serve.launcher import API_KEY_ENV
@@ -737,19 +737,9 @@ def wait_for_state(name: str, owner_pid: int | None, timeout_s: float) -> Deploy
             pass
         if time.monotonic() > deadline:
             raise DeploymentError(f'deployment "{name}" wrote no state within {timeout_s:.0f} s')
-        if owner_pid is not None and not _alive(owner_pid):
+        if owner_pid is not None and not pid_alive(owner_pid):
             raise DeploymentError(f"the deployment's supervisor (pid {owner_pid}) is gone")
         time.sleep(0.2)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def split_listen(text: str) -> tuple[str, int]:
@@ -801,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def watch_owner() -> None:  # the supervisor gone (kill -9): stop serving too
         while not server.should_exit:
-            if args.owner_pid is not None and not _alive(args.owner_pid):
+            if args.owner_pid is not None and not pid_alive(args.owner_pid):
                 server.should_exit = True
             time.sleep(1.0)
 
