@@ -352,3 +352,44 @@ def test_gateway_errors_become_openai_statuses() -> None:
         {"code": "bad_field", "field": "max_new_tokens", "message": "max_new_tokens must be …"}
     )
     assert (field.param, field.message) == ("max_tokens", "max_tokens must be …")
+
+
+def test_chat_prompts_use_the_checkpoints_template_else_the_plain_one(tmp_path: Path) -> None:
+    """A tokenizer with a chat template renders the messages (its BOS not doubled where the
+    tokenizer adds one itself); without one, the documented plain template."""
+    from transformers import AutoTokenizer
+
+    from runtime.model.assets import builtin_model_dir
+    from runtime.serve.http import ChatTemplate, plain_chat_prompt
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    plain = AutoTokenizer.from_pretrained(str(builtin_model_dir()))
+    assert ChatTemplate(plain).name == "plain"
+    assert ChatTemplate(plain).prompt(messages) == "System: Be brief.\n\nUser: Hi\n\nAssistant:"
+    assert plain_chat_prompt(messages) == ChatTemplate(None).prompt(messages)
+
+    templated = AutoTokenizer.from_pretrained(str(builtin_model_dir()))
+    templated.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    templated.bos_token = "<bos>"
+    templated.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path))
+    chat = ChatTemplate(loaded)
+    assert chat.name == "checkpoint"
+    rendered = chat.prompt(messages)
+    assert rendered.endswith("<system>Be brief.</s><user>Hi</s><assistant>")
+    adds_bos = loaded.bos_token_id in loaded("")["input_ids"]
+    assert rendered.startswith("<bos>") != adds_bos  # kept only where encoding will not add it
+
+    class AddsBos:  # a tokenizer that adds its BOS itself, as Llama's does
+        chat_template, bos_token, bos_token_id = "…", "<s>", 1
+
+        def __call__(self, text: str) -> dict[str, list[int]]:
+            return {"input_ids": [1]}
+
+        def apply_chat_template(self, messages: object, **_: object) -> str:
+            return "<s>[INST] Hi [/INST]"
+
+    assert ChatTemplate(AddsBos()).prompt(messages) == "[INST] Hi [/INST]"
