@@ -50,8 +50,10 @@ class LlamaShape:
     vocab: int
 
 
-def make_random_llama(directory: Path, shape: LlamaShape) -> Path:
-    """Save a seeded random-weight Llama (fp32) with the built-in model's tokenizer."""
+def make_random_llama(
+    directory: Path, shape: LlamaShape, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Save a seeded random-weight Llama (in ``dtype``) with the built-in model's tokenizer."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
@@ -68,7 +70,7 @@ def make_random_llama(directory: Path, shape: LlamaShape) -> Path:
         eos_token_id=0,
         pad_token_id=0,
     )
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    AutoModelForCausalLM.from_config(config).to(dtype).save_pretrained(directory)
     for name in TOKENIZER_FILES:
         shutil.copy(builtin_model_dir() / name, directory / name)
     return directory
@@ -353,17 +355,30 @@ def print_throughput(result: dict[str, Any]) -> None:
             f"{r['prefill_s']:.3f} s, decode {r['decode_ms_per_step']:.1f} ms/step; other "
             f"processes took {_shares(r['foreign_cpu'])} of the CPU)"
         )
+    same = "bf16" if result["weights_16bit"] == "bfloat16" else "fp32"
+    print(
+        f"  16-bit weights in {result['weights_16bit']}: the like-for-like baseline is "
+        f"transformers {same} (÷same); memory bandwidth {result['bandwidth_gb_s']:.1f} GB/s"
+    )
+    for name in ("fp32", "bf16"):
+        r = base[name]
+        print(
+            f"  transformers {name} decode: {r['decode_gb_s']:.1f} GB/s read, "
+            f"{100 * r['decode_bandwidth_share']:.0f}% of the bandwidth"
+        )
     print(
         f"  {'pqctl case':<32} {'p/d mb':>6} {'tok/s':>8} {'÷fp32':>6} {'÷bf16':>6} "
-        f"{'target':>6} {'prefill s':>9} {'ms/step':>7} {'ovh ms':>6}  waves  other CPU"
+        f"{'÷same':>6} {'target':>6} {'prefill s':>9} {'ms/step':>7} {'GB/s':>5} {'÷BW':>4} "
+        f"{'ovh ms':>6}  waves  other CPU"
     )
     for c in result["cases"]:
         target = "-" if c["target_vs_fp32"] is None else f"≥{c['target_vs_fp32']:.1f}"
         mb = "/".join(map(str, c["micro_batches"]))
         print(
             f"  {c['case']:<32} {mb:>6} {c['tokens_per_s']:8.1f} {c['ratio_fp32']:6.2f} "
-            f"{c['ratio_bf16']:6.2f} {target:>6} {c['first_token_s']:9.3f} "
-            f"{c['decode_ms_per_step']:7.1f} {_ms(c['overhead_ms_per_step']):>6}  "
+            f"{c['ratio_bf16']:6.2f} {c['ratio_same']:6.2f} {target:>6} "
+            f"{c['first_token_s']:9.3f} {c['decode_ms_per_step']:7.1f} {c['decode_gb_s']:5.1f} "
+            f"{100 * c['decode_bandwidth_share']:3.0f}% {_ms(c['overhead_ms_per_step']):>6}  "
             f"{','.join(map(str, c['waves'])):<5}  {_shares(c['foreign_cpu'])}"
         )
 

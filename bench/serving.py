@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -88,6 +89,12 @@ from tests.runtime.serve.plans import serving_plan, write_plan  # noqa: E402
 
 RANDOM_LLAMA = LlamaShape(layers=10, hidden=1024, intermediate=2816, heads=16, kv_heads=8,
                           vocab=32000)  # fmt: skip
+LARGE_LLAMA = LlamaShape(layers=16, hidden=2048, intermediate=5632, heads=32, kv_heads=8,
+                         vocab=32000)  # fmt: skip
+"""``--large``: 1.4 GB of linear weights at 16 bits (bf16), large enough that a decode step is
+bound by memory bandwidth rather than by per-step overheads."""
+BANDWIDTH_BYTES = 1 << 30
+"""The buffer the bandwidth probe sums: far beyond any cache."""
 WAVE_GAP_S = 0.05
 """Admissions further apart than this count as separate waves."""
 SETTLE_S = 0.2
@@ -289,15 +296,108 @@ def time_baselines(
         runs[name].foreign_cpu.append(foreign.share)
 
 
-def summarize_baseline(runs: Runs, batch: Batch) -> dict[str, Any]:
+def measure_bandwidth_gb_s(repeats: int = 5) -> float:
+    """This machine's memory bandwidth as torch reads it: the best of ``repeats`` sums of a
+    1 GiB buffer (all of torch's threads), GB/s."""
+    buffer = torch.ones(BANDWIDTH_BYTES // 4, dtype=torch.float32)
+    buffer.sum()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return BANDWIDTH_BYTES / best / 1e9
+
+
+@dataclass(frozen=True, slots=True)
+class StepBytes:
+    """What one decode step of the whole batch reads: every stage's weights once per decode
+    micro-batch (packed codes, scales and zeros as stored; the LM head dense), and the KV cache
+    of every sequence at the batch's mean context."""
+
+    weights: int
+    kv: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv
+
+
+def decode_step_bytes(
+    source: str, plan: Plan, batch: Batch, weight_dtype: torch.dtype
+) -> StepBytes:
+    """:class:`StepBytes` of ``plan`` (``weight_dtype``: its 16-bit weights' dtype)."""
+    from runtime.model.arch import arch_from_config, read_config
+    from runtime.model.shard import linear_shapes
+    from runtime.quant import packed_nbytes
+
+    directory = checkpoint_dir(source)
+    arch = arch_from_config(read_config(directory), str(directory))
+    shapes = linear_shapes(arch).values()
+    group = plan.quantization.group_size
+    dense = weight_dtype.itemsize
+    per_layer = {
+        bits: sum(packed_nbytes(r, c, bits, group, dense) for r, c in shapes)
+        for bits in set(plan.layer_bits)
+    }
+    layers = sum(per_layer[b] for b in plan.layer_bits)
+    head = arch.vocab_size * arch.hidden_size * dense
+    micro_batches = math.ceil(batch.size / plan.micro_batching.decode_size)
+    context = batch.prompt_len + batch.new_tokens / 2
+    kv = 2 * arch.num_layers * batch.size * context * arch.num_kv_heads * arch.head_dim * 4
+    return StepBytes((layers + head) * micro_batches, round(kv))
+
+
+def baseline_step_bytes(source: str, batch: Batch, dtype: torch.dtype) -> StepBytes:
+    """What transformers reads per decode step: every weight once, in ``dtype``."""
+    from runtime.model.arch import arch_from_config, read_config
+    from runtime.model.shard import linear_shapes
+
+    directory = checkpoint_dir(source)
+    arch = arch_from_config(read_config(directory), str(directory))
+    linear = sum(r * c for r, c in linear_shapes(arch).values()) * arch.num_layers
+    weights = (linear + arch.vocab_size * arch.hidden_size) * dtype.itemsize
+    context = batch.prompt_len + batch.new_tokens / 2
+    kv = 2 * arch.num_layers * batch.size * context * arch.num_kv_heads * arch.head_dim
+    return StepBytes(weights, round(kv * dtype.itemsize))
+
+
+def stored_weight_dtype(source: str) -> torch.dtype:
+    """The dtype of pqctl's 16-bit CPU weights for this checkpoint (its stored dtype decides,
+    ``runtime.quant.dense_weight_dtype``): the dtype a like-for-like baseline computes in."""
+    from runtime.model.arch import arch_from_config, read_config
+    from runtime.model.checkpoint import Checkpoint
+    from runtime.model.shard import layer_tensors
+
+    directory = checkpoint_dir(source)
+    arch = arch_from_config(read_config(directory), str(directory))
+    stored = Checkpoint(directory).dtype_of(next(iter(layer_tensors(arch, 0))))
+    return dense_weight_dtype(torch.float32, torch.device("cpu"), stored)
+
+
+def _decode_figures(ms_per_step: float, step: StepBytes, bandwidth_gb_s: float) -> dict[str, Any]:
+    rate = step.total / (ms_per_step / 1e3) / 1e9 if ms_per_step > 0 else 0.0
+    return {
+        "decode_bytes_per_step": step.total,
+        "decode_weight_bytes_per_step": step.weights,
+        "decode_gb_s": rate,
+        "decode_bandwidth_share": rate / bandwidth_gb_s,
+    }
+
+
+def summarize_baseline(
+    runs: Runs, batch: Batch, step: StepBytes, bandwidth_gb_s: float
+) -> dict[str, Any]:
     wall, prefill = min(runs.wall_s), min(runs.first_token_s)
+    decode_ms = 1e3 * (wall - prefill) / max(1, batch.new_tokens - 1)
     return {
         "tokens_per_s": batch.size * batch.new_tokens / wall,
         "best_s": wall,
         "median_s": statistics.median(runs.wall_s),
         "foreign_cpu": runs.foreign_cpu,
         "prefill_s": prefill,
-        "decode_ms_per_step": 1e3 * (wall - prefill) / max(1, batch.new_tokens - 1),
+        "decode_ms_per_step": decode_ms,
+        **_decode_figures(decode_ms, step, bandwidth_gb_s),
     }
 
 
@@ -317,8 +417,17 @@ def summarize_stage(deployment: Deployment, index: int, run: int) -> dict[str, A
     }
 
 
-def summarize_case(deployment: Deployment, batch: Batch, base: dict[str, Any]) -> dict[str, Any]:
+def summarize_case(
+    deployment: Deployment,
+    batch: Batch,
+    base: dict[str, Any],
+    bandwidth_gb_s: float,
+    weight_dtype: torch.dtype,
+) -> dict[str, Any]:
     runs, case = deployment.runs, deployment.case
+    plan = deployment.plan
+    step = decode_step_bytes(plan.model.source, plan, batch, weight_dtype)
+    same = "bf16" if weight_dtype == torch.bfloat16 else "fp32"
     best = runs.best()
     tokens_per_s = batch.size * batch.new_tokens / runs.wall_s[best]
     mb = deployment.plan.micro_batching
@@ -334,9 +443,12 @@ def summarize_case(deployment: Deployment, batch: Batch, base: dict[str, Any]) -
         "median_s": statistics.median(runs.wall_s),
         "ratio_fp32": tokens_per_s / base["fp32"]["tokens_per_s"],
         "ratio_bf16": tokens_per_s / base["bf16"]["tokens_per_s"],
+        "same_dtype": same,
+        "ratio_same": tokens_per_s / base[same]["tokens_per_s"],
         "target_vs_fp32": case.target,
         "first_token_s": runs.first_token_s[best],
         "decode_ms_per_step": runs.decode_ms_per_step[best],
+        **_decode_figures(runs.decode_ms_per_step[best], step, bandwidth_gb_s),
         "overhead_ms_per_step": overhead_ms(runs.decode_ms_per_step[best], stages),
         "waves": runs.waves,
         "foreign_cpu": runs.foreign_cpu,
@@ -353,7 +465,7 @@ def overhead_ms(decode_ms_per_step: float, stages: list[dict[str, Any]]) -> floa
 
 
 def measure_model(
-    setup: ModelSetup, repeats: int, cpu: DeviceType, chosen: list[Case]
+    setup: ModelSetup, repeats: int, cpu: DeviceType, chosen: list[Case], bandwidth_gb_s: float
 ) -> dict[str, Any]:
     """Deploy every case of ``setup``, warm up, time them all in turns; the summary."""
     from transformers import AutoTokenizer
@@ -378,13 +490,22 @@ def measure_model(
             for d in deployments:
                 time_pqctl(d, prompts, batch.new_tokens)
         time.sleep(1.2)  # the last windows
-        base = {name: summarize_baseline(r, batch) for name, r in base_runs.items()}
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        base = {
+            name: summarize_baseline(
+                r, batch, baseline_step_bytes(setup.source, batch, dtypes[name]), bandwidth_gb_s
+            )
+            for name, r in base_runs.items()
+        }
+        weights = stored_weight_dtype(setup.source)
         return {
             "model": setup.name,
             "source": setup.source,
             "batch": asdict(batch),
+            "bandwidth_gb_s": bandwidth_gb_s,
+            "weights_16bit": str(weights).removeprefix("torch."),
             "baselines": base,
-            "cases": [summarize_case(d, batch, base) for d in deployments],
+            "cases": [summarize_case(d, batch, base, bandwidth_gb_s, weights) for d in deployments],
             "hops": hops(setup, deployments),
         }
 
@@ -409,10 +530,17 @@ def hops(setup: ModelSetup, deployments: list[Deployment]) -> list[dict[str, Any
     ]  # fmt: skip
 
 
-def setups(quick: bool, tmp: Path) -> list[ModelSetup]:
+def setups(quick: bool, large: bool, tmp: Path) -> list[ModelSetup]:
     tiny = ModelSetup("bard-tiny", "bard-tiny", 8, 32, Batch(8, 64, 32))
     if quick:
         return [ModelSetup("bard-tiny", "bard-tiny", 8, 32, Batch(4, 32, 8))]
+    if large:
+        path = make_random_llama(tmp / "large-llama", LARGE_LLAMA, torch.bfloat16)
+        return [
+            ModelSetup(f"large-llama, batch {b}", str(path), LARGE_LLAMA.layers, 128,
+                       Batch(b, 64, 32))
+            for b in (1, 8)
+        ]  # fmt: skip
     path = make_random_llama(tmp / "random-llama", RANDOM_LLAMA)
     big = ModelSetup("random-llama", str(path), RANDOM_LLAMA.layers, 128, Batch(8, 64, 32))
     return [big, tiny]
@@ -438,6 +566,12 @@ def main() -> None:
         help="smoke-size run: bard-tiny only, small batch, 3 cases, 1 repeat",
     )
     parser.add_argument("--json", action="store_true", help="machine-readable output only")
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help="a random Llama of hidden 2048 x 16 layers in bf16 (1.4 GB of linear weights at 16 "
+        "bits, bandwidth-bound), at batch 1 and 8, instead of the default models",
+    )
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed runs per contender (default 3; quick 1)"
     )
@@ -465,6 +599,8 @@ def main() -> None:
         "fp32_tflops": cpu.fp32_tflops,
         "bandwidth_gb_s": cpu.memory_bandwidth_gb_s,
     }
+    bandwidth = measure_bandwidth_gb_s(2 if args.quick else 5)
+    env["bandwidth_torch_sum_gb_s"] = bandwidth
     if not args.json:
         print(
             f"torch {env['torch']}, {env['cpu_capability']}, {env['cores']} cores, "
@@ -476,10 +612,15 @@ def main() -> None:
             f"{cpu.memory_bandwidth_gb_s:.1f} GB/s; load average at start: "
             f"{env['load_average_start']:.2f}"
         )
+        print(
+            f"memory bandwidth in this run: {bandwidth:.1f} GB/s (torch sum of 1 GiB, "
+            f"{env['threads']} threads); decode GB/s counts each step's packed weights, scales "
+            "and KV cache read"
+        )
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for setup in setups(args.quick, Path(tmp)):
-            result = measure_model(setup, repeats, cpu, chosen)
+        for setup in setups(args.quick, args.large, Path(tmp)):
+            result = measure_model(setup, repeats, cpu, chosen, bandwidth)
             results.append(result)
             if not args.json:
                 print_throughput(result)
