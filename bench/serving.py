@@ -537,7 +537,7 @@ def setups(quick: bool, large: bool, tmp: Path) -> list[ModelSetup]:
     if large:
         path = make_random_llama(tmp / "large-llama", LARGE_LLAMA, torch.bfloat16)
         return [
-            ModelSetup(f"large-llama, batch {b}", str(path), LARGE_LLAMA.layers, 128,
+            ModelSetup(f"large-llama-b{b}", str(path), LARGE_LLAMA.layers, 128,
                        Batch(b, 64, 32))
             for b in (1, 8)
         ]  # fmt: skip
