@@ -199,7 +199,9 @@ def start_deployment(
     starved of CPU while large stages load, and never leaving it running when it fails."""
     environ = dict(os.environ, PQCTL_STATE_DIR=str(state_dir), PYTHONPATH=str(ROOT), **env)
     argv = [sys.executable, "-m", "runtime.serve.gateway", "--plan", str(plan), "--name", name]
-    argv += ["--endpoint", "tcp://127.0.0.1:*"]
+    # a large model's prefill step runs for seconds, between heartbeats: as pqctl apply warns,
+    # the heartbeat timeout must exceed the longest step
+    argv += ["--endpoint", "tcp://127.0.0.1:*", "--beat-timeout", "120"]
     with open(state_dir / f"{name}-gateway.log", "wb") as log:
         process = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, env=environ, cwd=ROOT

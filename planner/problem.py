@@ -277,11 +277,15 @@ def _tables_of(
         dequant_scratch_bytes=np.array(
             [float(cm.dequant_scratch_bytes(model, d.type.dense_weight_bytes)) for d in devices]
         ),
-        embedding_bytes=_weights_per_device(devices, lambda d: cm.embedding_bytes(model, d)),
+        embedding_bytes=_weights_per_device(devices, model, lambda d: cm.embedding_bytes(model, d)),
         head_bytes=_weights_per_device(
-            devices, lambda d: cm.head_bytes(model, max(prefill_micro_batch, decode_micro_batch), d)
+            devices,
+            model,
+            lambda d: cm.head_bytes(model, max(prefill_micro_batch, decode_micro_batch), d),
         ),
-        tied_saving_bytes=_weights_per_device(devices, lambda d: cm.tied_saving_bytes(model, d)),
+        tied_saving_bytes=_weights_per_device(
+            devices, model, lambda d: cm.tied_saving_bytes(model, d)
+        ),
         embed_prefill_s=np.array([cm.embedding_latency_s(model, d.type, pre_pt, p) for d, p in dp]),
         embed_decode_s=np.array([cm.embedding_latency_s(model, d.type, dec_pt, p) for d, p in dp]),
         head_prefill_s=np.array([cm.head_latency_s(model, d.type, pre_pt, p) for d, p in dp]),
@@ -306,12 +310,13 @@ def _tables_of(
 
 
 def _weights_per_device(
-    devices: Sequence[DeviceSpec], bytes_of: Callable[[int], int]
+    devices: Sequence[DeviceSpec], model: ModelSpec, bytes_of: Callable[[int], int]
 ) -> np.ndarray:
-    """A per-device byte count from the width of the device's compute dtype
-    (``activation_bytes``): the embedding tables and LM head are held in it, so that logits
-    come out of the head as the device computes (fp32 on a CPU)."""
-    return np.array([float(bytes_of(d.type.activation_bytes)) for d in devices])
+    """A per-device byte count from the width of the device's 16-bit weights
+    (:func:`planner.cost_model.weight16_bytes`): the runtime holds the embedding tables and
+    the LM head as it holds 16-bit linears (a bf16 checkpoint's in bf16 on a CPU with native
+    bf16, else in the compute dtype)."""
+    return np.array([float(bytes_of(cm.weight16_bytes(model, d.type))) for d in devices])
 
 
 def _hops(

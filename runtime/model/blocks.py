@@ -110,10 +110,21 @@ class Attention(nn.Module):
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
         keys, values = cache.write(layer, ctx.slots, ctx.past, k, v)  # [bsz, kvh, past+t, hd]
-        if self.kv_heads != self.heads:
-            keys = keys.repeat_interleave(self.heads // self.kv_heads, dim=1)
-            values = values.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.mask, scale=self.scale)
+        group = self.heads // self.kv_heads
+        if group == 1:
+            out = F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=ctx.mask, scale=self.scale
+            )
+        else:  # grouped-query: each key/value head's query heads as rows of one head, so the
+            # cached keys and values are read in place, never copied per query head
+            total = keys.shape[2]
+            q = q.reshape(bsz, self.kv_heads, group * seqlen, self.head_dim)
+            mask = ctx.mask  # [bsz, 1 or heads, seqlen, total]
+            mask = mask.expand(bsz, self.heads, seqlen, total).reshape(
+                bsz, self.kv_heads, group * seqlen, total
+            )
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
+            out = out.reshape(bsz, self.heads, seqlen, self.head_dim)
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.heads * self.head_dim)
         projected: Tensor = self.o_proj(out)
         return projected

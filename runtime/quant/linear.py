@@ -60,6 +60,9 @@ class DenseLinear(nn.Module):
     """A 16-bit linear layer: the unquantized weight in :func:`dense_weight_dtype`.
 
     Activations are cast to the weight's dtype for the matmul and the result back to theirs.
+    One row of bf16 activations against bf16 weights (batch-1 decode) goes through
+    ``torch.mv``: on a 2-core AVX-512/AMX CPU it read a 5632 × 2048 bf16 weight at 25.4 GB/s
+    against ``F.linear``'s 20.5 GB/s (30.4 GB/s is the machine's fp32 rate).
     """
 
     weight: Tensor
@@ -108,7 +111,11 @@ class DenseLinear(nn.Module):
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.weight, bias)
         x2 = x.reshape(-1, self.in_features).to(self.weight.dtype)  # [M, in]
-        y = _with_bias(F.linear(x2, self.weight), x.dtype, self.bias)
+        if x2.shape[0] == 1:  # one row (a decode step of one sequence): a matrix-vector product
+            product = torch.mv(self.weight, x2[0]).unsqueeze(0)
+        else:
+            product = F.linear(x2, self.weight)
+        y = _with_bias(product, x.dtype, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def resident_bytes(self) -> int:

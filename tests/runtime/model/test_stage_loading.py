@@ -269,7 +269,7 @@ def _planned_bytes(
     cpu = cpu_device_type(cores=2, memory_bytes=8 * 1024**3, memory_bandwidth_gb_s=10,
                           fp32_tflops=0.1, native_bf16=native_bf16)  # fmt: skip
     planned = (layers[1] - layers[0]) * cm.layer_memory_bytes(model, cpu, 16, 2, 64, 64)
-    ends = cpu.activation_bytes  # embedding table and LM head are held in the compute dtype
+    ends = cm.weight16_bytes(model, cpu)  # embedding table and LM head: as 16-bit weights
     planned += first * cm.embedding_bytes(model, ends)
     planned -= (first and last) * cm.tied_saving_bytes(model, ends)
     return planned + last * cm.head_bytes(model, 0, ends)  # no logits buffer
