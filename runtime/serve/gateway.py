@@ -36,7 +36,7 @@ from planner.plan import Plan, PlanValidationError
 from runtime.errors import RuntimeFailure
 from runtime.model.source import checked_checkpoint
 from runtime.model.tokenizer import load_tokenizer
-from runtime.serve.deployment import DeploymentState, check_name, state_dir
+from runtime.serve.deployment import DeploymentError, DeploymentState, check_name, state_dir
 from runtime.serve.frames import (
     CONTROL_FRAME_BYTES,
     FrameError,
@@ -781,9 +781,11 @@ def _serve(
             internal_keys_dir=internal_keys_dir,
             http_endpoint=args.http_endpoint,
         )
-    except (RuntimeFailure, PlanValidationError, OSError, ValueError) as exc:
+    except (RuntimeFailure, PlanValidationError, DeploymentError, OSError, ValueError) as exc:
         title = getattr(exc, "title", "cannot start")
         print(f"error: {title}: {exc}", file=sys.stderr)
+        if bind_host.startswith(IPC_PREFIX) and args.run_dir is None:  # made for this start
+            shutil.rmtree(bind_host.removeprefix(IPC_PREFIX), ignore_errors=True)
         return 1
 
     def stop(*_: object) -> None:

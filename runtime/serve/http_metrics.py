@@ -81,9 +81,7 @@ class DeploymentCollector:
             ("num_requests_running", "active", "Requests in the pipeline now."),
             ("num_requests_waiting", "waiting", "Requests waiting for a free micro-batch."),
         ):
-            gauge = GaugeMetricFamily(PREFIX + metric, help_text, labels=keys)
-            gauge.add_metric(values, float(requests.get(field) or 0))
-            yield gauge
+            yield _one(GaugeMetricFamily, metric, help_text, labels, requests.get(field))
         serving = GaugeMetricFamily(
             PREFIX + "deployment_serving",
             "1 while the deployment serves, 0 while it loads, recovers, re-plans or stops.",
@@ -92,19 +90,19 @@ class DeploymentCollector:
         phase = self.backend.phase
         serving.add_metric([*values, phase], 1.0 if phase == "serving" else 0.0)
         yield serving
-        restarts = CounterMetricFamily(
-            PREFIX + "gateway_restarts", "Times the supervisor restarted the gateway.", labels=keys
+        yield _one(
+            CounterMetricFamily,
+            "gateway_restarts",
+            "Times the supervisor restarted the gateway.",
+            labels,
+            status.get("gateway_restarts"),
         )
-        restarts.add_metric(values, float(status.get("gateway_restarts") or 0))
-        yield restarts
         stats = status.get("request_stats") or {}
-        for metric, field, help_text in (
-            ("prompt_tokens", "prompt_tokens", "Prompt tokens of finished requests."),
-            ("generation_tokens", "generation_tokens", "Tokens generated for finished requests."),
+        for metric, help_text in (
+            ("prompt_tokens", "Prompt tokens of finished requests."),
+            ("generation_tokens", "Tokens generated for finished requests."),
         ):
-            counter = CounterMetricFamily(PREFIX + metric, help_text, labels=keys)
-            counter.add_metric(values, float(stats.get(field) or 0))
-            yield counter
+            yield _one(CounterMetricFamily, metric, help_text, labels, stats.get(metric))
         success = CounterMetricFamily(
             PREFIX + "request_success",
             "Finished requests by finish reason.",
@@ -187,6 +185,20 @@ class DeploymentCollector:
                 resident.add_metric(values, float(memory))
         yield from rates.values()
         yield from (busy, queue, restarts, resident)
+
+
+def _one(
+    family: type[GaugeMetricFamily] | type[CounterMetricFamily],
+    name: str,
+    help_text: str,
+    labels: dict[str, str],
+    value: object,
+) -> Metric:
+    """A metric of one series: ``value`` (0 when absent) under ``labels``."""
+    metric = family(PREFIX + name, help_text, labels=list(labels))
+    number = float(value) if isinstance(value, int | float) else 0.0
+    metric.add_metric(list(labels.values()), number)
+    return metric
 
 
 def _bound(bound: float) -> str:

@@ -460,3 +460,25 @@ def test_requests_sent_together_are_admitted_together(
     wave = min(c.usage["total_s"] - c.usage["queued_s"] for c in together)
     assert all(c.usage["queued_s"] < wave / 2 for c in together), [c.usage for c in done]
     assert last.usage["queued_s"] >= wave / 2
+
+
+def test_a_gateway_that_cannot_start_leaves_no_socket_directory(tmp_path: Path) -> None:
+    """A start refused before serving (here a name no deployment may have) exits 1 with the
+    reason, and removes the private socket directory it had made for this start."""
+    import subprocess
+    import sys
+
+    from tests.runtime.serve.conftest import ROOT
+
+    plan = write_plan(serving_plan("bard-tiny", [0]), tmp_path)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = dict(os.environ, TMPDIR=str(scratch), PQCTL_STATE_DIR=str(tmp_path / "state"))
+    env["PYTHONPATH"] = str(ROOT)
+    run = subprocess.run(
+        [sys.executable, "-m", "runtime.serve.gateway", "--plan", str(plan), "--name", "a b"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr
+    assert 'deployment name "a b" must be' in run.stderr and "Traceback" not in run.stderr
+    assert list(scratch.iterdir()) == []
