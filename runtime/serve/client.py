@@ -121,8 +121,27 @@ class Client:
 
     # ----------------------------------------------------------------- raw messages
     def send(self, message: dict[str, Any]) -> None:
-        """Send one protocol message as is."""
-        self._sock.send(pack(message))
+        """Send one protocol message as is.
+
+        Raises:
+            NotAuthorized: the server refused this client's handshake, so the message has no
+                connection to go out on (a DEALER would wait for one forever).
+            TimeoutError: no connection took it within the client's timeout.
+        """
+        frame = pack(message)
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                self._sock.send(frame, zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                pass
+            self._note_drops()
+            if self._refused and not self._up:
+                raise NotAuthorized(f"{self.endpoint}: {self._refused}")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no connection to {self.endpoint} took a message in time")
+            self._sock.poll(50, zmq.POLLOUT)
 
     def receive(self, timeout_s: float | None = None) -> dict[str, Any]:
         """The next reply, whichever request it belongs to.

@@ -182,8 +182,21 @@ class GatewayConnection:
         self.queues.pop(request_id, None)
 
     def send(self, message: dict[str, Any]) -> None:
-        """Queue ``message`` for the gateway without waiting (also from a ``finally``)."""
-        self.sock.send(msgpack.packb(message, use_bin_type=True), zmq.NOBLOCK)
+        """Queue ``message`` for the gateway without waiting (also from a ``finally``).
+
+        Raises:
+            APIError: 503, no connection to the gateway now (it is restarting).
+        """
+        try:
+            self.sock.send(msgpack.packb(message, use_bin_type=True), zmq.NOBLOCK)
+        except zmq.Again:
+            raise APIError(
+                503,
+                "the deployment's gateway is not reachable now; retry shortly",
+                None,
+                "unavailable",
+                "service_unavailable",
+            ) from None
 
     def close(self) -> None:
         for task in self.tasks:
@@ -565,7 +578,11 @@ def create_app(backend: Backend, api_key: str | None) -> FastAPI:
         request_id = backend.request_id()
         message["id"] = request_id
         queue = connection.open(request_id)
-        connection.send(message)
+        try:
+            connection.send(message)
+        except APIError:
+            connection.close_request(request_id)
+            raise
         kind = "chat.completion" if chat else "text_completion"
         reply_id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
@@ -616,7 +633,7 @@ def _client(request: Any) -> str:
 
 
 def _cancel(connection: GatewayConnection, request_id: str) -> None:
-    with contextlib.suppress(zmq.ZMQError):
+    with contextlib.suppress(zmq.ZMQError, APIError):
         connection.send({"type": "cancel", "id": request_id})
     connection.close_request(request_id)
 
