@@ -50,7 +50,20 @@ from runtime.serve.http_metrics import exposition, registry_for
 from runtime.serve.keys import CurveKeys, secure_client
 from runtime.serve.launcher import API_KEY_ENV
 from runtime.serve.monitor import Monitor
-from runtime.serve.protocol import HARD_FRAME_BYTES
+from runtime.serve.protocol import (
+    BAD_FIELD,
+    BAD_MESSAGE,
+    FRAME_TOO_LARGE,
+    HARD_FRAME_BYTES,
+    INTERNAL,
+    MISSING_FIELD,
+    OVERLOADED,
+    PROMPT_TOO_LONG,
+    REPLANNING,
+    SHUTTING_DOWN,
+    STAGE_FAILED,
+    UNKNOWN_FIELD,
+)
 
 MAX_CONNECTIONS = 256
 """Gateway connections kept open, one per client address (the least recently used closes)."""
@@ -59,23 +72,22 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 STATE_WAIT_S = 120.0
 """How long the endpoint waits at start for the deployment's gateway to write its state."""
 
+CONNECTION_LOST = "connection_lost"
+"""The code of a request's error when the gateway's connection dropped (it restarted)."""
+UNAVAILABLE = "service_unavailable"
 # What the gateway's error codes become (HTTP status, OpenAI error type).
 _STATUS = {
-    "bad_field": (400, "invalid_request_error"),
-    "missing_field": (400, "invalid_request_error"),
-    "unknown_field": (400, "invalid_request_error"),
-    "prompt_too_long": (400, "invalid_request_error"),
-    "bad_message": (400, "invalid_request_error"),
-    "frame_too_large": (413, "invalid_request_error"),
-    "overloaded": (429, "rate_limit_error"),
-    "stage_failed": (503, "service_unavailable"),
-    "replanning": (503, "service_unavailable"),
-    "shutting_down": (503, "service_unavailable"),
-    "connection_lost": (503, "service_unavailable"),
-    "internal": (500, "server_error"),
+    **dict.fromkeys(
+        (BAD_FIELD, MISSING_FIELD, UNKNOWN_FIELD, PROMPT_TOO_LONG, BAD_MESSAGE),
+        (400, "invalid_request_error"),
+    ),
+    FRAME_TOO_LARGE: (413, "invalid_request_error"),
+    OVERLOADED: (429, "rate_limit_error"),
+    **dict.fromkeys((STAGE_FAILED, REPLANNING, SHUTTING_DOWN, CONNECTION_LOST), (503, UNAVAILABLE)),
+    INTERNAL: (500, "server_error"),
 }
-# Gateway field names as the HTTP API names them.
-_FIELD = {"max_new_tokens": "max_tokens", "prompt": "prompt"}
+# Gateway field names as the HTTP API names them (the others are the same).
+_FIELD = {"max_new_tokens": "max_tokens"}
 _FINISH = {"length": "length", "stop": "stop", "eos": "stop", "cancelled": "stop"}
 
 
@@ -119,7 +131,7 @@ class APIError(Exception):
         if chat and param == "prompt":
             param = "messages"
         message = str(reply.get("message", code))
-        if code == "prompt_too_long" and chat:
+        if code == PROMPT_TOO_LONG and chat:
             message = f"the messages make a prompt too long: {message}"
         elif param and param != field and isinstance(field, str):
             message = message.replace(field, param)
@@ -128,6 +140,11 @@ class APIError(Exception):
 
 def _bad(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param, "invalid_value")
+
+
+def _unavailable(message: str) -> APIError:
+    """503: the deployment cannot take requests now (loading, restarting); retry."""
+    return APIError(503, message, None, "unavailable", UNAVAILABLE)
 
 
 # ----------------------------------------------------------------- the gateway connections
@@ -168,7 +185,7 @@ class GatewayConnection:
                     {
                         "type": "error",
                         "id": request_id,
-                        "code": "connection_lost",
+                        "code": CONNECTION_LOST,
                         "message": "the deployment's gateway restarted; send the request again",
                     }
                 )
@@ -190,12 +207,8 @@ class GatewayConnection:
         try:
             self.sock.send(msgpack.packb(message, use_bin_type=True), zmq.NOBLOCK)
         except zmq.Again:
-            raise APIError(
-                503,
-                "the deployment's gateway is not reachable now; retry shortly",
-                None,
-                "unavailable",
-                "service_unavailable",
+            raise _unavailable(
+                "the deployment's gateway is not reachable now; retry shortly"
             ) from None
 
     def close(self) -> None:
@@ -218,7 +231,6 @@ class Backend:
         self.watching = True
         self.watcher = threading.Thread(target=self._watch_status, daemon=True)
         self.watcher.start()
-        self.http_requests = 0
 
     def _watch_status(self) -> None:
         while self.watching:
@@ -301,12 +313,11 @@ def load_chat_template(state: DeploymentState) -> ChatTemplate:
     """The template of the deployment's checkpoint (its tokenizer; none if it cannot load)."""
     from planner.plan import Plan
     from runtime.model.source import checked_checkpoint
+    from runtime.model.tokenizer import load_tokenizer
 
     try:
         checkpoint, _ = checked_checkpoint(Plan.load(state.plan))
-        from transformers import AutoTokenizer
-
-        return ChatTemplate(AutoTokenizer.from_pretrained(str(checkpoint)))
+        return ChatTemplate(load_tokenizer(checkpoint)[0].backend)
     except Exception as exc:  # the gateway serves it: its tokenizer loads; say why if not
         print(f"http: no chat template ({exc}); using the plain one", file=sys.stderr)
         return ChatTemplate(None)
@@ -328,8 +339,8 @@ _NEUTRAL = {
     "metadata": Ellipsis,
     "parallel_tool_calls": Ellipsis,
 }
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream"}
-_COMMON |= {"stream_options"}
+_COMMON = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop"}
+_COMMON |= {"seed", "n", "stream", "stream_options"}
 
 
 def _number(body: dict[str, Any], name: str, default: float, low: float, high: float) -> float:
@@ -355,8 +366,6 @@ def generate_message(body: dict[str, Any], extra: set[str], default_max: int) ->
             if neutral is Ellipsis or value == neutral or value is None:
                 continue
             raise _bad(name, f"not supported by pqctl (only {neutral!r})")
-        if name in ("max_completion_tokens",):
-            continue
         raise _bad(name, "unknown or unsupported field")
     n = body.get("n", 1)
     if n is not None and n != 1:
@@ -479,7 +488,6 @@ def create_app(backend: Backend, api_key: str | None) -> FastAPI:
                     "invalid_api_key",
                 )
                 return JSONResponse(error.body(), status_code=401)
-        backend.http_requests += 1
         return await call_next(request)
 
     @app.get("/health")
@@ -553,7 +561,7 @@ def create_app(backend: Backend, api_key: str | None) -> FastAPI:
             connection.send({"type": "info", "id": request_id})
             reply = await asyncio.wait_for(queue.get(), 10.0)
         except TimeoutError:
-            raise APIError(503, "the deployment does not answer", None, "unavailable") from None
+            raise _unavailable("the deployment does not answer") from None
         finally:
             connection.close_request(request_id)
         if reply.get("type") != "info":
@@ -565,15 +573,7 @@ def create_app(backend: Backend, api_key: str | None) -> FastAPI:
     ) -> Any:
         phase = backend.phase
         if phase != "serving":
-            raise APIError(
-                503,
-                f"the deployment is not serving now ({phase}); retry shortly",
-                None,
-                "unavailable",
-                "service_unavailable",
-            )
-        stream = bool(message["stream"])
-        message["stream"] = True  # tokens as they come; a non-streamed answer gathers them
+            raise _unavailable(f"the deployment is not serving now ({phase}); retry shortly")
         connection = backend.connection(_client(request))
         request_id = backend.request_id()
         message["id"] = request_id
@@ -594,28 +594,15 @@ def create_app(backend: Backend, api_key: str | None) -> FastAPI:
         if first["type"] == "error":
             connection.close_request(request_id)
             raise APIError.from_reply(first, chat)
-        if not stream:
-            done = first
-            text: list[str] = []
-            try:
-                while done["type"] == "token":
-                    text.append(done["text"])
-                    done = await queue.get()
-            except asyncio.CancelledError:
-                _cancel(connection, request_id)
-                raise
-            finally:
-                connection.close_request(request_id)
-            if done["type"] == "error":
-                raise APIError.from_reply(done, chat)
-            return _whole(kind, reply_id, created, model_id, done, chat)
+        if not message["stream"]:  # the gateway sends the whole text in its done reply
+            connection.close_request(request_id)
+            return _whole(kind, reply_id, created, model_id, first, chat)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         chunks = _stream(
             connection,
             request_id,
             queue,
             first,
-            kind,
             reply_id,
             created,
             model_id,
@@ -672,7 +659,6 @@ async def _stream(
     request_id: str,
     queue: asyncio.Queue[dict[str, Any]],
     first: dict[str, Any],
-    kind: str,
     reply_id: str,
     created: int,
     model: str,
@@ -681,7 +667,12 @@ async def _stream(
 ) -> AsyncIterator[str]:
     """Server-sent events as OpenAI sends them: a chunk per text delta (chat's first carries
     the role), a last chunk with the finish reason, a usage chunk when asked, ``[DONE]``."""
-    object_name = "chat.completion.chunk" if chat else "text_completion"
+    header: dict[str, Any] = {
+        "id": reply_id,
+        "object": "chat.completion.chunk" if chat else "text_completion",
+        "created": created,
+        "model": model,
+    }
 
     def chunk(delta: str | None, finish: str | None, role: bool = False) -> str:
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
@@ -694,13 +685,7 @@ async def _stream(
             choice["delta"] = content
         else:
             choice["text"] = delta or ""
-        event: dict[str, Any] = {
-            "id": reply_id,
-            "object": object_name,
-            "created": created,
-            "model": model,
-            "choices": [choice],
-        }
+        event: dict[str, Any] = {**header, "choices": [choice]}
         if include_usage:
             event["usage"] = None
         return f"data: {json.dumps(event)}\n\n"
@@ -718,14 +703,7 @@ async def _stream(
                 finished = True
                 yield chunk(None if chat else "", _FINISH.get(message["finish_reason"], "stop"))
                 if include_usage:
-                    usage = {
-                        "id": reply_id,
-                        "object": object_name,
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": _usage(message),
-                    }
+                    usage = {**header, "choices": [], "usage": _usage(message)}
                     yield f"data: {json.dumps(usage)}\n\n"
                 break
             else:  # an error after the stream began: OpenAI's error object as an event
