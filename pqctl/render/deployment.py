@@ -60,8 +60,7 @@ def load_state(stage: dict[str, Any]) -> str:
 
 
 def _device(plan: Plan, index: int) -> str:
-    ref = plan.stages[index].device
-    return f"{ref.host}/{'cpu' if ref.index < 0 else f'cuda:{ref.index}'}"
+    return plan.stages[index].device.key
 
 
 def _rate(value: float | None) -> str:

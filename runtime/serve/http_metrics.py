@@ -208,8 +208,7 @@ def _bound(bound: float) -> str:
 def _device(plan: Plan | None, index: int) -> str:
     if plan is None or index >= len(plan.stages):
         return ""
-    ref = plan.stages[index].device
-    return f"{ref.host}/{'cpu' if ref.index < 0 else f'cuda:{ref.index}'}"
+    return plan.stages[index].device.key
 
 
 def registry_for(backend: Backend) -> CollectorRegistry:
