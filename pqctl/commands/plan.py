@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from planner.errors import InfeasiblePlanError, PlannerError
 from planner.make_plan import make_plan
@@ -18,6 +17,7 @@ from planner.plan import ALL_BITS, Plan
 from planner.quality_target import parse_ppl_increase
 from planner.search import SearchOptions
 from pqctl.commands.options import RAY_OPTION_HELP, int_list, say_step
+from pqctl.commands.progress import progress
 from pqctl.exits import EXIT_BAD_INPUT, EXIT_INFEASIBLE, fail, load_plan
 from pqctl.plan_inputs import PlanRequest, build_problem, figures_source, record_ppl_target
 from pqctl.render.console import make_console
@@ -43,18 +43,9 @@ def _solve_with_progress(
     if not show:
         plan = make_plan(problem, options)
     else:
-        columns = (
-            SpinnerColumn(),
-            TextColumn("solving {task.description}"),
-            BarColumn(),
-            TextColumn("{task.completed}/{task.total} solves"),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=make_console(stderr=True), transient=True) as bar:
-            task = bar.add_task(f"{problem.model.source} on {resolved.source}", total=None)
-            plan = make_plan(
-                problem, options, lambda done, total: bar.update(task, completed=done, total=total)
-            )
+        with progress("solves") as update:
+            label = f"solving {problem.model.source} on {resolved.source}"
+            plan = make_plan(problem, options, lambda done, total: update(label, done, total))
     plan = record_ppl_target(plan, resolved.ppl_target)
     return replace(plan, notes=plan.notes + tuple(notes)), figures_source(problem)
 
