@@ -13,14 +13,15 @@ import typer
 
 from planner.cost_model import default_group_size
 from planner.errors import PlannerError
+from planner.model_spec import ModelSpec
 from planner.plan import ALL_BITS, Plan
 from planner.quality_target import default_stats_path
 from pqctl.commands.progress import progress
 from pqctl.exits import EXIT_BAD_INPUT, fail, load_plan
-from pqctl.plan_inputs import SHIPPED_STATS
+from pqctl.plan_inputs import find_stats_file
 from pqctl.render.console import make_console
 from runtime.errors import RuntimeFailure
-from runtime.model.assets import BUILTIN_MODEL_NAME, builtin_model_dir
+from runtime.model.assets import BUILTIN_MODEL_NAME
 from runtime.model.source import checked_checkpoint, resolve_checkpoint
 
 if TYPE_CHECKING:  # loads torch: imported when a measurement runs
@@ -122,7 +123,7 @@ def calibrate(
     )
     with _failing_as("cannot calibrate"):
         spec, _ = model_quality.resolve(model)
-    note = _replacement_note(spec.source, output)
+    note = _replacement_note(spec, output)
     if note:
         make_console(stderr=True).print(f"note: {note}", highlight=False)
     with _failing_as("cannot calibrate"), progress() as update:
@@ -152,21 +153,21 @@ def calibrate(
         )
 
 
-def _replacement_note(source: str, output: Path | None) -> str:
+def _replacement_note(spec: ModelSpec, output: Path | None) -> str:
     """What the statistics file about to be written replaces for pqctl plan, and the way back;
     "" when it replaces nothing pqctl plan reads."""
-
-    default = default_stats_path(source)
+    default = default_stats_path(spec.source)
     if output is not None and output.resolve() != default.resolve():
         return ""  # a file of the user's own, read only when given to pqctl plan --stats
-    if default.is_file():
+    read_now = find_stats_file(spec, None)  # what pqctl plan reads for this model today
+    if read_now == default:
         return (
             f"{default} exists and will be replaced; copy it elsewhere first to keep it "
             "(pqctl plan --stats FILE reads any copy)"
         )
-    if source == BUILTIN_MODEL_NAME and (builtin_model_dir() / SHIPPED_STATS).is_file():
+    if read_now is not None:
         return (
-            f"{default} will replace the calibration shipped with pqctl for {source} in "
+            f"{default} will replace the calibration shipped with pqctl for {spec.source} in "
             f"pqctl plan; to go back to the shipped one, delete it (rm {default})"
         )
     return ""
