@@ -323,16 +323,31 @@ class StepBytes:
         return self.weights + self.kv
 
 
+def _arch(source: str) -> tuple[Path, Any]:
+    """The checkpoint directory of ``source`` and its architecture."""
+    from runtime.model.arch import arch_from_config, read_config
+
+    directory = checkpoint_dir(source)
+    return directory, arch_from_config(read_config(directory), str(directory))
+
+
+def _kv_read_bytes(arch: Any, batch: Batch, itemsize: int) -> int:
+    """Keys and values one decode step reads: every sequence at the batch's mean context."""
+    context = batch.prompt_len + batch.new_tokens / 2
+    return round(
+        2 * arch.num_layers * batch.size * context * arch.num_kv_heads * arch.head_dim * itemsize
+    )
+
+
 def decode_step_bytes(
     source: str, plan: Plan, batch: Batch, weight_dtype: torch.dtype
 ) -> StepBytes:
-    """:class:`StepBytes` of ``plan`` (``weight_dtype``: its 16-bit weights' dtype)."""
-    from runtime.model.arch import arch_from_config, read_config
+    """:class:`StepBytes` of ``plan`` (``weight_dtype``: its 16-bit weights' dtype; the KV
+    cache is in the CPU's fp32 compute dtype)."""
     from runtime.model.shard import linear_shapes
     from runtime.quant import packed_nbytes
 
-    directory = checkpoint_dir(source)
-    arch = arch_from_config(read_config(directory), str(directory))
+    _, arch = _arch(source)
     shapes = linear_shapes(arch).values()
     group = plan.quantization.group_size
     dense = weight_dtype.itemsize
@@ -343,34 +358,26 @@ def decode_step_bytes(
     layers = sum(per_layer[b] for b in plan.layer_bits)
     head = arch.vocab_size * arch.hidden_size * dense
     micro_batches = math.ceil(batch.size / plan.micro_batching.decode_size)
-    context = batch.prompt_len + batch.new_tokens / 2
-    kv = 2 * arch.num_layers * batch.size * context * arch.num_kv_heads * arch.head_dim * 4
-    return StepBytes((layers + head) * micro_batches, round(kv))
+    return StepBytes((layers + head) * micro_batches, _kv_read_bytes(arch, batch, 4))
 
 
 def baseline_step_bytes(source: str, batch: Batch, dtype: torch.dtype) -> StepBytes:
     """What transformers reads per decode step: every weight once, in ``dtype``."""
-    from runtime.model.arch import arch_from_config, read_config
     from runtime.model.shard import linear_shapes
 
-    directory = checkpoint_dir(source)
-    arch = arch_from_config(read_config(directory), str(directory))
+    _, arch = _arch(source)
     linear = sum(r * c for r, c in linear_shapes(arch).values()) * arch.num_layers
     weights = (linear + arch.vocab_size * arch.hidden_size) * dtype.itemsize
-    context = batch.prompt_len + batch.new_tokens / 2
-    kv = 2 * arch.num_layers * batch.size * context * arch.num_kv_heads * arch.head_dim
-    return StepBytes(weights, round(kv * dtype.itemsize))
+    return StepBytes(weights, _kv_read_bytes(arch, batch, dtype.itemsize))
 
 
 def stored_weight_dtype(source: str) -> torch.dtype:
     """The dtype of pqctl's 16-bit CPU weights for this checkpoint (its stored dtype decides,
     ``runtime.quant.dense_weight_dtype``): the dtype a like-for-like baseline computes in."""
-    from runtime.model.arch import arch_from_config, read_config
     from runtime.model.checkpoint import Checkpoint
     from runtime.model.shard import layer_tensors
 
-    directory = checkpoint_dir(source)
-    arch = arch_from_config(read_config(directory), str(directory))
+    directory, arch = _arch(source)
     stored = Checkpoint(directory).dtype_of(next(iter(layer_tensors(arch, 0))))
     return dense_weight_dtype(torch.float32, torch.device("cpu"), stored)
 

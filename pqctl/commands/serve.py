@@ -53,6 +53,7 @@ from runtime.serve.deployment import (
 )
 from runtime.serve.keys import CurveKeys, init_keys
 from runtime.serve.launcher import (
+    API_KEY_ENV,
     BEAT_INTERVAL_S,
     BEAT_TIMEOUT_S,
     MAX_RESTARTS,
@@ -166,7 +167,7 @@ def apply(
         str | None,
         typer.Option(
             "--api-key",
-            envvar="PQCTL_API_KEY",
+            envvar=API_KEY_ENV,
             show_envvar=True,
             help="With --http: the key every route but /health requires (Authorization: Bearer "
             "KEY). Prefer the environment variable: a command line is visible to other users.",
