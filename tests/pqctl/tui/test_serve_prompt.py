@@ -84,6 +84,14 @@ async def test_launch_watch_prompt_and_stop_the_builtin_model(dashboard_dirs: Pa
             usage = str(app.query_one("#prompt-usage").render())
             assert "length" in usage or "eos" in usage, usage
             assert str(app.query_one("#completion").render()).startswith("ROMEO:")
+            # several prompts typed at once go to the real deployment together; the prompts'
+            # bracketed text is shown as typed, not read as markup
+            await pilot.press("ctrl+u", *"[Exit] ROMEO: || KING:", "enter")
+            await wait_for(pilot, lambda: not prompt.running and len(prompt.outputs) == 2, 30,
+                           "two replies")  # fmt: skip
+            completion = str(app.query_one("#completion").render())
+            assert "[Exit] ROMEO:" in completion and "KING:" in completion, completion
+            assert "2 requests at once" in str(app.query_one("#prompt-usage").render())
 
             await wait_for(
                 pilot,
@@ -94,7 +102,7 @@ async def test_launch_watch_prompt_and_stop_the_builtin_model(dashboard_dirs: Pa
             line = str(monitors[-1].render())
             assert "tok/s" in line and "pred" in line
             requests = app.query_one("#serve-requests")
-            await wait_for(pilot, lambda: "1 done" in str(requests.render()), 10, "request count")
+            await wait_for(pilot, lambda: "3 done" in str(requests.render()), 10, "request count")
 
             await pilot.press("alt+3", "s")
             await wait_for(pilot, lambda: app.serve_view.phase == "idle", 30, "stopped")
