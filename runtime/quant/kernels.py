@@ -72,10 +72,17 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from runtime.quant.packing import QuantizedTensor, unpack_words
+from runtime.quant import native
+from runtime.quant.packing import QuantizedTensor, dequantize_rows_into, unpack_words
 
 KernelPath = Literal[
-    "dense", "int8pack_mm", "int4pack_mm_cpu", "int4pack_mm_cuda", "dequant-per-call"
+    "dense",
+    "native-int8",
+    "native-int4",
+    "int8pack_mm",
+    "int4pack_mm_cpu",
+    "int4pack_mm_cuda",
+    "dequant-per-call",
 ]
 Impl = Literal["auto", "reference"]
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
@@ -145,6 +152,12 @@ def _cuda_inner_k_tiles(in_features: int) -> int | None:
 def _int4_kernel_path(
     in_features: int, out_features: int, group_size: int, device: torch.device
 ) -> KernelPath:
+    if (
+        device.type == "cpu"
+        and native.int4_shape_supported(in_features, group_size)
+        and native.kernels() is not None
+    ):
+        return "native-int4"
     if group_size not in TINYGEMM_GROUP_SIZES or in_features % group_size:
         return "dequant-per-call"
     if device.type == "cpu" and out_features % 16 == 0:
@@ -169,13 +182,17 @@ def choose_kernel_path(
 ) -> KernelPath:
     """The compute path a layer of this shape and precision takes on ``device``.
 
-    ``impl="reference"`` always dequantizes per call (16 bits stays dense). The CPU int8 kernel
-    needs ``in_features % 16 == 0``: torch 2.13 returns garbage or crashes otherwise.
+    ``impl="reference"`` always dequantizes per call (16 bits stays dense). On a CPU, 8 and 4 bits
+    take pqctl's native kernels where they are built (:mod:`runtime.quant.native`), else torch's.
+    The CPU int8 kernel of torch needs ``in_features % 16 == 0``: torch 2.13 returns garbage or
+    crashes otherwise.
     """
     if bits == 16:
         return "dense"
     if impl == "reference":
         return "dequant-per-call"
+    if bits == 8 and device.type == "cpu" and native.kernels() is not None:
+        return "native-int8"
     if bits == 8 and in_features % 16 == 0 and _int8_kernel_runs(device):
         return "int8pack_mm"
     if bits == 4:
@@ -183,32 +200,31 @@ def choose_kernel_path(
     return "dequant-per-call"
 
 
-INT8_DENSE_ROWS = 64
-"""From this many activation rows (prefill), an ``int8pack_mm`` layer on a CPU dequantizes its
-codes a block at a time into its dense weight dtype (bf16 with native bf16, else fp32) and runs
-that GEMM instead of the int8 kernel, which is 2.7-7.5× slower than 16-bit GEMM at 128-512 rows
-(module docstring) and faster below ~16 rows."""
-INT8_DENSE_BLOCK_ELEMENTS = 1 << 21
+DENSE_ROWS = 64
+"""From this many activation rows (prefill), an 8-bit layer, or a 4-bit one on the native
+kernel, dequantizes its codes a block at a time into its dense weight dtype (bf16 with native
+bf16, else fp32) and runs that GEMM: torch's int8 kernel is 2.7-7.5× slower than 16-bit GEMM at
+128-512 rows (module docstring), and the native kernels read the weight once per 8 rows."""
+DENSE_BLOCK_ELEMENTS = 1 << 21
 """Weights dequantized per block on that path: at most 8 MiB of fp32 scratch per layer."""
 
 
-def int8_dense_matmul(x: Tensor, codes: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
-    """``x`` [M, in] times the int8 layer's weight (``codes`` [out, in] × per-row ``scales``
-    [out]) transposed, by GEMM in ``dtype``: [M, out] in ``dtype``.
+def dense_block_matmul(x: Tensor, q: QuantizedTensor, dtype: torch.dtype) -> Tensor:
+    """``x`` [M, in] times the weight of ``q`` transposed, by GEMM in ``dtype``: [M, out].
 
-    Output rows of the weight are dequantized ``INT8_DENSE_BLOCK_ELEMENTS`` at a time into one
-    reused block, whose product lands directly in its rows of the transposed result.
+    Output rows of the weight are dequantized ``DENSE_BLOCK_ELEMENTS`` at a time into one reused
+    block, whose product lands directly in its rows of the transposed result.
     """
-    out_features, in_features = codes.shape
-    rows = max(1, min(out_features, INT8_DENSE_BLOCK_ELEMENTS // in_features))
-    block = torch.empty(rows, in_features, dtype=dtype, device=codes.device)
-    result_t = torch.empty(out_features, x.shape[0], dtype=dtype, device=codes.device)
+    out_features, in_features = q.shape
+    device = q.codes.device
+    rows = max(1, min(out_features, DENSE_BLOCK_ELEMENTS // in_features))
+    block = torch.empty(rows, in_features, dtype=dtype, device=device)
+    result_t = torch.empty(out_features, x.shape[0], dtype=dtype, device=device)
     xt = x.to(dtype).t()
     for start in range(0, out_features, rows):
         stop = min(start + rows, out_features)
         w = block[: stop - start]
-        w.copy_(codes[start:stop])
-        w.mul_(scales[start:stop, None])
+        dequantize_rows_into(q, start, stop, w)
         torch.matmul(w, xt, out=result_t[start:stop])
     return result_t.t()
 
@@ -258,7 +274,7 @@ def kernel_buffers(
     q: QuantizedTensor, path: KernelPath, device: torch.device
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(qweight, scales, zeros) the layer keeps for ``path``."""
-    if path == "int8pack_mm":
+    if path in ("int8pack_mm", "native-int8"):
         return q.codes.view(torch.int8).to(device), q.scales.to(device), None
     if path in ("int4pack_mm_cpu", "int4pack_mm_cuda"):
         scales = _tinygemm_scales_and_zeros(q).to(device)

@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from runtime.errors import QuantizationError
+from runtime.quant import native
 from runtime.quant.kernels import (
-    INT8_DENSE_ROWS,
+    DENSE_ROWS,
     Impl,
     KernelPath,
     choose_kernel_path,
+    dense_block_matmul,
     dense_weight_dtype,
-    int8_dense_matmul,
     kernel_buffers,
     scale_dtype_for,
 )
@@ -133,9 +134,10 @@ class DenseLinear(nn.Module):
 class QuantLinear(nn.Module):
     """A weight-only quantized linear layer over real packed storage (2, 3, 4 or 8 bits).
 
-    Buffers by ``kernel_path``: ``qweight`` holds our packed codes (dequant-per-call), int8 codes
-    (int8pack_mm) or the int4 kernel's packed tensor; ``scales`` holds the per-group or per-row
-    scales, or tinygemm's [groups, out, 2] scales-and-zeros; ``zeros`` only for dequant-per-call.
+    Buffers by ``kernel_path``: ``qweight`` holds our packed codes (dequant-per-call, native-int4),
+    int8 codes (native-int8, int8pack_mm) or torch's int4 kernels' packed tensor; ``scales`` holds
+    the per-group or per-row scales, or tinygemm's [groups, out, 2] scales-and-zeros; ``zeros``
+    only for dequant-per-call and native-int4.
     """
 
     qweight: Tensor
@@ -204,7 +206,7 @@ class QuantLinear(nn.Module):
         return cls(shape, bits, q.group_size, path, matmul, (qweight, scales, zeros, b))
 
     def _quantized(self) -> QuantizedTensor:
-        """Our storage format over the buffers (dequant-per-call and int8pack_mm only)."""
+        """Our storage format over the buffers (every path but the int4pack ones)."""
         codes = self.qweight.view(torch.uint8)
         shape = (self.out_features, self.in_features)
         return QuantizedTensor(self.bits, self.group_size, shape, codes, self.scales, self.zeros)
@@ -222,9 +224,14 @@ class QuantLinear(nn.Module):
     def _matmul(self, x: Tensor) -> Tensor:
         """``x`` [M, in] -> [M, out] in the path's output dtype."""
         path = self.kernel_path
+        if path in _DENSE_PREFILL_PATHS and x.shape[0] >= DENSE_ROWS and x.device.type == "cpu":
+            return dense_block_matmul(x, self._quantized(), self.matmul_dtype)
+        if path == "native-int8":
+            return _native().int8_matmul(x, self.qweight, self.scales)
+        if path == "native-int4":
+            assert self.zeros is not None
+            return _native().int4_matmul(x, self.qweight, self.scales, self.zeros, self.group_size)
         if path == "int8pack_mm":
-            if x.shape[0] >= INT8_DENSE_ROWS and x.device.type == "cpu":
-                return int8_dense_matmul(x, self.qweight, self.scales, self.matmul_dtype)
             return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales)
         if path == "int4pack_mm_cpu":
             x16 = x.to(torch.bfloat16)
@@ -252,7 +259,7 @@ class QuantLinear(nn.Module):
         For the int4 kernels the codes are read back through the kernel itself (unit scales, an
         identity input), which costs a matmul with ``in_features`` rows: meant for tests.
         """
-        if self.kernel_path == "int8pack_mm":  # the kernel scales fp32 sums: no bf16 rounding
+        if self.kernel_path in _OWN_LAYOUT_KERNELS:  # fp32 sums of our codes: no bf16 rounding
             return dequantize(self._quantized(), torch.float32)
         if self.kernel_path == "dequant-per-call":
             return self.dense_weight().float()
@@ -281,6 +288,20 @@ class QuantLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, bits={self.bits}, "
             f"group={self.group_size}, path={self.kernel_path}"
         )
+
+
+_OWN_LAYOUT_KERNELS: frozenset[KernelPath] = frozenset(
+    {"native-int8", "native-int4", "int8pack_mm"}
+)
+"""Kernel paths that read the codes in :mod:`runtime.quant.packing`'s own format."""
+_DENSE_PREFILL_PATHS = _OWN_LAYOUT_KERNELS
+"""Paths whose prefill (``DENSE_ROWS`` rows or more on a CPU) runs GEMM over dequantized blocks."""
+
+
+def _native() -> native.NativeKernels:
+    kernels = native.kernels()
+    assert kernels is not None, "a native-kernel layer exists only where the kernels loaded"
+    return kernels
 
 
 # --------------------------------------------------------------------------- registry

@@ -295,8 +295,9 @@ def affine_into(
     return out
 
 
-def _dequantize_rows(q: QuantizedTensor, start: int, stop: int, out: Tensor) -> None:
-    """Dequantize rows [start, stop) of ``q`` into ``out`` [stop - start, in]."""
+def dequantize_rows_into(q: QuantizedTensor, start: int, stop: int, out: Tensor) -> None:
+    """Dequantize rows [start, stop) of ``q`` into ``out`` [stop - start, in] (any float dtype:
+    computed in fp32, rounded once)."""
     cols = q.shape[1]
     packed = q.codes[start:stop]
     # codes: [rows, in], int8 (8 bits) or int32
@@ -322,7 +323,7 @@ def dequantize(q: QuantizedTensor, dtype: torch.dtype = torch.float32) -> Tensor
     step = max(1, DEQUANT_CHUNK_ELEMENTS // max(cols, 1))
     for start in range(0, rows, step):  # row chunks, not elements
         stop = min(start + step, rows)
-        _dequantize_rows(q, start, stop, out[start:stop])
+        dequantize_rows_into(q, start, stop, out[start:stop])
     return out
 
 

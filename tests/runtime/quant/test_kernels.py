@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from runtime.quant import kernels
+from runtime.quant import kernels, native
 from runtime.quant.packing import quantize_rtn, unpack_codes
 
 CPU = torch.device("cpu")
@@ -38,7 +38,8 @@ def test_16_bit_weights_are_bf16_only_on_a_bf16_cpu_computing_in_fp32(
     assert kernels.dense_weight_dtype(torch.float16, torch.device("cuda")) == torch.float16
 
 
-def test_kernel_paths_by_shape_on_cpu() -> None:
+def test_kernel_paths_by_shape_on_cpu_with_torch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(native, "kernels", lambda: None)  # no compiler, or not AVX-512
     choose = kernels.choose_kernel_path
     assert choose(16, 100, 100, 32, CPU) == "dense"
     assert choose(8, 128, 64, 32, CPU) == "int8pack_mm"
@@ -50,3 +51,20 @@ def test_kernel_paths_by_shape_on_cpu() -> None:
     assert choose(3, 256, 64, 128, CPU) == "dequant-per-call"
     assert kernels.scale_dtype_for("int4pack_mm_cpu") == torch.bfloat16
     assert kernels.scale_dtype_for("dequant-per-call") == torch.float16
+
+
+def test_kernel_paths_by_shape_on_cpu_with_native_kernels() -> None:
+    if native.kernels() is None:
+        pytest.skip(f"native kernels unavailable here: {native.unavailable_reason()}")
+    choose = kernels.choose_kernel_path
+    assert choose(16, 100, 100, 32, CPU) == "dense"
+    assert choose(8, 128, 64, 32, CPU) == "native-int8"
+    assert choose(8, 100, 64, 32, CPU) == "native-int8"  # any in_features
+    assert choose(4, 256, 64, 128, CPU) == "native-int4"
+    assert choose(4, 256, 40, 32, CPU) == "native-int4"  # any out_features
+    assert choose(4, 256, 64, 16, CPU) == "dequant-per-call"  # group size not a multiple of 32
+    assert choose(4, 320, 64, 128, CPU) == "dequant-per-call"  # groups must fill the rows
+    assert choose(4, 320, 64, 64, CPU) == "native-int4"
+    assert choose(8, 128, 64, 32, CPU, impl="reference") == "dequant-per-call"
+    assert choose(3, 256, 64, 128, CPU) == "dequant-per-call"
+    assert kernels.scale_dtype_for("native-int4") == torch.bfloat16

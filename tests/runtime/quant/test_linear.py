@@ -14,6 +14,7 @@ from runtime.errors import QuantizationError
 from runtime.quant import (
     dense_weight_dtype,
     kernels,
+    native,
     packed_nbytes,
     quantize_linear,
 )
@@ -42,6 +43,23 @@ def _build(rows: int, cols: int, bits: int, group: int, impl: str = "auto") -> t
     )  # type: ignore[arg-type]
 
 
+NATIVE = native.kernels() is not None
+"""Whether pqctl's native kernels load here (an AVX-512 CPU with a C compiler)."""
+needs_native = pytest.mark.skipif(
+    not NATIVE, reason=f"native kernels unavailable: {native.unavailable_reason()}"
+)
+
+
+@pytest.fixture(params=["native", "torch"])
+def kernel_family(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with pqctl's native CPU kernels and again with torch's."""
+    if request.param == "native" and not NATIVE:
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    if request.param == "torch":
+        monkeypatch.setattr(native, "kernels", lambda: None)
+    return str(request.param)
+
+
 # --------------------------------------------------------------------------- layers
 
 SHAPES = [(192, 512, 64), (48, 100, 32), (7, 33, 8)]
@@ -51,7 +69,7 @@ SHAPES = [(192, 512, 64), (48, 100, 32), (7, 33, 8)]
 @pytest.mark.parametrize(("rows", "cols", "group"), SHAPES)
 @pytest.mark.parametrize("impl", ["auto", "reference"])
 def test_layer_multiplies_by_its_dequantized_weight(
-    bits: int, rows: int, cols: int, group: int, impl: str
+    bits: int, rows: int, cols: int, group: int, impl: str, kernel_family: str
 ) -> None:
     layer = _build(rows, cols, bits, group, impl)
     x = torch.randn(2, 5, cols, generator=torch.Generator().manual_seed(3))
@@ -70,29 +88,45 @@ def test_auto_and_reference_agree(bits: int) -> None:
     assert _relative(auto.dequantized_weight(), reference.dequantized_weight()) < 5e-3
 
 
-def test_int8_prefill_runs_dense_gemm_over_dequantized_blocks(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("bits", "path", "kernel_name"),
+    [
+        (8, "int8pack_mm", "_weight_int8pack_mm"),
+        (8, "native-int8", "int8_matmul"),
+        (4, "native-int4", "int4_matmul"),
+    ],
+)
+def test_prefill_runs_dense_gemm_over_dequantized_blocks(
+    monkeypatch: pytest.MonkeyPatch, bits: int, path: str, kernel_name: str
 ) -> None:
-    layer = _build(192, 512, 8, 64)
-    assert layer.kernel_path == "int8pack_mm"
+    if path.startswith("native") and not NATIVE:
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    owner: object = torch
+    if path.startswith("native"):
+        owner = native.NativeKernels
+    else:
+        monkeypatch.setattr(native, "kernels", lambda: None)
+    layer = _build(192, 512, bits, 64)
+    assert layer.kernel_path == path
     kernel_calls: list[int] = []
-    kernel = torch._weight_int8pack_mm
+    kernel = getattr(owner, kernel_name)
 
-    def counted(x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+    def counted(*args: object) -> torch.Tensor:
+        x = next(a for a in args if isinstance(a, torch.Tensor))
         kernel_calls.append(x.shape[0])
-        return kernel(x, *args)
+        return kernel(*args)
 
-    monkeypatch.setattr(torch, "_weight_int8pack_mm", counted)
+    monkeypatch.setattr(owner, kernel_name, counted)
     gen = torch.Generator().manual_seed(5)
-    decode = torch.randn(kernels.INT8_DENSE_ROWS - 1, 512, generator=gen)
-    prefill = torch.randn(kernels.INT8_DENSE_ROWS, 512, generator=gen)
+    decode = torch.randn(kernels.DENSE_ROWS - 1, 512, generator=gen)
+    prefill = torch.randn(kernels.DENSE_ROWS, 512, generator=gen)
     weight = layer.dequantized_weight()
     assert _relative(layer(decode), F.linear(decode, weight, layer.bias)) < KERNEL_TOLERANCE
-    assert kernel_calls == [kernels.INT8_DENSE_ROWS - 1]  # decode: the int8 kernel
+    assert kernel_calls == [kernels.DENSE_ROWS - 1]  # decode: the kernel
     whole = layer(prefill)
-    assert kernel_calls == [kernels.INT8_DENSE_ROWS - 1]  # prefill: dense GEMM instead
+    assert kernel_calls == [kernels.DENSE_ROWS - 1]  # prefill: dense GEMM instead
     assert _relative(whole, F.linear(prefill, weight, layer.bias)) < KERNEL_TOLERANCE
-    monkeypatch.setattr(kernels, "INT8_DENSE_BLOCK_ELEMENTS", 50 * 512)  # 4 blocks, last short
+    monkeypatch.setattr(kernels, "DENSE_BLOCK_ELEMENTS", 50 * 512)  # 4 blocks, last short
     # the same products, summed in the order the GEMM's blocking picks for each block's shape
     # (equal to the bit on an AVX2 CPU, ~1e-7 apart where oneDNN tiles bf16-capable CPUs)
     assert _relative(layer(prefill), whole) < EXACT_TOLERANCE
@@ -175,10 +209,15 @@ def test_resident_memory_shrinks_with_bits(big_layers: dict[int, torch.nn.Module
 
 
 def test_int4_kernel_keeps_only_its_packed_copy(big_layers: dict[int, torch.nn.Module]) -> None:
-    tensors = dict(big_layers[4].named_buffers())
-    assert set(tensors) == {"qweight", "scales", "bias"}
+    layer = big_layers[4]
+    tensors = dict(layer.named_buffers())
     assert tensors["qweight"].nbytes == 4096 * 4096 // 2
-    assert tensors["scales"].shape == (4096 // 128, 4096, 2)
+    if layer.kernel_path == "native-int4":  # our own packing, read as it is
+        assert set(tensors) == {"qweight", "scales", "zeros", "bias"}
+        assert tensors["scales"].shape == tensors["zeros"].shape == (4096, 4096 // 128)
+    else:  # torch's int4 layout replaces ours
+        assert set(tensors) == {"qweight", "scales", "bias"}
+        assert tensors["scales"].shape == (4096 // 128, 4096, 2)
 
 
 def test_three_bit_storage_is_packed() -> None:
@@ -193,8 +232,8 @@ def test_kernel_path_per_precision_on_cpu(big_layers: dict[int, torch.nn.Module]
     paths = {bits: layer.kernel_path for bits, layer in big_layers.items()}
     assert paths == {
         16: "dense",
-        8: "int8pack_mm",
-        4: "int4pack_mm_cpu",
+        8: "native-int8" if NATIVE else "int8pack_mm",
+        4: "native-int4" if NATIVE else "int4pack_mm_cpu",
         3: "dequant-per-call",
         2: "dequant-per-call",
     }
@@ -205,8 +244,27 @@ def test_kernel_path_per_precision_on_cpu(big_layers: dict[int, torch.nn.Module]
     ("bits", "rows", "cols", "group"),
     [(4, 64, 128, 16), (4, 40, 128, 32), (4, 64, 100, 32), (8, 64, 100, 32)],
 )
-def test_shapes_the_kernels_refuse_fall_back(bits: int, rows: int, cols: int, group: int) -> None:
+def test_shapes_torchs_kernels_refuse_fall_back(
+    monkeypatch: pytest.MonkeyPatch, bits: int, rows: int, cols: int, group: int
+) -> None:
+    monkeypatch.setattr(native, "kernels", lambda: None)
     assert _build(rows, cols, bits, group).kernel_path == "dequant-per-call"
+
+
+@needs_native
+@pytest.mark.parametrize(
+    ("bits", "rows", "cols", "group", "path"),
+    [
+        (4, 64, 128, 16, "dequant-per-call"),  # group not a multiple of 32
+        (4, 64, 100, 32, "dequant-per-call"),  # groups do not fill the rows
+        (4, 40, 128, 32, "native-int4"),  # any number of output rows
+        (8, 64, 100, 32, "native-int8"),  # any number of inputs
+    ],
+)
+def test_shapes_of_the_native_kernels(
+    bits: int, rows: int, cols: int, group: int, path: str
+) -> None:
+    assert _build(rows, cols, bits, group).kernel_path == path
 
 
 def test_reference_always_dequantizes_and_keeps_16_bit_exact() -> None:

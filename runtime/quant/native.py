@@ -1,0 +1,212 @@
+"""pqctl's own CPU kernels for 8- and 4-bit layers: built from ``native_kernels.c`` at first use,
+called through ctypes on the layers' packed storage.
+
+A decode step multiplies a few activation rows by every weight once, so it runs at the speed
+its weights stream from memory. torch's weight-only kernels read int8 codes at 13-14 GB/s and
+int4 at ~12 GB/s on a 2-core AVX-512 CPU whose memory gives 31 GB/s to a plain sum; these
+kernels read the same codes at 20-26 GB/s (int8) and 15-19 GB/s (int4, packed bytes) for one
+row, and at twice torch's int8 speed for 8 rows (``bench/quant_kernels.py --native``).
+
+Building needs a C compiler (``$CC``, else ``gcc``, else ``cc``) and an AVX-512 CPU (torch's
+``get_cpu_capability()`` reports AVX512). The library lands in ``$PQCTL_KERNEL_CACHE``, else
+``$XDG_CACHE_HOME/pqctl/kernels``, else ``~/.cache/pqctl/kernels``, named by a hash of the source,
+the flags, the compiler and the CPU, so a change of any of them builds afresh (about 1.5 s)
+and concurrent stage processes never read a half-written file. Where a build is impossible, or
+with ``PQCTL_NATIVE_KERNELS=0``, :func:`kernels` is None and the layers take torch's kernels
+(``runtime.quant.kernels.choose_kernel_path``); :func:`unavailable_reason` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native_kernels.c")
+DISABLE_ENV = "PQCTL_NATIVE_KERNELS"
+"""Set to ``0`` to keep torch's kernels."""
+CACHE_ENV = "PQCTL_KERNEL_CACHE"
+"""Directory for the built library (default: the user's cache, see the module doc)."""
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+BUILD_TIMEOUT_S = 120.0
+
+
+class NativeBuildError(Exception):
+    """The kernels could not be built or loaded here; the message says why."""
+
+
+def cache_dir() -> Path:
+    """Where built libraries go: ``$PQCTL_KERNEL_CACHE``, else the user's cache directory."""
+    explicit = os.environ.get(CACHE_ENV)
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pqctl" / "kernels"
+
+
+def compiler() -> str | None:
+    """The C compiler to build with: ``$CC``, else ``gcc``, else ``cc`` on the PATH."""
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the CPU's model and flags (Linux), else the platform."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    first: dict[str, str] = {}
+    for key, _, value in (line.partition(":") for line in lines):
+        first.setdefault(key.strip(), value.strip())
+    return f"{first.get('model name', '')}|{first.get('flags', '')}"
+
+
+def _compiler_version(cc: str) -> str:
+    try:
+        done = subprocess.run(
+            [cc, "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise NativeBuildError(f"cannot run the C compiler {cc!r}: {exc}") from exc
+    return done.stdout
+
+
+def build(directory: Path, cc: str, extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compile the kernels into ``directory`` (if that build is not there yet); its path.
+
+    Raises:
+        NativeBuildError: the compiler failed (its message is included) or timed out.
+    """
+    flags = (*FLAGS, *extra_flags)
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), _compiler_version(cc).encode()):
+        key.update(part)
+    key.update(_cpu_identity().encode())
+    target = directory / f"pqctl_kernels-{key.hexdigest()[:16]}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    partial = directory / f".{target.name}.{os.getpid()}.partial"
+    command = [cc, *flags, "-o", str(partial), str(SOURCE)]
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        partial.unlink(missing_ok=True)
+        raise NativeBuildError(f"{' '.join(command)} did not finish: {exc}") from exc
+    if done.returncode != 0:
+        partial.unlink(missing_ok=True)
+        detail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        raise NativeBuildError(f"{' '.join(command)} failed: {' / '.join(detail)}")
+    os.replace(partial, target)  # atomic: a concurrent reader sees no file or the whole one
+    return target
+
+
+class NativeKernels:
+    """The loaded library: products of fp32 activations with packed 8- and 4-bit weights."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        lib.pq_int8_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, c_int]
+        lib.pq_int8_matmul.restype = None
+        lib.pq_int4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, c_int]
+        lib.pq_int4_matmul.restype = c_int
+        lib.pq_int4_row_form.restype = ctypes.c_char_p
+        self._lib = lib
+        self.int4_row_form = lib.pq_int4_row_form().decode()
+        """``bf16-dot`` (one row rounded to bf16, vdpbf16ps) or ``fp32``."""
+
+    def int8_matmul(self, x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
+        """``x`` [M, K] times (int8 ``codes`` [N, K] × bf16 ``scales`` [N]) transposed: fp32
+        [M, N]."""
+        x = x.to(torch.float32).contiguous()
+        rows, inputs = x.shape
+        outputs = codes.shape[0]
+        assert codes.dtype == torch.int8 and codes.shape == (outputs, inputs)
+        assert scales.dtype == torch.bfloat16 and scales.shape == (outputs,)
+        assert codes.is_contiguous() and scales.is_contiguous()
+        y = torch.empty(rows, outputs, dtype=torch.float32)
+        self._lib.pq_int8_matmul(
+            x.data_ptr(), rows, inputs, codes.data_ptr(), scales.data_ptr(), y.data_ptr(),
+            outputs, torch.get_num_threads(),
+        )  # fmt: skip
+        return y
+
+    def int4_matmul(
+        self, x: Tensor, codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int
+    ) -> Tensor:
+        """``x`` [M, K] times the 4-bit weight (packed ``codes`` [N, K/2], bf16 ``scales`` and
+        ``zeros`` [N, K/group_size]) transposed: fp32 [M, N]. Needs ``group_size`` a multiple of
+        32 dividing K (:func:`int4_shape_supported`)."""
+        x = x.to(torch.float32).contiguous()
+        rows, inputs = x.shape
+        outputs = codes.shape[0]
+        assert int4_shape_supported(inputs, group_size)
+        assert codes.dtype == torch.uint8 and codes.shape == (outputs, inputs // 2)
+        groups = (outputs, inputs // group_size)
+        for t in (scales, zeros):
+            assert t.dtype == torch.bfloat16 and t.shape == groups and t.is_contiguous()
+        assert codes.is_contiguous()
+        y = torch.empty(rows, outputs, dtype=torch.float32)
+        status = self._lib.pq_int4_matmul(
+            x.data_ptr(), rows, inputs, codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+            group_size, y.data_ptr(), outputs, torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError(f"no memory for a {rows}×{inputs} activation copy")
+        return y
+
+
+def int4_shape_supported(in_features: int, group_size: int) -> bool:
+    """Whether the 4-bit kernel takes a layer: groups of a multiple of 32 inputs filling rows."""
+    return group_size % 32 == 0 and in_features % group_size == 0
+
+
+def _load() -> NativeKernels:
+    if os.environ.get(DISABLE_ENV, "1").strip() == "0":
+        raise NativeBuildError(f"{DISABLE_ENV}=0 turns them off")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != "AVX512":
+        raise NativeBuildError(f"they need an AVX-512 CPU; torch reports {capability}")
+    cc = compiler()
+    if cc is None:
+        raise NativeBuildError("no C compiler: install gcc, or set CC")
+    try:
+        return NativeKernels(build(cache_dir(), cc))
+    except OSError as exc:
+        raise NativeBuildError(f"cannot build or load them: {exc}") from exc
+
+
+@functools.cache
+def _loaded() -> NativeKernels | NativeBuildError:
+    try:
+        return _load()
+    except NativeBuildError as exc:
+        log.info("pqctl's native CPU kernels are off (%s); using torch's kernels", exc)
+        return exc
+
+
+def kernels() -> NativeKernels | None:
+    """The native kernels of this process (built or loaded on the first call), or None."""
+    loaded = _loaded()
+    return loaded if isinstance(loaded, NativeKernels) else None
+
+
+def unavailable_reason() -> str | None:
+    """Why :func:`kernels` is None, or None when they are loaded."""
+    loaded = _loaded()
+    return str(loaded) if isinstance(loaded, NativeBuildError) else None

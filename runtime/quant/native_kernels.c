@@ -1,0 +1,288 @@
+/* Weight-only quantized matrix products for AVX-512 CPUs, reading pqctl's packed storage
+ * (runtime/quant/packing.py) as it is: built at first use by runtime/quant/native.py.
+ *
+ *   pq_int8_matmul  y[m, n] = s[n] * sum_k q[n, k] x[m, k]
+ *                   int8 codes q [N, K], one bf16 scale s per output row
+ *   pq_int4_matmul  y[m, n] = sum_k (q[n, k] s[n, g] + z[n, g] - 8 s[n, g]) x[m, k],  g = k / group
+ *                   4-bit codes two to a byte (code 2j in the low nibble of byte j), a bf16 scale
+ *                   s and zero z per group of `group` inputs
+ *
+ * x is fp32 [M, K] and y fp32 [M, N], both row-major; sums are fp32. The weight is read once per
+ * 8 activation rows (a decode step's micro-batch), a few output rows at a time so that each
+ * activation load serves several rows, with the next rows prefetched while these are summed.
+ * Output rows are split across `threads` OpenMP threads: libgomp is loaded by torch under the
+ * same soname, so the kernels run on torch's own thread pool. One row of activations against
+ * 4-bit codes on a CPU with avx512_bf16 takes the bf16 dot-product form (int4_dot_block).
+ */
+#if !defined(__AVX512F__) || !defined(__AVX512BW__)
+#error "pqctl's native kernels need AVX-512 (F and BW); torch's kernels serve other CPUs"
+#endif
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+typedef int64_t i64;
+
+#define MAX_ROWS 8   /* activation rows per pass over the weight */
+#define MAX_BLOCK 4  /* output rows summed together */
+#define ROW_BLOCK 16 /* output rows per unit of work handed to a thread */
+#define INLINE static inline __attribute__((always_inline))
+#define UNROLL _Pragma("GCC unroll 8")
+
+static inline float bf16_to_float(uint16_t h) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)h << 16;
+    return v.f;
+}
+
+static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as torch does */
+    union { uint32_t u; float f; } v;
+    v.f = f;
+    return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
+}
+
+/* Rows [n0, n1): R at a time through `block_r`, then the rest one at a time through `block_1`. */
+#define SPLIT_ROWS(block_r, block_1, R)                                                            \
+    do {                                                                                           \
+        i64 whole = n0 + (n1 - n0) / (R) * (R);                                                    \
+        if (whole > n0) block_r;                                                                   \
+        if (n1 > whole) { n0 = whole; block_1; }                                                   \
+    } while (0)
+
+/* Runs `rows(b_first_row, b_end_row)` over every block of ROW_BLOCK output rows, in parallel. */
+#define FOR_ROW_BLOCKS(N, threads, rows)                                                           \
+    _Pragma("omp parallel for schedule(static) num_threads(threads)")                              \
+    for (i64 b = 0; b < ((N) + ROW_BLOCK - 1) / ROW_BLOCK; b++) {                                  \
+        i64 b_first_row = b * ROW_BLOCK;                                                           \
+        i64 b_end_row = b_first_row + ROW_BLOCK < (N) ? b_first_row + ROW_BLOCK : (N);             \
+        rows;                                                                                      \
+    }
+
+/* ------------------------------------------------------------------------------------- int8 */
+
+/* Output rows [n0, n1) for M activation rows, R weight rows at a time. M and R are constants
+ * where this is inlined, so the M x R accumulators live in registers. */
+INLINE void int8_block(const float *x, i64 K, const int8_t *w, const uint16_t *scale, float *y,
+                       i64 N, i64 n0, i64 n1, const int M, const int R) {
+    for (i64 n = n0; n < n1; n += R) {
+        __m512 acc[MAX_BLOCK][MAX_ROWS];
+        UNROLL for (int j = 0; j < R; j++)
+            UNROLL for (int r = 0; r < M; r++) acc[j][r] = _mm512_setzero_ps();
+        i64 k = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m512 wv[MAX_BLOCK];
+            UNROLL for (int j = 0; j < R; j++) {
+                const int8_t *src = w + (n + j) * K + k;
+                if ((k & 63) == 0) _mm_prefetch((const char *)(src + R * K), _MM_HINT_T0);
+                wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)src)));
+            }
+            UNROLL for (int r = 0; r < M; r++) {
+                __m512 xv = _mm512_loadu_ps(x + r * K + k);
+                UNROLL for (int j = 0; j < R; j++) acc[j][r] = _mm512_fmadd_ps(wv[j], xv, acc[j][r]);
+            }
+        }
+        UNROLL for (int j = 0; j < R; j++) {
+            const int8_t *row = w + (n + j) * K;
+            float s = bf16_to_float(scale[n + j]);
+            UNROLL for (int r = 0; r < M; r++) {
+                float t = _mm512_reduce_add_ps(acc[j][r]);
+                for (i64 kk = k; kk < K; kk++) t += (float)row[kk] * x[r * K + kk];
+                y[r * N + n + j] = t * s;
+            }
+        }
+    }
+}
+
+#define INT8_CASE(M, R)                                                                            \
+    case M:                                                                                        \
+        SPLIT_ROWS(int8_block(x, K, w, scale, y, N, n0, whole, M, R),                              \
+                   int8_block(x, K, w, scale, y, N, n0, n1, M, 1), R);                             \
+        break
+
+static void int8_rows(const float *x, int m, i64 K, const int8_t *w, const uint16_t *scale,
+                      float *y, i64 N, i64 n0, i64 n1) {
+    switch (m) {
+        INT8_CASE(1, 4); INT8_CASE(2, 4); INT8_CASE(3, 4); INT8_CASE(4, 3);
+        INT8_CASE(5, 2); INT8_CASE(6, 2); INT8_CASE(7, 2); default: INT8_CASE(8, 2);
+    }
+}
+
+void pq_int8_matmul(const float *x, i64 M, i64 K, const int8_t *w, const uint16_t *scale,
+                    float *y, i64 N, int threads) {
+    for (i64 m0 = 0; m0 < M; m0 += MAX_ROWS) {
+        int m = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
+        FOR_ROW_BLOCKS(N, threads,
+                       int8_rows(x + m0 * K, m, K, w, scale, y + m0 * N, N, b_first_row, b_end_row))
+    }
+}
+
+/* ------------------------------------------------------------------------------------- int4 */
+
+/* xp holds each block of 32 inputs as its 16 even then its 16 odd entries, so the low and high
+ * nibbles of 16 code bytes meet their inputs lane by lane. Each group's codes are dequantized in
+ * registers (q s + (z - 8 s), fp32, as packing.affine_into computes them) and multiplied by
+ * every activation row. */
+INLINE void int4_block(const float *xp, i64 K, const uint8_t *w, const uint16_t *scale,
+                       const uint16_t *zero, i64 group, float *y, i64 N, i64 n0, i64 n1,
+                       const int M, const int R) {
+    const i64 groups = K / group, row_bytes = K / 2;
+    const __m512i low4 = _mm512_set1_epi32(0xF);
+    for (i64 n = n0; n < n1; n += R) {
+        __m512 acc[MAX_BLOCK][MAX_ROWS];
+        UNROLL for (int j = 0; j < R; j++)
+            UNROLL for (int r = 0; r < M; r++) acc[j][r] = _mm512_setzero_ps();
+        for (i64 g = 0; g < groups; g++) {
+            __m512 sv[MAX_BLOCK], ov[MAX_BLOCK];
+            UNROLL for (int j = 0; j < R; j++) {
+                float s = bf16_to_float(scale[(n + j) * groups + g]);
+                sv[j] = _mm512_set1_ps(s);
+                ov[j] = _mm512_set1_ps(bf16_to_float(zero[(n + j) * groups + g]) - 8.0f * s);
+            }
+            for (i64 k = g * group; k < (g + 1) * group; k += 32) {
+                __m512 lo[MAX_BLOCK], hi[MAX_BLOCK];
+                UNROLL for (int j = 0; j < R; j++) {
+                    const uint8_t *src = w + (n + j) * row_bytes + k / 2;
+                    if ((k & 127) == 0) _mm_prefetch((const char *)(src + R * row_bytes), _MM_HINT_T0);
+                    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)src));
+                    lo[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low4)), sv[j], ov[j]);
+                    hi[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), sv[j], ov[j]);
+                }
+                UNROLL for (int r = 0; r < M; r++) {
+                    __m512 xe = _mm512_loadu_ps(xp + r * K + k);
+                    __m512 xo = _mm512_loadu_ps(xp + r * K + k + 16);
+                    UNROLL for (int j = 0; j < R; j++) {
+                        acc[j][r] = _mm512_fmadd_ps(lo[j], xe, acc[j][r]);
+                        acc[j][r] = _mm512_fmadd_ps(hi[j], xo, acc[j][r]);
+                    }
+                }
+            }
+        }
+        UNROLL for (int j = 0; j < R; j++)
+            UNROLL for (int r = 0; r < M; r++) y[r * N + n + j] = _mm512_reduce_add_ps(acc[j][r]);
+    }
+}
+
+#define INT4_CASE(M, R)                                                                            \
+    case M:                                                                                        \
+        SPLIT_ROWS(int4_block(xp, K, w, scale, zero, group, y, N, n0, whole, M, R),                \
+                   int4_block(xp, K, w, scale, zero, group, y, N, n0, n1, M, 1), R);               \
+        break
+
+static void int4_rows(const float *xp, int m, i64 K, const uint8_t *w, const uint16_t *scale,
+                      const uint16_t *zero, i64 group, float *y, i64 N, i64 n0, i64 n1) {
+    switch (m) {
+        INT4_CASE(1, 4); INT4_CASE(2, 4); INT4_CASE(3, 4); INT4_CASE(4, 3);
+        INT4_CASE(5, 2); INT4_CASE(6, 2); INT4_CASE(7, 2); default: INT4_CASE(8, 2);
+    }
+}
+
+#if defined(__AVX512BF16__)
+/* One activation row against 4-bit codes, in bf16 dot products: the row rounded to bf16 (as
+ * torch's int4 kernels round it), each code entered as the exact bf16 value 128 + q (its bits
+ * OR 0x4300, one instruction), and pairs of products summed in fp32 by vdpbf16ps (32 multiply-
+ * adds an instruction). xb holds each block of 64 inputs as its 32 even then its 32 odd entries;
+ * xsum the per-group sums of xb. Per group, y += s * dot + (z - 8 s - 128 s) * xsum. */
+INLINE void int4_dot_block(const uint16_t *xb, const float *xsum, i64 K, const uint8_t *w,
+                           const uint16_t *scale, const uint16_t *zero, i64 group, float *y,
+                           i64 n0, i64 n1, const int R) {
+    const i64 groups = K / group, row_bytes = K / 2;
+    const __m512i low4 = _mm512_set1_epi16(0xF), exponent = _mm512_set1_epi16(0x4300);
+    for (i64 n = n0; n < n1; n += R) {
+        __m512 total[MAX_BLOCK];
+        float offset[MAX_BLOCK];
+        UNROLL for (int j = 0; j < R; j++) total[j] = _mm512_setzero_ps(), offset[j] = 0.0f;
+        for (i64 g = 0; g < groups; g++) {
+            __m512 acc[MAX_BLOCK];
+            UNROLL for (int j = 0; j < R; j++) acc[j] = _mm512_setzero_ps();
+            for (i64 k = g * group; k < (g + 1) * group; k += 64) {
+                __m512bh xe = (__m512bh)_mm512_loadu_si512(xb + k);
+                __m512bh xo = (__m512bh)_mm512_loadu_si512(xb + k + 32);
+                UNROLL for (int j = 0; j < R; j++) {
+                    const uint8_t *src = w + (n + j) * row_bytes + k / 2;
+                    if ((k & 127) == 0) _mm_prefetch((const char *)(src + R * row_bytes), _MM_HINT_T0);
+                    __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
+                    __m512bh lo = (__m512bh)_mm512_ternarylogic_epi32(b, low4, exponent, 0xEA);
+                    __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(b, 4), exponent);
+                    acc[j] = _mm512_dpbf16_ps(acc[j], lo, xe);
+                    acc[j] = _mm512_dpbf16_ps(acc[j], hi, xo);
+                }
+            }
+            UNROLL for (int j = 0; j < R; j++) {
+                float s = bf16_to_float(scale[(n + j) * groups + g]);
+                total[j] = _mm512_fmadd_ps(acc[j], _mm512_set1_ps(s), total[j]);
+                offset[j] += (bf16_to_float(zero[(n + j) * groups + g]) - 136.0f * s) * xsum[g];
+            }
+        }
+        UNROLL for (int j = 0; j < R; j++) y[n + j] = _mm512_reduce_add_ps(total[j]) + offset[j];
+    }
+}
+
+static void int4_dot_rows(const uint16_t *xb, const float *xsum, i64 K, const uint8_t *w,
+                          const uint16_t *scale, const uint16_t *zero, i64 group, float *y,
+                          i64 n0, i64 n1) {
+    SPLIT_ROWS(int4_dot_block(xb, xsum, K, w, scale, zero, group, y, n0, whole, 4),
+               int4_dot_block(xb, xsum, K, w, scale, zero, group, y, n0, n1, 1), 4);
+}
+
+static int int4_dot_matmul(const float *x, i64 K, const uint8_t *w, const uint16_t *scale,
+                           const uint16_t *zero, i64 group, float *y, i64 N, int threads) {
+    const i64 groups = K / group;
+    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)K);
+    float *xsum = malloc(sizeof(float) * (size_t)groups);
+    if (!xb || !xsum) {
+        free(xb);
+        free(xsum);
+        return -1;
+    }
+    for (i64 k = 0; k < K; k += 64)
+        for (int i = 0; i < 32; i++) {
+            xb[k + i] = float_to_bf16(x[k + 2 * i]);
+            xb[k + 32 + i] = float_to_bf16(x[k + 2 * i + 1]);
+        }
+    for (i64 g = 0; g < groups; g++) {
+        float t = 0.0f;
+        for (i64 k = g * group; k < (g + 1) * group; k++) t += bf16_to_float(xb[k]);
+        xsum[g] = t;
+    }
+    FOR_ROW_BLOCKS(N, threads,
+                   int4_dot_rows(xb, xsum, K, w, scale, zero, group, y, b_first_row, b_end_row))
+    free(xb);
+    free(xsum);
+    return 0;
+}
+#endif
+
+/* Needs K % group == 0 and group % 32 == 0. Returns 0, or -1 when the scratch for the reordered
+ * inputs cannot be allocated. */
+int pq_int4_matmul(const float *x, i64 M, i64 K, const uint8_t *w, const uint16_t *scale,
+                   const uint16_t *zero, i64 group, float *y, i64 N, int threads) {
+#if defined(__AVX512BF16__)
+    if (M == 1 && group % 64 == 0) return int4_dot_matmul(x, K, w, scale, zero, group, y, N, threads);
+#endif
+    float *xp = malloc(sizeof(float) * (size_t)(M * K));
+    if (!xp) return -1;
+    for (i64 r = 0; r < M; r++)
+        for (i64 k = 0; k < K; k += 32)
+            for (int i = 0; i < 16; i++) {
+                xp[r * K + k + i] = x[r * K + k + 2 * i];
+                xp[r * K + k + 16 + i] = x[r * K + k + 2 * i + 1];
+            }
+    for (i64 m0 = 0; m0 < M; m0 += MAX_ROWS) {
+        int m = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
+        FOR_ROW_BLOCKS(N, threads,
+                       int4_rows(xp + m0 * K, m, K, w, scale, zero, group, y + m0 * N, N,
+                                 b_first_row, b_end_row))
+    }
+    free(xp);
+    return 0;
+}
+
+/* Which int4 form one activation row takes in this build. */
+const char *pq_int4_row_form(void) {
+#if defined(__AVX512BF16__)
+    return "bf16-dot";
+#else
+    return "fp32";
+#endif
+}

@@ -1,0 +1,157 @@
+"""Tests of runtime/quant/native.py and native_kernels.c: pqctl's CPU kernels against fp32
+references on our packed storage, their build, cache and fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from runtime.quant import native
+from runtime.quant.packing import dequantize, quantize_rtn
+
+KERNELS = native.kernels()
+pytestmark = pytest.mark.skipif(
+    KERNELS is None, reason=f"native kernels unavailable: {native.unavailable_reason()}"
+)
+ROWS = (1, 2, 3, 4, 5, 7, 8, 9, 16, 17)
+"""Activation rows: every register blocking (1-8), and more than one pass over the weight."""
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def _weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, cols, generator=gen) * 0.05
+
+
+def _inputs(rows: int, cols: int) -> torch.Tensor:
+    return torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize(("n", "k"), [(64, 256), (13, 100), (37, 2064), (5, 7)])
+def test_int8_product_equals_the_fp32_product_of_the_dequantized_weight(
+    m: int, n: int, k: int
+) -> None:
+    assert KERNELS is not None
+    q = quantize_rtn(_weight(n, k), 8, k, torch.bfloat16)
+    x = _inputs(m, k)
+    y = KERNELS.int8_matmul(x, q.codes.view(torch.int8), q.scales)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    # the same fp32 products, summed in another order
+    assert _relative(y, x @ dequantize(q).t()) < 1e-5
+
+
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize(("n", "k", "group"), [(64, 256, 32), (13, 384, 128), (48, 512, 64)])
+def test_int4_product_equals_the_fp32_product_of_the_dequantized_weight(
+    m: int, n: int, k: int, group: int
+) -> None:
+    assert KERNELS is not None
+    q = quantize_rtn(_weight(n, k), 4, group, torch.bfloat16)
+    assert q.zeros is not None
+    x = _inputs(m, k)
+    y = KERNELS.int4_matmul(x, q.codes, q.scales, q.zeros, group)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    one_bf16_row = m == 1 and group % 64 == 0 and KERNELS.int4_row_form == "bf16-dot"
+    # one row on the bf16 dot-product form is rounded to bf16 first, as torch's int4 kernels do
+    x_used = x.bfloat16().float() if one_bf16_row else x
+    assert _relative(y, x_used @ dequantize(q).t()) < 1e-5
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_threads_split_output_rows_without_changing_a_bit(bits: int) -> None:
+    assert KERNELS is not None
+    q = quantize_rtn(_weight(200, 512), bits, 128, torch.bfloat16)
+    x = _inputs(3, 512)
+
+    def product() -> torch.Tensor:
+        if bits == 8:
+            return KERNELS.int8_matmul(x, q.codes.view(torch.int8), q.scales)
+        assert q.zeros is not None
+        return KERNELS.int4_matmul(x, q.codes, q.scales, q.zeros, 128)
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = product()
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(product(), alone)
+
+
+def test_int4_shapes_the_kernel_takes() -> None:
+    assert native.int4_shape_supported(4096, 128)
+    assert native.int4_shape_supported(11008, 128)
+    assert not native.int4_shape_supported(4096, 16)  # groups of a multiple of 32
+    assert not native.int4_shape_supported(100, 32)  # groups must fill the rows
+
+
+# --------------------------------------------------------------------------- build and cache
+
+
+def test_build_is_cached_by_source_compiler_and_cpu(tmp_path: Path) -> None:
+    cc = native.compiler()
+    assert cc is not None
+    first = native.build(tmp_path, cc)
+    stamp = first.stat().st_mtime_ns
+    assert native.build(tmp_path, cc) == first and first.stat().st_mtime_ns == stamp
+    other = native.build(tmp_path, cc, ("-DPQ_UNUSED_FLAG",))  # other flags: another library
+    assert other != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([first.name, other.name])
+
+
+def test_a_failed_build_names_the_compilers_complaint(tmp_path: Path) -> None:
+    cc = native.compiler()
+    assert cc is not None
+    with pytest.raises(native.NativeBuildError, match="failed"):
+        native.build(tmp_path, cc, ("-fno-such-option-pqctl",))
+    assert list(tmp_path.iterdir()) == []  # no partial file left
+
+
+_PROBE = (
+    "import torch\n"
+    "from runtime.quant import native\n"
+    "from runtime.quant.linear import quantize_linear\n"
+    "layer = quantize_linear(torch.randn(64, 128), None, 8, 32, compute_dtype=torch.float32,"
+    " device='cpu')\n"
+    "print(layer.kernel_path, '|', native.unavailable_reason())\n"
+)
+
+
+def _probe(tmp_path: Path, **env: str) -> str:
+    environment = {**os.environ, native.CACHE_ENV: str(tmp_path / "cache"), **env}
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=environment,
+        check=True,
+    )
+    return done.stdout.strip()
+
+
+def test_without_a_compiler_layers_take_torchs_kernels(tmp_path: Path) -> None:
+    out = _probe(tmp_path, CC=str(tmp_path / "no-such-cc"))
+    assert out.startswith("int8pack_mm |")
+    assert "cannot run the C compiler" in out
+
+
+def test_the_switch_turns_them_off(tmp_path: Path) -> None:
+    out = _probe(tmp_path, **{native.DISABLE_ENV: "0"})
+    assert out == f"int8pack_mm | {native.DISABLE_ENV}=0 turns them off"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_fresh_process_builds_into_its_cache_and_uses_them(tmp_path: Path) -> None:
+    assert _probe(tmp_path) == "native-int8 | None"
+    built = list((tmp_path / "cache").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("pqctl_kernels-")
