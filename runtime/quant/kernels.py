@@ -67,6 +67,8 @@ down only). 4-bit there: 0.43 / 0.22 / 0.29 / 1.44 / 2.09.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Literal
 
 import torch
@@ -200,11 +202,24 @@ def choose_kernel_path(
     return "dequant-per-call"
 
 
-DENSE_ROWS = 64
-"""From this many activation rows (prefill), an 8-bit layer, or a 4-bit one on the native
-kernel, dequantizes its codes a block at a time into its dense weight dtype (bf16 with native
-bf16, else fp32) and runs that GEMM: torch's int8 kernel is 2.7-7.5× slower than 16-bit GEMM at
-128-512 rows (module docstring), and the native kernels read the weight once per 8 rows."""
+DENSE_ROWS: Mapping[KernelPath, int] = MappingProxyType(
+    {"int8pack_mm": 64, "native-int8": 32, "native-int4": 16}
+)
+"""From this many activation rows (prefill), a layer on one of these paths (on a CPU) dequantizes
+its codes a block at a time into its dense weight dtype (bf16 with native bf16, else fp32) and
+runs that GEMM instead of its kernel. torch's int8 kernel is 2.7-7.5× slower than 16-bit GEMM
+at 128-512 rows (module docstring); the native kernels read the weight once per 8 rows, and
+against dequantizing (natively) plus GEMM on a 5632 × 2048 layer they took, in ms:
+
+====== ==== ==== ==== ==== ==== ==== =====
+rows   8    16   24   32   48   64   128
+====== ==== ==== ==== ==== ==== ==== =====
+int8   1.23 2.37 3.23 3.96 5.76 7.42 14.4
+dense  3.31 3.46 3.59 3.53 4.37 4.83 5.66
+int4   0.98 2.65 2.86 3.80 5.69 7.64 15.2
+dense  2.08 2.07 2.16 2.31 3.05 3.38 4.25
+====== ==== ==== ==== ==== ==== ==== =====
+"""
 DENSE_BLOCK_ELEMENTS = 1 << 21
 """Weights dequantized per block on that path: at most 8 MiB of fp32 scratch per layer."""
 
@@ -213,10 +228,12 @@ def dense_block_matmul(x: Tensor, q: QuantizedTensor, dtype: torch.dtype) -> Ten
     """``x`` [M, in] times the weight of ``q`` transposed, by GEMM in ``dtype``: [M, out].
 
     Output rows of the weight are dequantized ``DENSE_BLOCK_ELEMENTS`` at a time into one reused
-    block, whose product lands directly in its rows of the transposed result.
+    block (by the native kernels where they take it), whose product lands directly in its rows
+    of the transposed result.
     """
     out_features, in_features = q.shape
     device = q.codes.device
+    fast = native.kernels() if dtype == torch.bfloat16 and native.dequantize_supported(q) else None
     rows = max(1, min(out_features, DENSE_BLOCK_ELEMENTS // in_features))
     block = torch.empty(rows, in_features, dtype=dtype, device=device)
     result_t = torch.empty(out_features, x.shape[0], dtype=dtype, device=device)
@@ -224,7 +241,10 @@ def dense_block_matmul(x: Tensor, q: QuantizedTensor, dtype: torch.dtype) -> Ten
     for start in range(0, out_features, rows):
         stop = min(start + rows, out_features)
         w = block[: stop - start]
-        dequantize_rows_into(q, start, stop, w)
+        if fast is not None:
+            fast.dequantize_bf16(q, start, stop, w)
+        else:
+            dequantize_rows_into(q, start, stop, w)
         torch.matmul(w, xt, out=result_t[start:stop])
     return result_t.t()
 

@@ -224,7 +224,8 @@ class QuantLinear(nn.Module):
     def _matmul(self, x: Tensor) -> Tensor:
         """``x`` [M, in] -> [M, out] in the path's output dtype."""
         path = self.kernel_path
-        if path in _DENSE_PREFILL_PATHS and x.shape[0] >= DENSE_ROWS and x.device.type == "cpu":
+        dense_from = DENSE_ROWS.get(path)
+        if dense_from is not None and x.shape[0] >= dense_from and x.device.type == "cpu":
             return dense_block_matmul(x, self._quantized(), self.matmul_dtype)
         if path == "native-int8":
             return _native().int8_matmul(x, self.qweight, self.scales)
@@ -294,8 +295,6 @@ _OWN_LAYOUT_KERNELS: frozenset[KernelPath] = frozenset(
     {"native-int8", "native-int4", "int8pack_mm"}
 )
 """Kernel paths that read the codes in :mod:`runtime.quant.packing`'s own format."""
-_DENSE_PREFILL_PATHS = _OWN_LAYOUT_KERNELS
-"""Paths whose prefill (``DENSE_ROWS`` rows or more on a CPU) runs GEMM over dequantized blocks."""
 
 
 def _native() -> native.NativeKernels:

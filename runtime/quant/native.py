@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from runtime.quant.packing import QuantizedTensor
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
@@ -126,6 +128,10 @@ class NativeKernels:
         lib.pq_int4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, c_int]
         lib.pq_int4_matmul.restype = c_int
         lib.pq_int4_row_form.restype = ctypes.c_char_p
+        lib.pq_int8_dequantize_bf16.argtypes = [ptr, ptr, i64, i64, i64, ptr, c_int]
+        lib.pq_int8_dequantize_bf16.restype = None
+        lib.pq_int4_dequantize_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, c_int]
+        lib.pq_int4_dequantize_bf16.restype = None
         self._lib = lib
         self.int4_row_form = lib.pq_int4_row_form().decode()
         """``bf16-dot`` (one row rounded to bf16, vdpbf16ps) or ``fp32``."""
@@ -169,6 +175,39 @@ class NativeKernels:
         if status != 0:
             raise MemoryError(f"no memory for a {rows}×{inputs} activation copy")
         return y
+
+    def dequantize_bf16(self, q: QuantizedTensor, start: int, stop: int, out: Tensor) -> None:
+        """Rows [start, stop) of the 8- or 4-bit weight ``q`` (bf16 scales) into ``out``
+        [stop - start, in] bf16: computed in fp32 like :func:`runtime.quant.packing.dequantize`
+        and rounded once (:func:`dequantize_supported` says which weights it takes)."""
+        assert dequantize_supported(q) and 0 <= start <= stop <= q.shape[0]
+        inputs = q.shape[1]
+        assert out.dtype == torch.bfloat16 and out.shape == (stop - start, inputs)
+        assert out.is_contiguous()
+        threads = torch.get_num_threads()
+        if q.bits == 8:
+            self._lib.pq_int8_dequantize_bf16(
+                q.codes.data_ptr(), q.scales.data_ptr(), inputs, start, stop, out.data_ptr(),
+                threads,
+            )  # fmt: skip
+            return
+        assert q.zeros is not None
+        self._lib.pq_int4_dequantize_bf16(
+            q.codes.data_ptr(), q.scales.data_ptr(), q.zeros.data_ptr(), q.group_size, inputs,
+            start, stop, out.data_ptr(), threads,
+        )  # fmt: skip
+
+
+def dequantize_supported(q: QuantizedTensor) -> bool:
+    """Whether :meth:`NativeKernels.dequantize_bf16` takes ``q``: 8 bits, or 4 bits in groups the
+    4-bit kernel takes, with bf16 scales, on the CPU."""
+    shaped = q.bits == 8 or (q.bits == 4 and int4_shape_supported(q.shape[1], q.group_size))
+    tensors = (q.codes, q.scales) if q.zeros is None else (q.codes, q.scales, q.zeros)
+    return (
+        shaped
+        and q.scales.dtype == torch.bfloat16
+        and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    )
 
 
 def int4_shape_supported(in_features: int, group_size: int) -> bool:

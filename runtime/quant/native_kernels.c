@@ -286,3 +286,61 @@ const char *pq_int4_row_form(void) {
     return "fp32";
 #endif
 }
+
+/* ------------------------------------------------------------------- dequantizing to bf16 */
+
+/* Rows [n0, n1) of the weight, dequantized in fp32 (as packing.affine_into computes them) and
+ * rounded once to bf16 into out [n1 - n0, K]: the block a prefill multiplies by in one GEMM. */
+void pq_int8_dequantize_bf16(const int8_t *w, const uint16_t *scale, i64 K, i64 n0, i64 n1,
+                             uint16_t *out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (i64 n = n0; n < n1; n++) {
+        const int8_t *src = w + n * K;
+        uint16_t *dst = out + (n - n0) * K;
+        float s = bf16_to_float(scale[n]);
+        __m512 sv = _mm512_set1_ps(s);
+        i64 k = 0;
+        for (; k + 16 <= K; k += 16) {
+            __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + k))));
+            __m512i bits = _mm512_castps_si512(_mm512_mul_ps(v, sv));
+            /* round to nearest even in integer arithmetic: no avx512_bf16 needed */
+            __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+            bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+            _mm256_storeu_si256((__m256i *)(dst + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+        }
+        for (; k < K; k++) dst[k] = float_to_bf16((float)src[k] * s);
+    }
+}
+
+void pq_int4_dequantize_bf16(const uint8_t *w, const uint16_t *scale, const uint16_t *zero,
+                             i64 group, i64 K, i64 n0, i64 n1, uint16_t *out, int threads) {
+    const i64 groups = K / group, row_bytes = K / 2;
+    /* lanes 0-15 of lo hold codes 0, 2, .., 30 and of hi 1, 3, .., 31: interleave them back */
+    const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    const __m512i low4 = _mm512_set1_epi32(0xF), one = _mm512_set1_epi32(1);
+    const __m512i half = _mm512_set1_epi32(0x7FFF);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (i64 n = n0; n < n1; n++) {
+        uint16_t *dst = out + (n - n0) * K;
+        for (i64 g = 0; g < groups; g++) {
+            float s = bf16_to_float(scale[n * groups + g]);
+            __m512 sv = _mm512_set1_ps(s);
+            __m512 ov = _mm512_set1_ps(bf16_to_float(zero[n * groups + g]) - 8.0f * s);
+            for (i64 k = g * group; k < (g + 1) * group; k += 32) {
+                __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + n * row_bytes + k / 2)));
+                __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low4)), sv, ov);
+                __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), sv, ov);
+                __m512 halves[2] = {_mm512_permutex2var_ps(lo, first, hi),
+                                    _mm512_permutex2var_ps(lo, second, hi)};
+                for (int h = 0; h < 2; h++) {
+                    __m512i bits = _mm512_castps_si512(halves[h]);
+                    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+                    bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, half));
+                    _mm256_storeu_si256((__m256i *)(dst + k + 16 * h),
+                                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+                }
+            }
+        }
+    }
+}

@@ -118,13 +118,14 @@ def test_prefill_runs_dense_gemm_over_dequantized_blocks(
 
     monkeypatch.setattr(owner, kernel_name, counted)
     gen = torch.Generator().manual_seed(5)
-    decode = torch.randn(kernels.DENSE_ROWS - 1, 512, generator=gen)
-    prefill = torch.randn(kernels.DENSE_ROWS, 512, generator=gen)
+    dense_from = kernels.DENSE_ROWS[layer.kernel_path]
+    decode = torch.randn(dense_from - 1, 512, generator=gen)
+    prefill = torch.randn(dense_from, 512, generator=gen)
     weight = layer.dequantized_weight()
     assert _relative(layer(decode), F.linear(decode, weight, layer.bias)) < KERNEL_TOLERANCE
-    assert kernel_calls == [kernels.DENSE_ROWS - 1]  # decode: the kernel
+    assert kernel_calls == [dense_from - 1]  # decode: the kernel
     whole = layer(prefill)
-    assert kernel_calls == [kernels.DENSE_ROWS - 1]  # prefill: dense GEMM instead
+    assert kernel_calls == [dense_from - 1]  # prefill: dense GEMM instead
     assert _relative(whole, F.linear(prefill, weight, layer.bias)) < KERNEL_TOLERANCE
     monkeypatch.setattr(kernels, "DENSE_BLOCK_ELEMENTS", 50 * 512)  # 4 blocks, last short
     # the same products, summed in the order the GEMM's blocking picks for each block's shape

@@ -155,3 +155,26 @@ def test_a_fresh_process_builds_into_its_cache_and_uses_them(tmp_path: Path) -> 
     assert _probe(tmp_path) == "native-int8 | None"
     built = list((tmp_path / "cache").iterdir())
     assert len(built) == 1 and built[0].name.startswith("pqctl_kernels-")
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "shape"),
+    [(8, 0, (100, 200)), (8, 0, (9, 37)), (4, 128, (100, 512)), (4, 32, (37, 96))],
+)
+def test_dequantized_blocks_equal_packings_own_dequantization(
+    bits: int, group: int, shape: tuple[int, int]
+) -> None:
+    assert KERNELS is not None
+    rows, cols = shape
+    q = quantize_rtn(_weight(rows, cols), bits, group or cols, torch.bfloat16)
+    assert native.dequantize_supported(q)
+    out = torch.empty(rows - 4, cols, dtype=torch.bfloat16)
+    KERNELS.dequantize_bf16(q, 3, rows - 1, out)
+    assert torch.equal(out, dequantize(q, torch.bfloat16)[3 : rows - 1])
+
+
+def test_dequantizing_needs_bf16_scales_and_a_supported_shape() -> None:
+    fp16 = quantize_rtn(_weight(8, 64), 8, 64, torch.float16)
+    three_bit = quantize_rtn(_weight(8, 64), 3, 32, torch.bfloat16)
+    odd_groups = quantize_rtn(_weight(8, 96), 4, 64, torch.bfloat16)
+    assert not any(native.dequantize_supported(q) for q in (fp16, three_bit, odd_groups))
