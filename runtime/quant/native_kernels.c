@@ -59,12 +59,30 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as tor
         rows;                                                                                      \
     }
 
-/* ------------------------------------------------------------------------------------- int8 */
+/* ------------------------------------------------------------------------ int8 and bf16 */
 
-/* Output rows [n0, n1) for M activation rows, R weight rows at a time. M and R are constants
- * where this is inlined, so the M x R accumulators live in registers. */
-INLINE void int8_block(const float *x, i64 K, const int8_t *w, const uint16_t *scale, float *y,
-                       i64 N, i64 n0, i64 n1, const int M, const int R) {
+/* Sixteen weights of row `row` from column k as fp32: int8 codes, or bf16 values (exact). */
+INLINE __m512 load16(const void *w, i64 K, i64 row, i64 k, const int BF16) {
+    if (BF16) {
+        const uint16_t *src = (const uint16_t *)w + row * K + k;
+        __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+    }
+    const int8_t *src = (const int8_t *)w + row * K + k;
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)src)));
+}
+
+INLINE float load1(const void *w, i64 K, i64 row, i64 k, const int BF16) {
+    if (BF16) return bf16_to_float(((const uint16_t *)w)[row * K + k]);
+    return (float)((const int8_t *)w)[row * K + k];
+}
+
+/* Output rows [n0, n1) of a row-scaled int8 weight (BF16 = 0) or a bf16 one (BF16 = 1, no
+ * scale) for M activation rows, R weight rows at a time. M, R and BF16 are constants where this
+ * is inlined, so the M x R accumulators live in registers. */
+INLINE void rows_block(const float *x, i64 K, const void *w, const uint16_t *scale, float *y,
+                       i64 N, i64 n0, i64 n1, const int M, const int R, const int BF16) {
+    const i64 row_bytes = K * (BF16 ? 2 : 1), per_line = BF16 ? 32 : 64;
     for (i64 n = n0; n < n1; n += R) {
         __m512 acc[MAX_BLOCK][MAX_ROWS];
         UNROLL for (int j = 0; j < R; j++)
@@ -73,9 +91,11 @@ INLINE void int8_block(const float *x, i64 K, const int8_t *w, const uint16_t *s
         for (; k + 16 <= K; k += 16) {
             __m512 wv[MAX_BLOCK];
             UNROLL for (int j = 0; j < R; j++) {
-                const int8_t *src = w + (n + j) * K + k;
-                if ((k & 63) == 0) _mm_prefetch((const char *)(src + R * K), _MM_HINT_T0);
-                wv[j] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)src)));
+                if ((k & (per_line - 1)) == 0) {
+                    const char *line = (const char *)w + (n + j + R) * row_bytes + k * (BF16 ? 2 : 1);
+                    _mm_prefetch(line, _MM_HINT_T0);
+                }
+                wv[j] = load16(w, K, n + j, k, BF16);
             }
             UNROLL for (int r = 0; r < M; r++) {
                 __m512 xv = _mm512_loadu_ps(x + r * K + k);
@@ -83,28 +103,35 @@ INLINE void int8_block(const float *x, i64 K, const int8_t *w, const uint16_t *s
             }
         }
         UNROLL for (int j = 0; j < R; j++) {
-            const int8_t *row = w + (n + j) * K;
-            float s = bf16_to_float(scale[n + j]);
+            float s = BF16 ? 1.0f : bf16_to_float(scale[n + j]);
             UNROLL for (int r = 0; r < M; r++) {
                 float t = _mm512_reduce_add_ps(acc[j][r]);
-                for (i64 kk = k; kk < K; kk++) t += (float)row[kk] * x[r * K + kk];
+                for (i64 kk = k; kk < K; kk++) t += load1(w, K, n + j, kk, BF16) * x[r * K + kk];
                 y[r * N + n + j] = t * s;
             }
         }
     }
 }
 
-#define INT8_CASE(M, R)                                                                            \
+#define ROWS_CASE(M, R, BF16)                                                                      \
     case M:                                                                                        \
-        SPLIT_ROWS(int8_block(x, K, w, scale, y, N, n0, whole, M, R),                              \
-                   int8_block(x, K, w, scale, y, N, n0, n1, M, 1), R);                             \
+        SPLIT_ROWS(rows_block(x, K, w, scale, y, N, n0, whole, M, R, BF16),                        \
+                   rows_block(x, K, w, scale, y, N, n0, n1, M, 1, BF16), R);                       \
         break
 
-static void int8_rows(const float *x, int m, i64 K, const int8_t *w, const uint16_t *scale,
+static void int8_rows(const float *x, int m, i64 K, const void *w, const uint16_t *scale,
                       float *y, i64 N, i64 n0, i64 n1) {
     switch (m) {
-        INT8_CASE(1, 4); INT8_CASE(2, 4); INT8_CASE(3, 4); INT8_CASE(4, 3);
-        INT8_CASE(5, 2); INT8_CASE(6, 2); INT8_CASE(7, 2); default: INT8_CASE(8, 2);
+        ROWS_CASE(1, 4, 0); ROWS_CASE(2, 4, 0); ROWS_CASE(3, 4, 0); ROWS_CASE(4, 3, 0);
+        ROWS_CASE(5, 2, 0); ROWS_CASE(6, 2, 0); ROWS_CASE(7, 2, 0); default: ROWS_CASE(8, 2, 0);
+    }
+}
+
+static void bf16_rows(const float *x, int m, i64 K, const void *w, const uint16_t *scale,
+                      float *y, i64 N, i64 n0, i64 n1) {
+    switch (m) {
+        ROWS_CASE(1, 4, 1); ROWS_CASE(2, 4, 1); ROWS_CASE(3, 4, 1); ROWS_CASE(4, 3, 1);
+        ROWS_CASE(5, 2, 1); ROWS_CASE(6, 2, 1); ROWS_CASE(7, 2, 1); default: ROWS_CASE(8, 2, 1);
     }
 }
 
@@ -114,6 +141,16 @@ void pq_int8_matmul(const float *x, i64 M, i64 K, const int8_t *w, const uint16_
         int m = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
         FOR_ROW_BLOCKS(N, threads,
                        int8_rows(x + m0 * K, m, K, w, scale, y + m0 * N, N, b_first_row, b_end_row))
+    }
+}
+
+/* y [M, N] = x [M, K] times a bf16 weight [N, K] transposed, products and sums in fp32. */
+void pq_bf16_matmul(const float *x, i64 M, i64 K, const uint16_t *w, float *y, i64 N,
+                    int threads) {
+    for (i64 m0 = 0; m0 < M; m0 += MAX_ROWS) {
+        int m = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
+        FOR_ROW_BLOCKS(N, threads,
+                       bf16_rows(x + m0 * K, m, K, w, NULL, y + m0 * N, N, b_first_row, b_end_row))
     }
 }
 
