@@ -1,12 +1,15 @@
 """Speed and resident memory of one Llama-style decoder layer's linears per precision.
 
 The layer (hidden 4096): q, k, v, o 4096×4096 and gate/up 4096→11008, down 11008→4096 (202 M
-weights), built by ``runtime.quant.linear.quantize_linear`` at 16, 8, 4, 3 and 2 bits (group 128) on
-the CPU with fp32 activations. For each precision: the time of the seven linears (attention and
-norms excluded) in decode (1, 4, 8 rows) and prefill (128, 512 rows), the median of several
-repeats after a warm-up, the precisions taking turns within each repeat; shown as a ratio to
-the 16-bit layer timed in the same run, with resident bytes against fp16 (2 bytes/weight) and
-against the 16-bit layer, and for precisions dequantized per call the dequantization alone.
+weights, stored in bf16 as a bf16 checkpoint holds them), built by
+``runtime.quant.linear.quantize_linear`` at 16, 8, 4, 3 and 2 bits (group 128) on the CPU with fp32
+activations; ``8t`` and ``4t`` are the same precisions on torch's own kernels instead of pqctl's
+native ones (``impl="torch"``), so the two compare in one run. For each precision: the time of the
+seven linears (attention and norms excluded) in decode (1, 4, 8 rows) and prefill (128, 512 rows),
+the median of several repeats after a warm-up, the precisions taking turns within each repeat; shown
+as a ratio to the 16-bit layer timed in the same run, with resident bytes against fp16 (2
+bytes/weight) and against the 16-bit layer, and for precisions dequantized per call the
+dequantization alone.
 
 Numbers are only comparable within one run. The load average is printed at the start and end:
 a busy CPU (another process training, say) inflates every row, multi-threaded kernels with many
@@ -18,7 +21,7 @@ first.
 layer.
 
 Usage: python bench/quant_kernels.py [--quick] [--subset] [--repeats 3] [--threads N]
-[--bits 16,8,4,3,2]
+[--bits 16,8,8t,4,4t,3,2]
 """
 
 from __future__ import annotations
@@ -85,11 +88,11 @@ def call_ms(fn: Callable[[], object]) -> float:
 
 
 def build_layer(shapes: dict[str, tuple[int, int]], bits: int, impl: Impl = "auto") -> Layer:
-    """The layer's linears at ``bits``, from seeded random weights (std 0.02)."""
+    """The layer's linears at ``bits``, from seeded random bf16 weights (std 0.02)."""
     gen = torch.Generator().manual_seed(0)
     layer: Layer = {}
     for name, (out_features, in_features) in shapes.items():
-        weight = torch.randn(out_features, in_features, generator=gen) * 0.02
+        weight = (torch.randn(out_features, in_features, generator=gen) * 0.02).bfloat16()
         module = quantize_linear(
             weight, None, bits, GROUP_SIZE, compute_dtype=torch.float32, device=CPU, impl=impl
         )
@@ -134,14 +137,10 @@ def dequant_ms(layer: Layer, repeats: int) -> float | None:
 def measure(shapes: dict[str, tuple[int, int]], labels: list[str], repeats: int) -> list[Result]:
     """Build the layer at every precision in ``labels`` and time them, interleaved.
 
-    A label is a bit width, or "fp32": 16 bits with fp32 weights (``impl="reference"``).
+    A label is a bit width, the same followed by "t" for torch's kernels (``impl="torch"``), or
+    "fp32": 16 bits computed in fp32 (``impl="reference"``).
     """
-    layers = {
-        label: build_layer(shapes, 16, "reference") if label == "fp32" else build_layer(
-            shapes, int(label)
-        )
-        for label in labels
-    }  # fmt: skip
+    layers = {label: build_layer(shapes, *_precision(label)) for label in labels}
     ms: dict[str, dict[int, float]] = {label: {} for label in labels}
     for rows in (*DECODE_ROWS, *PREFILL_ROWS):
         reps = repeats + 2 if rows in DECODE_ROWS else repeats
@@ -179,8 +178,22 @@ def print_table(results: list[Result], shapes: dict[str, tuple[int, int]]) -> No
     print(f"\ntime ÷ {_name(base.label)}, decode of {first} row: {decode}")
 
 
+def _precision(label: str) -> tuple[int, Impl]:
+    """(bits, impl) of a label: "8" -> (8, "auto"), "8t" -> (8, "torch"), "fp32" -> (16,
+    "reference")."""
+    if label == "fp32":
+        return 16, "reference"
+    if label.endswith("t") and label[:-1].isdigit():
+        return int(label[:-1]), "torch"
+    if not label.isdigit():
+        raise SystemExit(f"--bits: {label!r} is not a bit width, a bit width and 't', or 'fp32'")
+    return int(label), "auto"
+
+
 def _name(label: str) -> str:
-    """A precision's label as words: "8-bit", "fp32"."""
+    """A precision's label as words: "8-bit", "8-bit (torch)", "fp32"."""
+    if label.endswith("t") and label[:-1].isdigit():
+        return f"{label[:-1]}-bit (torch)"
     return f"{label}-bit" if label.isdigit() else label
 
 
@@ -200,8 +213,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--bits",
-        default="16,8,4,3,2",
-        help="precisions, the first is the baseline; 'fp32' adds 16 bits held in fp32",
+        default="16,8,8t,4,4t,3,2",
+        help="precisions, the first is the baseline; a 't' suffix runs torch's kernels instead "
+        "of pqctl's native ones; 'fp32' adds 16 bits held in fp32",
     )
     args = parser.parse_args()
     threads = args.threads or (1 if args.quick else torch.get_num_threads())

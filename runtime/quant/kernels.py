@@ -7,19 +7,24 @@ Compute path per precision (``kernel_path``), chosen by :func:`choose_kernel_pat
 bits CPU                     CUDA (untested here)           fallback
 ==== ======================= ============================== ===================================
 16   ``dense``               ``dense``                      -
-8    ``int8pack_mm``         ``int8pack_mm`` if it runs     ``dequant-per-call``
-4    ``int4pack_mm_cpu``     ``int4pack_mm_cuda`` (sm ≥ 80) ``dequant-per-call``
+8    ``native-int8``         ``int8pack_mm`` if it runs     ``int8pack_mm`` (CPU), else
+                                                            ``dequant-per-call``
+4    ``native-int4``         ``int4pack_mm_cuda`` (sm ≥ 80) ``int4pack_mm_cpu`` (CPU), else
+                                                            ``dequant-per-call``
 3, 2 ``dequant-per-call``    ``dequant-per-call``           -
 ==== ======================= ============================== ===================================
 
-The int4 kernels need ``group_size`` in {32, 64, 128, 256} dividing ``in_features`` and
-``out_features`` divisible by 16 (CPU) or 8 (CUDA); the CPU int8 kernel needs ``in_features``
-divisible by 16 (torch 2.13 returns garbage or segfaults otherwise); all take bf16 activations.
-The int4 kernels' packed tensor (a kernel-specific layout, ``out*in/2`` bytes) replaces ours as
-the resident copy. Scales are bf16 for the bf16 kernels and fp16 for dequant-per-call, which
-unpacks the codes into a dense copy in the matmul dtype on every call (rows in chunks, so the
-scratch beyond that copy is a few MiB: ``planner.cost_model.dequant_scratch_bytes``) and runs
-``F.linear``.
+The ``native-*`` paths are pqctl's own AVX-512 kernels (:mod:`runtime.quant.native`), reading our
+packed codes as they are; where they are not built (no C compiler, another CPU, or
+``PQCTL_NATIVE_KERNELS=0``), the CPU takes torch's kernels. ``native-int4`` needs ``group_size``
+a multiple of 32 dividing ``in_features``. torch's int4 kernels need ``group_size`` in {32, 64,
+128, 256} dividing ``in_features`` and ``out_features`` divisible by 16 (CPU) or 8 (CUDA); torch's
+CPU int8 kernel needs ``in_features`` divisible by 16 (torch 2.13 returns garbage or segfaults
+otherwise); all of torch's take bf16 activations. Their int4 packed tensor (a kernel-specific
+layout, ``out*in/2`` bytes) replaces ours as the resident copy. Scales are bf16 for the kernels
+and fp16 for dequant-per-call, which unpacks the codes into a dense copy in the matmul dtype on
+every call (rows in chunks, so the scratch beyond that copy is a few MiB:
+``planner.cost_model.dequant_scratch_bytes``) and runs ``F.linear``.
 
 16-bit on CPU, measured (2 threads, AVX-512 with avx512_bf16, torch 2.13, one 4096×4096 linear,
 fp32 activations, ms, median of 3-9 calls on an otherwise idle CPU):
@@ -32,19 +37,20 @@ bf16 weights 1.5   1.4   1.7   10.8  20.4  45.0  2 bytes/weight, x cast to bf16 
 bf16 upcast  23.8  25.3  24.2  45.8  69.6  118   2 bytes/weight, fp32 copy made per call
 ============ ===== ===== ===== ===== ===== ===== ============================================
 
-Decision: 16 bits never rounds the checkpoint's weights. Where the CPU has native bf16 dot
-products (avx512_bf16 or AMX), a checkpoint stored in bf16 keeps its bf16 weights with
-activations cast to bf16 for the matmul: 2.2-5× faster than fp32 at every row count and half
-the memory, for a bf16 rounding of the activations (~3e-3 relative output error, as in the
-int8/int4 kernels). An fp32 or fp16 checkpoint's 16-bit layers keep fp32 weights on a CPU (fp16
-is not native there; bf16 would round them), so their greedy output equals transformers' fp32
-run of the same checkpoint token for token. Elsewhere bf16 GEMM is emulated (278 ms at 128 rows
-in the reference notes) and 16 bits keeps fp32 weights. The planner counts 16-bit weights with
-``planner.cost_model.weight16_bytes`` (the same rule, with ``planner.local_host.
-cpu_has_native_bf16`` reading the same flags from ``/proc/cpuinfo``). ``impl="reference"`` keeps
-16-bit weights in the compute dtype (exact). Dequant-per-call layers dequantize into bf16 on such
-a CPU: into bf16 a 4096×4096 layer takes ~15-22 ms (2-4 bit; fp32: ~25-38 ms), ~0.55-0.75 G
-weights/s.
+Decision: 16 bits never rounds the checkpoint's weights. Where the CPU has native bf16 dot products
+(avx512_bf16 or AMX), a checkpoint stored in bf16 keeps its bf16 weights with activations cast to
+bf16 for the matmul: 2.2-5× faster than fp32 at every row count and half the memory, for a bf16
+rounding of the activations (~3e-3 relative output error, as in torch's int8/int4 kernels). Up to 8
+rows (decode) skip that rounding where the native kernels are built: they multiply fp32 activations
+by the bf16 weights in fp32 (``linear.DenseLinear``). An fp32 or fp16 checkpoint's 16-bit layers
+keep fp32 weights on a CPU (fp16 is not native there; bf16 would round them), so their greedy output
+equals transformers' fp32 run of the same checkpoint token for token. Elsewhere bf16 GEMM is
+emulated (278 ms at 128 rows in the reference notes) and 16 bits keeps fp32 weights. The planner
+counts 16-bit weights with ``planner.cost_model.weight16_bytes`` (the same rule, with
+``planner.local_host. cpu_has_native_bf16`` reading the same flags from ``/proc/cpuinfo``).
+``impl="reference"`` keeps 16-bit weights in the compute dtype (exact). Dequant-per-call layers
+dequantize into bf16 on such a CPU: into bf16 a 4096×4096 layer takes ~15-22 ms (2-4 bit; fp32:
+~25-38 ms), ~0.55-0.75 G weights/s.
 
 One Llama-7B-shaped layer's seven linears (``bench/kernels.py``, same CPU, ratio to 16 bits;
 16 bits took 23 ms at 1 row and 511 ms at 512 rows):
@@ -86,7 +92,9 @@ KernelPath = Literal[
     "int4pack_mm_cuda",
     "dequant-per-call",
 ]
-Impl = Literal["auto", "reference"]
+Impl = Literal["auto", "torch", "reference"]
+"""``auto``: the fastest path here; ``torch``: the same without pqctl's native kernels (torch's
+own); ``reference``: dequantize per call into the compute dtype (same values, for tests)."""
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
 """Group sizes the int4 kernels accept."""
 INT4_CPU_TILE_ROWS = 64
@@ -152,10 +160,11 @@ def _cuda_inner_k_tiles(in_features: int) -> int | None:
 
 
 def _int4_kernel_path(
-    in_features: int, out_features: int, group_size: int, device: torch.device
+    in_features: int, out_features: int, group_size: int, device: torch.device, impl: Impl
 ) -> KernelPath:
     if (
-        device.type == "cpu"
+        impl == "auto"
+        and device.type == "cpu"
         and native.int4_shape_supported(in_features, group_size)
         and native.kernels() is not None
     ):
@@ -185,7 +194,8 @@ def choose_kernel_path(
     """The compute path a layer of this shape and precision takes on ``device``.
 
     ``impl="reference"`` always dequantizes per call (16 bits stays dense). On a CPU, 8 and 4 bits
-    take pqctl's native kernels where they are built (:mod:`runtime.quant.native`), else torch's.
+    take pqctl's native kernels where they are built (:mod:`runtime.quant.native`) and ``impl`` is
+    ``auto``, else torch's.
     The CPU int8 kernel of torch needs ``in_features % 16 == 0``: torch 2.13 returns garbage or
     crashes otherwise.
     """
@@ -193,12 +203,12 @@ def choose_kernel_path(
         return "dense"
     if impl == "reference":
         return "dequant-per-call"
-    if bits == 8 and device.type == "cpu" and native.kernels() is not None:
+    if bits == 8 and impl == "auto" and device.type == "cpu" and native.kernels() is not None:
         return "native-int8"
     if bits == 8 and in_features % 16 == 0 and _int8_kernel_runs(device):
         return "int8pack_mm"
     if bits == 4:
-        return _int4_kernel_path(in_features, out_features, group_size, device)
+        return _int4_kernel_path(in_features, out_features, group_size, device, impl)
     return "dequant-per-call"
 
 

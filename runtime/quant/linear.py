@@ -78,6 +78,8 @@ class DenseLinear(nn.Module):
     bias: Tensor | None
     bits = 16
     kernel_path: KernelPath = "dense"
+    native = True
+    """Whether decode rows may take the native bf16 kernel (``impl="auto"``)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, group_size: int) -> None:
         super().__init__()
@@ -101,18 +103,21 @@ class DenseLinear(nn.Module):
         """Hold ``weight`` [out, in] unquantized; ``bias`` [out] stays in ``compute_dtype``.
 
         The weight goes to :func:`dense_weight_dtype`, or to ``compute_dtype`` itself with
-        ``impl="reference"`` (exact numerics for tests). ``group_size`` is unused.
+        ``impl="reference"`` (exact numerics for tests). ``impl="torch"`` keeps decode rows off
+        the native kernel. ``group_size`` is unused.
         """
         _check_weight(weight, bias)
         if bits != 16:
             raise QuantizationError(f"DenseLinear holds 16-bit layers, not {bits}-bit ones")
         device = torch.device(device)
-        auto = impl == "auto"
-        dtype = dense_weight_dtype(compute_dtype, device, weight.dtype) if auto else compute_dtype
+        exact = impl == "reference"
+        dtype = compute_dtype if exact else dense_weight_dtype(compute_dtype, device, weight.dtype)
         with torch.no_grad():
             w = weight.detach().to(device=device, dtype=dtype).contiguous()
             b = None if bias is None else bias.detach().to(device=device, dtype=compute_dtype)
-        return cls(w, b, group_size)
+        layer = cls(w, b, group_size)
+        layer.native = impl == "auto"
+        return layer
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` [..., in] -> [..., out] in x's dtype."""
@@ -133,7 +138,8 @@ class DenseLinear(nn.Module):
     def _native_rows(self, x2: Tensor) -> bool:
         """Whether ``x2`` [M, in] goes through the native bf16 kernel (see the class doc)."""
         return (
-            x2.shape[0] <= NATIVE_BF16_ROWS
+            self.native
+            and x2.shape[0] <= NATIVE_BF16_ROWS
             and x2.dtype == torch.float32
             and self.weight.dtype == torch.bfloat16
             and self.weight.device.type == "cpu"
@@ -203,8 +209,9 @@ class QuantLinear(nn.Module):
             group_size: input weights per scale group (2-4 bits).
             compute_dtype: the model's activation dtype on ``device``.
             device: where the layer runs.
-            impl: "auto" picks the fastest path; "reference" dequantizes per call into
-                ``compute_dtype`` (same quantized values, for tests).
+            impl: "auto" picks the fastest path; "torch" the fastest of torch's own kernels;
+                "reference" dequantizes per call into ``compute_dtype`` (same quantized values,
+                for tests).
 
         Raises:
             QuantizationError: unsupported bits or group size, or a malformed weight.
@@ -215,8 +222,9 @@ class QuantLinear(nn.Module):
             raise QuantizationError(f"group size must be at least 1, got {group_size}")
         device = torch.device(device)
         out_features, in_features = weight.shape
-        auto = choose_kernel_path(bits, in_features, out_features, group_size, device)
-        path = auto if impl == "auto" else "dequant-per-call"
+        fastest: Impl = "torch" if impl == "torch" else "auto"
+        auto = choose_kernel_path(bits, in_features, out_features, group_size, device, fastest)
+        path = "dequant-per-call" if impl == "reference" else auto
         matmul = compute_dtype if impl == "reference" else dense_weight_dtype(compute_dtype, device)
         with torch.no_grad():
             q = quantize_rtn(weight, bits, group_size, scale_dtype_for(auto))
@@ -357,7 +365,8 @@ def quantize_linear(
         group_size: input weights per scale group (2-4 bits).
         compute_dtype: the model's activation dtype on ``device``.
         device: where the layer runs.
-        impl: "auto" or "reference" (always dequantize per call; for tests).
+        impl: "auto", "torch" (torch's kernels only) or "reference" (always dequantize per
+            call; for tests).
 
     Returns:
         A :class:`DenseLinear` or :class:`QuantLinear`; both expose ``bits``, ``group_size``,

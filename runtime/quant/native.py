@@ -45,7 +45,12 @@ BUILD_TIMEOUT_S = 120.0
 
 
 class NativeBuildError(Exception):
-    """The kernels could not be built or loaded here; the message says why."""
+    """The kernels could not be built or loaded here; the message says why. ``expected`` when
+    that is by choice or by design (switched off, not an AVX-512 CPU), not a failure."""
+
+    def __init__(self, msg: str, *, expected: bool = False) -> None:
+        super().__init__(msg)
+        self.expected = expected
 
 
 def cache_dir() -> Path:
@@ -234,10 +239,12 @@ def int4_shape_supported(in_features: int, group_size: int) -> bool:
 
 def _load() -> NativeKernels:
     if os.environ.get(DISABLE_ENV, "1").strip() == "0":
-        raise NativeBuildError(f"{DISABLE_ENV}=0 turns them off")
+        raise NativeBuildError(f"{DISABLE_ENV}=0 turns them off", expected=True)
     capability = torch.backends.cpu.get_cpu_capability()
     if capability != "AVX512":
-        raise NativeBuildError(f"they need an AVX-512 CPU; torch reports {capability}")
+        raise NativeBuildError(
+            f"they need an AVX-512 CPU; torch reports {capability}", expected=True
+        )
     cc = compiler()
     if cc is None:
         raise NativeBuildError("no C compiler: install gcc, or set CC")
@@ -252,7 +259,8 @@ def _loaded() -> NativeKernels | NativeBuildError:
     try:
         return _load()
     except NativeBuildError as exc:
-        log.info("pqctl's native CPU kernels are off (%s); using torch's kernels", exc)
+        level = logging.INFO if exc.expected else logging.WARNING
+        log.log(level, "pqctl's native CPU kernels are off (%s); using torch's kernels", exc)
         return exc
 
 

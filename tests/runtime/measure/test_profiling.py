@@ -20,6 +20,7 @@ from runtime.measure.profiling import (
     measure_device,
 )
 from runtime.model.arch import ArchConfig, arch_from_config
+from runtime.quant import native
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,6 +88,7 @@ def test_a_precision_whose_kernel_raises_is_recorded_unavailable(
         raise RuntimeError("no int4 kernel on this device")
 
     monkeypatch.setattr(torch, "_weight_int4pack_mm_for_cpu", broken)
+    monkeypatch.setattr(native.NativeKernels, "int4_matmul", broken)  # whichever the CPU runs
     small = ProfileGrid((1, 2), (8, 16, 32), (1, 2), (8, 16), repeats=1, stack_layers=1)
     m = measure_device(tiny_arch(), "cpu", (16, 4), small, group_size=32)
     assert set(m.unavailable) == {4}
