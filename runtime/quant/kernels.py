@@ -52,18 +52,20 @@ counts 16-bit weights with ``planner.cost_model.weight16_bytes`` (the same rule,
 dequantize into bf16 on such a CPU: into bf16 a 4096×4096 layer takes ~15-22 ms (2-4 bit; fp32:
 ~25-38 ms), ~0.55-0.75 G weights/s.
 
-One Llama-7B-shaped layer's seven linears (``bench/kernels.py``, same CPU, ratio to 16 bits;
-16 bits took 23 ms at 1 row and 511 ms at 512 rows):
+One Llama-7B-shaped layer's seven linears with bf16 weights (``bench/quant_kernels.py``, same
+CPU, ratio to 16 bits; 16 bits took 16.7 ms at 1 row and 150 ms at 512 rows; ``t``: torch's
+kernels in the same run):
 
-======= ========== ===== ===== ===== ===== ===== ======================
-bits    path       x1    x4    x8    x128  x512  resident vs fp16
-======= ========== ===== ===== ===== ===== ===== ======================
-8       int8       0.40  0.55  0.95  2.72  3.06  0.500
-4       int4       0.25  0.43  0.71  2.31  2.44  0.266
-3       dequant    16.4  16.0  13.2  3.69  1.67  0.203
-2       dequant    11.3  11.7  8.84  2.81  1.49  0.141
-16 fp32 dense      1.70  4.55  3.35  2.94  2.50  2.000
-======= ========== ===== ===== ===== ===== ===== ======================
+======= ================ ===== ===== ===== ===== ===== ======================
+bits    path             x1    x4    x8    x128  x512  resident vs fp16
+======= ================ ===== ===== ===== ===== ===== ======================
+8       native-int8      0.57  0.54  0.77  1.14  1.77  0.500
+8t      int8pack_mm      0.68  0.59  1.05  1.14  1.75  0.500
+4       native-int4      0.39  0.56  0.98  1.07  1.75  0.266
+4t      int4pack_mm_cpu  0.51  0.50  0.91  4.47  8.68  0.266
+3       dequant          28.4  21.0  18.3  7.16  3.96  0.203
+2       dequant          21.3  14.0  13.0  5.24  3.04  0.141
+======= ================ ===== ===== ===== ===== ===== ======================
 
 On a 2-core AVX2 CPU without native bf16 (16 bits = fp32 weights), the same bench measured
 8-bit at 0.36 / 0.20 / 0.30 (x1 / x4 / x8) and, through the int8 kernel, 5.7 / 7.5 at x128 /

@@ -57,21 +57,31 @@ def _module_bytes(module: nn.Module) -> int:
     return sum(t.nbytes for t in tensors)
 
 
-NATIVE_BF16_ROWS = 8
-"""Activation rows up to which a bf16-weight 16-bit layer uses the native kernel (one pass over
-the weight; from 16 rows a bf16 GEMM reads it once where the kernel would read it twice)."""
+NATIVE_DENSE_ROWS = 8
+"""Activation rows up to which a 16-bit layer uses the native kernel (one pass over the weight;
+from 16 rows a GEMM reads it once where the kernel would read it twice)."""
 
 
 class DenseLinear(nn.Module):
     """A 16-bit linear layer: the unquantized weight in :func:`dense_weight_dtype`.
 
     Activations are cast to the weight's dtype for the matmul and the result back to theirs,
-    except for up to :data:`NATIVE_BF16_ROWS` rows of fp32 activations against bf16 weights on a
-    CPU with pqctl's native kernels: those multiply in fp32 (exact products, no bf16 rounding of
-    the activations), and faster. On a 2-core AVX-512 CPU, reading weights from memory, 1 / 2 / 4
-    / 8 rows ran at 26 / 26 / 23 / 18 GB/s against torch's (``torch.mv`` for one row, else a bf16
-    ``F.linear``) 24 / 19 / 18 / 19 GB/s on a 5632 × 2048 weight, and 29 / 27 / 25 / 18 against
-    25 / 21 / 21 / 21 on 2048 × 5632.
+    except for up to :data:`NATIVE_DENSE_ROWS` rows of fp32 activations (decode) on a CPU with
+    pqctl's native kernels: those multiply bf16 or fp32 weights in fp32 (exact products, no bf16
+    rounding of the activations), faster than torch there. On a 2-core AVX-512 CPU, weights read
+    from memory, 1 / 4 / 8 rows ran at (GB/s of weights, native vs torch's ``torch.mv`` for one
+    bf16 row, else ``F.linear``):
+
+    ====================== ================ ================ ================
+    weight                 1 row            4 rows           8 rows
+    ====================== ================ ================ ================
+    bf16 5632 × 2048       26 vs 24         23 vs 18         18 vs 19
+    bf16 2048 × 5632       29 vs 25         25 vs 21         18 vs 21
+    fp32 2816 × 1024       26 vs 17         23 vs 12         18 vs 10
+    fp32 1024 × 2816       21 vs 25         23 vs 14         15 vs 11
+    ====================== ================ ================ ================
+
+    (with one thread, fp32 at 4 and 8 rows: 11-13 vs 5-7 GB/s.)
     """
 
     weight: Tensor
@@ -79,7 +89,7 @@ class DenseLinear(nn.Module):
     bits = 16
     kernel_path: KernelPath = "dense"
     native = True
-    """Whether decode rows may take the native bf16 kernel (``impl="auto"``)."""
+    """Whether decode rows may take the native kernel (``impl="auto"``)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, group_size: int) -> None:
         super().__init__()
@@ -121,13 +131,13 @@ class DenseLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` [..., in] -> [..., out] in x's dtype."""
-        if x.dtype == self.weight.dtype:
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(x, self.weight, bias)
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         kernels = native.kernels() if self._native_rows(x2) else None
         if kernels is not None:
-            product = kernels.bf16_matmul(x2, self.weight)
+            product = kernels.dense_matmul(x2, self.weight)
+        elif x.dtype == self.weight.dtype:
+            bias = None if self.bias is None else self.bias.to(x.dtype)
+            return F.linear(x, self.weight, bias)
         elif x2.shape[0] == 1:  # one row (a decode step of one sequence): a matrix-vector product
             product = torch.mv(self.weight, x2[0].to(self.weight.dtype)).unsqueeze(0)
         else:
@@ -139,9 +149,9 @@ class DenseLinear(nn.Module):
         """Whether ``x2`` [M, in] goes through the native bf16 kernel (see the class doc)."""
         return (
             self.native
-            and x2.shape[0] <= NATIVE_BF16_ROWS
+            and x2.shape[0] <= NATIVE_DENSE_ROWS
             and x2.dtype == torch.float32
-            and self.weight.dtype == torch.bfloat16
+            and self.weight.dtype in (torch.bfloat16, torch.float32)
             and self.weight.device.type == "cpu"
         )
 

@@ -133,8 +133,8 @@ class NativeKernels:
         lib.pq_int4_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, c_int]
         lib.pq_int4_matmul.restype = c_int
         lib.pq_int4_row_form.restype = ctypes.c_char_p
-        lib.pq_bf16_matmul.argtypes = [ptr, i64, i64, ptr, ptr, i64, c_int]
-        lib.pq_bf16_matmul.restype = None
+        lib.pq_dense_matmul.argtypes = [ptr, i64, i64, ptr, c_int, ptr, i64, c_int]
+        lib.pq_dense_matmul.restype = None
         lib.pq_int8_dequantize_bf16.argtypes = [ptr, ptr, i64, i64, i64, ptr, c_int]
         lib.pq_int8_dequantize_bf16.restype = None
         lib.pq_int4_dequantize_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, c_int]
@@ -159,18 +159,18 @@ class NativeKernels:
         )  # fmt: skip
         return y
 
-    def bf16_matmul(self, x: Tensor, weight: Tensor) -> Tensor:
-        """``x`` [M, K] times a bf16 ``weight`` [N, K] transposed, with fp32 products and sums
-        (exact products, unlike a bf16 GEMM, which rounds ``x`` to bf16 first): fp32 [M, N]."""
+    def dense_matmul(self, x: Tensor, weight: Tensor) -> Tensor:
+        """``x`` [M, K] times a 16-bit layer's ``weight`` [N, K] (bf16 or fp32) transposed, with
+        fp32 products and sums (a bf16 GEMM would round ``x`` to bf16 first): fp32 [M, N]."""
         x = x.to(torch.float32).contiguous()
         rows, inputs = x.shape
         outputs = weight.shape[0]
-        assert weight.dtype == torch.bfloat16 and weight.shape == (outputs, inputs)
-        assert weight.is_contiguous()
+        assert weight.dtype in (torch.bfloat16, torch.float32)
+        assert weight.shape == (outputs, inputs) and weight.is_contiguous()
         y = torch.empty(rows, outputs, dtype=torch.float32)
-        self._lib.pq_bf16_matmul(
-            x.data_ptr(), rows, inputs, weight.data_ptr(), y.data_ptr(), outputs,
-            torch.get_num_threads(),
+        self._lib.pq_dense_matmul(
+            x.data_ptr(), rows, inputs, weight.data_ptr(), int(weight.dtype == torch.float32),
+            y.data_ptr(), outputs, torch.get_num_threads(),
         )  # fmt: skip
         return y
 

@@ -59,11 +59,14 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as tor
         rows;                                                                                      \
     }
 
-/* ------------------------------------------------------------------------ int8 and bf16 */
+/* ----------------------------------------------------------------- int8, bf16 and fp32 */
 
-/* Sixteen weights of row `row` from column k as fp32: int8 codes, or bf16 values (exact). */
-INLINE __m512 load16(const void *w, i64 K, i64 row, i64 k, const int BF16) {
-    if (BF16) {
+enum { INT8 = 1, BF16 = 2, FP32 = 4 }; /* weight kinds; the value is the bytes per weight */
+
+/* Sixteen weights of row `row` from column k as fp32: int8 codes, bf16 values or fp32 ones. */
+INLINE __m512 load16(const void *w, i64 K, i64 row, i64 k, const int KIND) {
+    if (KIND == FP32) return _mm512_loadu_ps((const float *)w + row * K + k);
+    if (KIND == BF16) {
         const uint16_t *src = (const uint16_t *)w + row * K + k;
         __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src));
         return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
@@ -72,17 +75,18 @@ INLINE __m512 load16(const void *w, i64 K, i64 row, i64 k, const int BF16) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)src)));
 }
 
-INLINE float load1(const void *w, i64 K, i64 row, i64 k, const int BF16) {
-    if (BF16) return bf16_to_float(((const uint16_t *)w)[row * K + k]);
+INLINE float load1(const void *w, i64 K, i64 row, i64 k, const int KIND) {
+    if (KIND == FP32) return ((const float *)w)[row * K + k];
+    if (KIND == BF16) return bf16_to_float(((const uint16_t *)w)[row * K + k]);
     return (float)((const int8_t *)w)[row * K + k];
 }
 
-/* Output rows [n0, n1) of a row-scaled int8 weight (BF16 = 0) or a bf16 one (BF16 = 1, no
- * scale) for M activation rows, R weight rows at a time. M, R and BF16 are constants where this
- * is inlined, so the M x R accumulators live in registers. */
+/* Output rows [n0, n1) of a row-scaled int8 weight, or of an unscaled bf16 or fp32 one, for M
+ * activation rows, R weight rows at a time. M, R and KIND are constants where this is inlined,
+ * so the M x R accumulators live in registers. */
 INLINE void rows_block(const float *x, i64 K, const void *w, const uint16_t *scale, float *y,
-                       i64 N, i64 n0, i64 n1, const int M, const int R, const int BF16) {
-    const i64 row_bytes = K * (BF16 ? 2 : 1), per_line = BF16 ? 32 : 64;
+                       i64 N, i64 n0, i64 n1, const int M, const int R, const int KIND) {
+    const i64 row_bytes = K * KIND, per_line = 64 / KIND; /* weights in a cache line */
     for (i64 n = n0; n < n1; n += R) {
         __m512 acc[MAX_BLOCK][MAX_ROWS];
         UNROLL for (int j = 0; j < R; j++)
@@ -92,10 +96,10 @@ INLINE void rows_block(const float *x, i64 K, const void *w, const uint16_t *sca
             __m512 wv[MAX_BLOCK];
             UNROLL for (int j = 0; j < R; j++) {
                 if ((k & (per_line - 1)) == 0) {
-                    const char *line = (const char *)w + (n + j + R) * row_bytes + k * (BF16 ? 2 : 1);
+                    const char *line = (const char *)w + (n + j + R) * row_bytes + k * KIND;
                     _mm_prefetch(line, _MM_HINT_T0);
                 }
-                wv[j] = load16(w, K, n + j, k, BF16);
+                wv[j] = load16(w, K, n + j, k, KIND);
             }
             UNROLL for (int r = 0; r < M; r++) {
                 __m512 xv = _mm512_loadu_ps(x + r * K + k);
@@ -103,55 +107,58 @@ INLINE void rows_block(const float *x, i64 K, const void *w, const uint16_t *sca
             }
         }
         UNROLL for (int j = 0; j < R; j++) {
-            float s = BF16 ? 1.0f : bf16_to_float(scale[n + j]);
+            float s = KIND == INT8 ? bf16_to_float(scale[n + j]) : 1.0f;
             UNROLL for (int r = 0; r < M; r++) {
                 float t = _mm512_reduce_add_ps(acc[j][r]);
-                for (i64 kk = k; kk < K; kk++) t += load1(w, K, n + j, kk, BF16) * x[r * K + kk];
-                y[r * N + n + j] = t * s;
+                for (i64 kk = k; kk < K; kk++) t += load1(w, K, n + j, kk, KIND) * x[r * K + kk];
+                y[r * N + n + j] = KIND == INT8 ? t * s : t;
             }
         }
     }
 }
 
-#define ROWS_CASE(M, R, BF16)                                                                      \
+#define ROWS_CASE(M, R, KIND)                                                                      \
     case M:                                                                                        \
-        SPLIT_ROWS(rows_block(x, K, w, scale, y, N, n0, whole, M, R, BF16),                        \
-                   rows_block(x, K, w, scale, y, N, n0, n1, M, 1, BF16), R);                       \
+        SPLIT_ROWS(rows_block(x, K, w, scale, y, N, n0, whole, M, R, KIND),                        \
+                   rows_block(x, K, w, scale, y, N, n0, n1, M, 1, KIND), R);                       \
         break
 
-static void int8_rows(const float *x, int m, i64 K, const void *w, const uint16_t *scale,
-                      float *y, i64 N, i64 n0, i64 n1) {
-    switch (m) {
-        ROWS_CASE(1, 4, 0); ROWS_CASE(2, 4, 0); ROWS_CASE(3, 4, 0); ROWS_CASE(4, 3, 0);
-        ROWS_CASE(5, 2, 0); ROWS_CASE(6, 2, 0); ROWS_CASE(7, 2, 0); default: ROWS_CASE(8, 2, 0);
+#define DEFINE_ROWS(name, KIND)                                                                    \
+    static void name(const float *x, int m, i64 K, const void *w, const uint16_t *scale,           \
+                     float *y, i64 N, i64 n0, i64 n1) {                                            \
+        switch (m) {                                                                               \
+            ROWS_CASE(1, 4, KIND); ROWS_CASE(2, 4, KIND); ROWS_CASE(3, 4, KIND);                   \
+            ROWS_CASE(4, 3, KIND); ROWS_CASE(5, 2, KIND); ROWS_CASE(6, 2, KIND);                   \
+            ROWS_CASE(7, 2, KIND); default: ROWS_CASE(8, 2, KIND);                                 \
+        }                                                                                          \
     }
-}
 
-static void bf16_rows(const float *x, int m, i64 K, const void *w, const uint16_t *scale,
-                      float *y, i64 N, i64 n0, i64 n1) {
-    switch (m) {
-        ROWS_CASE(1, 4, 1); ROWS_CASE(2, 4, 1); ROWS_CASE(3, 4, 1); ROWS_CASE(4, 3, 1);
-        ROWS_CASE(5, 2, 1); ROWS_CASE(6, 2, 1); ROWS_CASE(7, 2, 1); default: ROWS_CASE(8, 2, 1);
+DEFINE_ROWS(int8_rows, INT8)
+DEFINE_ROWS(bf16_rows, BF16)
+DEFINE_ROWS(fp32_rows, FP32)
+
+typedef void (*rows_fn)(const float *, int, i64, const void *, const uint16_t *, float *, i64,
+                        i64, i64);
+
+static void rows_matmul(rows_fn rows, const float *x, i64 M, i64 K, const void *w,
+                        const uint16_t *scale, float *y, i64 N, int threads) {
+    for (i64 m0 = 0; m0 < M; m0 += MAX_ROWS) {
+        int m = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
+        FOR_ROW_BLOCKS(N, threads,
+                       rows(x + m0 * K, m, K, w, scale, y + m0 * N, N, b_first_row, b_end_row))
     }
 }
 
 void pq_int8_matmul(const float *x, i64 M, i64 K, const int8_t *w, const uint16_t *scale,
                     float *y, i64 N, int threads) {
-    for (i64 m0 = 0; m0 < M; m0 += MAX_ROWS) {
-        int m = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
-        FOR_ROW_BLOCKS(N, threads,
-                       int8_rows(x + m0 * K, m, K, w, scale, y + m0 * N, N, b_first_row, b_end_row))
-    }
+    rows_matmul(int8_rows, x, M, K, w, scale, y, N, threads);
 }
 
-/* y [M, N] = x [M, K] times a bf16 weight [N, K] transposed, products and sums in fp32. */
-void pq_bf16_matmul(const float *x, i64 M, i64 K, const uint16_t *w, float *y, i64 N,
-                    int threads) {
-    for (i64 m0 = 0; m0 < M; m0 += MAX_ROWS) {
-        int m = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
-        FOR_ROW_BLOCKS(N, threads,
-                       bf16_rows(x + m0 * K, m, K, w, NULL, y + m0 * N, N, b_first_row, b_end_row))
-    }
+/* y [M, N] = x [M, K] times a 16-bit layer's weight [N, K] (bf16, or fp32 with `fp32` set)
+ * transposed, products and sums in fp32. */
+void pq_dense_matmul(const float *x, i64 M, i64 K, const void *w, int fp32, float *y, i64 N,
+                     int threads) {
+    rows_matmul(fp32 ? fp32_rows : bf16_rows, x, M, K, w, NULL, y, N, threads);
 }
 
 /* ------------------------------------------------------------------------------------- int4 */

@@ -334,3 +334,13 @@ def test_the_storage_and_kernel_names_are_reachable_from_quant() -> None:
     assert quant.packed_nbytes is packing.packed_nbytes
     assert quant.dense_weight_dtype is kernels.dense_weight_dtype
     assert quant.choose_kernel_path is kernels.choose_kernel_path
+
+
+def test_impl_torch_builds_on_torchs_kernels_only() -> None:
+    paths = {bits: _build(64, 256, bits, 64, "torch").kernel_path for bits in (8, 4)}
+    assert paths == {8: "int8pack_mm", 4: "int4pack_mm_cpu"}
+    weight = _weight(64, 256).bfloat16()
+    dense = quantize_linear(weight, None, 16, 64, compute_dtype=FP32, device=CPU, impl="torch")
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(6))
+    # a bf16 GEMM: the activations rounded to bf16, the result too
+    assert torch.equal(dense(x), F.linear(x.bfloat16(), weight).float())

@@ -182,25 +182,28 @@ def test_dequantizing_needs_bf16_scales_and_a_supported_shape() -> None:
 
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize(("n", "k"), [(64, 256), (13, 100), (37, 2064)])
-def test_bf16_product_is_the_fp32_product_of_the_bf16_weight(m: int, n: int, k: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_16_bit_product_is_the_fp32_product_of_the_weight(
+    m: int, n: int, k: int, dtype: torch.dtype
+) -> None:
     assert KERNELS is not None
-    w = _weight(n, k).bfloat16()
+    w = _weight(n, k).to(dtype)
     x = _inputs(m, k)
-    y = KERNELS.bf16_matmul(x, w)
+    y = KERNELS.dense_matmul(x, w)
     # the activations are not rounded to bf16: fp32 products and sums
     assert _relative(y, x.double() @ w.double().t()) < 1e-6
 
 
 def test_16_bit_bf16_layers_multiply_decode_rows_in_fp32() -> None:
-    from runtime.quant.linear import NATIVE_BF16_ROWS, quantize_linear
+    from runtime.quant.linear import NATIVE_DENSE_ROWS, quantize_linear
 
     w = _weight(96, 256).bfloat16()
     layer = quantize_linear(w, None, 16, 64, compute_dtype=torch.float32, device="cpu")
     assert layer.weight.dtype == torch.bfloat16
-    exact = _inputs(NATIVE_BF16_ROWS, 256).double() @ w.double().t()
-    decode = layer(_inputs(NATIVE_BF16_ROWS, 256))
+    exact = _inputs(NATIVE_DENSE_ROWS, 256).double() @ w.double().t()
+    decode = layer(_inputs(NATIVE_DENSE_ROWS, 256))
     assert _relative(decode, exact) < 1e-6  # the native kernel: no rounding of the inputs
-    more = _inputs(NATIVE_BF16_ROWS + 1, 256)
+    more = _inputs(NATIVE_DENSE_ROWS + 1, 256)
     rounded = more.bfloat16().double() @ w.double().t()
     assert _relative(layer(more), rounded) < 1e-2  # a bf16 GEMM: inputs rounded to bf16
     assert _relative(layer(more), more.double() @ w.double().t()) > 1e-5
