@@ -57,16 +57,20 @@ def _module_bytes(module: nn.Module) -> int:
     return sum(t.nbytes for t in tensors)
 
 
-NATIVE_DENSE_ROWS = 8
-"""Activation rows up to which a 16-bit layer uses the native kernel (one pass over the weight;
-from 16 rows a GEMM reads it once where the kernel would read it twice)."""
+NATIVE_DENSE_ROWS: Mapping[torch.dtype, int] = MappingProxyType(
+    {torch.float32: 8, torch.bfloat16: 4}
+)
+"""Activation rows up to which a 16-bit layer with weights in that dtype uses the native kernel:
+fp32 up to one pass over the weight (8 rows), bf16 up to 4 (at 8 rows torch's bf16 GEMM, on AMX
+here, is as fast in one layer and served a batch-8 decode step of the ``--large`` bench in 111
+ms against 124 ms through the native kernel)."""
 
 
 class DenseLinear(nn.Module):
     """A 16-bit linear layer: the unquantized weight in :func:`dense_weight_dtype`.
 
     Activations are cast to the weight's dtype for the matmul and the result back to theirs,
-    except for up to :data:`NATIVE_DENSE_ROWS` rows of fp32 activations (decode) on a CPU with
+    except for a few rows of fp32 activations (decode, :data:`NATIVE_DENSE_ROWS`) on a CPU with
     pqctl's native kernels: those multiply bf16 or fp32 weights in fp32 (exact products, no bf16
     rounding of the activations), faster than torch there. On a 2-core AVX-512 CPU, weights read
     from memory, 1 / 4 / 8 rows ran at (GB/s of weights, native vs torch's ``torch.mv`` for one
@@ -149,9 +153,8 @@ class DenseLinear(nn.Module):
         """Whether ``x2`` [M, in] goes through the native bf16 kernel (see the class doc)."""
         return (
             self.native
-            and x2.shape[0] <= NATIVE_DENSE_ROWS
+            and x2.shape[0] <= NATIVE_DENSE_ROWS.get(self.weight.dtype, 0)
             and x2.dtype == torch.float32
-            and self.weight.dtype in (torch.bfloat16, torch.float32)
             and self.weight.device.type == "cpu"
         )
 

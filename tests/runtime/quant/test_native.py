@@ -200,10 +200,11 @@ def test_16_bit_bf16_layers_multiply_decode_rows_in_fp32() -> None:
     w = _weight(96, 256).bfloat16()
     layer = quantize_linear(w, None, 16, 64, compute_dtype=torch.float32, device="cpu")
     assert layer.weight.dtype == torch.bfloat16
-    exact = _inputs(NATIVE_DENSE_ROWS, 256).double() @ w.double().t()
-    decode = layer(_inputs(NATIVE_DENSE_ROWS, 256))
+    rows = NATIVE_DENSE_ROWS[torch.bfloat16]
+    exact = _inputs(rows, 256).double() @ w.double().t()
+    decode = layer(_inputs(rows, 256))
     assert _relative(decode, exact) < 1e-6  # the native kernel: no rounding of the inputs
-    more = _inputs(NATIVE_DENSE_ROWS + 1, 256)
+    more = _inputs(rows + 1, 256)
     rounded = more.bfloat16().double() @ w.double().t()
     assert _relative(layer(more), rounded) < 1e-2  # a bf16 GEMM: inputs rounded to bf16
     assert _relative(layer(more), more.double() @ w.double().t()) > 1e-5
