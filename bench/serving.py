@@ -193,6 +193,7 @@ def case_plan(setup: ModelSetup, case: Case, cpu: DeviceType) -> Plan:
     """The case's plan with per-stage predictions for this host's CPU."""
     b = setup.batch
     micro = b.size // case.stages if case.micro_batch is None else case.micro_batch or b.size
+    micro = max(1, micro)  # a batch smaller than the stages: one sequence at a time
     prefill = micro if case.prefill_parts is None else b.size // case.prefill_parts
     splits = [k * setup.layers // case.stages for k in range(case.stages)]
     if case.last_share is not None:

@@ -208,3 +208,25 @@ def test_16_bit_bf16_layers_multiply_decode_rows_in_fp32() -> None:
     rounded = more.bfloat16().double() @ w.double().t()
     assert _relative(layer(more), rounded) < 1e-2  # a bf16 GEMM: inputs rounded to bf16
     assert _relative(layer(more), more.double() @ w.double().t()) > 1e-5
+
+
+def test_16_bit_fp32_layers_multiply_up_to_8_decode_rows_natively(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from runtime.quant.linear import NATIVE_DENSE_ROWS, quantize_linear
+
+    w, bias = _weight(96, 256), torch.linspace(-1, 1, 96)
+    layer = quantize_linear(w, bias, 16, 64, compute_dtype=torch.float32, device="cpu")
+    assert layer.weight.dtype == torch.float32 and NATIVE_DENSE_ROWS[torch.float32] == 8
+    calls: list[int] = []
+    kernel = native.NativeKernels.dense_matmul
+
+    def counted(self: native.NativeKernels, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return kernel(self, x, weight)
+
+    monkeypatch.setattr(native.NativeKernels, "dense_matmul", counted)
+    for rows in (1, 8, 9):
+        x = _inputs(rows, 256)
+        assert _relative(layer(x), x.double() @ w.double().t() + bias.double()) < 1e-6
+    assert calls == [1, 8]  # 9 rows: torch's fp32 GEMM
