@@ -40,14 +40,14 @@ bf16 upcast  23.8  25.3  24.2  45.8  69.6  118   2 bytes/weight, fp32 copy made 
 Decision: 16 bits never rounds the checkpoint's weights. Where the CPU has native bf16 dot products
 (avx512_bf16 or AMX), a checkpoint stored in bf16 keeps its bf16 weights with activations cast to
 bf16 for the matmul: 2.2-5× faster than fp32 at every row count and half the memory, for a bf16
-rounding of the activations (~3e-3 relative output error, as in torch's int8/int4 kernels). Up to 8
+rounding of the activations (~3e-3 relative output error, as in torch's int8/int4 kernels). Up to 4
 rows (decode) skip that rounding where the native kernels are built: they multiply fp32 activations
-by the bf16 weights in fp32 (``linear.DenseLinear``). An fp32 or fp16 checkpoint's 16-bit layers
-keep fp32 weights on a CPU (fp16 is not native there; bf16 would round them), so their greedy output
-equals transformers' fp32 run of the same checkpoint token for token. Elsewhere bf16 GEMM is
+by the bf16 weights in fp32 (``linear.NATIVE_DENSE_ROWS``). An fp32 or fp16 checkpoint's 16-bit
+layers keep fp32 weights on a CPU (fp16 is not native there; bf16 would round them), so their greedy
+output equals transformers' fp32 run of the same checkpoint token for token. Elsewhere bf16 GEMM is
 emulated (278 ms at 128 rows in the reference notes) and 16 bits keeps fp32 weights. The planner
 counts 16-bit weights with ``planner.cost_model.weight16_bytes`` (the same rule, with
-``planner.local_host. cpu_has_native_bf16`` reading the same flags from ``/proc/cpuinfo``).
+``planner.local_host.cpu_has_native_bf16`` reading the same flags from ``/proc/cpuinfo``).
 ``impl="reference"`` keeps 16-bit weights in the compute dtype (exact). Dequant-per-call layers
 dequantize into bf16 on such a CPU: into bf16 a 4096×4096 layer takes ~15-22 ms (2-4 bit; fp32:
 ~25-38 ms), ~0.55-0.75 G weights/s.

@@ -92,11 +92,13 @@ class DenseLinear(nn.Module):
     bias: Tensor | None
     bits = 16
     kernel_path: KernelPath = "dense"
-    native = True
-    """Whether decode rows may take the native kernel (``impl="auto"``)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, group_size: int) -> None:
+    def __init__(
+        self, weight: Tensor, bias: Tensor | None, group_size: int, native: bool = True
+    ) -> None:
         super().__init__()
+        self.native = native
+        """Whether decode rows may take the native kernel (``impl="auto"``)."""
         self.out_features, self.in_features = weight.shape  # weight: [out, in]
         self.group_size = group_size
         self.register_buffer("weight", weight)
@@ -129,9 +131,7 @@ class DenseLinear(nn.Module):
         with torch.no_grad():
             w = weight.detach().to(device=device, dtype=dtype).contiguous()
             b = None if bias is None else bias.detach().to(device=device, dtype=compute_dtype)
-        layer = cls(w, b, group_size)
-        layer.native = impl == "auto"
-        return layer
+        return cls(w, b, group_size, native=impl == "auto")
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` [..., in] -> [..., out] in x's dtype."""
@@ -150,7 +150,7 @@ class DenseLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _native_rows(self, x2: Tensor) -> bool:
-        """Whether ``x2`` [M, in] goes through the native bf16 kernel (see the class doc)."""
+        """Whether ``x2`` [M, in] goes through the native kernel (see the class doc)."""
         return (
             self.native
             and x2.shape[0] <= NATIVE_DENSE_ROWS.get(self.weight.dtype, 0)

@@ -1,16 +1,17 @@
-"""pqctl's own CPU kernels for 8- and 4-bit layers: built from ``native_kernels.c`` at first use,
-called through ctypes on the layers' packed storage.
+"""pqctl's own CPU kernels for 8- and 4-bit layers and 16-bit decode rows: built from
+``native_kernels.c`` at first use, called through ctypes on the layers' own storage.
 
 A decode step multiplies a few activation rows by every weight once, so it runs at the speed
 its weights stream from memory. torch's weight-only kernels read int8 codes at 13-14 GB/s and
 int4 at ~12 GB/s on a 2-core AVX-512 CPU whose memory gives 31 GB/s to a plain sum; these
 kernels read the same codes at 20-26 GB/s (int8) and 15-19 GB/s (int4, packed bytes) for one
-row, and at twice torch's int8 speed for 8 rows (``bench/quant_kernels.py --native``).
+row, and at twice torch's int8 speed for 8 rows (``bench/quant_kernels.py``: 8 and 4 against
+torch's 8t and 4t).
 
 Building needs a C compiler (``$CC``, else ``gcc``, else ``cc``) and an AVX-512 CPU (torch's
 ``get_cpu_capability()`` reports AVX512). The library lands in ``$PQCTL_KERNEL_CACHE``, else
 ``$XDG_CACHE_HOME/pqctl/kernels``, else ``~/.cache/pqctl/kernels``, named by a hash of the source,
-the flags, the compiler and the CPU, so a change of any of them builds afresh (about 1.5 s)
+the flags, the compiler and the CPU, so a change of any of them builds afresh (2-3 s)
 and concurrent stage processes never read a half-written file. Where a build is impossible, or
 with ``PQCTL_NATIVE_KERNELS=0``, :func:`kernels` is None and the layers take torch's kernels
 (``runtime.quant.kernels.choose_kernel_path``); :func:`unavailable_reason` says why.
@@ -122,7 +123,8 @@ def build(directory: Path, cc: str, extra_flags: tuple[str, ...] = ()) -> Path:
 
 
 class NativeKernels:
-    """The loaded library: products of fp32 activations with packed 8- and 4-bit weights."""
+    """The loaded library: products of fp32 activations with packed 8- and 4-bit weights and with
+    16-bit ones, and the dequantization of packed weights to bf16."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -146,13 +148,12 @@ class NativeKernels:
     def int8_matmul(self, x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
         """``x`` [M, K] times (int8 ``codes`` [N, K] × bf16 ``scales`` [N]) transposed: fp32
         [M, N]."""
-        x = x.to(torch.float32).contiguous()
+        x, y = _operands(x, codes.shape[0])
         rows, inputs = x.shape
-        outputs = codes.shape[0]
+        outputs = y.shape[1]
         assert codes.dtype == torch.int8 and codes.shape == (outputs, inputs)
         assert scales.dtype == torch.bfloat16 and scales.shape == (outputs,)
         assert codes.is_contiguous() and scales.is_contiguous()
-        y = torch.empty(rows, outputs, dtype=torch.float32)
         self._lib.pq_int8_matmul(
             x.data_ptr(), rows, inputs, codes.data_ptr(), scales.data_ptr(), y.data_ptr(),
             outputs, torch.get_num_threads(),
@@ -162,12 +163,11 @@ class NativeKernels:
     def dense_matmul(self, x: Tensor, weight: Tensor) -> Tensor:
         """``x`` [M, K] times a 16-bit layer's ``weight`` [N, K] (bf16 or fp32) transposed, with
         fp32 products and sums (a bf16 GEMM would round ``x`` to bf16 first): fp32 [M, N]."""
-        x = x.to(torch.float32).contiguous()
+        x, y = _operands(x, weight.shape[0])
         rows, inputs = x.shape
-        outputs = weight.shape[0]
+        outputs = y.shape[1]
         assert weight.dtype in (torch.bfloat16, torch.float32)
         assert weight.shape == (outputs, inputs) and weight.is_contiguous()
-        y = torch.empty(rows, outputs, dtype=torch.float32)
         self._lib.pq_dense_matmul(
             x.data_ptr(), rows, inputs, weight.data_ptr(), int(weight.dtype == torch.float32),
             y.data_ptr(), outputs, torch.get_num_threads(),
@@ -180,16 +180,15 @@ class NativeKernels:
         """``x`` [M, K] times the 4-bit weight (packed ``codes`` [N, K/2], bf16 ``scales`` and
         ``zeros`` [N, K/group_size]) transposed: fp32 [M, N]. Needs ``group_size`` a multiple of
         32 dividing K (:func:`int4_shape_supported`)."""
-        x = x.to(torch.float32).contiguous()
+        x, y = _operands(x, codes.shape[0])
         rows, inputs = x.shape
-        outputs = codes.shape[0]
+        outputs = y.shape[1]
         assert int4_shape_supported(inputs, group_size)
         assert codes.dtype == torch.uint8 and codes.shape == (outputs, inputs // 2)
         groups = (outputs, inputs // group_size)
         for t in (scales, zeros):
             assert t.dtype == torch.bfloat16 and t.shape == groups and t.is_contiguous()
         assert codes.is_contiguous()
-        y = torch.empty(rows, outputs, dtype=torch.float32)
         status = self._lib.pq_int4_matmul(
             x.data_ptr(), rows, inputs, codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
             group_size, y.data_ptr(), outputs, torch.get_num_threads(),
@@ -218,6 +217,12 @@ class NativeKernels:
             q.codes.data_ptr(), q.scales.data_ptr(), q.zeros.data_ptr(), q.group_size, inputs,
             start, stop, out.data_ptr(), threads,
         )  # fmt: skip
+
+
+def _operands(x: Tensor, outputs: int) -> tuple[Tensor, Tensor]:
+    """``x`` [M, K] as the kernels read it (fp32, contiguous) and an fp32 [M, outputs] result."""
+    x = x.to(torch.float32).contiguous()
+    return x, torch.empty(x.shape[0], outputs, dtype=torch.float32)
 
 
 def dequantize_supported(q: QuantizedTensor) -> bool:

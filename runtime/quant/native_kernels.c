@@ -1,11 +1,15 @@
-/* Weight-only quantized matrix products for AVX-512 CPUs, reading pqctl's packed storage
- * (runtime/quant/packing.py) as it is: built at first use by runtime/quant/native.py.
+/* Weight-only products for AVX-512 CPUs, reading pqctl's weights as the layers store them
+ * (runtime/quant/packing.py's packed codes, or a 16-bit layer's dense weight): built at first use
+ * by runtime/quant/native.py.
  *
  *   pq_int8_matmul  y[m, n] = s[n] * sum_k q[n, k] x[m, k]
  *                   int8 codes q [N, K], one bf16 scale s per output row
  *   pq_int4_matmul  y[m, n] = sum_k (q[n, k] s[n, g] + z[n, g] - 8 s[n, g]) x[m, k],  g = k / group
  *                   4-bit codes two to a byte (code 2j in the low nibble of byte j), a bf16 scale
  *                   s and zero z per group of `group` inputs
+ *   pq_dense_matmul y[m, n] = sum_k w[n, k] x[m, k], w bf16 or fp32 [N, K]
+ *   pq_int8_dequantize_bf16, pq_int4_dequantize_bf16
+ *                   rows of those codes as the bf16 weight they stand for (a prefill's GEMM block)
  *
  * x is fp32 [M, K] and y fp32 [M, N], both row-major; sums are fp32. The weight is read once per
  * 8 activation rows (a decode step's micro-batch), a few output rows at a time so that each
@@ -40,6 +44,32 @@ static inline uint16_t float_to_bf16(float f) { /* round to nearest even, as tor
     union { uint32_t u; float f; } v;
     v.f = f;
     return (uint16_t)((v.u + 0x7FFF + ((v.u >> 16) & 1)) >> 16);
+}
+
+/* Sixteen fp32 values rounded to nearest even into bf16, in integer arithmetic (no avx512_bf16
+ * needed): float_to_bf16 lane by lane. */
+INLINE __m256i to_bf16(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
+}
+
+/* Group g of 4-bit row n as an fp32 multiplier and offset: w = q * sv + ov. */
+INLINE void int4_group(const uint16_t *scale, const uint16_t *zero, i64 groups, i64 n, i64 g,
+                       __m512 *sv, __m512 *ov) {
+    float s = bf16_to_float(scale[n * groups + g]);
+    *sv = _mm512_set1_ps(s);
+    *ov = _mm512_set1_ps(bf16_to_float(zero[n * groups + g]) - 8.0f * s);
+}
+
+/* The 32 codes of the 16 bytes at src, dequantized in fp32 (as packing.affine_into computes
+ * them): lo holds codes 0, 2, .., 30 and hi codes 1, 3, .., 31. */
+INLINE void int4_dequantize32(const uint8_t *src, __m512 sv, __m512 ov, __m512 *lo, __m512 *hi) {
+    const __m512i low4 = _mm512_set1_epi32(0xF);
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)src));
+    *lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low4)), sv, ov);
+    *hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), sv, ov);
 }
 
 /* Rows [n0, n1): R at a time through `block_r`, then the rest one at a time through `block_1`. */
@@ -171,26 +201,19 @@ INLINE void int4_block(const float *xp, i64 K, const uint8_t *w, const uint16_t 
                        const uint16_t *zero, i64 group, float *y, i64 N, i64 n0, i64 n1,
                        const int M, const int R) {
     const i64 groups = K / group, row_bytes = K / 2;
-    const __m512i low4 = _mm512_set1_epi32(0xF);
     for (i64 n = n0; n < n1; n += R) {
         __m512 acc[MAX_BLOCK][MAX_ROWS];
         UNROLL for (int j = 0; j < R; j++)
             UNROLL for (int r = 0; r < M; r++) acc[j][r] = _mm512_setzero_ps();
         for (i64 g = 0; g < groups; g++) {
             __m512 sv[MAX_BLOCK], ov[MAX_BLOCK];
-            UNROLL for (int j = 0; j < R; j++) {
-                float s = bf16_to_float(scale[(n + j) * groups + g]);
-                sv[j] = _mm512_set1_ps(s);
-                ov[j] = _mm512_set1_ps(bf16_to_float(zero[(n + j) * groups + g]) - 8.0f * s);
-            }
+            UNROLL for (int j = 0; j < R; j++) int4_group(scale, zero, groups, n + j, g, &sv[j], &ov[j]);
             for (i64 k = g * group; k < (g + 1) * group; k += 32) {
                 __m512 lo[MAX_BLOCK], hi[MAX_BLOCK];
                 UNROLL for (int j = 0; j < R; j++) {
                     const uint8_t *src = w + (n + j) * row_bytes + k / 2;
                     if ((k & 127) == 0) _mm_prefetch((const char *)(src + R * row_bytes), _MM_HINT_T0);
-                    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)src));
-                    lo[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low4)), sv[j], ov[j]);
-                    hi[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), sv[j], ov[j]);
+                    int4_dequantize32(src, sv[j], ov[j], &lo[j], &hi[j]);
                 }
                 UNROLL for (int r = 0; r < M; r++) {
                     __m512 xe = _mm512_loadu_ps(xp + r * K + k);
@@ -346,11 +369,7 @@ void pq_int8_dequantize_bf16(const int8_t *w, const uint16_t *scale, i64 K, i64 
         i64 k = 0;
         for (; k + 16 <= K; k += 16) {
             __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + k))));
-            __m512i bits = _mm512_castps_si512(_mm512_mul_ps(v, sv));
-            /* round to nearest even in integer arithmetic: no avx512_bf16 needed */
-            __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-            bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-            _mm256_storeu_si256((__m256i *)(dst + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+            _mm256_storeu_si256((__m256i *)(dst + k), to_bf16(_mm512_mul_ps(v, sv)));
         }
         for (; k < K; k++) dst[k] = float_to_bf16((float)src[k] * s);
     }
@@ -362,28 +381,17 @@ void pq_int4_dequantize_bf16(const uint8_t *w, const uint16_t *scale, const uint
     /* lanes 0-15 of lo hold codes 0, 2, .., 30 and of hi 1, 3, .., 31: interleave them back */
     const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-    const __m512i low4 = _mm512_set1_epi32(0xF), one = _mm512_set1_epi32(1);
-    const __m512i half = _mm512_set1_epi32(0x7FFF);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (i64 n = n0; n < n1; n++) {
         uint16_t *dst = out + (n - n0) * K;
         for (i64 g = 0; g < groups; g++) {
-            float s = bf16_to_float(scale[n * groups + g]);
-            __m512 sv = _mm512_set1_ps(s);
-            __m512 ov = _mm512_set1_ps(bf16_to_float(zero[n * groups + g]) - 8.0f * s);
+            __m512 sv, ov;
+            int4_group(scale, zero, groups, n, g, &sv, &ov);
             for (i64 k = g * group; k < (g + 1) * group; k += 32) {
-                __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(w + n * row_bytes + k / 2)));
-                __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low4)), sv, ov);
-                __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), sv, ov);
-                __m512 halves[2] = {_mm512_permutex2var_ps(lo, first, hi),
-                                    _mm512_permutex2var_ps(lo, second, hi)};
-                for (int h = 0; h < 2; h++) {
-                    __m512i bits = _mm512_castps_si512(halves[h]);
-                    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
-                    bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, half));
-                    _mm256_storeu_si256((__m256i *)(dst + k + 16 * h),
-                                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
-                }
+                __m512 lo, hi;
+                int4_dequantize32(w + n * row_bytes + k / 2, sv, ov, &lo, &hi);
+                _mm256_storeu_si256((__m256i *)(dst + k), to_bf16(_mm512_permutex2var_ps(lo, first, hi)));
+                _mm256_storeu_si256((__m256i *)(dst + k + 16), to_bf16(_mm512_permutex2var_ps(lo, second, hi)));
             }
         }
     }
