@@ -320,6 +320,138 @@ static int int4_dot_matmul(const float *x, i64 K, const uint8_t *w, const uint16
 }
 #endif
 
+#if defined(__AVX512BF16__)
+/* ------------------------------------------------ several rows in bf16 dot products */
+
+enum { INT4 = 8 }; /* 4-bit codes (two a byte) beside INT8 and BF16 */
+
+/* Thirty-two weights of row `row` from column k as bf16, in the order of the activations' layout:
+ * bf16 weights as stored; int8 codes exactly (|q| <= 128 is a bf16 value), scaled after the sum;
+ * 4-bit codes dequantized in fp32 (q s + (z - 8 s), as packing.affine_into computes them) and
+ * rounded once, the bf16 weight packing.dequantize gives, even codes first then odd ones. */
+INLINE __m512bh load32_bh(const void *w, i64 K, i64 row, i64 k, __m512 sv, __m512 ov,
+                          const int KIND) {
+    if (KIND == BF16) return (__m512bh)_mm512_loadu_si512((const uint16_t *)w + row * K + k);
+    if (KIND == INT8) {
+        const int8_t *src = (const int8_t *)w + row * K + k;
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)src)));
+        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 16))));
+        return _mm512_cvtne2ps_pbh(hi, lo);
+    }
+    __m512 lo, hi;
+    int4_dequantize32((const uint8_t *)w + row * (K / 2) + k / 2, sv, ov, &lo, &hi);
+    return _mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* Output rows [n0, n1) for M activation rows held as bf16 in xb [M, K] (for 4-bit codes each
+ * block of 32 inputs as its 16 even then its 16 odd entries), R weight rows at a time: each
+ * vdpbf16ps sums 32 exact products into 16 fp32 lanes. K % 32 inputs of bf16 and int8 rows
+ * are summed one by one; 4-bit groups fill whole blocks of 32. */
+INLINE void dot_block(const uint16_t *xb, i64 K, const void *w, const uint16_t *scale,
+                      const uint16_t *zero, i64 group, float *y, i64 N, i64 n0, i64 n1,
+                      const int M, const int R, const int KIND) {
+    const i64 line = KIND == INT4 ? 128 : 64 / KIND; /* weights in a cache line */
+    const i64 row_bytes = KIND == INT4 ? K / 2 : K * KIND, groups = KIND == INT4 ? K / group : 1;
+    for (i64 n = n0; n < n1; n += R) {
+        __m512 acc[MAX_BLOCK][MAX_ROWS], sv[MAX_BLOCK], ov[MAX_BLOCK];
+        UNROLL for (int j = 0; j < R; j++) {
+            sv[j] = ov[j] = _mm512_setzero_ps();
+            UNROLL for (int r = 0; r < M; r++) acc[j][r] = _mm512_setzero_ps();
+        }
+        i64 k = 0;
+        for (; k + 32 <= K; k += 32) {
+            __m512bh wv[MAX_BLOCK];
+            UNROLL for (int j = 0; j < R; j++) {
+                if ((k & (line - 1)) == 0) {
+                    const char *next = (const char *)w + (n + j + R) * row_bytes;
+                    _mm_prefetch(next + (KIND == INT4 ? k / 2 : k * KIND), _MM_HINT_T0);
+                }
+                if (KIND == INT4 && k % group == 0)
+                    int4_group(scale, zero, groups, n + j, k / group, &sv[j], &ov[j]);
+                wv[j] = load32_bh(w, K, n + j, k, sv[j], ov[j], KIND);
+            }
+            UNROLL for (int r = 0; r < M; r++) {
+                __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + r * K + k);
+                UNROLL for (int j = 0; j < R; j++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv[j], xv);
+            }
+        }
+        UNROLL for (int j = 0; j < R; j++) {
+            float s = KIND == INT8 ? bf16_to_float(scale[n + j]) : 1.0f;
+            UNROLL for (int r = 0; r < M; r++) {
+                float t = _mm512_reduce_add_ps(acc[j][r]);
+                for (i64 kk = k; kk < K; kk++)
+                    t += load1(w, K, n + j, kk, KIND) * bf16_to_float(xb[r * K + kk]);
+                y[r * N + n + j] = t * s;
+            }
+        }
+    }
+}
+
+#define DOT_CASE(M, R, KIND)                                                                       \
+    case M:                                                                                        \
+        SPLIT_ROWS(dot_block(xb, K, w, scale, zero, group, y, N, n0, whole, M, R, KIND),           \
+                   dot_block(xb, K, w, scale, zero, group, y, N, n0, n1, M, 1, KIND), R);          \
+        break
+
+#define DEFINE_DOT_ROWS(name, KIND)                                                                \
+    static void name(const uint16_t *xb, int m, i64 K, const void *w, const uint16_t *scale,       \
+                     const uint16_t *zero, i64 group, float *y, i64 N, i64 n0, i64 n1) {           \
+        switch (m) {                                                                               \
+            DOT_CASE(1, 4, KIND); DOT_CASE(2, 4, KIND); DOT_CASE(3, 4, KIND);                      \
+            DOT_CASE(4, 4, KIND); DOT_CASE(5, 3, KIND); DOT_CASE(6, 3, KIND);                      \
+            DOT_CASE(7, 2, KIND); default: DOT_CASE(8, 2, KIND);                                   \
+        }                                                                                          \
+    }
+
+DEFINE_DOT_ROWS(int8_dot_rows, INT8)
+DEFINE_DOT_ROWS(bf16_dot_rows, BF16)
+DEFINE_DOT_ROWS(int4_dot_rows_m, INT4)
+
+/* y [M, N] = x [M, K], rounded to bf16, times the weight of `kind` (1: int8 codes with row
+ * scales, 2: bf16, 8: 4-bit codes in groups, K % group == 0 and group % 32 == 0) transposed,
+ * products exact and sums in fp32. Returns 0, -1 when the bf16 copy of x cannot be allocated,
+ * -2 for an unknown kind. */
+int pq_dot_matmul(int kind, const float *x, i64 M, i64 K, const void *w, const uint16_t *scale,
+                  const uint16_t *zero, i64 group, float *y, i64 N, int threads) {
+    typedef void (*dot_fn)(const uint16_t *, int, i64, const void *, const uint16_t *,
+                           const uint16_t *, i64, float *, i64, i64, i64);
+    dot_fn rows = kind == INT8 ? int8_dot_rows : kind == BF16 ? bf16_dot_rows
+                : kind == INT4 ? int4_dot_rows_m : NULL;
+    if (!rows) return -2;
+    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(M * K));
+    if (!xb) return -1;
+    for (i64 r = 0; r < M; r++) {
+        const float *src = x + r * K;
+        uint16_t *dst = xb + r * K;
+        if (kind == INT4)
+            for (i64 k = 0; k < K; k += 32)
+                for (int i = 0; i < 16; i++) {
+                    dst[k + i] = float_to_bf16(src[k + 2 * i]);
+                    dst[k + 16 + i] = float_to_bf16(src[k + 2 * i + 1]);
+                }
+        else
+            for (i64 k = 0; k < K; k++) dst[k] = float_to_bf16(src[k]);
+    }
+    for (i64 m0 = 0; m0 < M; m0 += MAX_ROWS) {
+        int m = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
+        FOR_ROW_BLOCKS(N, threads,
+                       rows(xb + m0 * K, m, K, w, scale, zero, group, y + m0 * N, N, b_first_row,
+                            b_end_row))
+    }
+    free(xb);
+    return 0;
+}
+#endif
+
+/* Whether this build has pq_dot_matmul (a CPU with avx512_bf16). */
+int pq_has_bf16_dot(void) {
+#if defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Needs K % group == 0 and group % 32 == 0. Returns 0, or -1 when the scratch for the reordered
  * inputs cannot be allocated. */
 int pq_int4_matmul(const float *x, i64 M, i64 K, const uint8_t *w, const uint16_t *scale,

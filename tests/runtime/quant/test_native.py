@@ -35,6 +35,12 @@ def _inputs(rows: int, cols: int) -> torch.Tensor:
     return torch.randn(rows, cols, generator=torch.Generator().manual_seed(rows))
 
 
+def _dot_form(rows: int, weight_dtype: torch.dtype) -> bool:
+    """Whether ``rows`` activation rows meet a weight of that dtype in bf16 dot products."""
+    assert KERNELS is not None
+    return KERNELS.bf16_dot and rows >= native.DOT_FROM_ROWS.get(weight_dtype, rows + 1)
+
+
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize(("n", "k"), [(64, 256), (13, 100), (37, 2064), (5, 7)])
 def test_int8_product_equals_the_fp32_product_of_the_dequantized_weight(
@@ -45,8 +51,10 @@ def test_int8_product_equals_the_fp32_product_of_the_dequantized_weight(
     x = _inputs(m, k)
     y = KERNELS.int8_matmul(x, q.codes.view(torch.int8), q.scales)
     assert y.shape == (m, n) and y.dtype == torch.float32
+    # the dot-product form rounds the rows to bf16; codes times scales are exact in fp32
+    x_used = x.bfloat16().float() if _dot_form(m, torch.int8) else x
     # the same fp32 products, summed in another order
-    assert _relative(y, x @ dequantize(q).t()) < 1e-5
+    assert _relative(y, x_used @ dequantize(q).t()) < 1e-5
 
 
 @pytest.mark.parametrize("m", ROWS)
@@ -61,9 +69,12 @@ def test_int4_product_equals_the_fp32_product_of_the_dequantized_weight(
     y = KERNELS.int4_matmul(x, q.codes, q.scales, q.zeros, group)
     assert y.shape == (m, n) and y.dtype == torch.float32
     one_bf16_row = m == 1 and group % 64 == 0 and KERNELS.int4_row_form == "bf16-dot"
-    # one row on the bf16 dot-product form is rounded to bf16 first, as torch's int4 kernels do
-    x_used = x.bfloat16().float() if one_bf16_row else x
-    assert _relative(y, x_used @ dequantize(q).t()) < 1e-5
+    rows_in_bf16 = _dot_form(m, torch.uint8)
+    # on the bf16 dot-product forms the rows are rounded to bf16 first, as torch's int4 kernels
+    # round them; from DOT_FROM_ROWS rows the weight is also packing's bf16 dequantization
+    x_used = x.bfloat16().float() if one_bf16_row or rows_in_bf16 else x
+    w_used = dequantize(q, torch.bfloat16).float() if rows_in_bf16 else dequantize(q)
+    assert _relative(y, x_used @ w_used.t()) < 1e-5
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -190,24 +201,48 @@ def test_16_bit_product_is_the_fp32_product_of_the_weight(
     w = _weight(n, k).to(dtype)
     x = _inputs(m, k)
     y = KERNELS.dense_matmul(x, w)
-    # the activations are not rounded to bf16: fp32 products and sums
-    assert _relative(y, x.double() @ w.double().t()) < 1e-6
+    # fp32 products and sums; from DOT_FROM_ROWS rows against bf16 weights the activations are
+    # rounded to bf16 first (as a bf16 GEMM rounds them), the products still exact
+    x_used = x.bfloat16() if _dot_form(m, dtype) else x
+    assert _relative(y, x_used.double() @ w.double().t()) < 1e-6
 
 
-def test_16_bit_bf16_layers_multiply_decode_rows_in_fp32() -> None:
+def test_16_bit_bf16_layers_multiply_few_decode_rows_in_fp32() -> None:
     from runtime.quant.linear import NATIVE_DENSE_ROWS, quantize_linear
 
     w = _weight(96, 256).bfloat16()
     layer = quantize_linear(w, None, 16, 64, compute_dtype=torch.float32, device="cpu")
     assert layer.weight.dtype == torch.bfloat16
-    rows = NATIVE_DENSE_ROWS[torch.bfloat16]
-    exact = _inputs(rows, 256).double() @ w.double().t()
-    decode = layer(_inputs(rows, 256))
-    assert _relative(decode, exact) < 1e-6  # the native kernel: no rounding of the inputs
-    more = _inputs(rows + 1, 256)
-    rounded = more.bfloat16().double() @ w.double().t()
-    assert _relative(layer(more), rounded) < 1e-2  # a bf16 GEMM: inputs rounded to bf16
-    assert _relative(layer(more), more.double() @ w.double().t()) > 1e-5
+    assert KERNELS is not None
+    rounded_from = native.DOT_FROM_ROWS[torch.bfloat16] if KERNELS.bf16_dot else 10**9
+    for rows in range(1, NATIVE_DENSE_ROWS[torch.bfloat16] + 2):
+        x = _inputs(rows, 256)
+        exact = x.double() @ w.double().t()
+        if rows < rounded_from and rows <= NATIVE_DENSE_ROWS[torch.bfloat16]:
+            assert _relative(layer(x), exact) < 1e-6  # fp32 products: the inputs as they are
+        else:  # bf16 dot products or a bf16 GEMM: the inputs rounded to bf16
+            assert _relative(layer(x), x.bfloat16().double() @ w.double().t()) < 1e-2
+            assert _relative(layer(x), exact) > 1e-5
+
+
+@pytest.mark.skipif(
+    KERNELS is None or not KERNELS.bf16_dot, reason="this build has no bf16 dot products"
+)
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize(("n", "k"), [(64, 256), (13, 100), (37, 2064), (5, 7)])
+def test_dot_products_are_exact_products_of_bf16_rows(m: int, n: int, k: int) -> None:
+    assert KERNELS is not None
+    x = _inputs(m, k)
+    x_bf16 = x.bfloat16().double()
+    w = _weight(n, k).bfloat16()
+    assert _relative(KERNELS.dot_matmul(x, w), x_bf16 @ w.double().t()) < 1e-6
+    q8 = quantize_rtn(_weight(n, k), 8, k, torch.bfloat16)
+    y8 = KERNELS.dot_matmul(x, q8.codes.view(torch.int8), q8.scales)
+    assert _relative(y8, x_bf16 @ dequantize(q8).double().t()) < 1e-6
+    if native.int4_shape_supported(k, 32):
+        q4 = quantize_rtn(_weight(n, k), 4, 32, torch.bfloat16)
+        y4 = KERNELS.dot_matmul(x, q4.codes, q4.scales, q4.zeros, 32)
+        assert _relative(y4, x_bf16 @ dequantize(q4, torch.bfloat16).double().t()) < 1e-6
 
 
 def test_16_bit_fp32_layers_multiply_up_to_8_decode_rows_natively(
