@@ -46,16 +46,16 @@ CACHE_ENV = "PQCTL_KERNEL_CACHE"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120.0
 DOT_FROM_ROWS: Mapping[torch.dtype, int] = MappingProxyType(
-    {torch.int8: 4, torch.uint8: 4, torch.bfloat16: 5}
+    {torch.int8: 4, torch.uint8: 2, torch.bfloat16: 5}
 )
 """Activation rows from which products with weights of that dtype (int8 codes, packed 4-bit codes,
 bf16) take the bf16 dot-product form (:meth:`NativeKernels.dot_matmul`) where it is built: rows
 rounded to bf16, as torch's bf16 GEMM and its int8 and int4 kernels round them, for twice the
 multiply-adds an instruction of fp32 FMAs. Below, a step is bound by memory, not arithmetic, and
 fp32 activations keep their precision. Streaming a 5632 × 2048 weight from memory on a 2-core
-Zen 4 EPYC, the dot form took (ms, 4 / 8 rows): int8 0.56 / 0.87 against fp32 products' 0.69 /
-1.38; 4-bit 0.59 / 0.96 against 1.02 / 2.08; bf16 0.90 / 1.24 against 0.91 / 1.66 (torch's bf16
-GEMM: 1.23 / 1.65). At 1 and 2 rows the forms took the same time."""
+Zen 4 EPYC, the dot form took (ms, 4 / 8 rows, best of two): int8 0.57 / 0.67 against fp32
+products' 0.67 / 1.25; 4-bit (groups of 128) 0.46 / 0.73 against 0.77 / 1.18, and 0.37 against
+0.39 at 2 rows; bf16 0.96 / 1.18 against 0.99 / 1.49 (torch's bf16 GEMM: 1.43 / 1.47)."""
 
 
 class NativeBuildError(Exception):
@@ -238,7 +238,10 @@ class NativeKernels:
         """``x`` [M, K] rounded to bf16 times a weight transposed, in bf16 dot products (exact
         products, fp32 sums): a bf16 ``weight`` [N, K]; int8 codes [N, K] with bf16 row
         ``scales``; or packed 4-bit codes [N, K/2] with bf16 ``scales`` and ``zeros`` per group of
-        ``group_size``. fp32 [M, N]. Needs :attr:`bf16_dot`."""
+        ``group_size`` (groups of a multiple of 64 multiply the codes as they are and scale the
+        sums, the weight unrounded; others the weight dequantized to bf16 as
+        :func:`runtime.quant.packing.dequantize` gives it). fp32 [M, N]. Needs
+        :attr:`bf16_dot`."""
         assert self.bf16_dot
         x, y = _operands(x, weight.shape[0])
         rows, inputs = x.shape

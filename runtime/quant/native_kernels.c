@@ -245,75 +245,113 @@ static void int4_rows(const float *xp, int m, i64 K, const uint8_t *w, const uin
 }
 
 #if defined(__AVX512BF16__)
-/* One activation row against 4-bit codes, in bf16 dot products: the row rounded to bf16 (as
- * torch's int4 kernels round it), each code entered as the exact bf16 value 128 + q (its bits
- * OR 0x4300, one instruction), and pairs of products summed in fp32 by vdpbf16ps (32 multiply-
- * adds an instruction). xb holds each block of 64 inputs as its 32 even then its 32 odd entries;
- * xsum the per-group sums of xb. Per group, y += s * dot + (z - 8 s - 128 s) * xsum. */
+/* Activation rows against 4-bit codes in bf16 dot products: each row rounded to bf16 (as torch's
+ * int4 kernels round it), each code entered as the exact bf16 value 128 + q (its bits OR 0x4300,
+ * one instruction), and pairs of products summed in fp32 by vdpbf16ps (32 multiply-adds an
+ * instruction). xb [M, K] holds each row's blocks of 64 inputs as their 32 even then their 32 odd
+ * entries; xsum [M, groups] the per-group sums of xb. Per group, y += s * dot + (z - 8 s - 128 s)
+ * * xsum: the weight q s + z - 8 s unrounded, as packing.affine_into computes it in fp32. */
 INLINE void int4_dot_block(const uint16_t *xb, const float *xsum, i64 K, const uint8_t *w,
                            const uint16_t *scale, const uint16_t *zero, i64 group, float *y,
-                           i64 n0, i64 n1, const int R) {
+                           i64 N, i64 n0, i64 n1, const int M, const int R) {
     const i64 groups = K / group, row_bytes = K / 2;
     const __m512i low4 = _mm512_set1_epi16(0xF), exponent = _mm512_set1_epi16(0x4300);
     for (i64 n = n0; n < n1; n += R) {
-        __m512 total[MAX_BLOCK];
-        float offset[MAX_BLOCK];
-        UNROLL for (int j = 0; j < R; j++) total[j] = _mm512_setzero_ps(), offset[j] = 0.0f;
+        __m512 total[MAX_BLOCK][MAX_ROWS];
+        float offset[MAX_BLOCK][MAX_ROWS];
+        UNROLL for (int j = 0; j < R; j++)
+            UNROLL for (int r = 0; r < M; r++) total[j][r] = _mm512_setzero_ps(), offset[j][r] = 0.0f;
         for (i64 g = 0; g < groups; g++) {
-            __m512 acc[MAX_BLOCK];
-            UNROLL for (int j = 0; j < R; j++) acc[j] = _mm512_setzero_ps();
+            __m512 acc[MAX_BLOCK][MAX_ROWS];
+            UNROLL for (int j = 0; j < R; j++)
+                UNROLL for (int r = 0; r < M; r++) acc[j][r] = _mm512_setzero_ps();
             for (i64 k = g * group; k < (g + 1) * group; k += 64) {
-                __m512bh xe = (__m512bh)_mm512_loadu_si512(xb + k);
-                __m512bh xo = (__m512bh)_mm512_loadu_si512(xb + k + 32);
+                __m512bh lo[MAX_BLOCK], hi[MAX_BLOCK];
                 UNROLL for (int j = 0; j < R; j++) {
                     const uint8_t *src = w + (n + j) * row_bytes + k / 2;
                     if ((k & 127) == 0) _mm_prefetch((const char *)(src + R * row_bytes), _MM_HINT_T0);
                     __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
-                    __m512bh lo = (__m512bh)_mm512_ternarylogic_epi32(b, low4, exponent, 0xEA);
-                    __m512bh hi = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(b, 4), exponent);
-                    acc[j] = _mm512_dpbf16_ps(acc[j], lo, xe);
-                    acc[j] = _mm512_dpbf16_ps(acc[j], hi, xo);
+                    lo[j] = (__m512bh)_mm512_ternarylogic_epi32(b, low4, exponent, 0xEA);
+                    hi[j] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(b, 4), exponent);
+                }
+                UNROLL for (int r = 0; r < M; r++) {
+                    __m512bh xe = (__m512bh)_mm512_loadu_si512(xb + r * K + k);
+                    __m512bh xo = (__m512bh)_mm512_loadu_si512(xb + r * K + k + 32);
+                    UNROLL for (int j = 0; j < R; j++) {
+                        acc[j][r] = _mm512_dpbf16_ps(acc[j][r], lo[j], xe);
+                        acc[j][r] = _mm512_dpbf16_ps(acc[j][r], hi[j], xo);
+                    }
                 }
             }
             UNROLL for (int j = 0; j < R; j++) {
                 float s = bf16_to_float(scale[(n + j) * groups + g]);
-                total[j] = _mm512_fmadd_ps(acc[j], _mm512_set1_ps(s), total[j]);
-                offset[j] += (bf16_to_float(zero[(n + j) * groups + g]) - 136.0f * s) * xsum[g];
+                float o = bf16_to_float(zero[(n + j) * groups + g]) - 136.0f * s;
+                __m512 sv = _mm512_set1_ps(s);
+                UNROLL for (int r = 0; r < M; r++) {
+                    total[j][r] = _mm512_fmadd_ps(acc[j][r], sv, total[j][r]);
+                    offset[j][r] += o * xsum[r * groups + g];
+                }
             }
         }
-        UNROLL for (int j = 0; j < R; j++) y[n + j] = _mm512_reduce_add_ps(total[j]) + offset[j];
+        UNROLL for (int j = 0; j < R; j++)
+            UNROLL for (int r = 0; r < M; r++)
+                y[r * N + n + j] = _mm512_reduce_add_ps(total[j][r]) + offset[j][r];
     }
 }
 
-static void int4_dot_rows(const uint16_t *xb, const float *xsum, i64 K, const uint8_t *w,
+#define INT4_DOT_CASE(M, R)                                                                        \
+    case M:                                                                                        \
+        SPLIT_ROWS(int4_dot_block(xb, xsum, K, w, scale, zero, group, y, N, n0, whole, M, R),      \
+                   int4_dot_block(xb, xsum, K, w, scale, zero, group, y, N, n0, n1, M, 1), R);     \
+        break
+
+static void int4_dot_rows(const uint16_t *xb, const float *xsum, int m, i64 K, const uint8_t *w,
                           const uint16_t *scale, const uint16_t *zero, i64 group, float *y,
-                          i64 n0, i64 n1) {
-    SPLIT_ROWS(int4_dot_block(xb, xsum, K, w, scale, zero, group, y, n0, whole, 4),
-               int4_dot_block(xb, xsum, K, w, scale, zero, group, y, n0, n1, 1), 4);
+                          i64 N, i64 n0, i64 n1) {
+    if (m > 5) { /* two passes over the block, the second from cache: fewer registers a pass */
+        int4_dot_rows(xb, xsum, 4, K, w, scale, zero, group, y, N, n0, n1);
+        int4_dot_rows(xb + 4 * K, xsum + 4 * (K / group), m - 4, K, w, scale, zero, group,
+                      y + 4 * N, N, n0, n1);
+        return;
+    }
+    switch (m) {
+        INT4_DOT_CASE(1, 4); INT4_DOT_CASE(2, 4); INT4_DOT_CASE(3, 3); INT4_DOT_CASE(4, 2);
+        default: INT4_DOT_CASE(5, 2);
+    }
 }
 
-static int int4_dot_matmul(const float *x, i64 K, const uint8_t *w, const uint16_t *scale,
+/* The rows of x rounded to bf16 in int4_dot_block's layout, with their per-group sums, and the
+ * product; group % 64 == 0. Returns 0, or -1 when the scratch cannot be allocated. */
+static int int4_dot_matmul(const float *x, i64 M, i64 K, const uint8_t *w, const uint16_t *scale,
                            const uint16_t *zero, i64 group, float *y, i64 N, int threads) {
     const i64 groups = K / group;
-    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)K);
-    float *xsum = malloc(sizeof(float) * (size_t)groups);
+    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(M * K));
+    float *xsum = malloc(sizeof(float) * (size_t)(M * groups));
     if (!xb || !xsum) {
         free(xb);
         free(xsum);
         return -1;
     }
-    for (i64 k = 0; k < K; k += 64)
-        for (int i = 0; i < 32; i++) {
-            xb[k + i] = float_to_bf16(x[k + 2 * i]);
-            xb[k + 32 + i] = float_to_bf16(x[k + 2 * i + 1]);
+    for (i64 r = 0; r < M; r++) {
+        const float *src = x + r * K;
+        uint16_t *dst = xb + r * K;
+        for (i64 k = 0; k < K; k += 64)
+            for (int i = 0; i < 32; i++) {
+                dst[k + i] = float_to_bf16(src[k + 2 * i]);
+                dst[k + 32 + i] = float_to_bf16(src[k + 2 * i + 1]);
+            }
+        for (i64 g = 0; g < groups; g++) {
+            float t = 0.0f;
+            for (i64 k = g * group; k < (g + 1) * group; k++) t += bf16_to_float(dst[k]);
+            xsum[r * groups + g] = t;
         }
-    for (i64 g = 0; g < groups; g++) {
-        float t = 0.0f;
-        for (i64 k = g * group; k < (g + 1) * group; k++) t += bf16_to_float(xb[k]);
-        xsum[g] = t;
     }
-    FOR_ROW_BLOCKS(N, threads,
-                   int4_dot_rows(xb, xsum, K, w, scale, zero, group, y, b_first_row, b_end_row))
+    for (i64 m0 = 0; m0 < M; m0 += MAX_ROWS) {
+        int m = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
+        FOR_ROW_BLOCKS(N, threads,
+                       int4_dot_rows(xb + m0 * K, xsum + m0 * groups, m, K, w, scale, zero, group,
+                                     y + m0 * N, N, b_first_row, b_end_row))
+    }
     free(xb);
     free(xsum);
     return 0;
@@ -405,18 +443,21 @@ INLINE void dot_block(const uint16_t *xb, i64 K, const void *w, const uint16_t *
 
 DEFINE_DOT_ROWS(int8_dot_rows, INT8)
 DEFINE_DOT_ROWS(bf16_dot_rows, BF16)
-DEFINE_DOT_ROWS(int4_dot_rows_m, INT4)
+DEFINE_DOT_ROWS(int4_dequantized_dot_rows, INT4)
 
-/* y [M, N] = x [M, K], rounded to bf16, times the weight of `kind` (1: int8 codes with row
- * scales, 2: bf16, 8: 4-bit codes in groups, K % group == 0 and group % 32 == 0) transposed,
- * products exact and sums in fp32. Returns 0, -1 when the bf16 copy of x cannot be allocated,
- * -2 for an unknown kind. */
+/* y [M, N] = x [M, K], rounded to bf16, times the weight of `kind` transposed, products exact
+ * and sums in fp32: 1, int8 codes with row scales; 2, bf16; 8, 4-bit codes in groups (K % group
+ * == 0, group % 32 == 0), groups of a multiple of 64 through int4_dot_block (the weight
+ * unrounded), others dequantized to packing.dequantize's bf16 weight. Returns 0, -1 when the bf16
+ * copy of x cannot be allocated, -2 for an unknown kind. */
 int pq_dot_matmul(int kind, const float *x, i64 M, i64 K, const void *w, const uint16_t *scale,
                   const uint16_t *zero, i64 group, float *y, i64 N, int threads) {
     typedef void (*dot_fn)(const uint16_t *, int, i64, const void *, const uint16_t *,
                            const uint16_t *, i64, float *, i64, i64, i64);
     dot_fn rows = kind == INT8 ? int8_dot_rows : kind == BF16 ? bf16_dot_rows
-                : kind == INT4 ? int4_dot_rows_m : NULL;
+                : kind == INT4 ? int4_dequantized_dot_rows : NULL;
+    if (kind == INT4 && group % 64 == 0) /* codes as 128 + q: no dequantization */
+        return int4_dot_matmul(x, M, K, w, scale, zero, group, y, N, threads);
     if (!rows) return -2;
     uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(M * K));
     if (!xb) return -1;
@@ -457,7 +498,7 @@ int pq_has_bf16_dot(void) {
 int pq_int4_matmul(const float *x, i64 M, i64 K, const uint8_t *w, const uint16_t *scale,
                    const uint16_t *zero, i64 group, float *y, i64 N, int threads) {
 #if defined(__AVX512BF16__)
-    if (M == 1 && group % 64 == 0) return int4_dot_matmul(x, K, w, scale, zero, group, y, N, threads);
+    if (M == 1 && group % 64 == 0) return int4_dot_matmul(x, 1, K, w, scale, zero, group, y, N, threads);
 #endif
     float *xp = malloc(sizeof(float) * (size_t)(M * K));
     if (!xp) return -1;

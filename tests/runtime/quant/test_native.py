@@ -71,9 +71,10 @@ def test_int4_product_equals_the_fp32_product_of_the_dequantized_weight(
     one_bf16_row = m == 1 and group % 64 == 0 and KERNELS.int4_row_form == "bf16-dot"
     rows_in_bf16 = _dot_form(m, torch.uint8)
     # on the bf16 dot-product forms the rows are rounded to bf16 first, as torch's int4 kernels
-    # round them; from DOT_FROM_ROWS rows the weight is also packing's bf16 dequantization
+    # round them; groups that are not a multiple of 64 then take packing's bf16 dequantization
     x_used = x.bfloat16().float() if one_bf16_row or rows_in_bf16 else x
-    w_used = dequantize(q, torch.bfloat16).float() if rows_in_bf16 else dequantize(q)
+    w_rounded = rows_in_bf16 and group % 64 != 0
+    w_used = dequantize(q, torch.bfloat16).float() if w_rounded else dequantize(q)
     assert _relative(y, x_used @ w_used.t()) < 1e-5
 
 
@@ -239,10 +240,13 @@ def test_dot_products_are_exact_products_of_bf16_rows(m: int, n: int, k: int) ->
     q8 = quantize_rtn(_weight(n, k), 8, k, torch.bfloat16)
     y8 = KERNELS.dot_matmul(x, q8.codes.view(torch.int8), q8.scales)
     assert _relative(y8, x_bf16 @ dequantize(q8).double().t()) < 1e-6
-    if native.int4_shape_supported(k, 32):
-        q4 = quantize_rtn(_weight(n, k), 4, 32, torch.bfloat16)
-        y4 = KERNELS.dot_matmul(x, q4.codes, q4.scales, q4.zeros, 32)
-        assert _relative(y4, x_bf16 @ dequantize(q4, torch.bfloat16).double().t()) < 1e-6
+    for group, weight_dtype in ((32, torch.bfloat16), (64, torch.float32)):
+        if native.int4_shape_supported(k, group):  # groups of 64: the codes as they are
+            q4 = quantize_rtn(_weight(n, k), 4, group, torch.bfloat16)
+            y4 = KERNELS.dot_matmul(x, q4.codes, q4.scales, q4.zeros, group)
+            w4 = dequantize(q4, weight_dtype).double()
+            # 128 + q summed, then 128 s times the row's sum taken off: fp32 error near 1e-6
+            assert _relative(y4, x_bf16 @ w4.t()) < 1e-5
 
 
 def test_16_bit_fp32_layers_multiply_up_to_8_decode_rows_natively(
