@@ -108,15 +108,17 @@ def cpu_device_type(
     fp32_tflops: float,
     *,
     native_bf16: bool = False,
+    packed_kernels: bool = False,
 ) -> DeviceType:
     """The device type of a host's CPU (name and kind ``"cpu"``).
 
     The runtime computes in fp32 on a CPU (4 activation bytes). fp16/bf16 matmuls are counted at
     the fp32 rate, so ``fp16_tflops`` equals ``fp32_tflops``; int8 weight-only matmuls reach
     about twice the fp32 rate. PyTorch has CPU int8 and int4 weight-only kernels, hence fast
-    kernels for 4, 8 and 16 bits. 16-bit weights (and per-call dequantized copies) are stored
-    as bf16 (2 bytes) where the CPU has native bf16 dot products, else as fp32 (4 bytes): the
-    rule of ``runtime.quant.kernels.dense_weight_dtype``. The runtime reserve is the Python + torch
+    kernels for 4, 8 and 16 bits; pqctl's native kernels add 2 and 3 where the CPU takes them.
+    16-bit weights (and per-call dequantized copies) are stored as bf16 (2 bytes) where the CPU
+    has native bf16 dot products, else as fp32 (4 bytes): the rule of
+    ``runtime.quant.kernels.dense_weight_dtype``. The runtime reserve is the Python + torch
     process baseline (0.75 GiB) and only 85 % of RAM is planned, as the OS and other processes
     share it.
 
@@ -128,6 +130,8 @@ def cpu_device_type(
         fp32_tflops: dense fp32 matmul throughput, TFLOPS.
         native_bf16: the CPU has native bf16 dot products (``avx512_bf16`` or AMX; see
             :func:`planner.local_host.cpu_has_native_bf16`).
+        packed_kernels: 2 and 3 bits have fast kernels there too (pqctl's native ones, see
+            :func:`planner.local_host.cpu_has_packed_kernels`); else they dequantize per call.
 
     Returns:
         The CPU's device type.
@@ -147,7 +151,7 @@ def cpu_device_type(
         fp32_tflops=float(fp32_tflops),
         int8_tops=2.0 * fp32_tflops,
         supported_bits=ALL_WEIGHT_BITS,
-        fast_kernel_bits=frozenset({4, 8, 16}),
+        fast_kernel_bits=frozenset({2, 3, 4, 8, 16} if packed_kernels else {4, 8, 16}),
         peer_bandwidth_gb_s=8.0,  # process-to-process copies over loopback
         runtime_reserve_bytes=GIB * 3 // 4,
         usable_memory_fraction=0.85,

@@ -278,6 +278,11 @@ class QuantLinear(nn.Module):
         if path == "native-int4":
             assert self.zeros is not None
             return _native().int4_matmul(x, self.qweight, self.scales, self.zeros, self.group_size)
+        if path in ("native-int3", "native-int2"):
+            assert self.zeros is not None
+            return _native().stream_matmul(
+                x, self.qweight, self.scales, self.zeros, self.group_size, self.bits
+            )
         if path == "int8pack_mm":
             return torch._weight_int8pack_mm(x.to(torch.bfloat16), self.qweight, self.scales)
         if path == "int4pack_mm_cpu":
@@ -338,7 +343,7 @@ class QuantLinear(nn.Module):
 
 
 _OWN_LAYOUT_KERNELS: frozenset[KernelPath] = frozenset(
-    {"native-int8", "native-int4", "int8pack_mm"}
+    {"native-int8", "native-int4", "native-int3", "native-int2", "int8pack_mm"}
 )
 """Kernel paths that read the codes in :mod:`runtime.quant.packing`'s own format."""
 

@@ -484,6 +484,194 @@ int pq_dot_matmul(int kind, const float *x, i64 M, i64 K, const void *w, const u
 }
 #endif
 
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+/* --------------------------------------- 2-, 3- and 4-bit codes of packing's bit stream */
+
+/* How a block of 32 `bits`-bit codes (4 * bits bytes of the row's little-endian bit stream)
+ * becomes 32 bf16 values 2^bits + q: word i gets the two bytes holding code i (a byte
+ * permutation), is shifted right by the code's offset in the first, then left into the top of
+ * the bf16 mantissa, masked, and given the exponent of 2^bits. (A smaller constant than int4's
+ * 128 + q: less fp32 cancellation when the constant's share is taken off the sum.) */
+typedef struct {
+    __m512i index, shift, mask, exponent;
+    __m128i lift;
+    __mmask64 bytes;
+    int bits;
+} stream_codes;
+
+static stream_codes stream_codes_for(int bits) {
+    uint8_t index[64];
+    uint16_t shift[32];
+    for (int i = 0; i < 32; i++) {
+        int bit = bits * i;
+        index[2 * i] = (uint8_t)(bit / 8);
+        index[2 * i + 1] = (uint8_t)(bit / 8 + 1); /* past the block: a zero byte of the load */
+        shift[i] = (uint16_t)(bit % 8);
+    }
+    stream_codes u;
+    u.index = _mm512_loadu_si512(index);
+    u.shift = _mm512_loadu_si512(shift);
+    u.mask = _mm512_set1_epi16((short)(((1 << bits) - 1) << (7 - bits)));
+    u.exponent = _mm512_set1_epi16((short)((127 + bits) << 7));
+    u.lift = _mm_cvtsi32_si128(7 - bits);
+    u.bytes = (__mmask64)((1ULL << (4 * bits)) - 1);
+    u.bits = bits;
+    return u;
+}
+
+/* The 32 codes at src as the exact bf16 values 2^bits + q, in order. The load reads only the
+ * block's own bytes. */
+INLINE __m512bh stream_codes32(const uint8_t *src, const stream_codes *u) {
+    __m512i v = _mm512_maskz_loadu_epi8(u->bytes, src);
+    v = _mm512_srlv_epi16(_mm512_permutexvar_epi8(u->index, v), u->shift);
+    v = _mm512_sll_epi16(v, u->lift);
+    return (__m512bh)_mm512_ternarylogic_epi32(v, u->mask, u->exponent, 0xEA);
+}
+
+/* Output rows [n0, n1) for M activation rows, in int4_dot_block's way: xb [M, K] the rows in
+ * bf16 in their own order, xsum [M, groups] their group sums; per group y += s * dot + (z -
+ * 2^(bits-1) s - 2^bits s) * xsum, the weight (q - 2^(bits-1)) s + z unrounded. */
+INLINE void stream_dot_block(const uint16_t *xb, const float *xsum, i64 K, const uint8_t *w,
+                             const uint16_t *scale, const uint16_t *zero, i64 group,
+                             const stream_codes *u, float *y, i64 N, i64 n0, i64 n1, const int M,
+                             const int R) {
+    const i64 groups = K / group, row_bytes = K * u->bits / 8, block_bytes = 4 * u->bits;
+    const float middle = (float)(3 << (u->bits - 1)); /* 2^bits + 2^(bits-1) */
+    for (i64 n = n0; n < n1; n += R) {
+        __m512 total[MAX_BLOCK][MAX_ROWS];
+        float offset[MAX_BLOCK][MAX_ROWS];
+        UNROLL for (int j = 0; j < R; j++)
+            UNROLL for (int r = 0; r < M; r++) total[j][r] = _mm512_setzero_ps(), offset[j][r] = 0.0f;
+        for (i64 g = 0; g < groups; g++) {
+            __m512 acc[MAX_BLOCK][MAX_ROWS];
+            UNROLL for (int j = 0; j < R; j++)
+                UNROLL for (int r = 0; r < M; r++) acc[j][r] = _mm512_setzero_ps();
+            for (i64 k = g * group; k < (g + 1) * group; k += 32) {
+                __m512bh wv[MAX_BLOCK];
+                UNROLL for (int j = 0; j < R; j++) {
+                    const uint8_t *src = w + (n + j) * row_bytes + k / 32 * block_bytes;
+                    if ((k & 127) == 0) /* 128 codes: at most 64 bytes, one line ahead */
+                        _mm_prefetch((const char *)(src + R * row_bytes), _MM_HINT_T0);
+                    wv[j] = stream_codes32(src, u);
+                }
+                UNROLL for (int r = 0; r < M; r++) {
+                    __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + r * K + k);
+                    UNROLL for (int j = 0; j < R; j++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv[j], xv);
+                }
+            }
+            UNROLL for (int j = 0; j < R; j++) {
+                float s = bf16_to_float(scale[(n + j) * groups + g]);
+                float o = bf16_to_float(zero[(n + j) * groups + g]) - middle * s;
+                __m512 sv = _mm512_set1_ps(s);
+                UNROLL for (int r = 0; r < M; r++) {
+                    total[j][r] = _mm512_fmadd_ps(acc[j][r], sv, total[j][r]);
+                    offset[j][r] += o * xsum[r * groups + g];
+                }
+            }
+        }
+        UNROLL for (int j = 0; j < R; j++)
+            UNROLL for (int r = 0; r < M; r++)
+                y[r * N + n + j] = _mm512_reduce_add_ps(total[j][r]) + offset[j][r];
+    }
+}
+
+#define STREAM_CASE(M, R)                                                                          \
+    case M:                                                                                        \
+        SPLIT_ROWS(stream_dot_block(xb, xsum, K, w, scale, zero, group, u, y, N, n0, whole, M, R), \
+                   stream_dot_block(xb, xsum, K, w, scale, zero, group, u, y, N, n0, n1, M, 1),    \
+                   R);                                                                             \
+        break
+
+static void stream_dot_rows(const uint16_t *xb, const float *xsum, int m, i64 K, const uint8_t *w,
+                            const uint16_t *scale, const uint16_t *zero, i64 group,
+                            const stream_codes *u, float *y, i64 N, i64 n0, i64 n1) {
+    if (m > 5) { /* as int4_dot_rows: two passes over the block */
+        stream_dot_rows(xb, xsum, 4, K, w, scale, zero, group, u, y, N, n0, n1);
+        stream_dot_rows(xb + 4 * K, xsum + 4 * (K / group), m - 4, K, w, scale, zero, group, u,
+                        y + 4 * N, N, n0, n1);
+        return;
+    }
+    switch (m) {
+        STREAM_CASE(1, 4); STREAM_CASE(2, 4); STREAM_CASE(3, 3); STREAM_CASE(4, 2);
+        default: STREAM_CASE(5, 2);
+    }
+}
+
+/* y [M, N] = x [M, K], rounded to bf16, times the `bits`-bit weight (2, 3 or 4) of
+ * packing's bit stream [N, K * bits / 8] with bf16 scales and zeros per group transposed; K %
+ * group == 0 and group % 32 == 0. Returns 0, -1 when the scratch cannot be allocated, -2 for
+ * another number of bits. */
+int pq_stream_matmul(const float *x, i64 M, i64 K, const uint8_t *w, const uint16_t *scale,
+                     const uint16_t *zero, i64 group, int bits, float *y, i64 N, int threads) {
+    if (bits < 2 || bits > 4) return -2;
+    const stream_codes u = stream_codes_for(bits);
+    const i64 groups = K / group;
+    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(M * K));
+    float *xsum = malloc(sizeof(float) * (size_t)(M * groups));
+    if (!xb || !xsum) {
+        free(xb);
+        free(xsum);
+        return -1;
+    }
+    for (i64 r = 0; r < M; r++)
+        for (i64 g = 0; g < groups; g++) {
+            float t = 0.0f;
+            for (i64 k = g * group; k < (g + 1) * group; k++) {
+                xb[r * K + k] = float_to_bf16(x[r * K + k]);
+                t += bf16_to_float(xb[r * K + k]);
+            }
+            xsum[r * groups + g] = t;
+        }
+    for (i64 m0 = 0; m0 < M; m0 += MAX_ROWS) {
+        int m = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
+        FOR_ROW_BLOCKS(N, threads,
+                       stream_dot_rows(xb + m0 * K, xsum + m0 * groups, m, K, w, scale, zero,
+                                       group, &u, y + m0 * N, N, b_first_row, b_end_row))
+    }
+    free(xb);
+    free(xsum);
+    return 0;
+}
+
+/* Rows [n0, n1) of a 2-, 3- or 4-bit bit-stream weight, dequantized in fp32 (q s + (z -
+ * 2^(bits-1) s), as packing.affine_into computes them) and rounded once to bf16 into out [n1 -
+ * n0, K]: a prefill's GEMM block. */
+void pq_stream_dequantize_bf16(const uint8_t *w, const uint16_t *scale, const uint16_t *zero,
+                               i64 group, int bits, i64 K, i64 n0, i64 n1, uint16_t *out,
+                               int threads) {
+    const stream_codes u = stream_codes_for(bits);
+    const i64 groups = K / group, row_bytes = K * bits / 8, block_bytes = 4 * bits;
+    const __m512 base = _mm512_set1_ps((float)(1 << bits));
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (i64 n = n0; n < n1; n++) {
+        uint16_t *dst = out + (n - n0) * K;
+        for (i64 g = 0; g < groups; g++) {
+            float s = bf16_to_float(scale[n * groups + g]);
+            __m512 sv = _mm512_set1_ps(s);
+            __m512 ov = _mm512_set1_ps(bf16_to_float(zero[n * groups + g]) - (float)(1 << (bits - 1)) * s);
+            for (i64 k = g * group; k < (g + 1) * group; k += 32) {
+                __m512i v = (__m512i)stream_codes32(w + n * row_bytes + k / 32 * block_bytes, &u);
+                __m512i lo = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16);
+                __m512i hi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16);
+                __m512 qlo = _mm512_sub_ps(_mm512_castsi512_ps(lo), base); /* q, exactly */
+                __m512 qhi = _mm512_sub_ps(_mm512_castsi512_ps(hi), base);
+                _mm256_storeu_si256((__m256i *)(dst + k), to_bf16(_mm512_fmadd_ps(qlo, sv, ov)));
+                _mm256_storeu_si256((__m256i *)(dst + k + 16), to_bf16(_mm512_fmadd_ps(qhi, sv, ov)));
+            }
+        }
+    }
+}
+#endif
+
+/* Whether this build has pq_stream_matmul (avx512_bf16 and avx512_vbmi). */
+int pq_has_stream_dot(void) {
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* Whether this build has pq_dot_matmul (a CPU with avx512_bf16). */
 int pq_has_bf16_dot(void) {
 #if defined(__AVX512BF16__)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import weakref
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from planner import cost_model as cm
 from planner.catalogue import cpu_device_type
 from planner.cluster import ClusterSpec, DeviceSpec, HostSpec
 from planner.indicator import prior_indicator
-from planner.local_host import cpu_has_native_bf16, measure_local_cpu
+from planner.local_host import cpu_has_native_bf16, cpu_has_packed_kernels, measure_local_cpu
 from planner.make_plan import make_plan
 from planner.model_spec import load_model_spec
 from planner.plan import Plan, Workload
@@ -247,6 +248,34 @@ def test_the_planner_reads_the_same_bf16_flag_as_the_runtime() -> None:
     assert cpu_has_native_bf16() == kernels._cpu_has_native_bf16()
     cpu = measure_local_cpu()
     assert cpu.dense_weight_bytes == kernels.dense_weight_dtype(torch.float32, CPU).itemsize
+
+
+def test_the_planner_counts_2_and_3_bits_fast_where_the_runtime_has_their_kernels() -> None:
+    runtime_has = {
+        kernels.choose_kernel_path(bits, 4096, 4096, 128, CPU).startswith("native")
+        for bits in (3, 2)
+    }
+    assert runtime_has == {cpu_has_packed_kernels()}
+    fast = measure_local_cpu().fast_kernel_bits
+    assert ({2, 3} <= fast) == cpu_has_packed_kernels()
+
+
+def test_without_a_compiler_or_with_the_switch_off_2_and_3_bits_count_as_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor : 0\nflags : fpu avx512f avx512bw avx512_bf16 avx512vbmi\n")
+    monkeypatch.delenv("CC", raising=False)
+    compiler = shutil.which("gcc") or shutil.which("cc")
+    assert cpu_has_packed_kernels(cpuinfo) == (compiler is not None)
+    monkeypatch.setenv("PQCTL_NATIVE_KERNELS", "0")
+    assert not cpu_has_packed_kernels(cpuinfo)
+    monkeypatch.delenv("PQCTL_NATIVE_KERNELS")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
+    assert not cpu_has_packed_kernels(cpuinfo)
+    cpuinfo.write_text("flags : fpu avx512f avx512bw avx512_bf16\n")  # no avx512_vbmi
+    monkeypatch.setenv("CC", sys.executable)  # a program that exists
+    assert not cpu_has_packed_kernels(cpuinfo)
 
 
 @pytest.fixture(scope="module")

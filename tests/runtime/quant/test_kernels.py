@@ -66,5 +66,10 @@ def test_kernel_paths_by_shape_on_cpu_with_native_kernels() -> None:
     assert choose(4, 320, 64, 128, CPU) == "dequant-per-call"  # groups must fill the rows
     assert choose(4, 320, 64, 64, CPU) == "native-int4"
     assert choose(8, 128, 64, 32, CPU, impl="reference") == "dequant-per-call"
-    assert choose(3, 256, 64, 128, CPU) == "dequant-per-call"
+    stream = native.kernels().stream_dot  # type: ignore[union-attr]
+    assert choose(3, 256, 64, 128, CPU) == ("native-int3" if stream else "dequant-per-call")
+    assert choose(2, 256, 40, 32, CPU) == ("native-int2" if stream else "dequant-per-call")
+    assert choose(3, 256, 64, 16, CPU) == "dequant-per-call"  # group size not a multiple of 32
+    assert choose(2, 256, 64, 128, CPU, impl="torch") == "dequant-per-call"
     assert kernels.scale_dtype_for("native-int4") == torch.bfloat16
+    assert kernels.scale_dtype_for("native-int3") == torch.bfloat16

@@ -45,6 +45,8 @@ def _build(rows: int, cols: int, bits: int, group: int, impl: str = "auto") -> t
 
 NATIVE = native.kernels() is not None
 """Whether pqctl's native kernels load here (an AVX-512 CPU with a C compiler)."""
+STREAM = NATIVE and bool(getattr(native.kernels(), "stream_dot", False))
+"""Whether 2- and 3-bit layers take the native bit-stream kernels here."""
 needs_native = pytest.mark.skipif(
     not NATIVE, reason=f"native kernels unavailable: {native.unavailable_reason()}"
 )
@@ -94,6 +96,8 @@ def test_auto_and_reference_agree(bits: int) -> None:
         (8, "int8pack_mm", "_weight_int8pack_mm"),
         (8, "native-int8", "int8_matmul"),
         (4, "native-int4", "int4_matmul"),
+        (3, "native-int3", "stream_matmul"),
+        (2, "native-int2", "stream_matmul"),
     ],
 )
 def test_prefill_runs_dense_gemm_over_dequantized_blocks(
@@ -101,6 +105,8 @@ def test_prefill_runs_dense_gemm_over_dequantized_blocks(
 ) -> None:
     if path.startswith("native") and not NATIVE:
         pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    if bits < 4 and not STREAM:
+        pytest.skip("no 2- and 3-bit kernels on this CPU (avx512_bf16 and avx512_vbmi)")
     owner: object = torch
     if path.startswith("native"):
         owner = native.NativeKernels
@@ -235,8 +241,8 @@ def test_kernel_path_per_precision_on_cpu(big_layers: dict[int, torch.nn.Module]
         16: "dense",
         8: "native-int8" if NATIVE else "int8pack_mm",
         4: "native-int4" if NATIVE else "int4pack_mm_cpu",
-        3: "dequant-per-call",
-        2: "dequant-per-call",
+        3: "native-int3" if STREAM else "dequant-per-call",
+        2: "native-int2" if STREAM else "dequant-per-call",
     }
     assert all(layer.bits == bits for bits, layer in big_layers.items())
 
@@ -260,6 +266,9 @@ def test_shapes_torchs_kernels_refuse_fall_back(
         (4, 64, 100, 32, "dequant-per-call"),  # groups do not fill the rows
         (4, 40, 128, 32, "native-int4"),  # any number of output rows
         (8, 64, 100, 32, "native-int8"),  # any number of inputs
+        (3, 40, 128, 32, "native-int3" if STREAM else "dequant-per-call"),
+        (3, 64, 100, 32, "dequant-per-call"),  # groups do not fill the rows
+        (2, 64, 128, 16, "dequant-per-call"),  # group not a multiple of 32
     ],
 )
 def test_shapes_of_the_native_kernels(

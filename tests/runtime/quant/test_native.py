@@ -78,6 +78,24 @@ def test_int4_product_equals_the_fp32_product_of_the_dequantized_weight(
     assert _relative(y, x_used @ w_used.t()) < 1e-5
 
 
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize(("n", "k", "group"), [(13, 256, 32), (64, 384, 128), (37, 2048, 64)])
+def test_bit_stream_product_is_the_product_of_bf16_rows_and_the_dequantized_weight(
+    m: int, bits: int, n: int, k: int, group: int
+) -> None:
+    assert KERNELS is not None
+    if not KERNELS.stream_dot:
+        pytest.skip("no 2- and 3-bit kernels on this CPU (avx512_bf16 and avx512_vbmi)")
+    q = quantize_rtn(_weight(n, k), bits, group, torch.bfloat16)
+    assert q.zeros is not None
+    x = _inputs(m, k)
+    y = KERNELS.stream_matmul(x, q.codes, q.scales, q.zeros, group, bits)
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    # rows rounded to bf16, the weight as packing computes it in fp32; products exact
+    assert _relative(y, x.bfloat16().double() @ dequantize(q).double().t()) < 1e-5
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_threads_split_output_rows_without_changing_a_bit(bits: int) -> None:
     assert KERNELS is not None
@@ -171,12 +189,22 @@ def test_a_fresh_process_builds_into_its_cache_and_uses_them(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(
     ("bits", "group", "shape"),
-    [(8, 0, (100, 200)), (8, 0, (9, 37)), (4, 128, (100, 512)), (4, 32, (37, 96))],
+    [
+        (8, 0, (100, 200)),
+        (8, 0, (9, 37)),
+        (4, 128, (100, 512)),
+        (4, 32, (37, 96)),
+        (3, 32, (37, 96)),
+        (3, 128, (20, 512)),
+        (2, 64, (21, 192)),
+    ],
 )
 def test_dequantized_blocks_equal_packings_own_dequantization(
     bits: int, group: int, shape: tuple[int, int]
 ) -> None:
     assert KERNELS is not None
+    if bits < 4 and not KERNELS.stream_dot:
+        pytest.skip("no 2- and 3-bit kernels on this CPU (avx512_bf16 and avx512_vbmi)")
     rows, cols = shape
     q = quantize_rtn(_weight(rows, cols), bits, group or cols, torch.bfloat16)
     assert native.dequantize_supported(q)
@@ -189,7 +217,10 @@ def test_dequantizing_needs_bf16_scales_and_a_supported_shape() -> None:
     fp16 = quantize_rtn(_weight(8, 64), 8, 64, torch.float16)
     three_bit = quantize_rtn(_weight(8, 64), 3, 32, torch.bfloat16)
     odd_groups = quantize_rtn(_weight(8, 96), 4, 64, torch.bfloat16)
-    assert not any(native.dequantize_supported(q) for q in (fp16, three_bit, odd_groups))
+    odd_three_bit = quantize_rtn(_weight(8, 96), 3, 64, torch.bfloat16)
+    assert not any(native.dequantize_supported(q) for q in (fp16, odd_groups, odd_three_bit))
+    assert KERNELS is not None
+    assert native.dequantize_supported(three_bit) == KERNELS.stream_dot
 
 
 @pytest.mark.parametrize("m", ROWS)
