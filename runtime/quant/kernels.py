@@ -17,16 +17,16 @@ bits CPU                     CUDA (untested here)           fallback
 
 The ``native-*`` paths are pqctl's own AVX-512 kernels (:mod:`runtime.quant.native`), reading our
 packed codes as they are; where they are not built (no C compiler, another CPU, or
-``PQCTL_NATIVE_KERNELS=0``), the CPU takes torch's kernels. ``native-int4`` needs ``group_size``
-a multiple of 32 dividing ``in_features``; ``native-int3`` and ``native-int2`` the same, and a
-CPU with avx512_bf16 and avx512_vbmi (``NativeKernels.stream_dot``): they read packing's bit
-stream as stored. torch's int4 kernels need ``group_size`` in {32, 64,
-128, 256} dividing ``in_features`` and ``out_features`` divisible by 16 (CPU) or 8 (CUDA); torch's
-CPU int8 kernel needs ``in_features`` divisible by 16 (torch 2.13 returns garbage or segfaults
-otherwise); all of torch's take bf16 activations. Their int4 packed tensor (a kernel-specific
-layout, ``out*in/2`` bytes) replaces ours as the resident copy. Scales are bf16 for the kernels
-and fp16 for dequant-per-call, which unpacks the codes into a dense copy in the matmul dtype on
-every call (rows in chunks, so the scratch beyond that copy is a few MiB:
+``PQCTL_NATIVE_KERNELS=0``), the CPU takes torch's kernels. ``native-int4`` needs ``group_size`` a
+multiple of 32 dividing ``in_features``; ``native-int3`` and ``native-int2`` the same, and a CPU
+with avx512_bf16 and avx512_vbmi (``NativeKernels.stream_dot``): they read packing's bit stream as
+stored. torch's int4 kernels need ``group_size`` in {32, 64, 128, 256} dividing ``in_features`` and
+``out_features`` divisible by 16 (CPU) or 8 (CUDA); torch's CPU int8 kernel needs ``in_features``
+divisible by 16 (torch 2.13 returns garbage or segfaults otherwise); all of torch's take bf16
+activations. Their int4 packed tensor (a kernel-specific layout, ``out*in/2`` bytes) replaces ours
+as the resident copy. Scales are bf16 for the 8- and 4-bit kernels and fp16 for the 2- and 3-bit
+ones and dequant-per-call, which unpacks the codes into a dense copy in the matmul dtype on every
+call (rows in chunks, so the scratch beyond that copy is a few MiB:
 ``planner.cost_model.dequant_scratch_bytes``) and runs ``F.linear``.
 
 16-bit on CPU, measured (2 threads, AVX-512 with avx512_bf16, torch 2.13, one 4096×4096 linear,
@@ -279,8 +279,11 @@ def dense_block_matmul(x: Tensor, q: QuantizedTensor, dtype: torch.dtype) -> Ten
 
 
 def scale_dtype_for(path: KernelPath) -> torch.dtype:
-    """bf16 where a bf16 kernel reads the scales, fp16 (3 more mantissa bits) otherwise."""
-    return torch.float16 if path == "dequant-per-call" else torch.bfloat16
+    """bf16 where a kernel reads only bf16 scales (8 and 4 bits, torch's kernels and ours), fp16
+    (3 more mantissa bits) otherwise: 2- and 3-bit scales stay fp16 on every path (bf16 ones moved
+    bard-tiny's 2-bit perplexity by 0.1 %)."""
+    bf16_only = ("native-int8", "native-int4", "int8pack_mm", "int4pack_mm_cpu", "int4pack_mm_cuda")
+    return torch.bfloat16 if path in bf16_only else torch.float16
 
 
 # --------------------------------------------------------------------------- kernel layouts

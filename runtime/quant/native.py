@@ -166,11 +166,11 @@ class NativeKernels:
         """Whether :meth:`stream_matmul` is built (a CPU with avx512_bf16 and avx512_vbmi)."""
         if self.stream_dot:
             lib.pq_stream_matmul.argtypes = [
-                ptr, i64, i64, ptr, ptr, ptr, i64, c_int, ptr, i64, c_int,
+                ptr, i64, i64, ptr, ptr, ptr, c_int, i64, c_int, ptr, i64, c_int,
             ]  # fmt: skip
             lib.pq_stream_matmul.restype = c_int
             lib.pq_stream_dequantize_bf16.argtypes = [
-                ptr, ptr, ptr, i64, c_int, i64, i64, i64, ptr, c_int,
+                ptr, ptr, ptr, c_int, i64, c_int, i64, i64, i64, ptr, c_int,
             ]  # fmt: skip
             lib.pq_stream_dequantize_bf16.restype = None
         if self.bf16_dot:
@@ -287,9 +287,9 @@ class NativeKernels:
         self, x: Tensor, codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int, bits: int
     ) -> Tensor:
         """``x`` [M, K] rounded to bf16 times the ``bits``-bit weight (2, 3 or 4: packed ``codes``
-        [N, K * bits / 8] as :mod:`runtime.quant.packing` stores them, bf16 ``scales`` and
-        ``zeros`` [N, K / group_size]) transposed, read as stored: each code enters a bf16 dot
-        product as the exact value 2^bits + q, and each group's sum is scaled and offset (the
+        [N, K * bits / 8] as :mod:`runtime.quant.packing` stores them, ``scales`` and ``zeros`` [N,
+        K / group_size], both fp16 or both bf16) transposed, read as stored: each code enters a bf16
+        dot product as the exact value 2^bits + q, and each group's sum is scaled and offset (the
         weight unrounded). fp32 [M, N]. Needs :attr:`stream_dot` and :func:`int4_shape_supported`'s
         groups."""
         assert self.stream_dot and bits in (2, 3, 4)
@@ -298,19 +298,21 @@ class NativeKernels:
         outputs = y.shape[1]
         assert int4_shape_supported(inputs, group_size)
         assert codes.dtype == torch.uint8 and codes.shape == (outputs, inputs * bits // 8)
+        assert scales.dtype in _SCALE_DTYPES and zeros.dtype == scales.dtype
         for t in (scales, zeros):
-            assert t.dtype == torch.bfloat16 and t.shape == (outputs, inputs // group_size)
+            assert t.shape == (outputs, inputs // group_size)
         assert all(t.is_contiguous() for t in (codes, scales, zeros))
         status = self._lib.pq_stream_matmul(
             x.data_ptr(), rows, inputs, codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-            group_size, bits, y.data_ptr(), outputs, torch.get_num_threads(),
+            int(scales.dtype == torch.float16), group_size, bits, y.data_ptr(), outputs,
+            torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
             raise MemoryError(f"no memory for a {rows}×{inputs} activation copy")
         return y
 
     def dequantize_bf16(self, q: QuantizedTensor, start: int, stop: int, out: Tensor) -> None:
-        """Rows [start, stop) of the 8-, 4-, 3- or 2-bit weight ``q`` (bf16 scales) into ``out``
+        """Rows [start, stop) of the 8-, 4-, 3- or 2-bit weight ``q`` into ``out``
         [stop - start, in] bf16: computed in fp32 like :func:`runtime.quant.packing.dequantize`
         and rounded once (:func:`dequantize_supported` says which weights it takes)."""
         assert dequantize_supported(q) and 0 <= start <= stop <= q.shape[0]
@@ -327,8 +329,9 @@ class NativeKernels:
         assert q.zeros is not None
         if q.bits in (2, 3):
             self._lib.pq_stream_dequantize_bf16(
-                q.codes.data_ptr(), q.scales.data_ptr(), q.zeros.data_ptr(), q.group_size, q.bits,
-                inputs, start, stop, out.data_ptr(), threads,
+                q.codes.data_ptr(), q.scales.data_ptr(), q.zeros.data_ptr(),
+                int(q.scales.dtype == torch.float16), q.group_size, q.bits, inputs, start, stop,
+                out.data_ptr(), threads,
             )  # fmt: skip
             return
         self._lib.pq_int4_dequantize_bf16(
@@ -345,16 +348,21 @@ def _operands(x: Tensor, outputs: int) -> tuple[Tensor, Tensor]:
 
 def dequantize_supported(q: QuantizedTensor) -> bool:
     """Whether :meth:`NativeKernels.dequantize_bf16` takes ``q``: 8 bits, or 4 bits in groups the
-    4-bit kernel takes (2 and 3 bits too where :attr:`NativeKernels.stream_dot` is built), with bf16
-    scales, on the CPU."""
+    4-bit kernel takes, with bf16 scales; or, where :attr:`NativeKernels.stream_dot` is built, 2
+    and 3 bits in those groups with fp16 or bf16 scales; on the CPU."""
     grouped = q.bits == 4 or (q.bits in (2, 3) and _stream_dot_built())
     shaped = q.bits == 8 or (grouped and int4_shape_supported(q.shape[1], q.group_size))
+    scales = _SCALE_DTYPES if q.bits in (2, 3) else (torch.bfloat16,)
     tensors = (q.codes, q.scales) if q.zeros is None else (q.codes, q.scales, q.zeros)
     return (
         shaped
-        and q.scales.dtype == torch.bfloat16
+        and q.scales.dtype in scales
         and all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
     )
+
+
+_SCALE_DTYPES = (torch.float16, torch.bfloat16)
+"""Scale and zero dtypes the 2- and 3-bit kernels read."""
 
 
 def _stream_dot_built() -> bool:

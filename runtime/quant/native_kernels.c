@@ -496,10 +496,10 @@ typedef struct {
     __m512i index, shift, mask, exponent;
     __m128i lift;
     __mmask64 bytes;
-    int bits;
+    int bits, fp16; /* fp16: scales and zeros are fp16, else bf16 */
 } stream_codes;
 
-static stream_codes stream_codes_for(int bits) {
+static stream_codes stream_codes_for(int bits, int fp16) {
     uint8_t index[64];
     uint16_t shift[32];
     for (int i = 0; i < 32; i++) {
@@ -516,7 +516,13 @@ static stream_codes stream_codes_for(int bits) {
     u.lift = _mm_cvtsi32_si128(7 - bits);
     u.bytes = (__mmask64)((1ULL << (4 * bits)) - 1);
     u.bits = bits;
+    u.fp16 = fp16;
     return u;
+}
+
+/* A group's scale or zero as fp32 (exact from either 16-bit type). */
+INLINE float stream_param(const stream_codes *u, uint16_t h) {
+    return u->fp16 ? _cvtsh_ss(h) : bf16_to_float(h);
 }
 
 /* The 32 codes at src as the exact bf16 values 2^bits + q, in order. The load reads only the
@@ -560,8 +566,8 @@ INLINE void stream_dot_block(const uint16_t *xb, const float *xsum, i64 K, const
                 }
             }
             UNROLL for (int j = 0; j < R; j++) {
-                float s = bf16_to_float(scale[(n + j) * groups + g]);
-                float o = bf16_to_float(zero[(n + j) * groups + g]) - middle * s;
+                float s = stream_param(u, scale[(n + j) * groups + g]);
+                float o = stream_param(u, zero[(n + j) * groups + g]) - middle * s;
                 __m512 sv = _mm512_set1_ps(s);
                 UNROLL for (int r = 0; r < M; r++) {
                     total[j][r] = _mm512_fmadd_ps(acc[j][r], sv, total[j][r]);
@@ -598,13 +604,15 @@ static void stream_dot_rows(const uint16_t *xb, const float *xsum, int m, i64 K,
 }
 
 /* y [M, N] = x [M, K], rounded to bf16, times the `bits`-bit weight (2, 3 or 4) of
- * packing's bit stream [N, K * bits / 8] with bf16 scales and zeros per group transposed; K %
+ * packing's bit stream [N, K * bits / 8] with scales and zeros per group (fp16 with `fp16`, else
+ * bf16) transposed; K %
  * group == 0 and group % 32 == 0. Returns 0, -1 when the scratch cannot be allocated, -2 for
  * another number of bits. */
 int pq_stream_matmul(const float *x, i64 M, i64 K, const uint8_t *w, const uint16_t *scale,
-                     const uint16_t *zero, i64 group, int bits, float *y, i64 N, int threads) {
+                     const uint16_t *zero, int fp16, i64 group, int bits, float *y, i64 N,
+                     int threads) {
     if (bits < 2 || bits > 4) return -2;
-    const stream_codes u = stream_codes_for(bits);
+    const stream_codes u = stream_codes_for(bits, fp16);
     const i64 groups = K / group;
     uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(M * K));
     float *xsum = malloc(sizeof(float) * (size_t)(M * groups));
@@ -637,18 +645,18 @@ int pq_stream_matmul(const float *x, i64 M, i64 K, const uint8_t *w, const uint1
  * 2^(bits-1) s), as packing.affine_into computes them) and rounded once to bf16 into out [n1 -
  * n0, K]: a prefill's GEMM block. */
 void pq_stream_dequantize_bf16(const uint8_t *w, const uint16_t *scale, const uint16_t *zero,
-                               i64 group, int bits, i64 K, i64 n0, i64 n1, uint16_t *out,
-                               int threads) {
-    const stream_codes u = stream_codes_for(bits);
+                               int fp16, i64 group, int bits, i64 K, i64 n0, i64 n1,
+                               uint16_t *out, int threads) {
+    const stream_codes u = stream_codes_for(bits, fp16);
     const i64 groups = K / group, row_bytes = K * bits / 8, block_bytes = 4 * bits;
     const __m512 base = _mm512_set1_ps((float)(1 << bits));
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (i64 n = n0; n < n1; n++) {
         uint16_t *dst = out + (n - n0) * K;
         for (i64 g = 0; g < groups; g++) {
-            float s = bf16_to_float(scale[n * groups + g]);
+            float s = stream_param(&u, scale[n * groups + g]);
             __m512 sv = _mm512_set1_ps(s);
-            __m512 ov = _mm512_set1_ps(bf16_to_float(zero[n * groups + g]) - (float)(1 << (bits - 1)) * s);
+            __m512 ov = _mm512_set1_ps(stream_param(&u, zero[n * groups + g]) - (float)(1 << (bits - 1)) * s);
             for (i64 k = g * group; k < (g + 1) * group; k += 32) {
                 __m512i v = (__m512i)stream_codes32(w + n * row_bytes + k / 32 * block_bytes, &u);
                 __m512i lo = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16);

@@ -72,4 +72,4 @@ def test_kernel_paths_by_shape_on_cpu_with_native_kernels() -> None:
     assert choose(3, 256, 64, 16, CPU) == "dequant-per-call"  # group size not a multiple of 32
     assert choose(2, 256, 64, 128, CPU, impl="torch") == "dequant-per-call"
     assert kernels.scale_dtype_for("native-int4") == torch.bfloat16
-    assert kernels.scale_dtype_for("native-int3") == torch.bfloat16
+    assert kernels.scale_dtype_for("native-int3") == torch.float16  # as dequant-per-call

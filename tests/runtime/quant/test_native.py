@@ -80,14 +80,21 @@ def test_int4_product_equals_the_fp32_product_of_the_dequantized_weight(
 
 @pytest.mark.parametrize("m", ROWS)
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize(("n", "k", "group"), [(13, 256, 32), (64, 384, 128), (37, 2048, 64)])
+@pytest.mark.parametrize(
+    ("n", "k", "group", "scale_dtype"),
+    [
+        (13, 256, 32, torch.float16),
+        (64, 384, 128, torch.bfloat16),
+        (37, 2048, 64, torch.float16),
+    ],
+)
 def test_bit_stream_product_is_the_product_of_bf16_rows_and_the_dequantized_weight(
-    m: int, bits: int, n: int, k: int, group: int
+    m: int, bits: int, n: int, k: int, group: int, scale_dtype: torch.dtype
 ) -> None:
     assert KERNELS is not None
     if not KERNELS.stream_dot:
         pytest.skip("no 2- and 3-bit kernels on this CPU (avx512_bf16 and avx512_vbmi)")
-    q = quantize_rtn(_weight(n, k), bits, group, torch.bfloat16)
+    q = quantize_rtn(_weight(n, k), bits, group, scale_dtype)
     assert q.zeros is not None
     x = _inputs(m, k)
     y = KERNELS.stream_matmul(x, q.codes, q.scales, q.zeros, group, bits)
@@ -187,26 +194,30 @@ def test_a_fresh_process_builds_into_its_cache_and_uses_them(tmp_path: Path) -> 
     assert len(built) == 1 and built[0].name.startswith("pqctl_kernels-")
 
 
+BF16, FP16 = torch.bfloat16, torch.float16
+
+
 @pytest.mark.parametrize(
-    ("bits", "group", "shape"),
+    ("bits", "group", "shape", "scale_dtype"),
     [
-        (8, 0, (100, 200)),
-        (8, 0, (9, 37)),
-        (4, 128, (100, 512)),
-        (4, 32, (37, 96)),
-        (3, 32, (37, 96)),
-        (3, 128, (20, 512)),
-        (2, 64, (21, 192)),
+        (8, 0, (100, 200), BF16),
+        (8, 0, (9, 37), BF16),
+        (4, 128, (100, 512), BF16),
+        (4, 32, (37, 96), BF16),
+        (3, 32, (37, 96), FP16),
+        (3, 128, (20, 512), BF16),
+        (2, 64, (21, 192), FP16),
+        (2, 32, (5, 64), BF16),
     ],
 )
 def test_dequantized_blocks_equal_packings_own_dequantization(
-    bits: int, group: int, shape: tuple[int, int]
+    bits: int, group: int, shape: tuple[int, int], scale_dtype: torch.dtype
 ) -> None:
     assert KERNELS is not None
     if bits < 4 and not KERNELS.stream_dot:
         pytest.skip("no 2- and 3-bit kernels on this CPU (avx512_bf16 and avx512_vbmi)")
     rows, cols = shape
-    q = quantize_rtn(_weight(rows, cols), bits, group or cols, torch.bfloat16)
+    q = quantize_rtn(_weight(rows, cols), bits, group or cols, scale_dtype)
     assert native.dequantize_supported(q)
     out = torch.empty(rows - 4, cols, dtype=torch.bfloat16)
     KERNELS.dequantize_bf16(q, 3, rows - 1, out)
@@ -215,10 +226,12 @@ def test_dequantized_blocks_equal_packings_own_dequantization(
 
 def test_dequantizing_needs_bf16_scales_and_a_supported_shape() -> None:
     fp16 = quantize_rtn(_weight(8, 64), 8, 64, torch.float16)
-    three_bit = quantize_rtn(_weight(8, 64), 3, 32, torch.bfloat16)
+    three_bit = quantize_rtn(_weight(8, 64), 3, 32, torch.float16)
     odd_groups = quantize_rtn(_weight(8, 96), 4, 64, torch.bfloat16)
-    odd_three_bit = quantize_rtn(_weight(8, 96), 3, 64, torch.bfloat16)
-    assert not any(native.dequantize_supported(q) for q in (fp16, odd_groups, odd_three_bit))
+    odd_three_bit = quantize_rtn(_weight(8, 96), 3, 64, torch.float16)
+    four_bit_fp16 = quantize_rtn(_weight(8, 64), 4, 32, torch.float16)
+    refused = (fp16, odd_groups, odd_three_bit, four_bit_fp16)
+    assert not any(native.dequantize_supported(q) for q in refused)
     assert KERNELS is not None
     assert native.dequantize_supported(three_bit) == KERNELS.stream_dot
 
