@@ -591,15 +591,9 @@ INLINE void stream_dot_block(const uint16_t *xb, const float *xsum, i64 K, const
 static void stream_dot_rows(const uint16_t *xb, const float *xsum, int m, i64 K, const uint8_t *w,
                             const uint16_t *scale, const uint16_t *zero, i64 group,
                             const stream_codes *u, float *y, i64 N, i64 n0, i64 n1) {
-    if (m > 5) { /* as int4_dot_rows: two passes over the block */
-        stream_dot_rows(xb, xsum, 4, K, w, scale, zero, group, u, y, N, n0, n1);
-        stream_dot_rows(xb + 4 * K, xsum + 4 * (K / group), m - 4, K, w, scale, zero, group, u,
-                        y + 4 * N, N, n0, n1);
-        return;
-    }
     switch (m) {
         STREAM_CASE(1, 4); STREAM_CASE(2, 4); STREAM_CASE(3, 3); STREAM_CASE(4, 2);
-        default: STREAM_CASE(5, 2);
+        STREAM_CASE(5, 2); STREAM_CASE(6, 1); STREAM_CASE(7, 1); default: STREAM_CASE(8, 1);
     }
 }
 
