@@ -14,7 +14,7 @@ Cases: 16 bits on 1 stage; 16 bits on 2 stages with two micro-batches of B/2 (as
 of the layers on the last stage, which also holds the LM head, and prefill micro-batches of B/4
 for a shorter pipeline fill; with one thread per stage process; and with one micro-batch of B
 so that the stages take turns); all
-layers at 8 bits and all at 4 bits (1 stage). Every deployment is started and warmed
+layers at 8, at 4 and at 3 bits (1 stage). Every deployment is started and warmed
 up (the full batch, 2 tokens) before timing; then each repeat times the two baselines and every
 case in turn, so load from other processes falls on all of them; ratios use the best of the
 repeats (medians are in ``--json``). "waves" counts how many admissions the batch took: the
@@ -186,6 +186,7 @@ def cases() -> list[Case]:
         Case("16-bit, 2 stages, 1 micro-batch", 2, 16, None, micro_batch=0),
         Case("8-bit, 1 stage", 1, 8, 1.8),
         Case("4-bit, 1 stage", 1, 4, None),
+        Case("3-bit, 1 stage", 1, 3, None),
     ]
 
 

@@ -68,6 +68,7 @@ from runtime.serve.launcher import (
     bind_endpoint,
     make_run_dir,
     stage_threads,
+    stages_take_turns,
     stop_all,
 )
 from runtime.serve.operator import OPERATOR_IDENTITY
@@ -227,7 +228,8 @@ class Gateway:
         rows = max(mb.prefill_size, mb.decode_size)
         self.step_bytes = step_frame_bytes(rows, w.prompt_len, self.plan.model.hidden_size)
         cpu_stages = [i for i, st in enumerate(self.plan.stages) if st.device.index < 0]
-        self.threads = stage_threads(cpu_stages, available_cores())
+        turns = stages_take_turns(w.global_batch, mb.prefill_size)
+        self.threads = stage_threads(cpu_stages, available_cores(), take_turns=turns)
 
     def _bind(
         self,

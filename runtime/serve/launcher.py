@@ -212,20 +212,31 @@ class LocalLauncher:
 
 
 def available_cores() -> int:
-    """The CPU cores this process may run on."""
+    """The CPU cores this process may use: those it may run on, at most ``OMP_NUM_THREADS``
+    where the operator set it."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    cap = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return min(cores, int(cap)) if cap.isdigit() and int(cap) > 0 else cores
 
 
-def stage_threads(cpu_stages: list[int], cores: int) -> dict[int, int]:
+def stages_take_turns(global_batch: int, prefill_size: int) -> bool:
+    """Whether a plan's stages never compute at once: its whole batch is one prefill micro-batch
+    (and so one decode micro-batch), so a single micro-batch is ever in the pipeline."""
+    return global_batch <= prefill_size
+
+
+def stage_threads(cpu_stages: list[int], cores: int, *, take_turns: bool = False) -> dict[int, int]:
     """CPU threads for each of ``cpu_stages`` sharing ``cores``: the cores split evenly (at
     least one each) when there are several, so the stages' kernels run side by side instead of
-    every stage's thread pool contending for every core; none when one stage has the CPU."""
+    every stage's thread pool contending for every core; every core for each when the stages
+    take turns (:func:`stages_take_turns`: only one computes at a time, and an idle OpenMP pool
+    sleeps after a short spin); none when one stage has the CPU."""
     if len(cpu_stages) < 2:
         return {}
-    share = max(1, cores // len(cpu_stages))
+    share = cores if take_turns else max(1, cores // len(cpu_stages))
     return {index: share for index in cpu_stages}
 
 

@@ -32,7 +32,7 @@ from typing import Any
 from planner.plan import Plan
 from runtime.cluster.ray_nodes import RayNode, alive_nodes, node_ip, pinned, ray_module
 from runtime.errors import RuntimeFailure
-from runtime.serve.launcher import StageLaunch, child_env
+from runtime.serve.launcher import StageLaunch, child_env, stages_take_turns
 
 ACTOR_START_TIMEOUT_S = 120.0
 LOG_FOLLOW_S = 1.0
@@ -269,8 +269,10 @@ class RayLauncher:
         self.plan_text = plan_path.read_text()
         self.nodes = nodes_for(plan)
         cpu_stages = Counter(s.device.host for s in plan.stages if s.device.index < 0)
-        self.threads = {
-            host: max(1, self.nodes[host].cpus // count) for host, count in cpu_stages.items()
+        turns = stages_take_turns(plan.workload.global_batch, plan.micro_batching.prefill_size)
+        self.threads = {  # the node's cores split among its CPU stages, unless they take turns
+            host: self.nodes[host].cpus if turns else max(1, self.nodes[host].cpus // count)
+            for host, count in cpu_stages.items()
         }
 
     def start(self, launch: StageLaunch) -> RayStage:

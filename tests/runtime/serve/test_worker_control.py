@@ -55,12 +55,26 @@ def test_worker_reports_load_progress_then_ready(tmp_path: Path) -> None:
         ctx.term()
 
 
-def test_cpu_stages_sharing_a_host_split_its_cores() -> None:
-    from runtime.serve.launcher import StageLaunch, stage_threads
+def test_cpu_stages_sharing_a_host_split_its_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.serve.launcher import (
+        StageLaunch,
+        available_cores,
+        stage_threads,
+        stages_take_turns,
+    )
 
     assert stage_threads([0], 16) == {}  # one stage keeps torch's default
     assert stage_threads([0, 1], 16) == {0: 8, 1: 8}
     assert stage_threads([0, 1, 2], 2) == {0: 1, 1: 1, 2: 1}  # never below one
+    # one micro-batch in the pipeline: the stages compute in turn, each on every core
+    assert stages_take_turns(1, 1) and stages_take_turns(4, 4) and not stages_take_turns(8, 4)
+    assert stage_threads([0, 1], 2, take_turns=True) == {0: 2, 1: 2}
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = available_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the operator's cap
+    assert available_cores() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "not a number")
+    assert available_cores() == cores
     launch = StageLaunch(Path("p.json"), 1, "tcp://127.0.0.1:1", threads=4)
     assert launch.argv()[-2:] == ["--threads", "4"]
 
