@@ -45,19 +45,21 @@ Decision: 16 bits never rounds the checkpoint's weights. Where the CPU has nativ
 bf16 for the matmul: 2.2-5× faster than fp32 at every row count and half the memory, for a bf16
 rounding of the activations (~3e-3 relative output error, as in torch's int8/int4 kernels). Up to 4
 rows (decode) skip that rounding where the native kernels are built: they multiply fp32 activations
-by the bf16 weights in fp32 (``linear.NATIVE_DENSE_ROWS``). An fp32 or fp16 checkpoint's 16-bit
-layers keep fp32 weights on a CPU (fp16 is not native there; bf16 would round them), so their greedy
-output equals transformers' fp32 run of the same checkpoint token for token. Elsewhere bf16 GEMM is
-emulated (278 ms at 128 rows in the reference notes) and 16 bits keeps fp32 weights. The planner
-counts 16-bit weights with ``planner.cost_model.weight16_bytes`` (the same rule, with
-``planner.local_host.cpu_has_native_bf16`` reading the same flags from ``/proc/cpuinfo``).
-``impl="reference"`` keeps 16-bit weights in the compute dtype (exact). Dequant-per-call layers
-dequantize into bf16 on such a CPU: into bf16 a 4096×4096 layer takes ~15-22 ms (2-4 bit; fp32:
-~25-38 ms), ~0.55-0.75 G weights/s.
+by the bf16 weights in fp32 (``linear.NATIVE_DENSE_ROWS``); 5-8 rows take the native bf16
+dot-product form, rounded as the GEMM rounds them, where the CPU has no AMX. An fp32 or fp16
+checkpoint's 16-bit layers keep fp32 weights on a CPU (fp16 is not native there; bf16 would round
+them), so their greedy output equals transformers' fp32 run of the same checkpoint token for token.
+Elsewhere bf16 GEMM is emulated (278 ms at 128 rows in the reference notes) and 16 bits keeps fp32
+weights. The planner counts 16-bit weights with ``planner.cost_model.weight16_bytes`` (the same
+rule, with ``planner.local_host.cpu_has_native_bf16`` reading the same flags from
+``/proc/cpuinfo``). ``impl="reference"`` keeps 16-bit weights in the compute dtype (exact).
+Dequant-per-call layers dequantize into bf16 on such a CPU: into bf16 a 4096×4096 layer takes ~15-22
+ms (2-4 bit; fp32: ~25-38 ms), ~0.55-0.75 G weights/s.
 
 One Llama-7B-shaped layer's seven linears with bf16 weights (``bench/quant_kernels.py``, same
-CPU, ratio to 16 bits; 16 bits took 16.7 ms at 1 row and 150 ms at 512 rows; ``t``: torch's
-kernels in the same run):
+CPU, a Xeon with AMX, before the bf16 dot-product form and the 3- and 2-bit kernels; ratio to 16
+bits; 16 bits took 16.7 ms at 1 row and 150 ms at 512 rows; ``t``: torch's kernels in the same
+run):
 
 ======= ================ ===== ===== ===== ===== ===== ======================
 bits    path             x1    x4    x8    x128  x512  resident vs fp16
@@ -74,6 +76,11 @@ On a 2-core AVX2 CPU without native bf16 (16 bits = fp32 weights), the same benc
 8-bit at 0.36 / 0.20 / 0.30 (x1 / x4 / x8) and, through the int8 kernel, 5.7 / 7.5 at x128 /
 x512; with prefill from 64 rows on fp32 GEMM over dequantized blocks, 0.99 / 1.10 (q, gate and
 down only). 4-bit there: 0.43 / 0.22 / 0.29 / 1.44 / 2.09.
+
+On a 2-core Zen 4 EPYC (avx512_bf16 and avx512_vbmi, no AMX), with the bf16 dot-product form and
+the 3- and 2-bit kernels (x1 / x4 / x8 / x128 / x512): native-int8 0.54 / 0.50 / 0.61 / 1.07 /
+1.06, native-int4 0.36 / 0.46 / 0.70 / 1.09 / 1.09, native-int3 0.37 / 0.50 / 0.94 / 1.15 / 1.08,
+native-int2 0.29 / 0.48 / 0.91 / 1.14 / 1.09; torch's int4 kernel 0.36 / 0.52 / 0.95 / 2.31 / 2.49.
 """
 
 from __future__ import annotations
