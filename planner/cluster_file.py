@@ -44,7 +44,10 @@ Devices (one inline table each, or ``[[hosts.devices]]`` tables):
 - a ``cpu`` needs ``cores`` and ``memory_gib``; ``memory_bandwidth_gb_s`` defaults to 20 and
   ``fp32_tflops`` to cores × 0.05; ``native_bf16 = true`` says it has native bf16 dot products
   (``avx512_bf16`` or ``amx_tile`` in its ``/proc/cpuinfo`` flags), so the runtime stores 16-bit
-  weights there as bf16 (default false: fp32). At most one cpu per host; it gets index -1.
+  weights there as bf16 (default false: fp32); ``packed_kernels = true`` says its stages read 2-
+  and 3-bit weights through pqctl's native kernels (``avx512_bf16`` and ``avx512vbmi`` in its
+  flags and a C compiler installed), so those precisions count as fast there (default false:
+  dequantized per call). At most one cpu per host; it gets index -1.
 
 Links and ``[defaults]`` may give ``latency_s`` (seconds) instead of ``latency_us``: not every
 latency in seconds is some float number of µs divided by 10^6, so :func:`cluster_toml` writes
@@ -108,7 +111,7 @@ _FIGURES = (  # device figures a file may give or override
 )
 _ZERO_OK = frozenset({"int8_tops", "runtime_reserve_gib", "launch_overhead_s"})
 _GPU_KEYS = ("type", "count", "bits", *_FIGURES)
-_CPU_KEYS = (*_GPU_KEYS, "cores", "native_bf16")
+_CPU_KEYS = (*_GPU_KEYS, "cores", "native_bf16", "packed_kernels")
 _CPU_DEFAULT_BANDWIDTH_GB_S = 20.0
 
 
@@ -470,6 +473,7 @@ class _Reader:
             memory_bandwidth_gb_s=figures.get("memory_bandwidth_gb_s", _CPU_DEFAULT_BANDWIDTH_GB_S),
             fp32_tflops=figures.get("fp32_tflops", cores * DEFAULT_CPU_TFLOPS_PER_CORE),
             native_bf16=self.boolean(table, "native_bf16", f"{field}."),
+            packed_kernels=self.boolean(table, "packed_kernels", f"{field}."),
         )
 
     def custom_gpu(self, type_name: str, field: str, figures: Mapping[str, float]) -> DeviceType:
@@ -545,7 +549,7 @@ _FIELD_KEYS = {  # DeviceType field -> the device key that sets it
     **{key.replace("_gib", "_bytes"): key for key in _FIGURES},
     "supported_bits": "bits",
 }
-_KEY_ORDER = ("type", "count", "cores", *_FIGURES, "native_bf16", "bits")
+_KEY_ORDER = ("type", "count", "cores", *_FIGURES, "native_bf16", "packed_kernels", "bits")
 _ESCAPES = {
     '"': '\\"',
     "\\": "\\\\",
@@ -699,6 +703,7 @@ def _base_table(device: DeviceSpec) -> dict[str, Any]:
             "cores": _cpu_cores(device_type.fp32_tflops),
             **{key: _figure(device_type, key) for key in figures},
             "native_bf16": device_type.dense_weight_bytes == 2,
+            **({"packed_kernels": True} if {2, 3} & device_type.fast_kernel_bits else {}),
         }
     known = find_device_type(device_type.name)
     if known is None:

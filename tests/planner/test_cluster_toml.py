@@ -151,19 +151,27 @@ def test_a_byte_count_no_float_of_gib_gives_is_refused() -> None:
         cluster_toml(one_host(gpu))
 
 
-@pytest.mark.parametrize("native_bf16", [True, False])
-def test_a_measured_cpu_round_trips(native_bf16: bool) -> None:
+@pytest.mark.parametrize(("native_bf16", "packed"), [(True, True), (True, False), (False, False)])
+def test_a_measured_cpu_round_trips(native_bf16: bool, packed: bool) -> None:
     cpu = cpu_device_type(
-        12, 67_345_678_901, 23.456789012345678, 0.6170000000000001, native_bf16=native_bf16
+        12,
+        67_345_678_901,
+        23.456789012345678,
+        0.6170000000000001,
+        native_bf16=native_bf16,
+        packed_kernels=packed,
     )
     cpu = replace(cpu, launch_overhead_s=1.7e-05, usable_memory_fraction=0.8)
     text = assert_round_trip(one_host(CATALOGUE["RTX4090"], cpu))
     flag = "true" if native_bf16 else "false"
+    packed_key = ", packed_kernels = true" if packed else ""
     assert device_lines(text)[1] == (
         '{ type = "cpu", cores = 12, memory_gib = 62.72055106330663, '
         "memory_bandwidth_gb_s = 23.456789012345677, fp32_tflops = 0.6170000000000001, "
-        f"usable_memory_fraction = 0.8, launch_overhead_s = 1.7e-05, native_bf16 = {flag} }}"
+        f"usable_memory_fraction = 0.8, launch_overhead_s = 1.7e-05, native_bf16 = {flag}"
+        f"{packed_key} }}"
     )
+    assert ({2, 3} <= cpu.fast_kernel_bits) == packed
 
 
 def test_links_with_odd_floats_round_trip() -> None:
