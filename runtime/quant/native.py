@@ -1,4 +1,4 @@
-"""pqctl's own CPU kernels for 8- and 4-bit layers and 16-bit decode rows: built from
+"""pqctl's own CPU kernels for 8-, 4-, 3- and 2-bit layers and 16-bit decode rows: built from
 ``native_kernels.c`` at first use, called through ctypes on the layers' own storage.
 
 A decode step multiplies a few activation rows by every weight once, so it runs at the speed
@@ -136,8 +136,8 @@ def build(directory: Path, cc: str, extra_flags: tuple[str, ...] = ()) -> Path:
 
 
 class NativeKernels:
-    """The loaded library: products of fp32 activations with packed 8- and 4-bit weights and with
-    16-bit ones (from :data:`DOT_FROM_ROWS` rows in bf16 dot products where the CPU has them),
+    """The loaded library: products of fp32 activations with packed 8-, 4-, 3- and 2-bit weights and
+    with 16-bit ones (from :data:`DOT_FROM_ROWS` rows in bf16 dot products where the CPU has them),
     and the dequantization of packed weights to bf16."""
 
     def __init__(self, path: Path) -> None:
@@ -231,8 +231,7 @@ class NativeKernels:
             x.data_ptr(), rows, inputs, codes.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
             group_size, y.data_ptr(), outputs, torch.get_num_threads(),
         )  # fmt: skip
-        if status != 0:
-            raise MemoryError(f"no memory for a {rows}×{inputs} activation copy")
+        _check(status, x)
         return y
 
     def _dot_rows(self, x: Tensor, weight: Tensor) -> bool:
@@ -279,8 +278,7 @@ class NativeKernels:
             None if zeros is None else zeros.data_ptr(), group_size, y.data_ptr(), outputs,
             torch.get_num_threads(),
         )  # fmt: skip
-        if status != 0:
-            raise MemoryError(f"no memory for a {rows}×{inputs} activation copy")
+        _check(status, x)
         return y
 
     def stream_matmul(
@@ -307,8 +305,7 @@ class NativeKernels:
             int(scales.dtype == torch.float16), group_size, bits, y.data_ptr(), outputs,
             torch.get_num_threads(),
         )  # fmt: skip
-        if status != 0:
-            raise MemoryError(f"no memory for a {rows}×{inputs} activation copy")
+        _check(status, x)
         return y
 
     def dequantize_bf16(self, q: QuantizedTensor, start: int, stop: int, out: Tensor) -> None:
@@ -338,6 +335,13 @@ class NativeKernels:
             q.codes.data_ptr(), q.scales.data_ptr(), q.zeros.data_ptr(), q.group_size, inputs,
             start, stop, out.data_ptr(), threads,
         )  # fmt: skip
+
+
+def _check(status: int, x: Tensor) -> None:
+    """Raise for a product's non-zero status: its scratch copy of ``x`` could not be allocated."""
+    if status != 0:
+        rows, inputs = x.shape
+        raise MemoryError(f"no memory for a {rows}×{inputs} activation copy")
 
 
 def _operands(x: Tensor, outputs: int) -> tuple[Tensor, Tensor]:

@@ -96,6 +96,14 @@ INLINE void int4_dequantize32(const uint8_t *src, __m512 sv, __m512 ov, __m512 *
         rows;                                                                                      \
     }
 
+/* Runs `rows` as FOR_ROW_BLOCKS does for every chunk of at most MAX_ROWS activation rows (one
+ * pass over the weight each): the chunk starting at row m0 holds m of them. */
+#define FOR_ROW_CHUNKS(M, N, threads, rows)                                                        \
+    for (i64 m0 = 0; m0 < (M); m0 += MAX_ROWS) {                                                   \
+        int m = (int)((M) - m0 < MAX_ROWS ? (M) - m0 : MAX_ROWS);                                  \
+        FOR_ROW_BLOCKS(N, threads, rows)                                                           \
+    }
+
 /* ----------------------------------------------------------------- int8, bf16 and fp32 */
 
 enum { INT8 = 1, BF16 = 2, FP32 = 4 }; /* weight kinds; the value is the bytes per weight */
@@ -179,11 +187,8 @@ typedef void (*rows_fn)(const float *, int, i64, const void *, const uint16_t *,
 
 static void rows_matmul(rows_fn rows, const float *x, i64 M, i64 K, const void *w,
                         const uint16_t *scale, float *y, i64 N, int threads) {
-    for (i64 m0 = 0; m0 < M; m0 += MAX_ROWS) {
-        int m = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
-        FOR_ROW_BLOCKS(N, threads,
-                       rows(x + m0 * K, m, K, w, scale, y + m0 * N, N, b_first_row, b_end_row))
-    }
+    FOR_ROW_CHUNKS(M, N, threads,
+                   rows(x + m0 * K, m, K, w, scale, y + m0 * N, N, b_first_row, b_end_row))
 }
 
 void pq_int8_matmul(const float *x, i64 M, i64 K, const int8_t *w, const uint16_t *scale,
@@ -252,6 +257,41 @@ static void int4_rows(const float *xp, int m, i64 K, const uint8_t *w, const uin
 }
 
 #if defined(__AVX512BF16__)
+/* The rows of x [M, K] rounded to bf16 into a new *xb [M, K]: in order, or with `block` each block
+ * of `block` inputs as its even entries then its odd ones (the lanes the codes' low and high
+ * nibbles meet). With xsum, also a new *xsum [M, K / group] of the rounded rows' group sums.
+ * Returns 0, or -1 with nothing allocated. */
+static int rows_to_bf16(const float *x, i64 M, i64 K, int block, i64 group, uint16_t **xb,
+                        float **xsum) {
+    const i64 groups = xsum ? K / group : 0;
+    *xb = malloc(sizeof(uint16_t) * (size_t)(M * K));
+    float *sums = xsum ? malloc(sizeof(float) * (size_t)(M * groups)) : NULL;
+    if (!*xb || (xsum && !sums)) {
+        free(*xb);
+        free(sums);
+        return -1;
+    }
+    for (i64 r = 0; r < M; r++) {
+        const float *src = x + r * K;
+        uint16_t *dst = *xb + r * K;
+        if (block)
+            for (i64 k = 0; k < K; k += block)
+                for (int i = 0; i < block / 2; i++) {
+                    dst[k + i] = float_to_bf16(src[k + 2 * i]);
+                    dst[k + block / 2 + i] = float_to_bf16(src[k + 2 * i + 1]);
+                }
+        else
+            for (i64 k = 0; k < K; k++) dst[k] = float_to_bf16(src[k]);
+        for (i64 g = 0; g < groups; g++) {
+            float t = 0.0f;
+            for (i64 k = g * group; k < (g + 1) * group; k++) t += bf16_to_float(dst[k]);
+            sums[r * groups + g] = t;
+        }
+    }
+    if (xsum) *xsum = sums;
+    return 0;
+}
+
 /* Activation rows against 4-bit codes in bf16 dot products: each row rounded to bf16 (as torch's
  * int4 kernels round it), each code entered as the exact bf16 value 128 + q (its bits OR 0x4300,
  * one instruction), and pairs of products summed in fp32 by vdpbf16ps (32 multiply-adds an
@@ -332,33 +372,12 @@ static void int4_dot_rows(const uint16_t *xb, const float *xsum, int m, i64 K, c
 static int int4_dot_matmul(const float *x, i64 M, i64 K, const uint8_t *w, const uint16_t *scale,
                            const uint16_t *zero, i64 group, float *y, i64 N, int threads) {
     const i64 groups = K / group;
-    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(M * K));
-    float *xsum = malloc(sizeof(float) * (size_t)(M * groups));
-    if (!xb || !xsum) {
-        free(xb);
-        free(xsum);
-        return -1;
-    }
-    for (i64 r = 0; r < M; r++) {
-        const float *src = x + r * K;
-        uint16_t *dst = xb + r * K;
-        for (i64 k = 0; k < K; k += 64)
-            for (int i = 0; i < 32; i++) {
-                dst[k + i] = float_to_bf16(src[k + 2 * i]);
-                dst[k + 32 + i] = float_to_bf16(src[k + 2 * i + 1]);
-            }
-        for (i64 g = 0; g < groups; g++) {
-            float t = 0.0f;
-            for (i64 k = g * group; k < (g + 1) * group; k++) t += bf16_to_float(dst[k]);
-            xsum[r * groups + g] = t;
-        }
-    }
-    for (i64 m0 = 0; m0 < M; m0 += MAX_ROWS) {
-        int m = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
-        FOR_ROW_BLOCKS(N, threads,
-                       int4_dot_rows(xb + m0 * K, xsum + m0 * groups, m, K, w, scale, zero, group,
-                                     y + m0 * N, N, b_first_row, b_end_row))
-    }
+    uint16_t *xb;
+    float *xsum;
+    if (rows_to_bf16(x, M, K, 64, group, &xb, &xsum)) return -1;
+    FOR_ROW_CHUNKS(M, N, threads,
+                   int4_dot_rows(xb + m0 * K, xsum + m0 * groups, m, K, w, scale, zero, group,
+                                 y + m0 * N, N, b_first_row, b_end_row))
     free(xb);
     free(xsum);
     return 0;
@@ -466,26 +485,11 @@ int pq_dot_matmul(int kind, const float *x, i64 M, i64 K, const void *w, const u
     if (kind == INT4 && group % 64 == 0) /* codes as 128 + q: no dequantization */
         return int4_dot_matmul(x, M, K, w, scale, zero, group, y, N, threads);
     if (!rows) return -2;
-    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(M * K));
-    if (!xb) return -1;
-    for (i64 r = 0; r < M; r++) {
-        const float *src = x + r * K;
-        uint16_t *dst = xb + r * K;
-        if (kind == INT4)
-            for (i64 k = 0; k < K; k += 32)
-                for (int i = 0; i < 16; i++) {
-                    dst[k + i] = float_to_bf16(src[k + 2 * i]);
-                    dst[k + 16 + i] = float_to_bf16(src[k + 2 * i + 1]);
-                }
-        else
-            for (i64 k = 0; k < K; k++) dst[k] = float_to_bf16(src[k]);
-    }
-    for (i64 m0 = 0; m0 < M; m0 += MAX_ROWS) {
-        int m = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
-        FOR_ROW_BLOCKS(N, threads,
-                       rows(xb + m0 * K, m, K, w, scale, zero, group, y + m0 * N, N, b_first_row,
-                            b_end_row))
-    }
+    uint16_t *xb;
+    if (rows_to_bf16(x, M, K, kind == INT4 ? 32 : 0, 0, &xb, NULL)) return -1;
+    FOR_ROW_CHUNKS(M, N, threads,
+                   rows(xb + m0 * K, m, K, w, scale, zero, group, y + m0 * N, N, b_first_row,
+                        b_end_row))
     free(xb);
     return 0;
 }
@@ -606,10 +610,9 @@ static void stream_dot_rows(const uint16_t *xb, const float *xsum, int m, i64 K,
     }
 }
 
-/* y [M, N] = x [M, K], rounded to bf16, times the `bits`-bit weight (2, 3 or 4) of
- * packing's bit stream [N, K * bits / 8] with scales and zeros per group (fp16 with `fp16`, else
- * bf16) transposed; K %
- * group == 0 and group % 32 == 0. Returns 0, -1 when the scratch cannot be allocated, -2 for
+/* y [M, N] = x [M, K], rounded to bf16, times the `bits`-bit weight (2, 3 or 4) of packing's bit
+ * stream [N, K * bits / 8] with scales and zeros per group (fp16 with `fp16`, else bf16)
+ * transposed; K % group == 0 and group % 32 == 0. Returns 0, -1 when the scratch cannot be allocated, -2 for
  * another number of bits. */
 int pq_stream_matmul(const float *x, i64 M, i64 K, const uint8_t *w, const uint16_t *scale,
                      const uint16_t *zero, int fp16, i64 group, int bits, float *y, i64 N,
@@ -617,28 +620,12 @@ int pq_stream_matmul(const float *x, i64 M, i64 K, const uint8_t *w, const uint1
     if (bits < 2 || bits > 4) return -2;
     const stream_codes u = stream_codes_for(bits, fp16);
     const i64 groups = K / group;
-    uint16_t *xb = malloc(sizeof(uint16_t) * (size_t)(M * K));
-    float *xsum = malloc(sizeof(float) * (size_t)(M * groups));
-    if (!xb || !xsum) {
-        free(xb);
-        free(xsum);
-        return -1;
-    }
-    for (i64 r = 0; r < M; r++)
-        for (i64 g = 0; g < groups; g++) {
-            float t = 0.0f;
-            for (i64 k = g * group; k < (g + 1) * group; k++) {
-                xb[r * K + k] = float_to_bf16(x[r * K + k]);
-                t += bf16_to_float(xb[r * K + k]);
-            }
-            xsum[r * groups + g] = t;
-        }
-    for (i64 m0 = 0; m0 < M; m0 += MAX_ROWS) {
-        int m = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
-        FOR_ROW_BLOCKS(N, threads,
-                       stream_dot_rows(xb + m0 * K, xsum + m0 * groups, m, K, w, scale, zero,
-                                       group, &u, y + m0 * N, N, b_first_row, b_end_row))
-    }
+    uint16_t *xb;
+    float *xsum;
+    if (rows_to_bf16(x, M, K, 0, group, &xb, &xsum)) return -1;
+    FOR_ROW_CHUNKS(M, N, threads,
+                   stream_dot_rows(xb + m0 * K, xsum + m0 * groups, m, K, w, scale, zero, group,
+                                   &u, y + m0 * N, N, b_first_row, b_end_row))
     free(xb);
     free(xsum);
     return 0;
@@ -707,12 +694,9 @@ int pq_int4_matmul(const float *x, i64 M, i64 K, const uint8_t *w, const uint16_
                 xp[r * K + k + i] = x[r * K + k + 2 * i];
                 xp[r * K + k + 16 + i] = x[r * K + k + 2 * i + 1];
             }
-    for (i64 m0 = 0; m0 < M; m0 += MAX_ROWS) {
-        int m = (int)(M - m0 < MAX_ROWS ? M - m0 : MAX_ROWS);
-        FOR_ROW_BLOCKS(N, threads,
-                       int4_rows(xp + m0 * K, m, K, w, scale, zero, group, y + m0 * N, N,
-                                 b_first_row, b_end_row))
-    }
+    FOR_ROW_CHUNKS(M, N, threads,
+                   int4_rows(xp + m0 * K, m, K, w, scale, zero, group, y + m0 * N, N, b_first_row,
+                             b_end_row))
     free(xp);
     return 0;
 }
