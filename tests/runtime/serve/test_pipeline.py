@@ -16,6 +16,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from zmq.utils.monitor import recv_monitor_message
 
 from runtime.model.assets import builtin_model_dir
+from runtime.model.local_chain import LocalChain
+from runtime.model.stages import load_plan_stage
+from runtime.quant import native
 from runtime.serve.client import Client, NotAuthorized, ServerError
 from runtime.serve.keys import CurveKeys, init_keys, secure_client
 from runtime.serve.monitor import Monitor
@@ -57,33 +60,73 @@ def serve(
     return served
 
 
-@pytest.mark.parametrize("splits", [[0], [0, 3], [0, 2, 5]])
+def stage_metrics(served: Served, stages: int) -> dict[int, dict]:  # type: ignore[type-arg]
+    """Each stage's latest metrics as the deployment publishes them (waits up to 10 s)."""
+    monitor = Monitor(served.state.status_endpoint)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(monitor.metrics) < stages:
+            monitor.poll(0.5)
+        return dict(monitor.metrics)
+    finally:
+        monitor.close()
+
+
+def cores() -> int:
+    """The cores this host hands its stages, as an operator would count them."""
+    n = len(os.sched_getaffinity(0))
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(n, int(cap)) if cap.isdigit() and int(cap) > 0 else n
+
+
+@pytest.mark.parametrize(
+    ("splits", "prefill"), [([0], 2), ([0, 3], 2), ([0, 2, 5], 2), ([0, 3], 4)]
+)
 def test_served_tokens_equal_transformers_generate(
     splits: list[int],
+    prefill: int,
     reference: dict[str, list[int]],
     tmp_path: Path,
     state_dir: Path,
     gateways: list[Served],
 ) -> None:
-    served = serve(tmp_path, state_dir, gateways, splits, batch=4, prefill=2, decode=2)
+    served = serve(tmp_path, state_dir, gateways, splits, batch=4, prefill=prefill, decode=prefill)
     with Client(served.state.client_endpoint, timeout_s=60) as client:
         done = client.generate_many(PROMPTS, max_new_tokens=12, ignore_eos=True)
     for prompt, completion in zip(PROMPTS, done, strict=True):
         assert completion.token_ids == reference[prompt], prompt
         assert completion.finish_reason == "length"
         assert completion.usage["completion_tokens"] == 12
-    if len(splits) > 1:  # CPU stages on one host run on an even share of its cores each
-        monitor = Monitor(served.state.status_endpoint)
-        try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and len(monitor.metrics) < len(splits):
-                monitor.poll(0.5)
-            share = max(1, len(os.sched_getaffinity(0)) // len(splits))
-            assert [monitor.metrics[i]["threads"] for i in range(len(splits))] == [share] * len(
-                splits
-            )
-        finally:
-            monitor.close()
+    if len(splits) > 1:
+        # CPU stages on one host run on an even share of its cores each, or on all of them when
+        # the whole batch is one micro-batch (the stages then take turns)
+        share = cores() if prefill >= 4 else max(1, cores() // len(splits))
+        metrics = stage_metrics(served, len(splits))
+        assert [metrics[i]["threads"] for i in range(len(splits))] == [share] * len(splits)
+
+
+def test_3_bit_stages_serve_what_the_same_layers_give_in_one_process(
+    tmp_path: Path, state_dir: Path, gateways: list[Served]
+) -> None:
+    plan = serving_plan("bard-tiny", [0, 3], bits=3, batch=4, prefill=4, decode=4)
+    served = start_gateway(write_plan(plan, tmp_path), state_dir, "t")
+    gateways.append(served)
+    chain = LocalChain([load_plan_stage(plan, k) for k in range(2)])
+    tokenizer = AutoTokenizer.from_pretrained(builtin_model_dir())
+    with Client(served.state.client_endpoint, timeout_s=60) as client:
+        for prompt in PROMPTS[:2]:
+            ids = tokenizer(prompt, return_tensors="pt")
+            with torch.inference_mode():
+                ours = chain.greedy(ids["input_ids"], ids["attention_mask"], 12).tokens[0]
+            assert client.generate(prompt, max_new_tokens=12, ignore_eos=True).token_ids == (
+                ours.tolist()
+            ), prompt
+    metrics = stage_metrics(served, 2)
+    in_process = {str(k): v for s in chain.shards for k, v in s.kernel_paths().items()}
+    assert {**metrics[0]["kernel_paths"], **metrics[1]["kernel_paths"]} == in_process
+    kernels = native.kernels()
+    if kernels is not None and kernels.stream_dot:  # the 3-bit kernel, not dequantization
+        assert {p for paths in in_process.values() for p in paths} == {"native-int3"}
 
 
 def test_streaming_sampling_stop_and_cancel(
