@@ -87,6 +87,15 @@ INLINE void int4_dequantize32(const uint8_t *src, __m512 sv, __m512 ov, __m512 *
         if (n1 > whole) { n0 = whole; block_1; }                                                   \
     } while (0)
 
+/* Whether M activation rows of K entries of `size` bytes are read against one weight row at a
+ * time: a sequential stream that the hardware prefetcher follows, with no software prefetches.
+ * While the rows fit in L1 beside the stream (16 KiB), this read 5632 x 2048 and 2048 x 2048
+ * weights from memory in 0.7-0.9x the time of several weight rows with prefetches on a 2-core
+ * Zen 4 EPYC (one row of 16-bit, int8 or 4-bit codes; two of 16-bit); past it (a down
+ * projection's K = 5632 in fp32) the rows are re-read from L2 for every weight row and it took
+ * 1.0-2.1x. The sums, and so the bits, are the same. */
+#define ONE_ROW_STREAM(M, K, size) ((M) <= 2 && (M) * (K) * (size) <= 16384)
+
 /* Runs `rows(b_first_row, b_end_row)` over every block of ROW_BLOCK output rows, in parallel. */
 #define FOR_ROW_BLOCKS(N, threads, rows)                                                           \
     _Pragma("omp parallel for schedule(static) num_threads(threads)")                              \
@@ -129,10 +138,7 @@ INLINE float load1(const void *w, i64 K, i64 row, i64 k, const int KIND) {
 /* Output rows [n0, n1) of a row-scaled int8 weight, or of an unscaled bf16 or fp32 one, for M
  * activation rows, R weight rows at a time. M, R and KIND are constants where this is inlined,
  * so the M x R accumulators live in registers. With R > 1 each line of the next R rows is
- * prefetched as the same line of these is read; with R = 1 (one or two activation rows) the
- * weight is one sequential stream that the hardware prefetcher follows, which streamed a 5632 x
- * 2048 weight from memory 10-30 % faster than four rows with prefetches on a 2-core Zen 4 EPYC
- * (the sums, and so the bits, are the same). */
+ * prefetched as the same line of these is read; R = 1 is ONE_ROW_STREAM's sequential read. */
 INLINE void rows_block(const float *x, i64 K, const void *w, const uint16_t *scale, float *y,
                        i64 N, i64 n0, i64 n1, const int M, const int R, const int KIND) {
     const i64 row_bytes = K * KIND, per_line = 64 / KIND; /* weights in a cache line */
@@ -168,15 +174,18 @@ INLINE void rows_block(const float *x, i64 K, const void *w, const uint16_t *sca
 
 #define ROWS_CASE(M, R, KIND)                                                                      \
     case M:                                                                                        \
-        SPLIT_ROWS(rows_block(x, K, w, scale, y, N, n0, whole, M, R, KIND),                        \
-                   rows_block(x, K, w, scale, y, N, n0, n1, M, 1, KIND), R);                       \
+        if (ONE_ROW_STREAM(M, K, 4))                                                               \
+            rows_block(x, K, w, scale, y, N, n0, n1, M, 1, KIND);                                  \
+        else                                                                                       \
+            SPLIT_ROWS(rows_block(x, K, w, scale, y, N, n0, whole, M, R, KIND),                    \
+                       rows_block(x, K, w, scale, y, N, n0, n1, M, 1, KIND), R);                   \
         break
 
 #define DEFINE_ROWS(name, KIND)                                                                    \
     static void name(const float *x, int m, i64 K, const void *w, const uint16_t *scale,           \
                      float *y, i64 N, i64 n0, i64 n1) {                                            \
         switch (m) {                                                                               \
-            ROWS_CASE(1, 1, KIND); ROWS_CASE(2, 1, KIND); ROWS_CASE(3, 4, KIND);                   \
+            ROWS_CASE(1, 4, KIND); ROWS_CASE(2, 4, KIND); ROWS_CASE(3, 4, KIND);                   \
             ROWS_CASE(4, 3, KIND); ROWS_CASE(5, 2, KIND); ROWS_CASE(6, 2, KIND);                   \
             ROWS_CASE(7, 2, KIND); default: ROWS_CASE(8, 2, KIND);                                 \
         }                                                                                          \
@@ -352,8 +361,11 @@ INLINE void int4_dot_block(const uint16_t *xb, const float *xsum, i64 K, const u
 
 #define INT4_DOT_CASE(M, R)                                                                        \
     case M:                                                                                        \
-        SPLIT_ROWS(int4_dot_block(xb, xsum, K, w, scale, zero, group, y, N, n0, whole, M, R),      \
-                   int4_dot_block(xb, xsum, K, w, scale, zero, group, y, N, n0, n1, M, 1), R);     \
+        if (M == 1 && ONE_ROW_STREAM(M, K, 2)) /* two rows: no faster for 4-bit codes */           \
+            int4_dot_block(xb, xsum, K, w, scale, zero, group, y, N, n0, n1, M, 1);                \
+        else                                                                                       \
+            SPLIT_ROWS(int4_dot_block(xb, xsum, K, w, scale, zero, group, y, N, n0, whole, M, R),  \
+                       int4_dot_block(xb, xsum, K, w, scale, zero, group, y, N, n0, n1, M, 1), R); \
         break
 
 static void int4_dot_rows(const uint16_t *xb, const float *xsum, int m, i64 K, const uint8_t *w,
@@ -365,8 +377,8 @@ static void int4_dot_rows(const uint16_t *xb, const float *xsum, int m, i64 K, c
                       y + 4 * N, N, n0, n1);
         return;
     }
-    switch (m) { /* one or two rows: one weight row at a time, a sequential stream (rows_block) */
-        INT4_DOT_CASE(1, 1); INT4_DOT_CASE(2, 1); INT4_DOT_CASE(3, 3); INT4_DOT_CASE(4, 2);
+    switch (m) {
+        INT4_DOT_CASE(1, 4); INT4_DOT_CASE(2, 4); INT4_DOT_CASE(3, 3); INT4_DOT_CASE(4, 2);
         default: INT4_DOT_CASE(5, 2);
     }
 }
