@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from runtime.errors import UnsupportedArchitectureError
 from runtime.model.arch import ArchConfig
 from runtime.model.kv_cache import KVCache
+from runtime.quant.linear import native_dense_product
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
@@ -219,6 +220,11 @@ class LMHead(nn.Module):
         # x: [bsz, seqlen, hidden] → logits [bsz, seqlen, vocab] in fp32
         if self.norm is not None:
             x = self.norm(x)
+        if self.project_out is None:  # decode rows in fp32 through the native kernel, as a layer's
+            rows = x.reshape(-1, x.shape[-1])
+            logits = native_dense_product(rows, self.weight)
+            if logits is not None:
+                return logits.reshape(*x.shape[:-1], -1)
         x = x.to(self.weight.dtype)  # the projections may be stored narrower (bf16 on a CPU)
         if self.project_out is not None:
             x = F.linear(x, self.project_out)

@@ -71,6 +71,20 @@ the bf16 dot-product form, which rounds the rows to bf16 as torch's GEMM does (o
 without AMX, 8 rows against a streamed 5632 × 2048 weight: 1.24 ms, torch's GEMM 1.65)."""
 
 
+def native_dense_product(x2: Tensor, weight: Tensor) -> Tensor | None:
+    """``x2`` [M, in] times a 16-bit ``weight`` [out, in] transposed as fp32 [M, out] through the
+    native kernel, where it serves these rows (fp32 activations, up to :data:`NATIVE_DENSE_ROWS`,
+    a CPU with the kernels built); else None."""
+    if (
+        x2.shape[0] > NATIVE_DENSE_ROWS.get(weight.dtype, 0)
+        or x2.dtype != torch.float32
+        or weight.device.type != "cpu"
+    ):
+        return None
+    kernels = native.kernels()
+    return None if kernels is None else kernels.dense_matmul(x2, weight)
+
+
 class DenseLinear(nn.Module):
     """A 16-bit linear layer: the unquantized weight in :func:`dense_weight_dtype`.
 
@@ -141,27 +155,16 @@ class DenseLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x`` [..., in] -> [..., out] in x's dtype."""
         x2 = x.reshape(-1, self.in_features)  # [M, in]
-        kernels = native.kernels() if self._native_rows(x2) else None
-        if kernels is not None:
-            product = kernels.dense_matmul(x2, self.weight)
-        elif x.dtype == self.weight.dtype:
+        product = native_dense_product(x2, self.weight) if self.native else None
+        if product is None and x.dtype == self.weight.dtype:
             bias = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.weight, bias)
-        elif x2.shape[0] == 1:  # one row (a decode step of one sequence): a matrix-vector product
+        if product is None and x2.shape[0] == 1:  # one row (one sequence's decode step): a matvec
             product = torch.mv(self.weight, x2[0].to(self.weight.dtype)).unsqueeze(0)
-        else:
+        elif product is None:
             product = F.linear(x2.to(self.weight.dtype), self.weight)
         y = _with_bias(product, x.dtype, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-    def _native_rows(self, x2: Tensor) -> bool:
-        """Whether ``x2`` [M, in] goes through the native kernel (see the class doc)."""
-        return (
-            self.native
-            and x2.shape[0] <= NATIVE_DENSE_ROWS.get(self.weight.dtype, 0)
-            and x2.dtype == torch.float32
-            and self.weight.device.type == "cpu"
-        )
 
     def resident_bytes(self) -> int:
         """Bytes of every tensor the module keeps (weight and bias)."""

@@ -270,6 +270,28 @@ def test_16_bit_bf16_layers_multiply_few_decode_rows_in_fp32() -> None:
             assert _relative(layer(x), exact) > 1e-5
 
 
+def test_the_lm_head_multiplies_decode_rows_as_a_16_bit_layer_does() -> None:
+    """The last stage's vocabulary projection (bf16 on a CPU) takes a decode step's fp32 rows
+    through the native kernel, as the 16-bit layers do: logits as the rows give them, fp32."""
+    from runtime.model.blocks import LMHead
+    from runtime.quant.linear import quantize_linear
+
+    w = _weight(300, 256).bfloat16()
+    head = LMHead(None, w)
+    layer = quantize_linear(w, None, 16, 64, compute_dtype=torch.float32, device="cpu")
+    assert KERNELS is not None
+    rounded_from = native.DOT_FROM_ROWS[torch.bfloat16] if KERNELS.bf16_dot else 10**9
+    for rows in (1, 2, rounded_from - 1):
+        x = _inputs(rows, 256).reshape(rows, 1, 256)  # [batch, last position, hidden]
+        logits = head(x)
+        assert logits.shape == (rows, 1, 300) and logits.dtype == torch.float32
+        assert torch.equal(logits, layer(x))
+        assert _relative(logits, x.double() @ w.double().t()) < 1e-6
+    x = _inputs(64, 256).reshape(1, 64, 256)  # a prefill's every position: torch's bf16 GEMM
+    assert _relative(head(x), x.bfloat16().double() @ w.double().t()) < 1e-2
+    assert _relative(head(x), x.double() @ w.double().t()) > 1e-5
+
+
 @pytest.mark.skipif(
     KERNELS is None or not KERNELS.bf16_dot, reason="this build has no bf16 dot products"
 )
