@@ -89,12 +89,13 @@ INLINE void int4_dequantize32(const uint8_t *src, __m512 sv, __m512 ov, __m512 *
 
 /* Whether M activation rows of K entries of `size` bytes are read against one weight row at a
  * time: a sequential stream that the hardware prefetcher follows, with no software prefetches.
- * While the rows fit in L1 beside the stream (16 KiB), this read 5632 x 2048 and 2048 x 2048
- * weights from memory in 0.7-0.9x the time of several weight rows with prefetches on a 2-core
- * Zen 4 EPYC (one row of 16-bit, int8 or 4-bit codes; two of 16-bit); past it (a down
+ * While the rows fit in L1 beside the stream (`limit` bytes), this read 5632 x 2048 and 2048 x
+ * 2048 weights from memory in 0.7-0.9x the time of several weight rows with prefetches on a
+ * 2-core Zen 4 EPYC (one row of 16-bit, int8 or 4-bit codes; two of 16-bit); past 16 KiB (a down
  * projection's K = 5632 in fp32) the rows are re-read from L2 for every weight row and it took
- * 1.0-2.1x. The sums, and so the bits, are the same. */
-#define ONE_ROW_STREAM(M, K, size) ((M) <= 2 && (M) * (K) * (size) <= 16384)
+ * 1.0-2.1x. Int8 codes, a quarter of the rows' bytes, stop at 8 KiB: one fp32 row of 4096 took
+ * 1.3-1.5x. The sums, and so the bits, are the same. */
+#define ONE_ROW_STREAM(M, K, size, limit) ((M) <= 2 && (M) * (K) * (size) <= (limit))
 
 /* Runs `rows(b_first_row, b_end_row)` over every block of ROW_BLOCK output rows, in parallel. */
 #define FOR_ROW_BLOCKS(N, threads, rows)                                                           \
@@ -174,7 +175,7 @@ INLINE void rows_block(const float *x, i64 K, const void *w, const uint16_t *sca
 
 #define ROWS_CASE(M, R, KIND)                                                                      \
     case M:                                                                                        \
-        if (ONE_ROW_STREAM(M, K, 4))                                                               \
+        if (ONE_ROW_STREAM(M, K, 4, KIND == INT8 ? 8192 : 16384))                                  \
             rows_block(x, K, w, scale, y, N, n0, n1, M, 1, KIND);                                  \
         else                                                                                       \
             SPLIT_ROWS(rows_block(x, K, w, scale, y, N, n0, whole, M, R, KIND),                    \
@@ -361,7 +362,7 @@ INLINE void int4_dot_block(const uint16_t *xb, const float *xsum, i64 K, const u
 
 #define INT4_DOT_CASE(M, R)                                                                        \
     case M:                                                                                        \
-        if (M == 1 && ONE_ROW_STREAM(M, K, 2)) /* two rows: no faster for 4-bit codes */           \
+        if (M == 1 && ONE_ROW_STREAM(M, K, 2, 16384)) /* two rows: no faster for 4-bit codes */    \
             int4_dot_block(xb, xsum, K, w, scale, zero, group, y, N, n0, n1, M, 1);                \
         else                                                                                       \
             SPLIT_ROWS(int4_dot_block(xb, xsum, K, w, scale, zero, group, y, N, n0, whole, M, R),  \
