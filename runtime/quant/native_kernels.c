@@ -19,7 +19,8 @@
  *
  * x is fp32 [M, K] and y fp32 [M, N], both row-major; sums are fp32. The weight is read once per
  * 8 activation rows (a decode step's micro-batch), a few output rows at a time so that each
- * activation load serves several rows, with the next rows prefetched while these are summed.
+ * activation load serves several rows, with the next rows prefetched while these are summed
+ * (one or two rows that fit in L1 read the weight as one sequential stream: ONE_ROW_STREAM).
  * Output rows are split across `threads` OpenMP threads: libgomp is loaded by torch under the
  * same soname, so the kernels run on torch's own thread pool. Grouped codes (2-4 bits) enter bf16
  * dot products as exact values c + q, and each group's sum is scaled at its end (int4_dot_block,
