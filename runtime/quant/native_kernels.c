@@ -517,13 +517,14 @@ int pq_dot_matmul(int kind, const float *x, i64 M, i64 K, const void *w, const u
 /* --------------------------------------- 2-, 3- and 4-bit codes of packing's bit stream */
 
 /* How a block of 32 `bits`-bit codes (4 * bits bytes of the row's little-endian bit stream)
- * becomes 32 bf16 values 2^bits + q: word i gets the two bytes holding code i (a byte
- * permutation), is shifted right by the code's offset in the first, then left into the top of
- * the bf16 mantissa, masked, and given the exponent of 2^bits. (A smaller constant than int4's
- * 128 + q: less fp32 cancellation when the constant's share is taken off the sum.) */
+ * becomes 32 bf16 values 2^bits + q: word i gets two bytes of the block, loaded from one byte
+ * before it, chosen so that code i starts at or above bit t = 7 - bits of the word (the byte
+ * holding its first bit, or the one before when it starts below t there); one shift right puts
+ * the code at bits t..6, the top of the bf16 mantissa, then it is masked and given the exponent
+ * of 2^bits. (A smaller constant than int4's 128 + q: less fp32 cancellation when the constant's
+ * share is taken off the sum.) */
 typedef struct {
     __m512i index, shift, mask, exponent;
-    __m128i lift;
     __mmask64 bytes;
     int bits, fp16; /* fp16: scales and zeros are fp16, else bf16 */
 } stream_codes;
@@ -531,19 +532,20 @@ typedef struct {
 static stream_codes stream_codes_for(int bits, int fp16) {
     uint8_t index[64];
     uint16_t shift[32];
+    const int top = 7 - bits;
     for (int i = 0; i < 32; i++) {
-        int bit = bits * i;
-        index[2 * i] = (uint8_t)(bit / 8);
-        index[2 * i + 1] = (uint8_t)(bit / 8 + 1); /* past the block: a zero byte of the load */
-        shift[i] = (uint16_t)(bit % 8);
+        int bit = bits * i, offset = bit % 8, before = offset < top;
+        int first = bit / 8 + 1 - before; /* in the load from one byte before the block */
+        index[2 * i] = (uint8_t)first;
+        index[2 * i + 1] = (uint8_t)(first + 1); /* past the block: a zero byte of the load */
+        shift[i] = (uint16_t)(offset + 8 * before - top);
     }
     stream_codes u;
     u.index = _mm512_loadu_si512(index);
     u.shift = _mm512_loadu_si512(shift);
-    u.mask = _mm512_set1_epi16((short)(((1 << bits) - 1) << (7 - bits)));
+    u.mask = _mm512_set1_epi16((short)(((1 << bits) - 1) << top));
     u.exponent = _mm512_set1_epi16((short)((127 + bits) << 7));
-    u.lift = _mm_cvtsi32_si128(7 - bits);
-    u.bytes = (__mmask64)((1ULL << (4 * bits)) - 1);
+    u.bytes = (__mmask64)(((1ULL << (4 * bits)) - 1) << 1); /* not the byte before the block */
     u.bits = bits;
     u.fp16 = fp16;
     return u;
@@ -554,12 +556,13 @@ INLINE float stream_param(const stream_codes *u, uint16_t h) {
     return u->fp16 ? _cvtsh_ss(h) : bf16_to_float(h);
 }
 
-/* The 32 codes at src as the exact bf16 values 2^bits + q, in order. The load reads only the
- * block's own bytes. */
+/* The 32 codes at src as the exact bf16 values 2^bits + q, in order. The masked load reads only
+ * the block's own bytes (a masked-off byte is never touched, so src - 1 may lie before the row). */
 INLINE __m512bh stream_codes32(const uint8_t *src, const stream_codes *u) {
-    __m512i v = _mm512_maskz_loadu_epi8(u->bytes, src);
+    __m512i v = u->bits <= 3 /* 13 bytes at most: one 16-byte load, rarely across two lines */
+        ? _mm512_zextsi128_si512(_mm_maskz_loadu_epi8((__mmask16)u->bytes, src - 1))
+        : _mm512_zextsi256_si512(_mm256_maskz_loadu_epi8((__mmask32)u->bytes, src - 1));
     v = _mm512_srlv_epi16(_mm512_permutexvar_epi8(u->index, v), u->shift);
-    v = _mm512_sll_epi16(v, u->lift);
     return (__m512bh)_mm512_ternarylogic_epi32(v, u->mask, u->exponent, 0xEA);
 }
 
