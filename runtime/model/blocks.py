@@ -52,14 +52,16 @@ class StepContext:
         past: tokens already in the cache for these slots (left-padded: the same for all).
         positions: [bsz, seqlen] position of each new token.
         mask: [bsz, 1, seqlen, past + seqlen] True where a query may attend to a key; for
-            ALiBi families, [bsz, heads, seqlen, past + seqlen] float biases (-inf where not).
+            ALiBi families, [bsz, heads, seqlen, past + seqlen] float biases (-inf where not);
+            None where every query may attend to every key (a CPU decode step without padding:
+            attention without a mask gives the same bits, in less time).
         rope: (cos, sin), each [bsz, seqlen, head_dim], for rotary families; else None.
     """
 
     slots: tuple[int, int]
     past: int
     positions: Tensor
-    mask: Tensor
+    mask: Tensor | None
     rope: tuple[Tensor, Tensor] | None
 
 
@@ -121,9 +123,10 @@ class Attention(nn.Module):
             total = keys.shape[2]
             q = q.reshape(bsz, self.kv_heads, group * seqlen, self.head_dim)
             mask = ctx.mask  # [bsz, 1 or heads, seqlen, total]
-            mask = mask.expand(bsz, self.heads, seqlen, total).reshape(
-                bsz, self.kv_heads, group * seqlen, total
-            )
+            if mask is not None:
+                mask = mask.expand(bsz, self.heads, seqlen, total).reshape(
+                    bsz, self.kv_heads, group * seqlen, total
+                )
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scale)
             out = out.reshape(bsz, self.heads, seqlen, self.head_dim)
         out = out.transpose(1, 2).reshape(bsz, seqlen, self.heads * self.head_dim)

@@ -142,3 +142,44 @@ def test_low_bit_chain_matches_the_dequantized_reference(
         theirs = model(ids, attention_mask=mask).logits[:, -1].float()
     tolerance = 1e-4 if impl == "reference" else 1.5e-1  # bf16 activations in the int kernels
     torch.testing.assert_close(ours, theirs, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("family", list(tiny_configs()))
+def test_decode_without_padding_attends_without_a_mask_and_matches_transformers(
+    checkpoints: dict[str, Path], family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompts of one length leave no padding: each decode step's context carries no mask (the
+    same bits from attention, less work), and the tokens and logits stay transformers'."""
+    from runtime.model.shard import StageShard
+
+    directory = checkpoints[family]
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ids, mask = prompts(model.config.vocab_size, [7, 7])
+    ref = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=MAX_NEW,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
+    seen: list[tuple[int, bool]] = []  # (new tokens, whether the context has a mask)
+    context = StageShard.context
+
+    def recorded(self: StageShard, *args: object) -> object:
+        ctx = context(self, *args)  # type: ignore[arg-type]
+        seen.append((ctx.positions.shape[1], ctx.mask is not None))
+        return ctx
+
+    monkeypatch.setattr(StageShard, "context", recorded)
+    chain = shards_for(directory, SPLITS[2], batch=2, impl="reference")
+    ours = chain.greedy(ids, mask, MAX_NEW, prefill_size=2, decode_size=2)
+    assert torch.equal(ours.tokens, ref.sequences[:, ids.shape[1] :])
+    for step, (mine, theirs) in enumerate(zip(ours.logits, ref.logits, strict=True)):
+        torch.testing.assert_close(mine, theirs.float(), rtol=1e-4, atol=1e-4, msg=f"step {step}")
+    arch = arch_from_config(read_config(directory), str(directory))
+    # ALiBi keeps its biases; a sliding window shorter than the context hides keys
+    masked_decode = arch.alibi or bool(arch.sliding_window and arch.sliding_window < 7)
+    assert {masked for tokens, masked in seen if tokens == 7} == {True}  # prefill: causal
+    assert {masked for tokens, masked in seen if tokens == 1} == {masked_decode}
