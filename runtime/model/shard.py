@@ -238,18 +238,19 @@ class StageShard(nn.Module):
         allowed = k_idx <= q_idx
         if self.arch.sliding_window:
             allowed &= (q_idx - k_idx) < self.arch.sliding_window
-        mask = (allowed[None] & key_valid.to(self.device)[:, None, :]) | (k_idx == q_idx)[None]
+        visible = (allowed[None] & key_valid.to(self.device)[:, None, :]) | (k_idx == q_idx)[None]
         rope = None
         if self.rope is not None:
             rope = self.rope(positions.to(self.device), self.dtype)
-        mask = mask[:, None]
+        visible = visible[:, None]
+        mask: Tensor | None = visible
         if self.slopes is not None:  # ALiBi: slope × the key's position within its sequence
             valid = key_valid.to(self.device)
             key_pos = ((valid.cumsum(-1) - 1) * valid).to(self.dtype)[:, None, None, :]
             bias = self.slopes[None, :, None, None] * key_pos
-            mask = bias.masked_fill(~mask, float("-inf"))
-        elif seqlen == 1 and self.device.type == "cpu" and bool(mask.all()):
-            return StepContext(slots, past, positions.to(self.device), None, rope)
+            mask = bias.masked_fill(~visible, float("-inf"))
+        elif seqlen == 1 and self.device.type == "cpu" and bool(visible.all()):
+            mask = None  # every key visible: attention without a mask, the same bits
         return StepContext(slots, past, positions.to(self.device), mask, rope)
 
     @torch.inference_mode()

@@ -156,13 +156,14 @@ class DenseLinear(nn.Module):
         """``x`` [..., in] -> [..., out] in x's dtype."""
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         product = native_dense_product(x2, self.weight) if self.native else None
-        if product is None and x.dtype == self.weight.dtype:
-            bias = None if self.bias is None else self.bias.to(x.dtype)
-            return F.linear(x, self.weight, bias)
-        if product is None and x2.shape[0] == 1:  # one row (one sequence's decode step): a matvec
-            product = torch.mv(self.weight, x2[0].to(self.weight.dtype)).unsqueeze(0)
-        elif product is None:
-            product = F.linear(x2.to(self.weight.dtype), self.weight)
+        if product is None:
+            if x.dtype == self.weight.dtype:
+                bias = None if self.bias is None else self.bias.to(x.dtype)
+                return F.linear(x, self.weight, bias)
+            if x2.shape[0] == 1:  # one row (a decode step of one sequence): a matrix-vector product
+                product = torch.mv(self.weight, x2[0].to(self.weight.dtype)).unsqueeze(0)
+            else:
+                product = F.linear(x2.to(self.weight.dtype), self.weight)
         y = _with_bias(product, x.dtype, self.bias)
         return y.reshape(*x.shape[:-1], self.out_features)
 

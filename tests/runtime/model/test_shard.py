@@ -70,8 +70,17 @@ def test_chain_matches_transformers_generate(
     checkpoints: dict[str, Path], family: str, stages: int
 ) -> None:
     directory = checkpoints[family]
+    chain = shards_for(directory, SPLITS[stages], impl="reference")  # 16 bits in fp32
+    _assert_greedy_matches_transformers(directory, chain, [9, 5, 12], prefill=1, decode=3)
+
+
+def _assert_greedy_matches_transformers(
+    directory: Path, chain: LocalChain, lengths: list[int], prefill: int, decode: int
+) -> None:
+    """The chain's greedy tokens equal transformers' ``generate`` on left-padded prompts of these
+    lengths, and its logits agree at every step."""
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    ids, mask = prompts(model.config.vocab_size, [9, 5, 12])
+    ids, mask = prompts(model.config.vocab_size, lengths)
     ref = model.generate(
         ids,
         attention_mask=mask,
@@ -81,8 +90,7 @@ def test_chain_matches_transformers_generate(
         return_dict_in_generate=True,
         pad_token_id=0,
     )
-    chain = shards_for(directory, SPLITS[stages], impl="reference")  # 16 bits in fp32
-    ours = chain.greedy(ids, mask, MAX_NEW, prefill_size=1, decode_size=3)
+    ours = chain.greedy(ids, mask, MAX_NEW, prefill_size=prefill, decode_size=decode)
     assert torch.equal(ours.tokens, ref.sequences[:, ids.shape[1] :])
     for step, (mine, theirs) in enumerate(zip(ours.logits, ref.logits, strict=True)):
         torch.testing.assert_close(mine, theirs.float(), rtol=1e-4, atol=1e-4, msg=f"step {step}")
@@ -153,17 +161,6 @@ def test_decode_without_padding_attends_without_a_mask_and_matches_transformers(
     from runtime.model.shard import StageShard
 
     directory = checkpoints[family]
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    ids, mask = prompts(model.config.vocab_size, [7, 7])
-    ref = model.generate(
-        ids,
-        attention_mask=mask,
-        max_new_tokens=MAX_NEW,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        pad_token_id=0,
-    )
     seen: list[tuple[int, bool]] = []  # (new tokens, whether the context has a mask)
     context = StageShard.context
 
@@ -174,10 +171,7 @@ def test_decode_without_padding_attends_without_a_mask_and_matches_transformers(
 
     monkeypatch.setattr(StageShard, "context", recorded)
     chain = shards_for(directory, SPLITS[2], batch=2, impl="reference")
-    ours = chain.greedy(ids, mask, MAX_NEW, prefill_size=2, decode_size=2)
-    assert torch.equal(ours.tokens, ref.sequences[:, ids.shape[1] :])
-    for step, (mine, theirs) in enumerate(zip(ours.logits, ref.logits, strict=True)):
-        torch.testing.assert_close(mine, theirs.float(), rtol=1e-4, atol=1e-4, msg=f"step {step}")
+    _assert_greedy_matches_transformers(directory, chain, [7, 7], prefill=2, decode=2)
     arch = arch_from_config(read_config(directory), str(directory))
     # ALiBi keeps its biases; a sliding window shorter than the context hides keys
     masked_decode = arch.alibi or bool(arch.sliding_window and arch.sliding_window < 7)

@@ -274,14 +274,15 @@ def test_the_lm_head_multiplies_decode_rows_as_a_16_bit_layer_does() -> None:
     """The last stage's vocabulary projection (bf16 on a CPU) takes a decode step's fp32 rows
     through the native kernel, as the 16-bit layers do: logits as the rows give them, fp32."""
     from runtime.model.blocks import LMHead
-    from runtime.quant.linear import quantize_linear
+    from runtime.quant.linear import NATIVE_DENSE_ROWS, quantize_linear
 
     w = _weight(300, 256).bfloat16()
     head = LMHead(None, w)
     layer = quantize_linear(w, None, 16, 64, compute_dtype=torch.float32, device="cpu")
     assert KERNELS is not None
     rounded_from = native.DOT_FROM_ROWS[torch.bfloat16] if KERNELS.bf16_dot else 10**9
-    for rows in (1, 2, rounded_from - 1):
+    most = min(rounded_from - 1, NATIVE_DENSE_ROWS[torch.bfloat16])  # rows in fp32 products
+    for rows in (1, 2, most):
         x = _inputs(rows, 256).reshape(rows, 1, 256)  # [batch, last position, hidden]
         logits = head(x)
         assert logits.shape == (rows, 1, 300) and logits.dtype == torch.float32
