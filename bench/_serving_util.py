@@ -360,18 +360,21 @@ def print_throughput(result: dict[str, Any]) -> None:
     same = "bf16" if result["weights_16bit"] == "bfloat16" else "fp32"
     print(
         f"  16-bit weights in {result['weights_16bit']}: the like-for-like baseline is "
-        f"transformers {same} (÷same); memory bandwidth {result['bandwidth_gb_s']:.1f} GB/s"
+        f"transformers {same} (÷same); memory bandwidth probed before each run "
+        f"(÷BW: that run's probe, BW; ÷hi: the highest, {result['bandwidth_gb_s']:.1f} GB/s)"
     )
     for name in ("fp32", "bf16"):
         r = base[name]
         print(
             f"  transformers {name} decode: {r['decode_gb_s']:.1f} GB/s read, "
-            f"{100 * r['decode_bandwidth_share']:.0f}% of the bandwidth"
+            f"{100 * r['decode_bandwidth_share']:.0f}% of its probe's "
+            f"{r['bandwidth_probe_gb_s']:.1f} GB/s, "
+            f"{100 * r['decode_bandwidth_share_of_highest']:.0f}% of the highest"
         )
     print(
         f"  {'pqctl case':<32} {'p/d mb':>6} {'tok/s':>8} {'÷fp32':>6} {'÷bf16':>6} "
-        f"{'÷same':>6} {'target':>6} {'prefill s':>9} {'ms/step':>7} {'GB/s':>5} {'÷BW':>4} "
-        f"{'ovh ms':>6}  waves  other CPU"
+        f"{'÷same':>6} {'target':>6} {'prefill s':>9} {'ms/step':>7} {'GB/s':>5} "
+        f"{'BW':>4} {'÷BW':>4} {'÷hi':>4} {'ovh ms':>6}  waves  other CPU"
     )
     for c in result["cases"]:
         target = "-" if c["target_vs_fp32"] is None else f"≥{c['target_vs_fp32']:.1f}"
@@ -380,7 +383,9 @@ def print_throughput(result: dict[str, Any]) -> None:
             f"  {c['case']:<32} {mb:>6} {c['tokens_per_s']:8.1f} {c['ratio_fp32']:6.2f} "
             f"{c['ratio_bf16']:6.2f} {c['ratio_same']:6.2f} {target:>6} "
             f"{c['first_token_s']:9.3f} {c['decode_ms_per_step']:7.1f} {c['decode_gb_s']:5.1f} "
-            f"{100 * c['decode_bandwidth_share']:3.0f}% {_ms(c['overhead_ms_per_step']):>6}  "
+            f"{c['bandwidth_probe_gb_s']:4.0f} {100 * c['decode_bandwidth_share']:3.0f}% "
+            f"{100 * c['decode_bandwidth_share_of_highest']:3.0f}% "
+            f"{_ms(c['overhead_ms_per_step']):>6}  "
             f"{','.join(map(str, c['waves'])):<5}  {_shares(c['foreign_cpu'])}"
         )
 

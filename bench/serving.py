@@ -99,6 +99,8 @@ WAVE_GAP_S = 0.05
 """Admissions further apart than this count as separate waves."""
 SETTLE_S = 0.2
 """Pause before each timed call: the previous contender's threads stop spinning first."""
+PROBE_REPEATS = 3
+"""Sums of the bandwidth probe before each timed run (the best counts)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +156,9 @@ class Runs:
     """Share of the CPU that other processes took during each run."""
     spans: list[tuple[float, float]] = field(default_factory=list)
     """Wall-clock (``time.time()``) start and end of each run."""
+    bandwidth_gb_s: list[float] = field(default_factory=list)
+    """The bandwidth probe taken just before each run (:func:`measure_bandwidth_gb_s`): what
+    the machine gave then, the denominator of that run's share (it drifts within a run)."""
 
     def best(self) -> int:
         """Index of the fastest run."""
@@ -240,6 +245,7 @@ def waves(done: list[Completion]) -> int:
 
 def time_pqctl(deployment: Deployment, prompts: list[str], new_tokens: int) -> None:
     """One timed batch through the deployment, recorded in its runs."""
+    deployment.runs.bandwidth_gb_s.append(measure_bandwidth_gb_s(PROBE_REPEATS))
     time.sleep(SETTLE_S)
     with ForeignCpu() as foreign:
         started, start = time.time(), time.perf_counter()
@@ -288,8 +294,10 @@ def load_baselines(source: str) -> dict[str, Any]:
 def time_baselines(
     models: dict[str, Any], ids: torch.Tensor, batch: Batch, runs: dict[str, Runs]
 ) -> None:
-    """One timed prefill-only call and one full generate per dtype."""
+    """One timed prefill-only call and one full generate per dtype, each after a bandwidth
+    probe."""
     for name, model in models.items():
+        runs[name].bandwidth_gb_s.append(measure_bandwidth_gb_s(PROBE_REPEATS))
         time.sleep(SETTLE_S)
         runs[name].first_token_s.append(time_generate(model, ids, 1))
         time.sleep(SETTLE_S)
@@ -384,13 +392,19 @@ def stored_weight_dtype(source: str) -> torch.dtype:
     return dense_weight_dtype(torch.float32, torch.device("cpu"), stored)
 
 
-def _decode_figures(ms_per_step: float, step: StepBytes, bandwidth_gb_s: float) -> dict[str, Any]:
+def _decode_figures(
+    ms_per_step: float, step: StepBytes, probe_gb_s: float, highest_gb_s: float
+) -> dict[str, Any]:
+    """Bytes a decode step reads, at what rate, and the share of the bandwidth: of the probe
+    taken just before that run, and of the highest probe of the whole run."""
     rate = step.total / (ms_per_step / 1e3) / 1e9 if ms_per_step > 0 else 0.0
     return {
         "decode_bytes_per_step": step.total,
         "decode_weight_bytes_per_step": step.weights,
         "decode_gb_s": rate,
-        "decode_bandwidth_share": rate / bandwidth_gb_s,
+        "bandwidth_probe_gb_s": probe_gb_s,
+        "decode_bandwidth_share": rate / probe_gb_s,
+        "decode_bandwidth_share_of_highest": rate / highest_gb_s,
     }
 
 
@@ -398,6 +412,7 @@ def summarize_baseline(
     runs: Runs, batch: Batch, step: StepBytes, bandwidth_gb_s: float
 ) -> dict[str, Any]:
     wall, prefill = min(runs.wall_s), min(runs.first_token_s)
+    probe = runs.bandwidth_gb_s[runs.best()]
     decode_ms = 1e3 * (wall - prefill) / max(1, batch.new_tokens - 1)
     return {
         "tokens_per_s": batch.size * batch.new_tokens / wall,
@@ -406,7 +421,8 @@ def summarize_baseline(
         "foreign_cpu": runs.foreign_cpu,
         "prefill_s": prefill,
         "decode_ms_per_step": decode_ms,
-        **_decode_figures(decode_ms, step, bandwidth_gb_s),
+        "bandwidth_probes_gb_s": runs.bandwidth_gb_s,
+        **_decode_figures(decode_ms, step, probe, bandwidth_gb_s),
     }
 
 
@@ -457,7 +473,10 @@ def summarize_case(
         "target_vs_fp32": case.target,
         "first_token_s": runs.first_token_s[best],
         "decode_ms_per_step": runs.decode_ms_per_step[best],
-        **_decode_figures(runs.decode_ms_per_step[best], step, bandwidth_gb_s),
+        "bandwidth_probes_gb_s": runs.bandwidth_gb_s,
+        **_decode_figures(
+            runs.decode_ms_per_step[best], step, runs.bandwidth_gb_s[best], bandwidth_gb_s
+        ),
         "overhead_ms_per_step": overhead_ms(runs.decode_ms_per_step[best], stages),
         "waves": runs.waves,
         "foreign_cpu": runs.foreign_cpu,
@@ -490,7 +509,7 @@ def measure_model(
             time_generate(model, ids, 2)
         for d in deployments:
             d.client.generate_many(prompts, max_new_tokens=2, ignore_eos=True)
-        # the machine's bandwidth drifts: the higher of the run's first probe and this one
+        # the machine's bandwidth drifts: the highest probe of the run, besides each run's own
         bandwidth_gb_s = max(bandwidth_gb_s, measure_bandwidth_gb_s(5))
         time.sleep(1.2)  # the stages publish the warm-up's metrics window before recording
         for d in deployments:
@@ -501,6 +520,8 @@ def measure_model(
             for d in deployments:
                 time_pqctl(d, prompts, batch.new_tokens)
         time.sleep(1.2)  # the last windows
+        every_run = [*base_runs.values(), *(d.runs for d in deployments)]
+        bandwidth_gb_s = max([bandwidth_gb_s, *(p for r in every_run for p in r.bandwidth_gb_s)])
         dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
         base = {
             name: summarize_baseline(
