@@ -360,14 +360,14 @@ def print_throughput(result: dict[str, Any]) -> None:
     same = "bf16" if result["weights_16bit"] == "bfloat16" else "fp32"
     print(
         f"  16-bit weights in {result['weights_16bit']}: the like-for-like baseline is "
-        f"transformers {same} (÷same); memory bandwidth probed before each run "
-        f"(÷BW: that run's probe, BW; ÷hi: the highest, {result['bandwidth_gb_s']:.1f} GB/s)"
+        f"transformers {same} (÷same); memory bandwidth probed around each run "
+        f"(÷BW: that run's probes' mean, BW; ÷hi: the highest, {result['bandwidth_gb_s']:.1f} GB/s)"
     )
     for name in ("fp32", "bf16"):
         r = base[name]
         print(
             f"  transformers {name} decode: {r['decode_gb_s']:.1f} GB/s read, "
-            f"{100 * r['decode_bandwidth_share']:.0f}% of its probe's "
+            f"{100 * r['decode_bandwidth_share']:.0f}% of its probes' "
             f"{r['bandwidth_probe_gb_s']:.1f} GB/s, "
             f"{100 * r['decode_bandwidth_share_of_highest']:.0f}% of the highest"
         )

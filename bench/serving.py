@@ -100,7 +100,7 @@ WAVE_GAP_S = 0.05
 SETTLE_S = 0.2
 """Pause before each timed call: the previous contender's threads stop spinning first."""
 PROBE_REPEATS = 3
-"""Sums of the bandwidth probe before each timed run (the best counts)."""
+"""Sums of the bandwidth probe before and after each timed run (the best counts)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +157,10 @@ class Runs:
     spans: list[tuple[float, float]] = field(default_factory=list)
     """Wall-clock (``time.time()``) start and end of each run."""
     bandwidth_gb_s: list[float] = field(default_factory=list)
-    """The bandwidth probe taken just before each run (:func:`measure_bandwidth_gb_s`): what
-    the machine gave then, the denominator of that run's share (it drifts within a run)."""
+    """The mean of the bandwidth probes taken just before and just after each run
+    (:func:`measure_bandwidth_gb_s`): what the machine gave then, the denominator of that run's
+    share. On a cloud VM it drifts by 2x within seconds (another tenant's load), so a probe
+    minutes away says little about a run."""
 
     def best(self) -> int:
         """Index of the fastest run."""
@@ -245,13 +247,14 @@ def waves(done: list[Completion]) -> int:
 
 def time_pqctl(deployment: Deployment, prompts: list[str], new_tokens: int) -> None:
     """One timed batch through the deployment, recorded in its runs."""
-    deployment.runs.bandwidth_gb_s.append(measure_bandwidth_gb_s(PROBE_REPEATS))
+    before = measure_bandwidth_gb_s(PROBE_REPEATS)
     time.sleep(SETTLE_S)
     with ForeignCpu() as foreign:
         started, start = time.time(), time.perf_counter()
         done = deployment.client.generate_many(prompts, max_new_tokens=new_tokens, ignore_eos=True)
         wall = time.perf_counter() - start
     deployment.runs.spans.append((started, time.time()))
+    deployment.runs.bandwidth_gb_s.append((before + measure_bandwidth_gb_s(PROBE_REPEATS)) / 2)
     assert all(c.usage["completion_tokens"] == new_tokens for c in done)
     first = max(float(c.usage["first_token_s"]) for c in done)
     last = max(float(c.usage["total_s"]) for c in done)
@@ -294,16 +297,17 @@ def load_baselines(source: str) -> dict[str, Any]:
 def time_baselines(
     models: dict[str, Any], ids: torch.Tensor, batch: Batch, runs: dict[str, Runs]
 ) -> None:
-    """One timed prefill-only call and one full generate per dtype, each after a bandwidth
-    probe."""
+    """One timed prefill-only call and one full generate per dtype, the generate between two
+    bandwidth probes."""
     for name, model in models.items():
-        runs[name].bandwidth_gb_s.append(measure_bandwidth_gb_s(PROBE_REPEATS))
         time.sleep(SETTLE_S)
         runs[name].first_token_s.append(time_generate(model, ids, 1))
+        before = measure_bandwidth_gb_s(PROBE_REPEATS)
         time.sleep(SETTLE_S)
         with ForeignCpu() as foreign:
             runs[name].wall_s.append(time_generate(model, ids, batch.new_tokens))
         runs[name].foreign_cpu.append(foreign.share)
+        runs[name].bandwidth_gb_s.append((before + measure_bandwidth_gb_s(PROBE_REPEATS)) / 2)
 
 
 def measure_bandwidth_gb_s(repeats: int = 5) -> float:
@@ -395,8 +399,8 @@ def stored_weight_dtype(source: str) -> torch.dtype:
 def _decode_figures(
     ms_per_step: float, step: StepBytes, probe_gb_s: float, highest_gb_s: float
 ) -> dict[str, Any]:
-    """Bytes a decode step reads, at what rate, and the share of the bandwidth: of the probe
-    taken just before that run, and of the highest probe of the whole run."""
+    """Bytes a decode step reads, at what rate, and the share of the bandwidth: of the mean of
+    the probes taken around that run, and of the highest probe of the whole run."""
     rate = step.total / (ms_per_step / 1e3) / 1e9 if ms_per_step > 0 else 0.0
     return {
         "decode_bytes_per_step": step.total,
