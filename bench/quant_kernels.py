@@ -45,6 +45,7 @@ from runtime.quant import (  # noqa: E402
     DenseLinear,
     Impl,
     QuantLinear,
+    native,
     quantize_linear,
 )
 
@@ -178,6 +179,25 @@ def print_table(results: list[Result], shapes: dict[str, tuple[int, int]]) -> No
     print(f"\ntime ÷ {_name(base.label)}, decode of {first} row: {decode}")
 
 
+def print_dot_peak_shares(results: list[Result], shapes: dict[str, tuple[int, int]]) -> None:
+    """Each precision's multiply-adds a second at the most decode rows ÷ what bf16 dot products
+    sustain on registers alone, measured now on as many threads (where the CPU has them)."""
+    kernels = native.kernels()
+    if kernels is None or not kernels.bf16_dot:
+        return
+    peak = kernels.dot_peak_per_s(torch.get_num_threads())
+    rows, weights = DECODE_ROWS[-1], sum(o * i for o, i in shapes.values())
+    shares = ", ".join(
+        f"{_name(r.label)} {100 * weights * rows / (r.ms[rows] / 1e3) / peak:.0f} %"
+        for r in results
+    )
+    print(
+        f"decode of {rows} rows, multiply-adds ÷ the bf16 dot-product peak "
+        f"({peak / 1e9:.0f} G/s, vdpbf16ps on registers alone, {torch.get_num_threads()} "
+        f"threads): {shares}"
+    )
+
+
 def _precision(label: str) -> tuple[int, Impl]:
     """(bits, impl) of a label: "8" -> (8, "auto"), "8t" -> (8, "torch"), "fp32" -> (16,
     "reference")."""
@@ -231,7 +251,8 @@ def main() -> None:
     start = time.perf_counter()
     with torch.inference_mode():
         results = measure(shapes, args.bits.split(","), repeats)
-    print_table(results, shapes)
+        print_table(results, shapes)
+        print_dot_peak_shares(results, shapes)
     print(f"\nload average at end: {os.getloadavg()[0]:.2f}; {time.perf_counter() - start:.0f} s")
 
 

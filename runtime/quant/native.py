@@ -23,10 +23,12 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
 import subprocess
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -176,6 +178,22 @@ class NativeKernels:
         if self.bf16_dot:
             lib.pq_dot_matmul.argtypes = [c_int, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, c_int]
             lib.pq_dot_matmul.restype = c_int
+        lib.pq_dot_peak.argtypes = [i64, c_int]
+        lib.pq_dot_peak.restype = ctypes.c_float
+
+    def dot_peak_per_s(self, threads: int | None = None, rounds: int = 1 << 20) -> float:
+        """Multiply-adds a second that ``threads`` threads (default torch's) sustain in bf16
+        dot products on registers alone, the best of three timings: the ceiling of
+        :meth:`dot_matmul` where no memory is read. Needs :attr:`bf16_dot`."""
+        assert self.bf16_dot
+        threads = threads or torch.get_num_threads()
+        self._lib.pq_dot_peak(rounds // 16, threads)  # wake the threads
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            self._lib.pq_dot_peak(rounds, threads)
+            best = min(best, time.perf_counter() - start)
+        return rounds * 24 * 32 * threads / best  # 24 instructions a round, 32 products each
 
     def int8_matmul(self, x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
         """``x`` [M, K] times (int8 ``codes`` [N, K] × bf16 ``scales`` [N]) transposed: fp32

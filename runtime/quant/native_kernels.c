@@ -709,6 +709,30 @@ int pq_has_stream_dot(void) {
 #endif
 }
 
+/* vdpbf16ps `rounds` x 24 times in each of `threads` threads on registers alone (24 independent
+ * sums, so the instruction's throughput, not its latency, sets the pace): the most the dot-product
+ * kernels could reach with no memory traffic. Returns the sums, so that the work is done. */
+float pq_dot_peak(i64 rounds, int threads) {
+    float total = 0.0f;
+#if defined(__AVX512BF16__)
+    _Pragma("omp parallel num_threads(threads) reduction(+ : total)") {
+        __m512 acc[24];
+        __m512bh a = (__m512bh)_mm512_set1_epi16(0x3F80), b = (__m512bh)_mm512_set1_epi16(0x3400);
+        /* distinct starts: 24 equal chains would be folded into one */
+        _Pragma("GCC unroll 24") for (int j = 0; j < 24; j++) acc[j] = _mm512_set1_ps((float)j);
+        for (i64 i = 0; i < rounds; i++) {
+            _Pragma("GCC unroll 24") for (int j = 0; j < 24; j++) acc[j] = _mm512_dpbf16_ps(acc[j], a, b);
+            __asm__ volatile("" : "+v"(a)); /* a is unknown to the compiler each round */
+        }
+        _Pragma("GCC unroll 24") for (int j = 0; j < 24; j++) total += _mm512_reduce_add_ps(acc[j]);
+    }
+#else
+    (void)rounds;
+    (void)threads;
+#endif
+    return total;
+}
+
 /* Whether this build has pq_dot_matmul (a CPU with avx512_bf16). */
 int pq_has_bf16_dot(void) {
 #if defined(__AVX512BF16__)
