@@ -29,7 +29,28 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "bloom_gelu": lambda x: x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
 }
-_ATTENTION_LINEARS = frozenset({"q", "k", "v", "o"})
+_ATTENTION_LINEARS = frozenset({"q", "k", "v", "o", "qkv"})
+
+
+class FusedLinear(nn.Module):
+    """Linear operators that read the same input built as one (``runtime.model.shard``'s
+    ``FUSED_LINEARS``): their weights stacked by output rows in one layer, whose output is split
+    back. Every output row is summed as its own operator's would be (the kernels' products are
+    row by row), so the outputs are those of the separate layers, in one call and one pass."""
+
+    def __init__(self, linear: nn.Module, widths: tuple[int, ...]) -> None:
+        super().__init__()
+        self.linear, self.widths = linear, widths
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        """``x`` [..., in] -> one [..., width] view per operator."""
+        out: Tensor = self.linear(x)
+        return tuple(torch.split(out, list(self.widths), dim=-1))
+
+    def dequantized_weights(self) -> tuple[Tensor, ...]:
+        """Each operator's [width, in] weight as the layer multiplies by it."""
+        weight: Tensor = self.linear.dequantized_weight()  # type: ignore[operator]
+        return tuple(torch.split(weight, list(self.widths), dim=0))
 
 
 def activation(name: str) -> Callable[[Tensor], Tensor]:
@@ -98,16 +119,24 @@ class Attention(nn.Module):
 
     def __init__(self, arch: ArchConfig, linears: Mapping[str, nn.Module]) -> None:
         super().__init__()
-        self.q_proj, self.k_proj = linears["q"], linears["k"]
-        self.v_proj, self.o_proj = linears["v"], linears["o"]
+        if "qkv" in linears:  # q, k and v as one FusedLinear
+            self.qkv: nn.Module | None = linears["qkv"]
+        else:
+            self.qkv = None
+            self.q_proj, self.k_proj, self.v_proj = linears["q"], linears["k"], linears["v"]
+        self.o_proj = linears["o"]
         self.heads, self.kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
         self.scale = arch.head_dim**-0.5
 
     def forward(self, x: Tensor, ctx: StepContext, cache: KVCache, layer: int) -> Tensor:
         bsz, seqlen, _ = x.shape  # x: [bsz, seqlen, hidden]
-        q = self.q_proj(x).view(bsz, seqlen, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(bsz, seqlen, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, seqlen, self.kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv is not None:
+            q, k, v = self.qkv(x)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(bsz, seqlen, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(bsz, seqlen, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(bsz, seqlen, self.kv_heads, self.head_dim).transpose(1, 2)
         if ctx.rope is not None:
             cos, sin = (t.unsqueeze(1) for t in ctx.rope)
             q = q * cos + rotate_half(q) * sin
@@ -156,8 +185,11 @@ class DecoderLayer(nn.Module):
     def _ffn(self, x: Tensor) -> Tensor:
         out: Tensor
         if self.family == "llama":
-            gate: Tensor = self.mlp["gate"](x)
-            out = self.mlp["down"](self.act(gate) * self.mlp["up"](x))
+            if "gate_up" in self.mlp:
+                gate, up = self.mlp["gate_up"](x)
+            else:
+                gate, up = self.mlp["gate"](x), self.mlp["up"](x)
+            out = self.mlp["down"](self.act(gate) * up)
         else:
             out = self.mlp["fc2"](self.act(self.mlp["fc1"](x)))
         return out

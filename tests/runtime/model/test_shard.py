@@ -9,8 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from runtime.model.arch import LINEAR_NAMES, arch_from_config, layer_prefix, read_config
+from runtime.model.blocks import FusedLinear
+from runtime.model.checkpoint import Checkpoint
 from runtime.model.local_chain import LocalChain
-from runtime.model.shard import StageSpec, load_shard
+from runtime.model.shard import FUSED_LINEARS, StageSpec, load_shard
+from runtime.quant import quantize_linear
 from tests.runtime.model.checkpoints import save_checkpoint, tiny_configs
 
 SPLITS = {1: [(0, 4)], 2: [(0, 1), (1, 4)], 3: [(0, 1), (1, 3), (3, 4)]}
@@ -96,6 +99,56 @@ def _assert_greedy_matches_transformers(
         torch.testing.assert_close(mine, theirs.float(), rtol=1e-4, atol=1e-4, msg=f"step {step}")
 
 
+def _layer_weights(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each linear operator's weight as a decoder layer multiplies by it, by short name (the
+    parts of a fused layer split out)."""
+    modules = {**dict(layer.mlp.items()), "o": layer.attn.o_proj}
+    if layer.attn.qkv is None:
+        modules |= {"q": layer.attn.q_proj, "k": layer.attn.k_proj, "v": layer.attn.v_proj}
+    else:
+        modules["qkv"] = layer.attn.qkv
+    weights = {}
+    for name, module in modules.items():
+        if isinstance(module, FusedLinear):
+            weights |= dict(zip(FUSED_LINEARS[name], module.dequantized_weights(), strict=True))
+        else:
+            weights[name] = module.dequantized_weight()
+    return weights
+
+
+@pytest.mark.parametrize("bits", [16, 8, 4, 3])
+def test_a_cpu_stage_builds_operators_of_one_input_as_one_layer_with_their_outputs(
+    checkpoints: dict[str, Path], bits: int
+) -> None:
+    directory = checkpoints["llama"]
+    layer = shards_for(directory, [(0, 4)], bits=bits).shards[0].layers[1]
+    fused = {"qkv": layer.attn.qkv, "gate_up": layer.mlp["gate_up"]}
+    assert not hasattr(layer.attn, "q_proj") and "gate" not in layer.mlp
+    checkpoint = Checkpoint(directory)
+    prefix = layer_prefix(arch_from_config(read_config(directory), str(directory)), 1)
+    gen = torch.Generator().manual_seed(2)
+    for name, parts in FUSED_LINEARS.items():
+        module = fused[name]
+        assert isinstance(module, FusedLinear)
+        separate = [
+            quantize_linear(
+                checkpoint.read(f"{prefix}{LINEAR_NAMES['llama'][p]}.weight"),
+                None,
+                bits,
+                32,
+                compute_dtype=torch.float32,
+                device="cpu",
+            )
+            for p in parts
+        ]
+        for rows in (1, 8, 40):  # native decode rows, several, a prefill's block
+            x = torch.randn(rows, separate[0].in_features, generator=gen)
+            outputs = module(x)
+            assert len(outputs) == len(parts)
+            for got, alone in zip(outputs, separate, strict=True):
+                assert torch.equal(got, alone(x))
+
+
 def _dequantized_reference(directory: Path, chain: LocalChain) -> torch.nn.Module:
     """The transformers model with every linear weight replaced by what the shards multiply
     by (their dequantized weights)."""
@@ -104,15 +157,9 @@ def _dequantized_reference(directory: Path, chain: LocalChain) -> torch.nn.Modul
     for shard in chain.shards:
         for layer in shard.layers:
             prefix = layer_prefix(shard.arch, layer.index)
-            for short, module in {
-                **dict(layer.mlp.items()),
-                "q": layer.attn.q_proj,
-                "k": layer.attn.k_proj,
-                "v": layer.attn.v_proj,
-                "o": layer.attn.o_proj,
-            }.items():
+            for short, weight in _layer_weights(layer).items():
                 target = named[prefix + LINEAR_NAMES[shard.arch.family][short]]
-                target.weight.data = module.dequantized_weight().float()
+                target.weight.data = weight.float()
     return model
 
 
