@@ -185,7 +185,8 @@ def print_dot_peak_shares(results: list[Result], shapes: dict[str, tuple[int, in
     kernels = native.kernels()
     if kernels is None or not kernels.bf16_dot:
         return
-    peak = kernels.dot_peak_per_s(torch.get_num_threads())
+    threads = torch.get_num_threads()
+    peak = kernels.dot_peak_per_s(threads)
     rows, weights = DECODE_ROWS[-1], sum(o * i for o, i in shapes.values())
     shares = ", ".join(
         f"{_name(r.label)} {100 * weights * rows / (r.ms[rows] / 1e3) / peak:.0f} %"
@@ -193,8 +194,7 @@ def print_dot_peak_shares(results: list[Result], shapes: dict[str, tuple[int, in
     )
     print(
         f"decode of {rows} rows, multiply-adds ÷ the bf16 dot-product peak "
-        f"({peak / 1e9:.0f} G/s, vdpbf16ps on registers alone, {torch.get_num_threads()} "
-        f"threads): {shares}"
+        f"({peak / 1e9:.0f} G/s, vdpbf16ps on registers alone, {threads} threads): {shares}"
     )
 
 

@@ -54,6 +54,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -245,16 +246,24 @@ def waves(done: list[Completion]) -> int:
     return 1 + sum(b - a > WAVE_GAP_S for a, b in itertools.pairwise(admitted))
 
 
-def time_pqctl(deployment: Deployment, prompts: list[str], new_tokens: int) -> None:
-    """One timed batch through the deployment, recorded in its runs."""
+@contextlib.contextmanager
+def probed(runs: Runs) -> Iterator[None]:
+    """Around one timed run: a bandwidth probe, the settling pause, the run, a second probe; the
+    mean of the two joins ``runs.bandwidth_gb_s``."""
     before = measure_bandwidth_gb_s(PROBE_REPEATS)
     time.sleep(SETTLE_S)
-    with ForeignCpu() as foreign:
+    yield
+    runs.bandwidth_gb_s.append((before + measure_bandwidth_gb_s(PROBE_REPEATS)) / 2)
+
+
+def time_pqctl(deployment: Deployment, prompts: list[str], new_tokens: int) -> None:
+    """One timed batch through the deployment, recorded in its runs."""
+    with probed(deployment.runs), ForeignCpu() as foreign:
         started, start = time.time(), time.perf_counter()
         done = deployment.client.generate_many(prompts, max_new_tokens=new_tokens, ignore_eos=True)
         wall = time.perf_counter() - start
-    deployment.runs.spans.append((started, time.time()))
-    deployment.runs.bandwidth_gb_s.append((before + measure_bandwidth_gb_s(PROBE_REPEATS)) / 2)
+        ended = time.time()  # before the second probe
+    deployment.runs.spans.append((started, ended))
     assert all(c.usage["completion_tokens"] == new_tokens for c in done)
     first = max(float(c.usage["first_token_s"]) for c in done)
     last = max(float(c.usage["total_s"]) for c in done)
@@ -302,12 +311,9 @@ def time_baselines(
     for name, model in models.items():
         time.sleep(SETTLE_S)
         runs[name].first_token_s.append(time_generate(model, ids, 1))
-        before = measure_bandwidth_gb_s(PROBE_REPEATS)
-        time.sleep(SETTLE_S)
-        with ForeignCpu() as foreign:
+        with probed(runs[name]), ForeignCpu() as foreign:
             runs[name].wall_s.append(time_generate(model, ids, batch.new_tokens))
         runs[name].foreign_cpu.append(foreign.share)
-        runs[name].bandwidth_gb_s.append((before + measure_bandwidth_gb_s(PROBE_REPEATS)) / 2)
 
 
 def measure_bandwidth_gb_s(repeats: int = 5) -> float:

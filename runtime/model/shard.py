@@ -384,19 +384,19 @@ def _build_layer(
     }
     linears: dict[str, nn.Module] = {}
     for short in shapes:
-        group = next((name for name, parts in fused.items() if short in parts), None)
-        if group in linears:
+        group = next((name for name, members in fused.items() if short in members), None)
+        if group in linears:  # built with the first of its operators
             continue
         parts = [
             (prefix + LINEAR_NAMES[arch.family][p], shapes[p][0])
-            for p in fused.get(group or "", (short,))
+            for p in (fused[group] if group else (short,))
         ]
         has_bias = _bias_of(arch, short)
         built = _load_linear(checkpoint, parts, has_bias, bits, group_size, dtype, device, impl)
         if group is None:
             linears[short] = built
         else:
-            linears[group] = FusedLinear(built, tuple(shapes[p][0] for p in fused[group]))
+            linears[group] = FusedLinear(built, tuple(rows for _, rows in parts))
         release_freed_host_memory()  # the fp32 weight and the quantizer's temporaries
     norms = tuple(
         _norm(arch, checkpoint, f"{prefix}{NORM_NAMES[arch.family][key]}", dtype, device)
