@@ -91,11 +91,14 @@ INLINE void int4_dequantize32(const uint8_t *src, __m512 sv, __m512 ov, __m512 *
 /* Whether M activation rows of K entries of `size` bytes are read against one weight row at a
  * time: a sequential stream that the hardware prefetcher follows, with no software prefetches.
  * While the rows fit in L1 beside the stream (`limit` bytes), this read 5632 x 2048 and 2048 x
- * 2048 weights from memory in 0.7-0.9x the time of several weight rows with prefetches on a
+ * 2048 weights from memory in 0.7-0.9x the time of several weight rows prefetched into L1 on a
  * 2-core Zen 4 EPYC (one row of 16-bit, int8 or 4-bit codes; two of 16-bit); past 16 KiB (a down
  * projection's K = 5632 in fp32) the rows are re-read from L2 for every weight row and it took
  * 1.0-2.1x. Int8 codes, a quarter of the rows' bytes, stop at 8 KiB: one fp32 row of 4096 took
- * 1.3-1.5x. The sums, and so the bits, are the same. */
+ * 1.3-1.5x. Bf16 weights never take it since rows_block prefetches into L2: against 2048-32000
+ * x 2048 weights the blocks of rows ran at 1.02-1.09x the bytes a second of the stream with one
+ * row and 1.16x with two (int8 and 4-bit codes: 0.97x, so they keep it). The sums, and so the
+ * bits, are the same. */
 #define ONE_ROW_STREAM(M, K, size, limit) ((M) <= 2 && (M) * (K) * (size) <= (limit))
 
 /* Runs `rows(b_first_row, b_end_row)` over every block of ROW_BLOCK output rows, in parallel. */
@@ -140,7 +143,9 @@ INLINE float load1(const void *w, i64 K, i64 row, i64 k, const int KIND) {
 /* Output rows [n0, n1) of a row-scaled int8 weight, or of an unscaled bf16 or fp32 one, for M
  * activation rows, R weight rows at a time. M, R and KIND are constants where this is inlined,
  * so the M x R accumulators live in registers. With R > 1 each line of the next R rows is
- * prefetched as the same line of these is read; R = 1 is ONE_ROW_STREAM's sequential read. */
+ * prefetched into L2 as the same line of these is read; R = 1 is ONE_ROW_STREAM's sequential
+ * read. Into L2 rather than L1, 1-4 rows against 5632 x 2048 and 2048 x 5632 bf16 and int8
+ * weights from memory ran at 1.13-1.29x the bytes a second (2-core Zen 4 EPYC). */
 INLINE void rows_block(const float *x, i64 K, const void *w, const uint16_t *scale, float *y,
                        i64 N, i64 n0, i64 n1, const int M, const int R, const int KIND) {
     const i64 row_bytes = K * KIND, per_line = 64 / KIND; /* weights in a cache line */
@@ -154,7 +159,7 @@ INLINE void rows_block(const float *x, i64 K, const void *w, const uint16_t *sca
             UNROLL for (int j = 0; j < R; j++) {
                 if (R > 1 && (k & (per_line - 1)) == 0) {
                     const char *line = (const char *)w + (n + j + R) * row_bytes + k * KIND;
-                    _mm_prefetch(line, _MM_HINT_T0);
+                    _mm_prefetch(line, _MM_HINT_T1);
                 }
                 wv[j] = load16(w, K, n + j, k, KIND);
             }
@@ -176,7 +181,7 @@ INLINE void rows_block(const float *x, i64 K, const void *w, const uint16_t *sca
 
 #define ROWS_CASE(M, R, KIND)                                                                      \
     case M:                                                                                        \
-        if (ONE_ROW_STREAM(M, K, 4, KIND == INT8 ? 8192 : 16384))                                  \
+        if (ONE_ROW_STREAM(M, K, 4, KIND == INT8 ? 8192 : KIND == BF16 ? 0 : 16384))               \
             rows_block(x, K, w, scale, y, N, n0, n1, M, 1, KIND);                                  \
         else                                                                                       \
             SPLIT_ROWS(rows_block(x, K, w, scale, y, N, n0, whole, M, R, KIND),                    \
@@ -325,7 +330,9 @@ static int rows_to_bf16(const float *x, i64 M, i64 K, int block, i64 group, uint
  * one instruction), and pairs of products summed in fp32 by vdpbf16ps (32 multiply-adds an
  * instruction). xb [M, K] holds each row's blocks of 64 inputs as their 32 even then their 32 odd
  * entries; xsum [M, groups] the per-group sums of xb. Per group, y += s * dot + (z - 8 s - 128 s)
- * * xsum: the weight q s + z - 8 s unrounded, as packing.affine_into computes it in fp32. */
+ * * xsum: the weight q s + z - 8 s unrounded, as packing.affine_into computes it in fp32. The
+ * next R rows are prefetched into L2: at 2-3 rows 1.08-1.40x the bytes a second of prefetching
+ * into L1, from 4 rows the same (0.99-1.00x). */
 INLINE void int4_dot_block(const uint16_t *xb, const float *xsum, i64 K, const uint8_t *w,
                            const uint16_t *scale, const uint16_t *zero, i64 group, float *y,
                            i64 N, i64 n0, i64 n1, const int M, const int R) {
@@ -344,7 +351,7 @@ INLINE void int4_dot_block(const uint16_t *xb, const float *xsum, i64 K, const u
                 __m512bh lo[MAX_BLOCK], hi[MAX_BLOCK];
                 UNROLL for (int j = 0; j < R; j++) {
                     const uint8_t *src = w + (n + j) * row_bytes + k / 2;
-                    if (R > 1 && (k & 127) == 0) _mm_prefetch((const char *)(src + R * row_bytes), _MM_HINT_T0);
+                    if (R > 1 && (k & 127) == 0) _mm_prefetch((const char *)(src + R * row_bytes), _MM_HINT_T1);
                     __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)src));
                     lo[j] = (__m512bh)_mm512_ternarylogic_epi32(b, low4, exponent, 0xEA);
                     hi[j] = (__m512bh)_mm512_or_si512(_mm512_srli_epi16(b, 4), exponent);
