@@ -91,20 +91,20 @@ class DenseLinear(nn.Module):
     Activations are cast to the weight's dtype for the matmul and the result back to theirs,
     except for a few rows of fp32 activations (decode, :data:`NATIVE_DENSE_ROWS`) on a CPU with
     pqctl's native kernels: those multiply bf16 or fp32 weights in fp32 (exact products, no bf16
-    rounding of the activations), faster than torch there. On a 2-core AVX-512 CPU, weights read
+    rounding of the activations), faster than torch there. On a 2-core Zen 4 EPYC, weights read
     from memory, 1 / 4 / 8 rows ran at (GB/s of weights, native vs torch's ``torch.mv`` for one
-    bf16 row, else ``F.linear``):
+    bf16 row, else ``F.linear``; two runs, the kernels prefetching the next weight rows into L2):
 
     ====================== ================ ================ ================
     weight                 1 row            4 rows           8 rows
     ====================== ================ ================ ================
-    bf16 5632 × 2048       26 vs 24         23 vs 18         18 vs 19
-    bf16 2048 × 5632       29 vs 25         25 vs 21         18 vs 21
-    fp32 2816 × 1024       26 vs 17         23 vs 12         18 vs 10
-    fp32 1024 × 2816       21 vs 25         23 vs 14         15 vs 11
+    bf16 5632 × 2048       30-32 vs 7-10    26-29 vs 18-20   21-23 vs 15-17
+    bf16 2048 × 5632       26-44 vs 8-18    27-35 vs 17-18   23-25 vs 15-17
+    fp32 2816 × 1024       23-31 vs 13-14   28-30 vs 9       24-28 vs 9-10
+    fp32 1024 × 2816       26-30 vs 16-17   28-30 vs 10-11   26-28 vs 9-11
     ====================== ================ ================ ================
 
-    (with one thread, fp32 at 4 and 8 rows: 11-13 vs 5-7 GB/s.)
+    (in an earlier release, with one thread, fp32 at 4 and 8 rows: 11-13 vs 5-7 GB/s.)
     """
 
     weight: Tensor
