@@ -451,8 +451,8 @@ INLINE __m512bh load32_bh(const void *w, i64 K, i64 row, i64 k, __m512 sv, __m51
  * are summed one by one; 4-bit groups fill whole blocks of 32. Each line of the next R rows is
  * prefetched into L2 only, where it does not evict the activation rows from L1 (8 rows of 2048
  * bf16 fill it): at 8 rows 0.85-0.91x the time for bf16 weights from memory, 0.78-0.86x for
- * int8, at 6 rows 0.77-0.98x, at 1-3 rows 0.94-1.06x, against prefetching into L1 (2-core Zen 4
- * EPYC). */
+ * int8, at 6 rows 0.77-0.98x, int8 at 4 rows 0.72-0.94x, against prefetching into L1 (2-core
+ * Zen 4 EPYC). */
 INLINE void dot_block(const uint16_t *xb, i64 K, const void *w, const uint16_t *scale,
                       const uint16_t *zero, i64 group, float *y, i64 N, i64 n0, i64 n1,
                       const int M, const int R, const int KIND) {
