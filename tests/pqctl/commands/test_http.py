@@ -67,6 +67,10 @@ def _http(
         connection.close()
 
 
+LONG = 400
+"""The plan's new tokens a request may ask for (64 + 400 within bard-tiny's 512 positions)."""
+
+
 class Served:
     def __init__(self, state: Path, base: str) -> None:
         self.state, self.base = state, base
@@ -85,7 +89,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     tmp = tmp_path_factory.mktemp("http")
     state = tmp / "state"
     plan_file = write_plan(
-        serving_plan("bard-tiny", [0, 4], batch=8, prompt_len=64, max_new=48, decode=4), tmp
+        serving_plan("bard-tiny", [0, 4], batch=8, prompt_len=64, max_new=LONG, decode=4), tmp
     )
     port = _free_port()
     up = _pqctl(
@@ -255,7 +259,9 @@ def _cancelled(metrics: str) -> float:
 
 def test_a_client_leaving_mid_stream_cancels_its_request(served: Served) -> None:
     before = _cancelled(served.metrics())
-    body = {"model": "bard-tiny", "prompt": "ROMEO:", "max_tokens": 48, "stream": True,
+    # a long request: it must still be running when the server sees the client gone (48 tokens of
+    # bard-tiny could all be sent before that on a loaded machine, and the request end normally)
+    body = {"model": "bard-tiny", "prompt": "ROMEO:", "max_tokens": LONG, "stream": True,
             "temperature": 0, "stop": ["never-in-this-text"]}  # fmt: skip
     host, port = served.base.removeprefix("http://").rsplit(":", 1)
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
