@@ -181,7 +181,7 @@ INLINE void rows_block(const float *x, i64 K, const void *w, const uint16_t *sca
 
 #define ROWS_CASE(M, R, KIND)                                                                      \
     case M:                                                                                        \
-        if (ONE_ROW_STREAM(M, K, 4, KIND == INT8 ? 8192 : KIND == BF16 ? 0 : 16384))               \
+        if (KIND != BF16 && ONE_ROW_STREAM(M, K, 4, KIND == INT8 ? 8192 : 16384))                  \
             rows_block(x, K, w, scale, y, N, n0, n1, M, 1, KIND);                                  \
         else                                                                                       \
             SPLIT_ROWS(rows_block(x, K, w, scale, y, N, n0, whole, M, R, KIND),                    \
