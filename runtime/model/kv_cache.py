@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from runtime.model.memory import huge_page_zeros
+
 
 class KVCache:
     """Keys and values of a stage's layers: per layer [slots, kv_heads, max_len, head_dim]."""
@@ -24,8 +26,8 @@ class KVCache:
         device: torch.device | str,
     ) -> None:
         shape = (slots, kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.keys = [_zeros(shape, dtype, device) for _ in range(num_layers)]
+        self.values = [_zeros(shape, dtype, device) for _ in range(num_layers)]
         self.max_len = max_len
 
     @property
@@ -54,3 +56,10 @@ class KVCache:
         self.keys[layer][start:stop, :, past:end] = k
         self.values[layer][start:stop, :, past:end] = v
         return self.keys[layer][start:stop, :, :end], self.values[layer][start:stop, :, :end]
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """One layer's keys or values: on the host in huge pages (every decode step reads them)."""
+    if torch.device(device).type == "cpu":
+        return huge_page_zeros(shape, dtype)
+    return torch.zeros(shape, dtype=dtype, device=device)

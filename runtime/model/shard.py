@@ -34,7 +34,7 @@ from runtime.model.blocks import (
 from runtime.model.checkpoint import Checkpoint
 from runtime.model.kv_cache import KVCache
 from runtime.model.mapped import bloom_checkpoint, gpt2_checkpoint
-from runtime.model.memory import available_bytes, release_freed_host_memory
+from runtime.model.memory import available_bytes, onto_huge_pages, release_freed_host_memory
 from runtime.model.rope import rotary_parameters
 from runtime.quant import dense_weight_dtype, packed_nbytes, quantize_linear
 
@@ -343,9 +343,10 @@ def load_shard(
     report(0, total)
     layers = []
     for layer, bits in zip(range(start, stop), spec.layer_bits, strict=True):
-        layers.append(
-            _build_layer(arch, checkpoint, layer, bits, spec.group_size, dtype, dev, impl)
-        )
+        built = _build_layer(arch, checkpoint, layer, bits, spec.group_size, dtype, dev, impl)
+        if dev.type == "cpu":  # a decode step streams every weight: in huge pages, fewer TLB misses
+            onto_huge_pages(built)
+        layers.append(built)
         report(len(layers), total)
     tensors = {  # norms in the compute dtype; tables and projections as 16-bit weights are
         k: v.to(device=dev, dtype=_end_dtype(v, dtype, dev, impl))
@@ -357,6 +358,8 @@ def load_shard(
     if arch.family == "llama":
         inv_freq, scaling = rotary_parameters(arch)
         rope = RotaryTable(inv_freq.to(dev), scaling)
+    if dev.type == "cpu":  # a tied table and head as one module: they keep sharing one copy
+        onto_huge_pages(nn.ModuleList([m for m in (embedding, head) if m is not None]))
     shard = StageShard(arch, spec, layers, embedding, head, rope, dtype, dev)
     if ends:
         report(total, total)
