@@ -314,6 +314,10 @@ def load_shard(
     ``progress(done, total)`` is called as parts are loaded: once before the first, then after
     each decoder layer and after the embedding / final norm / LM head (one part together).
 
+    On a host, each layer's tensors from 2 MiB, the embedding table and the LM head are copied
+    into transparent huge pages as they are built (:func:`~runtime.model.memory.onto_huge_pages`,
+    one tensor at a time), where the kernel allows them: a decode step streams every weight.
+
     Raises:
         CheckpointError: a needed tensor is missing, misshapen, or its file is truncated.
         StageMemoryError: the stage would not fit the device's free memory.

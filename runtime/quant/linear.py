@@ -68,7 +68,8 @@ one pass over the weight (8 rows); bf16 up to 4 where torch's bf16 GEMM runs on 
 rows, on a Xeon, it served a batch-8 decode step of the ``--large`` bench in 111 ms against 124
 ms through the native fp32-product kernel). From ``native.DOT_FROM_ROWS`` rows, bf16 weights take
 the bf16 dot-product form, which rounds the rows to bf16 as torch's GEMM does (on a Zen 4 EPYC
-without AMX, 8 rows against a streamed 5632 × 2048 weight: 1.24 ms, torch's GEMM 1.65)."""
+without AMX, 8 rows against a 5632 × 2048 weight read from memory: 21-23 GB/s, torch's GEMM 15-17;
+:class:`DenseLinear` has the table)."""
 
 
 def native_dense_product(x2: Tensor, weight: Tensor) -> Tensor | None:
