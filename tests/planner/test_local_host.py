@@ -33,6 +33,8 @@ def test_measure_local_cpu_is_quick_and_positive() -> None:
 
 def test_small_measurements_are_positive() -> None:
     assert measure_memory_bandwidth_gb_s(buffer_bytes=1 << 20, repeats=1) > 0
+    for threads in (1, 3):  # each reads its share; more readers than the default is fine
+        assert measure_memory_bandwidth_gb_s(buffer_bytes=1 << 20, repeats=1, threads=threads) > 0
     assert measure_fp32_tflops(repeats=1) > 0
     assert usable_cores() >= 1
 
