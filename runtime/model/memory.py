@@ -93,7 +93,7 @@ def huge_page_zeros(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
     part past its last whole huge page stays in small pages, so nothing beyond its bytes (rounded
     to 4 KiB) becomes resident. The memory is an anonymous mapping the tensor keeps alive.
     """
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < HUGE_PAGE or not huge_pages_available():
         return torch.zeros(tuple(shape), dtype=dtype)
     region = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -110,7 +110,7 @@ def onto_huge_pages(module: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
     Only contiguous tensors that span their whole storage move; tensors sharing one storage
     (a tied embedding and LM head) keep sharing its copy. The same values, at new addresses:
     each tensor object keeps its identity (``.data`` is replaced), so modules holding it see the
-    copy. A no-op where huge pages are not available.
+    copy. Tensors on other devices stay; a no-op where huge pages are not available.
     """
     if not huge_pages_available():
         return 0
@@ -131,5 +131,6 @@ def onto_huge_pages(module: nn.Module, min_bytes: int = HUGE_PAGE) -> int:
                 total += tensor.nbytes
             with torch.no_grad():
                 tensor.data = moved[key]
-    release_freed_host_memory()
+    if total:
+        release_freed_host_memory()  # the small-page originals
     return total

@@ -348,8 +348,7 @@ def load_shard(
     layers = []
     for layer, bits in zip(range(start, stop), spec.layer_bits, strict=True):
         built = _build_layer(arch, checkpoint, layer, bits, spec.group_size, dtype, dev, impl)
-        if dev.type == "cpu":  # a decode step streams every weight: in huge pages, fewer TLB misses
-            onto_huge_pages(built)
+        onto_huge_pages(built)  # on a host: a decode step streams every weight, fewer TLB misses
         layers.append(built)
         report(len(layers), total)
     tensors = {  # norms in the compute dtype; tables and projections as 16-bit weights are
@@ -362,8 +361,8 @@ def load_shard(
     if arch.family == "llama":
         inv_freq, scaling = rotary_parameters(arch)
         rope = RotaryTable(inv_freq.to(dev), scaling)
-    if dev.type == "cpu":  # a tied table and head as one module: they keep sharing one copy
-        onto_huge_pages(nn.ModuleList([m for m in (embedding, head) if m is not None]))
+    # a tied table and head as one module: they keep sharing one copy
+    onto_huge_pages(nn.ModuleList([m for m in (embedding, head) if m is not None]))
     shard = StageShard(arch, spec, layers, embedding, head, rope, dtype, dev)
     if ends:
         report(total, total)

@@ -3,6 +3,7 @@ nothing extra resident, and the same numbers as in small pages."""
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import pytest
@@ -149,5 +150,5 @@ def test_huge_pages_follow_the_kernels_setting(
     path = tmp_path / "enabled"
     if setting is not None:
         path.write_text(setting)
-    expected = available and hasattr(__import__("mmap"), "MADV_HUGEPAGE")
+    expected = available and hasattr(mmap, "MADV_HUGEPAGE")
     assert memory.huge_pages_available.__wrapped__(path) is expected
