@@ -49,13 +49,23 @@ class KVCache:
         Returns:
             keys, values: [bsz, kv_heads, past + seqlen, head_dim] views into the cache.
         """
-        start, stop = slots
         end = past + k.shape[2]
+        keys, values = self.slots(layer, slots, end)
+        keys[:, :, past:end] = k
+        values[:, :, past:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+    def slots(self, layer: int, slots: tuple[int, int], end: int) -> tuple[Tensor, Tensor]:
+        """The slots' keys and values of one layer at full length, [bsz, kv_heads, max_len,
+        head_dim] views to write positions up to ``end`` into.
+
+        Raises:
+            ValueError: ``end`` is past the cache's length.
+        """
         if end > self.max_len:
             raise ValueError(f"sequence of {end} tokens exceeds the cache's {self.max_len}")
-        self.keys[layer][start:stop, :, past:end] = k
-        self.values[layer][start:stop, :, past:end] = v
-        return self.keys[layer][start:stop, :, :end], self.values[layer][start:stop, :, :end]
+        start, stop = slots
+        return self.keys[layer][start:stop], self.values[layer][start:stop]
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> Tensor:

@@ -178,6 +178,11 @@ class NativeKernels:
         if self.bf16_dot:
             lib.pq_dot_matmul.argtypes = [c_int, ptr, i64, i64, ptr, ptr, ptr, i64, ptr, i64, c_int]
             lib.pq_dot_matmul.restype = c_int
+        lib.pq_rope_into_cache.argtypes = [
+            ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64,
+            i64, c_int,
+        ]  # fmt: skip
+        lib.pq_rope_into_cache.restype = None
         lib.pq_dot_peak.argtypes = [i64, c_int]
         lib.pq_dot_peak.restype = ctypes.c_float
 
@@ -326,6 +331,36 @@ class NativeKernels:
         _check(status, x)
         return y
 
+    def rope_into_cache(
+        self, q: Tensor, k: Tensor, v: Tensor, rope: tuple[Tensor, Tensor], keys: Tensor,
+        values: Tensor, past: int,
+    ) -> Tensor:  # fmt: skip
+        """A step's rotary embedding and cache write in one call, fp32 throughout: ``q``
+        [bsz, seq, heads × hd], ``k`` and ``v`` [bsz, seq, kv_heads × hd] (views of one fused
+        projection will do), ``rope`` (cos, sin) [bsz, seq, hd]. The keys, rotated, and the values
+        go into ``keys`` and ``values`` [bsz, kv_heads, max_len, hd] (the micro-batch's slots of
+        one layer's cache) at positions ``past``..; the rotated queries [bsz, heads, seq, hd]
+        come back. Each element is ``x * cos + rotate_half(x) * sin`` with every product and the
+        sum rounded in fp32, as torch's elementwise operations compute it: the same bits."""
+        cos, sin = (t.contiguous() for t in rope)
+        bsz, seq, width = q.shape
+        slots, kv_heads, max_len, hd = keys.shape
+        heads = width // hd
+        (q, q_row), (k, k_row), (v, v_row) = (_rows(t) for t in (q, k, v))
+        assert slots == bsz and past + seq <= max_len and heads * hd == width
+        assert k.shape == v.shape == (bsz, seq, kv_heads * hd) and values.shape == keys.shape
+        assert cos.shape == sin.shape == (bsz, seq, hd) and hd % 2 == 0
+        for t in (q, k, v, cos, sin, keys, values):
+            assert t.dtype == torch.float32 and t.device.type == "cpu"
+        assert keys.is_contiguous() and values.is_contiguous()
+        out = torch.empty(bsz, seq, heads, hd)
+        self._lib.pq_rope_into_cache(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), bsz, seq, q_row, k_row, v_row, heads,
+            kv_heads, hd, cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
+            keys.data_ptr(), values.data_ptr(), max_len, past, torch.get_num_threads(),
+        )  # fmt: skip
+        return out.transpose(1, 2)
+
     def dequantize_bf16(self, q: QuantizedTensor, start: int, stop: int, out: Tensor) -> None:
         """Rows [start, stop) of the 8-, 4-, 3- or 2-bit weight ``q`` into ``out``
         [stop - start, in] bf16: computed in fp32 like :func:`runtime.quant.packing.dequantize`
@@ -360,6 +395,19 @@ def _check(status: int, x: Tensor) -> None:
     if status != 0:
         rows, inputs = x.shape
         raise MemoryError(f"no memory for a {rows}×{inputs} activation copy")
+
+
+def _rows(t: Tensor) -> tuple[Tensor, int]:
+    """``t`` [bsz, seq, width] with entries adjacent and rows evenly spaced (a copy where they are
+    not), and the spacing: row r = b × seq + s starts ``r`` spacings in."""
+    bsz, seq, _ = t.shape
+    if t.stride(2) == 1:
+        if seq == 1:
+            return t, t.stride(0)
+        if bsz == 1 or t.stride(0) == seq * t.stride(1):
+            return t, t.stride(1)
+    t = t.contiguous()
+    return t, t.shape[2]
 
 
 def _operands(x: Tensor, outputs: int) -> tuple[Tensor, Tensor]:

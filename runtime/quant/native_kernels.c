@@ -826,3 +826,63 @@ void pq_int4_dequantize_bf16(const uint8_t *w, const uint16_t *scale, const uint
         }
     }
 }
+
+/* ---------------------------------------------------------- rotary embedding into the cache */
+
+/* x * cos + rotate_half(x) * sin for `heads` heads of hd fp32 values at src (head h at src + h *
+ * hd) into dst (head h at dst + h * dst_head): each product and the sum rounded in fp32, as
+ * torch's three elementwise operations round them (explicit rounding modes: never fused into an
+ * FMA). rotate_half(x) is (-x[half:], x[:half]). */
+INLINE __m512 negated(__m512 v) { /* the sign bit flipped, as torch's neg: -0 from +0 */
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
+}
+
+static void rope_heads(const float *src, i64 heads, i64 hd, const float *cos, const float *sin,
+                       float *dst, i64 dst_head) {
+    const i64 half = hd / 2;
+    enum { RN = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC };
+    for (i64 h = 0; h < heads; h++) {
+        const float *x = src + h * hd;
+        float *out = dst + h * dst_head;
+        i64 d = 0;
+        for (; d + 16 <= half; d += 16) {
+            __m512 x1 = _mm512_loadu_ps(x + d), x2 = _mm512_loadu_ps(x + half + d);
+            __m512 first = _mm512_add_round_ps(
+                _mm512_mul_round_ps(x1, _mm512_loadu_ps(cos + d), RN),
+                _mm512_mul_round_ps(negated(x2), _mm512_loadu_ps(sin + d), RN), RN);
+            __m512 second = _mm512_add_round_ps(
+                _mm512_mul_round_ps(x2, _mm512_loadu_ps(cos + half + d), RN),
+                _mm512_mul_round_ps(x1, _mm512_loadu_ps(sin + half + d), RN), RN);
+            _mm512_storeu_ps(out + d, first);
+            _mm512_storeu_ps(out + half + d, second);
+        }
+        for (; d < half; d++) { /* volatile: each rounded on its own, never contracted */
+            volatile float a = x[d] * cos[d], b = -x[half + d] * sin[d];
+            volatile float c = x[half + d] * cos[half + d], e = x[d] * sin[half + d];
+            out[d] = a + b;
+            out[half + d] = c + e;
+        }
+    }
+}
+
+/* A step's new queries, keys and values of rows (b, t), b < bsz, t < seq (row r = b * seq + t of
+ * q [r, heads * hd], k and v [r, kv_heads * hd], rows `q_row`, `k_row` and `v_row` floats apart):
+ * queries rotated into q_out [bsz, seq, heads, hd]; keys rotated and values copied into the
+ * cache, k_cache and v_cache [bsz, kv_heads, max_len, hd] from the micro-batch's first slot, at
+ * position past + t. cos and sin are [bsz, seq, hd]. */
+void pq_rope_into_cache(const float *q, const float *k, const float *v, i64 bsz, i64 seq,
+                        i64 q_row, i64 k_row, i64 v_row, i64 heads, i64 kv_heads, i64 hd,
+                        const float *cos, const float *sin, float *q_out, float *k_cache,
+                        float *v_cache, i64 max_len, i64 past, int threads) {
+    const i64 rows = bsz * seq;
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * (heads + kv_heads) * hd >= 65536)
+    for (i64 r = 0; r < rows; r++) {
+        const i64 b = r / seq, t = r % seq;
+        const float *c = cos + r * hd, *s = sin + r * hd;
+        rope_heads(q + r * q_row, heads, hd, c, s, q_out + r * heads * hd, hd);
+        const i64 at = (b * kv_heads * max_len + past + t) * hd; /* head 0 of this position */
+        rope_heads(k + r * k_row, kv_heads, hd, c, s, k_cache + at, max_len * hd);
+        for (i64 h = 0; h < kv_heads; h++)
+            for (i64 d = 0; d < hd; d++) v_cache[at + h * max_len * hd + d] = v[r * v_row + h * hd + d];
+    }
+}

@@ -224,3 +224,40 @@ def test_decode_without_padding_attends_without_a_mask_and_matches_transformers(
     masked_decode = arch.alibi or bool(arch.sliding_window and arch.sliding_window < 7)
     assert {masked for tokens, masked in seen if tokens == 7} == {True}  # prefill: causal
     assert {masked for tokens, masked in seen if tokens == 1} == {masked_decode}
+
+
+@pytest.mark.parametrize("family", list(tiny_configs()))
+def test_a_host_stage_rotates_into_the_cache_in_one_call_with_the_same_bits(
+    checkpoints: dict[str, Path], family: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a host with the native kernels, a rotary family's layers rotate queries and keys and
+    write the cache in one native call, prefill and decode; greedy tokens and every logit are the
+    bits the torch operations give (the fused step switched off for the comparison)."""
+    from runtime.model import blocks
+    from runtime.quant import native
+
+    if native.kernels() is None:
+        pytest.skip(f"native kernels unavailable: {native.unavailable_reason()}")
+    directory = checkpoints[family]
+    fused = blocks._rope_into_cache
+    calls: list[int] = []  # new tokens of each fused step
+
+    def counted(q: torch.Tensor, *args: object) -> object:
+        out = fused(q, *args)  # type: ignore[arg-type]
+        if out is not None:
+            calls.append(q.shape[1])
+        return out
+
+    runs = []
+    for rotate in (counted, lambda *args: None):
+        monkeypatch.setattr(blocks, "_rope_into_cache", rotate)
+        chain = shards_for(directory, SPLITS[2], batch=3)
+        ids, mask = prompts(chain.shards[0].arch.vocab_size, [9, 5, 12])
+        runs.append(chain.greedy(ids, mask, MAX_NEW, prefill_size=2, decode_size=3))
+    arch = arch_from_config(read_config(directory), str(directory))
+    assert bool(calls) == (arch.family == "llama")  # rotary families only
+    if calls:
+        assert {1, 12} <= set(calls)  # decode steps and the prefill
+    assert torch.equal(runs[0].tokens, runs[1].tokens)
+    for mine, theirs in zip(runs[0].logits, runs[1].logits, strict=True):
+        assert torch.equal(mine, theirs)

@@ -336,3 +336,51 @@ def test_16_bit_fp32_layers_multiply_up_to_8_decode_rows_natively(
         x = _inputs(rows, 256)
         assert _relative(layer(x), x.double() @ w.double().t() + bias.double()) < 1e-6
     assert calls == [1, 8]  # 9 rows: torch's fp32 GEMM
+
+
+def _torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [bsz, heads, seq, hd] rotated as a Llama layer's torch operations rotate it."""
+    from runtime.model.blocks import rotate_half
+
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+@pytest.mark.parametrize(
+    ("bsz", "seq", "heads", "kv_heads", "hd", "past"),
+    [
+        (1, 1, 32, 8, 64, 60),  # a decode step of one sequence, grouped-query heads
+        (8, 1, 4, 4, 128, 5),  # a decode micro-batch of 8
+        (3, 7, 4, 2, 128, 0),  # a prefill
+        (2, 5, 6, 6, 20, 3),  # half a head below 16 lanes
+        (1, 9, 2, 1, 34, 1),  # 16 lanes and one more
+    ],
+)
+def test_rope_into_cache_gives_the_bits_of_torchs_rotation_and_cache_write(
+    bsz: int, seq: int, heads: int, kv_heads: int, hd: int, past: int
+) -> None:
+    """Queries and keys rotated, keys and values written at positions past.. of the micro-batch's
+    slots (rows of one fused q/k/v output, as the layer hands them): every bit as the torch
+    operations give it, the sign of a zero included; nothing else in the cache touched."""
+    assert KERNELS is not None
+    gen = torch.Generator().manual_seed(seq * 100 + hd)
+    widths = [heads * hd, kv_heads * hd, kv_heads * hd]
+    fused = torch.randn(bsz, seq, sum(widths), generator=gen)
+    fused[0, 0, :3], fused[0, 0, 3], fused[-1, -1, hd // 2] = 0.0, -0.0, -0.0
+    q, k, v = torch.split(fused, widths, dim=-1)
+    cos, sin = torch.randn(2, bsz, seq, hd, generator=gen)
+    cache = torch.randn(2, bsz + 2, kv_heads, past + seq + 4, hd, generator=gen)
+    expected = cache.clone()
+
+    def heads_first(t: torch.Tensor, n: int) -> torch.Tensor:
+        return t.view(bsz, seq, n, hd).transpose(1, 2)
+
+    want_q = _torch_rope(heads_first(q, heads), cos, sin)
+    expected[0, 1 : 1 + bsz, :, past : past + seq] = _torch_rope(heads_first(k, kv_heads), cos, sin)
+    expected[1, 1 : 1 + bsz, :, past : past + seq] = heads_first(v, kv_heads)
+    got_q = KERNELS.rope_into_cache(
+        q, k, v, (cos, sin), cache[0, 1 : 1 + bsz], cache[1, 1 : 1 + bsz], past
+    )
+    assert got_q.shape == (bsz, heads, seq, hd)
+    assert torch.equal(got_q.contiguous().view(torch.int32), want_q.contiguous().view(torch.int32))
+    assert torch.equal(cache.view(torch.int32), expected.view(torch.int32))
