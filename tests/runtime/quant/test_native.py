@@ -316,6 +316,23 @@ def test_dot_products_are_exact_products_of_bf16_rows(m: int, n: int, k: int) ->
             assert _relative(y4, x_bf16 @ w4.t()) < 1e-5
 
 
+@pytest.mark.skipif(
+    KERNELS is None or not KERNELS.bf16_dot, reason="this build has no bf16 dot products"
+)
+@pytest.mark.parametrize("m", [5, 7, 8, 9, 16])
+@pytest.mark.parametrize("k", [2064, 4200])  # one or two chunks of inputs a pass, and a tail
+def test_several_rows_sum_each_row_as_it_would_be_summed_alone(m: int, k: int) -> None:
+    """Rows in bf16 dot products against bf16 weights and int8 codes, however many a pass takes
+    and in however many passes: every output the bits of that row's product on its own."""
+    assert KERNELS is not None
+    x, w = _inputs(m, k), _weight(37, k).bfloat16()  # 37 weight rows: groups and a remainder
+    q8 = quantize_rtn(_weight(37, k), 8, k, torch.bfloat16)
+    for weight in ((w,), (q8.codes.view(torch.int8), q8.scales)):
+        together = KERNELS.dot_matmul(x, *weight)
+        alone = torch.cat([KERNELS.dot_matmul(x[r : r + 1], *weight) for r in range(m)])
+        assert torch.equal(together, alone)
+
+
 def test_16_bit_fp32_layers_multiply_up_to_8_decode_rows_natively(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
