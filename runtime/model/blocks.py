@@ -128,7 +128,7 @@ def _rope_into_cache(
     if kernels is None:
         return None
     end = ctx.past + q.shape[1]
-    keys, values = cache.slots(layer, ctx.slots, end)
+    keys, values = cache.slot_views(layer, ctx.slots, end)
     if keys.dtype != torch.float32:
         return None
     rotated = kernels.rope_into_cache(q, k, v, ctx.rope, keys, values, ctx.past)

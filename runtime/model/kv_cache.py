@@ -50,12 +50,12 @@ class KVCache:
             keys, values: [bsz, kv_heads, past + seqlen, head_dim] views into the cache.
         """
         end = past + k.shape[2]
-        keys, values = self.slots(layer, slots, end)
+        keys, values = self.slot_views(layer, slots, end)
         keys[:, :, past:end] = k
         values[:, :, past:end] = v
         return keys[:, :, :end], values[:, :, :end]
 
-    def slots(self, layer: int, slots: tuple[int, int], end: int) -> tuple[Tensor, Tensor]:
+    def slot_views(self, layer: int, slots: tuple[int, int], end: int) -> tuple[Tensor, Tensor]:
         """The slots' keys and values of one layer at full length, [bsz, kv_heads, max_len,
         head_dim] views to write positions up to ``end`` into.
 

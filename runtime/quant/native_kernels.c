@@ -16,6 +16,8 @@
  *                   per group, in bf16 dot products (avx512_bf16 and avx512_vbmi)
  *   pq_int8_dequantize_bf16, pq_int4_dequantize_bf16, pq_stream_dequantize_bf16
  *                   rows of those codes as the bf16 weight they stand for (a prefill's GEMM block)
+ *   pq_rope_into_cache
+ *                   a step's rotary embedding of queries and keys and its KV cache write, fp32
  *
  * x is fp32 [M, K] and y fp32 [M, N], both row-major; sums are fp32. The weight is read once per
  * 8 activation rows (a decode step's micro-batch), a few output rows at a time so that each
@@ -520,19 +522,20 @@ INLINE void dot_pass(const uint16_t *xb, i64 K, const void *w, i64 n, i64 k0, i6
         UNROLL for (int r = 0; r < M; r++) held[j][r] = acc[j][r];
 }
 
-/* dot_block for 5-8 activation rows (bf16 weights from TWO_PASSES_FROM rows), each R weight rows
- * met by the first 4 rows and then by the rest, K_CHUNK inputs at a time: the 4 rows' chunk and the weight
- * rows' (7 x 2048 bf16 inputs, 28 KiB) stay in L1, so the second pass reads the weights from
- * there, not from memory. All 8 rows in one pass fill L1 with 32 KiB of activations alone: their
- * loads go to L2 and the weights' reads from memory stop overlapping the products (one thread
- * read 5632 x 2048 bf16 weights at 14 GB/s, 58 G multiply-adds a second, where the products
- * alone, in cache, ran at 97 G and 4 rows read 18.5 GB/s). Against 5632 x 2048 and 2048 x 5632
- * bf16 weights in huge pages from memory on a 2-core Zen 4 EPYC, two threads: 1.11-1.28x and
- * 0.98-1.12x the bytes a second of one pass at 8 rows (up to 92 % of the machine's bandwidth
- * probe), 1.11x at 7 rows; 0.96x and 1.03x at 5 and 6 rows, which keep one pass
- * (TWO_PASSES_FROM). Int8 codes keep one pass: their conversion to bf16, done once per pass,
- * made two passes 0.77-0.87x. Each lane adds the same products in the same order as
- * dot_block's, so the bits are the same. */
+/* dot_block for 5-8 activation rows (bf16 weights from TWO_PASSES_FROM rows): each R weight
+ * rows met by the first 4 activation rows and then by the rest, K_CHUNK inputs at a time, so that
+ * the 4 rows' chunk and the weight rows' (7 x 2048 bf16 inputs, 28 KiB) stay in L1 and the
+ * second pass reads the weights from there, not from memory. All 8 rows in one pass fill L1 with
+ * 32 KiB of activations alone: their loads go to L2 and the weights' reads from memory stop
+ * overlapping the products (one thread read 5632 x 2048 bf16 weights at 14 GB/s, 58 G
+ * multiply-adds a second, where the products alone, in cache, ran at 97 G and 4 rows read
+ * 18.5 GB/s). Against 5632 x 2048 and 2048 x 5632 bf16 weights in huge pages from memory on a
+ * 2-core Zen 4 EPYC, two threads: 1.11-1.28x and 0.98-1.12x the bytes a second of one pass at 8
+ * rows (up to 92 % of the machine's bandwidth probe), 1.13-1.23x against Llama-7B's shapes,
+ * 1.11x at 7 rows; 0.96x and 1.03x at 5 and 6 rows, which keep one pass. Int8 codes keep one
+ * pass: their conversion to bf16 sets their pace at 8 rows, and two passes took 0.77-0.87x (each
+ * converting) or 0.65-0.94x (the first keeping its bf16 weights in an L1 buffer for the second).
+ * Each lane adds the same products in the same order as dot_block's, so the bits are the same. */
 INLINE void dot_two_passes(const uint16_t *xb, i64 K, const void *w, const uint16_t *scale,
                            float *y, i64 N, i64 n0, i64 n1, const int M, const int R,
                            const int KIND) {
@@ -899,14 +902,14 @@ void pq_int4_dequantize_bf16(const uint8_t *w, const uint16_t *scale, const uint
 
 /* ---------------------------------------------------------- rotary embedding into the cache */
 
-/* x * cos + rotate_half(x) * sin for `heads` heads of hd fp32 values at src (head h at src + h *
- * hd) into dst (head h at dst + h * dst_head): each product and the sum rounded in fp32, as
- * torch's three elementwise operations round them (explicit rounding modes: never fused into an
- * FMA). rotate_half(x) is (-x[half:], x[:half]). */
 INLINE __m512 negated(__m512 v) { /* the sign bit flipped, as torch's neg: -0 from +0 */
     return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
 }
 
+/* x * cos + rotate_half(x) * sin for `heads` heads of hd fp32 values at src (head h at src + h *
+ * hd) into dst (head h at dst + h * dst_head): each product and the sum rounded in fp32, as
+ * torch's three elementwise operations round them (explicit rounding modes: never fused into an
+ * FMA). rotate_half(x) is (-x[half:], x[:half]). */
 static void rope_heads(const float *src, i64 heads, i64 hd, const float *cos, const float *sin,
                        float *dst, i64 dst_head) {
     const i64 half = hd / 2;
