@@ -115,6 +115,13 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def rotate(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """Queries or keys ``x`` [bsz, heads, seq, hd] rotated by ``rope`` (cos, sin) [bsz, seq, hd],
+    as transformers' Llama rotates them: ``x * cos + rotate_half(x) * sin``."""
+    cos, sin = (t.unsqueeze(1) for t in rope)
+    return x * cos + rotate_half(x) * sin
+
+
 def _rope_into_cache(
     q: Tensor, k: Tensor, v: Tensor, ctx: StepContext, cache: KVCache, layer: int
 ) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -162,9 +169,7 @@ class Attention(nn.Module):
             k = k.view(bsz, seqlen, self.kv_heads, self.head_dim).transpose(1, 2)
             v = v.view(bsz, seqlen, self.kv_heads, self.head_dim).transpose(1, 2)
             if ctx.rope is not None:
-                cos, sin = (t.unsqueeze(1) for t in ctx.rope)
-                q = q * cos + rotate_half(q) * sin
-                k = k * cos + rotate_half(k) * sin
+                q, k = rotate(q, ctx.rope), rotate(k, ctx.rope)
             keys, values = cache.write(layer, ctx.slots, ctx.past, k, v)  # [bsz, kvh, past+t, hd]
         group = self.heads // self.kv_heads
         if group == 1:

@@ -449,6 +449,16 @@ INLINE __m512bh load32_bh(const void *w, i64 K, i64 row, i64 k, __m512 sv, __m51
     return _mm512_cvtne2ps_pbh(hi, lo);
 }
 
+/* One output of the dot form: the 16 lanes of `acc` (inputs [0, done) of activation row xr
+ * against weight row `row`) summed, the inputs from `done` added one by one, an int8 row's scale
+ * applied. */
+INLINE float dot_total(__m512 acc, const uint16_t *xr, i64 K, i64 done, const void *w,
+                       const uint16_t *scale, i64 row, const int KIND) {
+    float t = _mm512_reduce_add_ps(acc);
+    for (i64 kk = done; kk < K; kk++) t += load1(w, K, row, kk, KIND) * bf16_to_float(xr[kk]);
+    return KIND == INT8 ? t * bf16_to_float(scale[row]) : t;
+}
+
 /* Output rows [n0, n1) for M activation rows held as bf16 in xb [M, K] (for 4-bit codes each
  * block of 32 inputs as its 16 even then its 16 odd entries), R weight rows at a time: each
  * vdpbf16ps sums 32 exact products into 16 fp32 lanes. K % 32 inputs of bf16 and int8 rows
@@ -485,15 +495,9 @@ INLINE void dot_block(const uint16_t *xb, i64 K, const void *w, const uint16_t *
                 UNROLL for (int j = 0; j < R; j++) acc[j][r] = _mm512_dpbf16_ps(acc[j][r], wv[j], xv);
             }
         }
-        UNROLL for (int j = 0; j < R; j++) {
-            float s = KIND == INT8 ? bf16_to_float(scale[n + j]) : 1.0f;
-            UNROLL for (int r = 0; r < M; r++) {
-                float t = _mm512_reduce_add_ps(acc[j][r]);
-                for (i64 kk = k; kk < K; kk++)
-                    t += load1(w, K, n + j, kk, KIND) * bf16_to_float(xb[r * K + kk]);
-                y[r * N + n + j] = t * s;
-            }
-        }
+        UNROLL for (int j = 0; j < R; j++)
+            UNROLL for (int r = 0; r < M; r++)
+                y[r * N + n + j] = dot_total(acc[j][r], xb + r * K, K, k, w, scale, n + j, KIND);
     }
 }
 
@@ -549,15 +553,10 @@ INLINE void dot_two_passes(const uint16_t *xb, i64 K, const void *w, const uint1
             dot_pass(xb, K, w, n, k0, k1, held[0], 4, R, KIND);
             dot_pass(xb + 4 * K, K, w, n, k0, k1, held[1], M - 4, R, KIND);
         }
-        UNROLL for (int j = 0; j < R; j++) {
-            float s = KIND == INT8 ? bf16_to_float(scale[n + j]) : 1.0f;
-            UNROLL for (int r = 0; r < M; r++) {
-                float t = _mm512_reduce_add_ps(held[r / 4][j][r % 4]);
-                for (i64 kk = whole; kk < K; kk++)
-                    t += load1(w, K, n + j, kk, KIND) * bf16_to_float(xb[r * K + kk]);
-                y[r * N + n + j] = t * s;
-            }
-        }
+        UNROLL for (int j = 0; j < R; j++)
+            UNROLL for (int r = 0; r < M; r++)
+                y[r * N + n + j] =
+                    dot_total(held[r / 4][j][r % 4], xb + r * K, K, whole, w, scale, n + j, KIND);
     }
 }
 

@@ -355,14 +355,6 @@ def test_16_bit_fp32_layers_multiply_up_to_8_decode_rows_natively(
     assert calls == [1, 8]  # 9 rows: torch's fp32 GEMM
 
 
-def _torch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [bsz, heads, seq, hd] rotated as a Llama layer's torch operations rotate it."""
-    from runtime.model.blocks import rotate_half
-
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
-
-
 @pytest.mark.parametrize(
     ("bsz", "seq", "heads", "kv_heads", "hd", "past"),
     [
@@ -379,6 +371,8 @@ def test_rope_into_cache_gives_the_bits_of_torchs_rotation_and_cache_write(
     """Queries and keys rotated, keys and values written at positions past.. of the micro-batch's
     slots (rows of one fused q/k/v output, as the layer hands them): every bit as the torch
     operations give it, the sign of a zero included; nothing else in the cache touched."""
+    from runtime.model.blocks import rotate  # the layers' torch operations
+
     assert KERNELS is not None
     gen = torch.Generator().manual_seed(seq * 100 + hd)
     widths = [heads * hd, kv_heads * hd, kv_heads * hd]
@@ -392,8 +386,8 @@ def test_rope_into_cache_gives_the_bits_of_torchs_rotation_and_cache_write(
     def heads_first(t: torch.Tensor, n: int) -> torch.Tensor:
         return t.view(bsz, seq, n, hd).transpose(1, 2)
 
-    want_q = _torch_rope(heads_first(q, heads), cos, sin)
-    expected[0, 1 : 1 + bsz, :, past : past + seq] = _torch_rope(heads_first(k, kv_heads), cos, sin)
+    want_q = rotate(heads_first(q, heads), (cos, sin))
+    expected[0, 1 : 1 + bsz, :, past : past + seq] = rotate(heads_first(k, kv_heads), (cos, sin))
     expected[1, 1 : 1 + bsz, :, past : past + seq] = heads_first(v, kv_heads)
     got_q = KERNELS.rope_into_cache(
         q, k, v, (cos, sin), cache[0, 1 : 1 + bsz], cache[1, 1 : 1 + bsz], past
