@@ -54,10 +54,14 @@ DOT_FROM_ROWS: Mapping[torch.dtype, int] = MappingProxyType(
 bf16) take the bf16 dot-product form (:meth:`NativeKernels.dot_matmul`) where it is built: rows
 rounded to bf16, as torch's bf16 GEMM and its int8 and int4 kernels round them, for twice the
 multiply-adds an instruction of fp32 FMAs. Below, a step is bound by memory, not arithmetic, and
-fp32 activations keep their precision. Streaming a 5632 × 2048 weight from memory on a 2-core
-Zen 4 EPYC, the dot form took (ms, 4 / 8 rows, best of two): int8 0.57 / 0.67 against fp32
-products' 0.67 / 1.25; 4-bit (groups of 128) 0.46 / 0.73 against 0.77 / 1.18, and 0.37 against
-0.39 at 2 rows; bf16 0.96 / 1.18 against 0.99 / 1.49 (torch's bf16 GEMM: 1.43 / 1.47)."""
+the activations keep more precision: fp32, or int8 codes' 15-bit rows (the int16 form of
+:meth:`NativeKernels.int8_matmul`, which keeps up with the memory where fp32 products did not:
+one row read a 5632 × 2048 weight at 1.28-1.39× their bytes a second, two rows 1.28×; from 4 rows
+the int16 products, half the rate of bf16 ones on a Zen 4, gain nothing). Streaming a 5632 × 2048
+weight from memory on a 2-core Zen 4 EPYC, the dot form took (ms, 4 / 8 rows, best of two): int8
+0.57 / 0.67 against fp32 products' 0.67 / 1.25; 4-bit (groups of 128) 0.46 / 0.73 against 0.77 /
+1.18, and 0.37 against 0.39 at 2 rows; bf16 0.96 / 1.18 against 0.99 / 1.49 (torch's bf16 GEMM:
+1.43 / 1.47)."""
 
 
 class NativeBuildError(Exception):
@@ -158,11 +162,16 @@ class NativeKernels:
         lib.pq_int4_dequantize_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, c_int]
         lib.pq_int4_dequantize_bf16.restype = None
         lib.pq_has_bf16_dot.restype = c_int
+        lib.pq_has_int8_wide.restype = c_int
+        lib.pq_int8_wide_matmul.argtypes = [ptr, i64, i64, ptr, ptr, ptr, i64, c_int]
+        lib.pq_int8_wide_matmul.restype = c_int
         self._lib = lib
         self.int4_row_form = lib.pq_int4_row_form().decode()
         """``bf16-dot`` (one row rounded to bf16, vdpbf16ps) or ``fp32``."""
         self.bf16_dot = bool(lib.pq_has_bf16_dot())
         """Whether :meth:`dot_matmul` is built (a CPU with avx512_bf16)."""
+        self.int8_wide = bool(lib.pq_has_int8_wide())
+        """Whether :meth:`int8_matmul` holds the rows as int16 (a CPU with avx512_vnni)."""
         lib.pq_has_stream_dot.restype = c_int
         self.stream_dot = bool(lib.pq_has_stream_dot())
         """Whether :meth:`stream_matmul` is built (a CPU with avx512_bf16 and avx512_vbmi)."""
@@ -202,15 +211,28 @@ class NativeKernels:
 
     def int8_matmul(self, x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
         """``x`` [M, K] times (int8 ``codes`` [N, K] × bf16 ``scales`` [N]) transposed: fp32
-        [M, N]."""
+        [M, N]. Below :data:`DOT_FROM_ROWS` rows, or where the dot form is not built, and where
+        :attr:`int8_wide` is, the rows are held as int16 with a power-of-two scale per
+        :data:`WIDE_BLOCK` inputs (:func:`int16_rows` gives the values they stand for) and met by
+        the codes in exact integer products, summed exactly within a block (vpdpwssd): half the
+        instructions of fp32 FMAs for one row, 15 bits of each input where the dot form keeps 8.
+        Rows with a value that is not finite take the fp32 form, so that it reaches the output."""
         if self._dot_rows(x, codes):
             return self.dot_matmul(x, codes, scales)
+        if self.int8_wide:
+            x, y = _operands(x, codes.shape[0])
+            _int8_shapes(x, codes, scales)
+            status = self._lib.pq_int8_wide_matmul(
+                x.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), scales.data_ptr(),
+                y.data_ptr(), y.shape[1], torch.get_num_threads(),
+            )  # fmt: skip
+            if status == 0:
+                return y
+            _check(min(status, 0), x)
         x, y = _operands(x, codes.shape[0])
         rows, inputs = x.shape
         outputs = y.shape[1]
-        assert codes.dtype == torch.int8 and codes.shape == (outputs, inputs)
-        assert scales.dtype == torch.bfloat16 and scales.shape == (outputs,)
-        assert codes.is_contiguous() and scales.is_contiguous()
+        _int8_shapes(x, codes, scales)
         self._lib.pq_int8_matmul(
             x.data_ptr(), rows, inputs, codes.data_ptr(), scales.data_ptr(), y.data_ptr(),
             outputs, torch.get_num_threads(),
@@ -408,6 +430,33 @@ def _rows(t: Tensor) -> tuple[Tensor, int]:
             return t, t.stride(1)
     t = t.contiguous()
     return t, t.shape[2]
+
+
+def _int8_shapes(x: Tensor, codes: Tensor, scales: Tensor) -> None:
+    outputs, inputs = codes.shape
+    assert codes.dtype == torch.int8 and inputs == x.shape[1]
+    assert scales.dtype == torch.bfloat16 and scales.shape == (outputs,)
+    assert codes.is_contiguous() and scales.is_contiguous()
+
+
+WIDE_BLOCK = 512
+"""Inputs of an activation row that share one power-of-two scale in the int16 form."""
+
+
+def int16_rows(x: Tensor) -> Tensor:
+    """The fp32 values the int16 form of :meth:`NativeKernels.int8_matmul` multiplies for rows
+    ``x`` [M, K] (finite): each block of :data:`WIDE_BLOCK` inputs whose largest magnitude is
+    f·2^e (f in [0.5, 1)) rounded to multiples of 2^(e - 15), ties to even, at most 32767 of them
+    (an all-zero block stays zero)."""
+    x = x.to(torch.float32)
+    out = torch.empty_like(x)
+    for k0 in range(0, x.shape[1], WIDE_BLOCK):
+        block = x[:, k0 : k0 + WIDE_BLOCK]
+        _, e = torch.frexp(block.abs().amax(dim=1, keepdim=True))
+        e = torch.where(block.abs().amax(dim=1, keepdim=True) > 0, e, 15)
+        steps = torch.round(torch.ldexp(block, 15 - e)).clamp(-32768, 32767)
+        out[:, k0 : k0 + WIDE_BLOCK] = torch.ldexp(steps, e - 15)
+    return out
 
 
 def _operands(x: Tensor, outputs: int) -> tuple[Tensor, Tensor]:

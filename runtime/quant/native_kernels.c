@@ -11,6 +11,9 @@
  *   pq_dot_matmul   any of those weights against x rounded to bf16, in bf16 dot products
  *                   (avx512_bf16): exact products, fp32 sums, twice the multiply-adds an
  *                   instruction; what several activation rows take
+ *   pq_int8_wide_matmul
+ *                   int8 codes against x held as int16, a power-of-two scale per 512 inputs, in
+ *                   exact integer products (avx512_vnni): what one to three rows take
  *   pq_stream_matmul
  *                   2-, 3- or 4-bit codes of packing's bit stream, fp16 or bf16 scales and zeros
  *                   per group, in bf16 dot products (avx512_bf16 and avx512_vbmi)
@@ -612,6 +615,163 @@ int pq_dot_matmul(int kind, const float *x, i64 M, i64 K, const void *w, const u
     return 0;
 }
 #endif
+
+#if defined(__AVX512VNNI__)
+/* ------------------------------------------- int8 codes against rows held as int16 (VNNI) */
+
+#define WIDE_BLOCK 512 /* inputs of an activation row that share one power-of-two scale */
+
+/* The rows of x [M, K] as int16 in a new *xq [M, Kp] (Kp: K rounded up to 32, zeros after K),
+ * with a new *xs [M, blocks] of the power-of-two scale of each WIDE_BLOCK inputs: a block whose
+ * largest |x| is f 2^e (f in [0.5, 1)) holds x 2^(15 - e) rounded to the nearest integer (ties to
+ * even; 2^15 itself saturates to 32767) and its scale is 2^(e - 15); an all-zero block holds
+ * zeros, scale 1. Returns 0; 1 when an input is not finite, -1 when the memory cannot be
+ * allocated (nothing allocated either way). */
+static int rows_to_int16(const float *x, i64 M, i64 K, int16_t **xq, float **xs) {
+    const i64 Kp = (K + 31) / 32 * 32, blocks = (K + WIDE_BLOCK - 1) / WIDE_BLOCK;
+    *xq = malloc(sizeof(int16_t) * (size_t)(M * Kp));
+    *xs = malloc(sizeof(float) * (size_t)(M * blocks));
+    if (!*xq || !*xs) {
+        free(*xq);
+        free(*xs);
+        return -1;
+    }
+    for (i64 r = 0; r < M; r++) {
+        const float *src = x + r * K;
+        int16_t *dst = *xq + r * Kp;
+        for (i64 b = 0; b < blocks; b++) {
+            const i64 k0 = b * WIDE_BLOCK, k1 = k0 + WIDE_BLOCK < K ? k0 + WIDE_BLOCK : K;
+            __m512 top = _mm512_setzero_ps();
+            __mmask16 bad = 0;
+            for (i64 k = k0; k < k1; k += 16) {
+                __mmask16 in = k1 - k >= 16 ? 0xFFFF : (__mmask16)((1u << (k1 - k)) - 1);
+                __m512 v = _mm512_maskz_loadu_ps(in, src + k);
+                bad |= _mm512_fpclass_ps_mask(v, 0x99); /* NaN or infinity */
+                top = _mm512_max_ps(top, _mm512_abs_ps(v));
+            }
+            if (bad) {
+                free(*xq);
+                free(*xs);
+                return 1;
+            }
+            const __m128 largest = _mm_set_ss(_mm512_reduce_max_ps(top));
+            /* e - 1 = floor(log2 largest), subnormals included */
+            const float e = _mm_cvtss_f32(largest) > 0.0f
+                                ? _mm_cvtss_f32(_mm_getexp_ss(largest, largest)) + 1.0f
+                                : 15.0f;
+            const __m512 up = _mm512_set1_ps(15.0f - e);
+            const __m128 down = _mm_scalef_ss(_mm_set_ss(1.0f), _mm_set_ss(e - 15.0f));
+            (*xs)[r * blocks + b] = _mm_cvtss_f32(down);
+            for (i64 k = k0; k < k1; k += 16) {
+                __mmask16 in = k1 - k >= 16 ? 0xFFFF : (__mmask16)((1u << (k1 - k)) - 1);
+                __m512 v = _mm512_scalef_ps(_mm512_maskz_loadu_ps(in, src + k), up);
+                const __m256i held = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(v)); /* saturating */
+                _mm256_mask_storeu_epi16(dst + k, in, held);
+            }
+        }
+        for (i64 k = K; k < Kp; k++) dst[k] = 0;
+    }
+    return 0;
+}
+
+/* Output rows [n0, n1) of int8 codes for M rows of int16 activations (rows_to_int16), R weight rows
+ * at a time: vpdpwssd sums 32 exact products into 16 int32 lanes, and each WIDE_BLOCK inputs'
+ * lanes (at most 32 products of |q| <= 128 and |x| <= 2^15: no overflow) are converted and
+ * scaled into fp32 sums. The codes need one widening where the bf16 form converts them twice and
+ * rounds; the rows keep 15 bits where bf16 keeps 8. */
+INLINE void wide_block(const int16_t *xq, const float *xs, i64 K, const int8_t *w,
+                       const uint16_t *scale, float *y, i64 N, i64 n0, i64 n1, const int M,
+                       const int R) {
+    const i64 Kp = (K + 31) / 32 * 32, blocks = (K + WIDE_BLOCK - 1) / WIDE_BLOCK;
+    for (i64 n = n0; n < n1; n += R) {
+        /* fp32 sums in memory, touched once a block: the registers hold the int32 ones */
+        float acc[MAX_BLOCK][MAX_ROWS][16] __attribute__((aligned(64)));
+        UNROLL for (int j = 0; j < R; j++)
+            UNROLL for (int r = 0; r < M; r++) _mm512_store_ps(acc[j][r], _mm512_setzero_ps());
+        for (i64 b = 0; b < blocks; b++) {
+            const i64 k0 = b * WIDE_BLOCK, k1 = k0 + WIDE_BLOCK < K ? k0 + WIDE_BLOCK : K;
+            __m512i sum[MAX_BLOCK][MAX_ROWS];
+            UNROLL for (int j = 0; j < R; j++)
+                UNROLL for (int r = 0; r < M; r++) sum[j][r] = _mm512_setzero_si512();
+            for (i64 k = k0; k < k1; k += 32) {
+                const __mmask32 in = k1 - k >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << (k1 - k)) - 1);
+                __m512i wv[MAX_BLOCK];
+                UNROLL for (int j = 0; j < R; j++) {
+                    const int8_t *row = w + (n + j) * K;
+                    if (R > 1 && (k & 63) == 0)
+                        _mm_prefetch((const char *)(row + R * K + k), _MM_HINT_T1);
+                    wv[j] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(in, row + k));
+                }
+                UNROLL for (int r = 0; r < M; r++) {
+                    const __m512i xv = _mm512_loadu_si512(xq + r * Kp + k);
+                    UNROLL for (int j = 0; j < R; j++)
+                        sum[j][r] = _mm512_dpwssd_epi32(sum[j][r], wv[j], xv);
+                }
+            }
+            UNROLL for (int r = 0; r < M; r++) {
+                const __m512 s = _mm512_set1_ps(xs[r * blocks + b]);
+                UNROLL for (int j = 0; j < R; j++) {
+                    const __m512 t = _mm512_cvtepi32_ps(sum[j][r]);
+                    _mm512_store_ps(acc[j][r], _mm512_fmadd_ps(t, s, _mm512_load_ps(acc[j][r])));
+                }
+            }
+        }
+        UNROLL for (int j = 0; j < R; j++) {
+            const float s = bf16_to_float(scale[n + j]);
+            UNROLL for (int r = 0; r < M; r++)
+                y[r * N + n + j] = _mm512_reduce_add_ps(_mm512_load_ps(acc[j][r])) * s;
+        }
+    }
+}
+
+#define WIDE_CASE(M, R)                                                                            \
+    case M:                                                                                        \
+        SPLIT_ROWS(wide_block(xq, xs, K, w, scale, y, N, n0, whole, M, R),                         \
+                   wide_block(xq, xs, K, w, scale, y, N, n0, n1, M, 1), R);                        \
+        break
+
+static void int8_wide_rows(const int16_t *xq, const float *xs, int m, i64 K, const int8_t *w,
+                           const uint16_t *scale, float *y, i64 N, i64 n0, i64 n1) {
+    switch (m) {
+        WIDE_CASE(1, 4); WIDE_CASE(2, 4); WIDE_CASE(3, 4); WIDE_CASE(4, 4);
+        WIDE_CASE(5, 3); WIDE_CASE(6, 3); WIDE_CASE(7, 3); default: WIDE_CASE(8, 3);
+    }
+}
+#endif
+
+/* y [M, N] = x [M, K] times int8 codes [N, K] with bf16 row scales, transposed, the rows held as
+ * int16 with a power-of-two scale per WIDE_BLOCK inputs (rows_to_int16; avx512_vnni): exact
+ * integer products and sums within a block, fp32 across blocks. Returns 0; 1 when x holds a value
+ * that is not finite or the CPU lacks avx512_vnni (nothing computed: the caller takes another
+ * form); -1 when the int16 copy of x cannot be allocated. */
+int pq_int8_wide_matmul(const float *x, i64 M, i64 K, const int8_t *w, const uint16_t *scale,
+                        float *y, i64 N, int threads) {
+#if defined(__AVX512VNNI__)
+    int16_t *xq;
+    float *xs;
+    int status = rows_to_int16(x, M, K, &xq, &xs);
+    if (status) return status;
+    const i64 Kp = (K + 31) / 32 * 32, blocks = (K + WIDE_BLOCK - 1) / WIDE_BLOCK;
+    FOR_ROW_CHUNKS(M, N, threads,
+                   int8_wide_rows(xq + m0 * Kp, xs + m0 * blocks, m, K, w, scale, y + m0 * N, N,
+                                  b_first_row, b_end_row))
+    free(xq);
+    free(xs);
+    return 0;
+#else
+    (void)x, (void)M, (void)K, (void)w, (void)scale, (void)y, (void)N, (void)threads;
+    return 1;
+#endif
+}
+
+/* Whether this build has pq_int8_wide_matmul's form (a CPU with avx512_vnni). */
+int pq_has_int8_wide(void) {
+#if defined(__AVX512VNNI__)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 /* --------------------------------------- 2-, 3- and 4-bit codes of packing's bit stream */

@@ -51,10 +51,57 @@ def test_int8_product_equals_the_fp32_product_of_the_dequantized_weight(
     x = _inputs(m, k)
     y = KERNELS.int8_matmul(x, q.codes.view(torch.int8), q.scales)
     assert y.shape == (m, n) and y.dtype == torch.float32
-    # the dot-product form rounds the rows to bf16; codes times scales are exact in fp32
-    x_used = x.bfloat16().float() if _dot_form(m, torch.int8) else x
-    # the same fp32 products, summed in another order
-    assert _relative(y, x_used @ dequantize(q).t()) < 1e-5
+    # the same fp32 products (codes times scales are exact), summed in another order
+    assert _relative(y, _int8_rows(x) @ dequantize(q).t()) < 1e-5
+
+
+def _int8_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows int8 codes meet: rounded to bf16 in the dot-product form, to 15 bits a block
+    in the int16 form, else fp32 as they are."""
+    assert KERNELS is not None
+    if _dot_form(x.shape[0], torch.int8):
+        return x.bfloat16().float()
+    return native.int16_rows(x) if KERNELS.int8_wide else x
+
+
+@pytest.mark.skipif(
+    KERNELS is None or not KERNELS.int8_wide, reason="the int16 form needs avx512_vnni"
+)
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_the_int16_form_rounds_each_block_of_a_row_to_15_bits(m: int) -> None:
+    assert KERNELS is not None
+    k = 2 * native.WIDE_BLOCK + 40  # two whole blocks and a part, with a tail past 32s
+    x = _inputs(m, k)
+    x[0, : native.WIDE_BLOCK] *= 0.1  # below 0.5, and then the block's largest is
+    x[0, 3] = 1 - 2**-20  # 2^15 steps of 2^-15 rounded: held at 32767
+    x[0, 5] = 2.5 * 2**-15  # half a step past a whole number of steps: ties go to even
+    x[-1, native.WIDE_BLOCK : 2 * native.WIDE_BLOCK] = 0  # an all-zero block
+    x[-1, 2 * native.WIDE_BLOCK] = 3e4  # an outlier coarsens its own block only
+    x[-1, 2 * native.WIDE_BLOCK + 1] = 1e-41  # subnormal
+    # one code of 1 a row: each output is one input as the kernel holds it, exactly
+    codes = torch.eye(k, dtype=torch.int8)
+    y = KERNELS.int8_matmul(x, codes, torch.ones(k, dtype=torch.bfloat16))
+    held = native.int16_rows(x)
+    assert torch.equal(y, held)
+    assert held[0, 3] == 32767 * 2**-15 and held[0, 5] == 2 * 2**-15
+    first = slice(8, native.WIDE_BLOCK)  # (past the held-back entry of row 0)
+    largest = x[-1, : native.WIDE_BLOCK].abs().max()
+    step = torch.ldexp(torch.ones(()), torch.frexp(largest)[1] - 15)
+    assert (held - x)[-1, first].abs().max() <= step / 2  # the nearest of its block's steps
+    zeros = torch.zeros(native.WIDE_BLOCK)
+    assert torch.equal(held[-1, native.WIDE_BLOCK : 2 * native.WIDE_BLOCK], zeros)
+    assert held[-1, 2 * native.WIDE_BLOCK + 1] == 0 and held[-1, 2 * native.WIDE_BLOCK] == 3e4
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_a_row_with_a_value_not_finite_reaches_the_output(bad: float) -> None:
+    assert KERNELS is not None
+    q = quantize_rtn(_weight(7, 300), 8, 300, torch.bfloat16)
+    x = _inputs(2, 300)
+    x[1, 5] = bad
+    y = KERNELS.int8_matmul(x, q.codes.view(torch.int8), q.scales)
+    assert not y[1].isfinite().any() and y[0].isfinite().all()
+    assert _relative(y[:1], x[:1] @ dequantize(q).t()) < 1e-5
 
 
 @pytest.mark.parametrize("m", ROWS)
