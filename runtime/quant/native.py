@@ -219,16 +219,8 @@ class NativeKernels:
         Rows with a value that is not finite take the fp32 form, so that it reaches the output."""
         if self._dot_rows(x, codes):
             return self.dot_matmul(x, codes, scales)
-        if self.int8_wide:
-            x, y = _operands(x, codes.shape[0])
-            _int8_shapes(x, codes, scales)
-            status = self._lib.pq_int8_wide_matmul(
-                x.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), scales.data_ptr(),
-                y.data_ptr(), y.shape[1], torch.get_num_threads(),
-            )  # fmt: skip
-            if status == 0:
-                return y
-            _check(min(status, 0), x)
+        if self.int8_wide and (y := self.int8_wide_matmul(x, codes, scales)) is not None:
+            return y
         x, y = _operands(x, codes.shape[0])
         rows, inputs = x.shape
         outputs = y.shape[1]
@@ -237,6 +229,22 @@ class NativeKernels:
             x.data_ptr(), rows, inputs, codes.data_ptr(), scales.data_ptr(), y.data_ptr(),
             outputs, torch.get_num_threads(),
         )  # fmt: skip
+        return y
+
+    def int8_wide_matmul(self, x: Tensor, codes: Tensor, scales: Tensor) -> Tensor | None:
+        """:meth:`int8_matmul` in the int16 form, however many rows (any number where the bf16
+        dot form is not built); None where ``x`` holds a value that is not finite. Needs
+        :attr:`int8_wide`."""
+        assert self.int8_wide
+        x, y = _operands(x, codes.shape[0])
+        _int8_shapes(x, codes, scales)
+        status = self._lib.pq_int8_wide_matmul(
+            x.data_ptr(), x.shape[0], x.shape[1], codes.data_ptr(), scales.data_ptr(),
+            y.data_ptr(), y.shape[1], torch.get_num_threads(),
+        )  # fmt: skip
+        if status == 1:
+            return None
+        _check(status, x)
         return y
 
     def dense_matmul(self, x: Tensor, weight: Tensor) -> Tensor:

@@ -64,9 +64,25 @@ def _int8_rows(x: torch.Tensor) -> torch.Tensor:
     return native.int16_rows(x) if KERNELS.int8_wide else x
 
 
-@pytest.mark.skipif(
+needs_int16_form = pytest.mark.skipif(
     KERNELS is None or not KERNELS.int8_wide, reason="the int16 form needs avx512_vnni"
 )
+
+
+@needs_int16_form
+@pytest.mark.parametrize("m", ROWS)
+@pytest.mark.parametrize(("n", "k"), [(64, 256), (13, 100), (37, 2064), (5, 7)])
+def test_the_int16_form_takes_any_number_of_rows(m: int, n: int, k: int) -> None:
+    """As on a CPU with avx512_vnni but no bf16 dot products, which takes it at every size."""
+    assert KERNELS is not None
+    q = quantize_rtn(_weight(n, k), 8, k, torch.bfloat16)
+    x = _inputs(m, k)
+    y = KERNELS.int8_wide_matmul(x, q.codes.view(torch.int8), q.scales)
+    assert y is not None
+    assert _relative(y, native.int16_rows(x) @ dequantize(q).t()) < 1e-5
+
+
+@needs_int16_form
 @pytest.mark.parametrize("m", [1, 2, 3])
 def test_the_int16_form_rounds_each_block_of_a_row_to_15_bits(m: int) -> None:
     assert KERNELS is not None
