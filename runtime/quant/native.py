@@ -48,7 +48,7 @@ CACHE_ENV = "PQCTL_KERNEL_CACHE"
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 BUILD_TIMEOUT_S = 120.0
 DOT_FROM_ROWS: Mapping[torch.dtype, int] = MappingProxyType(
-    {torch.int8: 4, torch.uint8: 2, torch.bfloat16: 5}
+    {torch.int8: 5, torch.uint8: 2, torch.bfloat16: 5}
 )
 """Activation rows from which products with weights of that dtype (int8 codes, packed 4-bit codes,
 bf16) take the bf16 dot-product form (:meth:`NativeKernels.dot_matmul`) where it is built: rows
@@ -56,8 +56,9 @@ rounded to bf16, as torch's bf16 GEMM and its int8 and int4 kernels round them, 
 multiply-adds an instruction of fp32 FMAs. Below, a step is bound by memory, not arithmetic, and
 the activations keep more precision: fp32, or int8 codes' 15-bit rows (the int16 form of
 :meth:`NativeKernels.int8_matmul`, which keeps up with the memory where fp32 products did not:
-one row read a 5632 × 2048 weight at 1.28-1.39× their bytes a second, two rows 1.28×; from 4 rows
-the int16 products, half the rate of bf16 ones on a Zen 4, gain nothing). Streaming a 5632 × 2048
+one row read a 5632 × 2048 weight at 1.28-1.39× their bytes a second, two rows 1.28×; 4 rows
+1.03-1.26× the dot form's, and 6-8 rows 0.71-0.94× against 2048 × 5632, whose eight int16 rows
+are re-read from L2 for every 2 weight rows). Streaming a 5632 × 2048
 weight from memory on a 2-core Zen 4 EPYC, the dot form took (ms, 4 / 8 rows, best of two): int8
 0.57 / 0.67 against fp32 products' 0.67 / 1.25; 4-bit (groups of 128) 0.46 / 0.73 against 0.77 /
 1.18, and 0.37 against 0.39 at 2 rows; bf16 0.96 / 1.18 against 0.99 / 1.49 (torch's bf16 GEMM:

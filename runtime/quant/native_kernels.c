@@ -13,7 +13,7 @@
  *                   instruction; what several activation rows take
  *   pq_int8_wide_matmul
  *                   int8 codes against x held as int16, a power-of-two scale per 512 inputs, in
- *                   exact integer products (avx512_vnni): what one to three rows take
+ *                   exact integer products (avx512_vnni): what one to four rows take
  *   pq_stream_matmul
  *                   2-, 3- or 4-bit codes of packing's bit stream, fp16 or bf16 scales and zeros
  *                   per group, in bf16 dot products (avx512_bf16 and avx512_vbmi)
@@ -674,21 +674,24 @@ static int rows_to_int16(const float *x, i64 M, i64 K, int16_t **xq, float **xs)
     return 0;
 }
 
-/* 32 inputs from k of R weight rows from n against M int16 rows, into the int32 sums; codes past
- * the row's end (`in` clear) are not read. */
+/* *sum += the pairwise products of a and b (vpdpwssd) in place: GCC's intrinsic left every sum
+ * copied to another register and back around each instruction. */
+INLINE void dpwssd(__m512i *sum, __m512i a, __m512i b) {
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(*sum) : "v"(a), "v"(b));
+}
+
+/* 32 inputs from k of R weight rows from n against M int16 rows, into the int32 sums. */
 INLINE void wide_chunk(const int16_t *xq, i64 Kp, const int8_t *w, i64 K, i64 n, i64 k,
-                       __m512i sum[MAX_BLOCK][MAX_ROWS], __mmask32 in, const int M, const int R) {
+                       __m512i sum[MAX_BLOCK][MAX_ROWS], const int M, const int R) {
     __m512i wv[MAX_BLOCK];
     UNROLL for (int j = 0; j < R; j++) {
         const int8_t *row = w + (n + j) * K;
         if (R > 1 && (k & 63) == 0) _mm_prefetch((const char *)(row + R * K + k), _MM_HINT_T1);
-        const __m256i codes = in == 0xFFFFFFFFu ? _mm256_loadu_si256((const __m256i *)(row + k))
-                                                : _mm256_maskz_loadu_epi8(in, row + k);
-        wv[j] = _mm512_cvtepi8_epi16(codes);
+        wv[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + k)));
     }
     UNROLL for (int r = 0; r < M; r++) {
         const __m512i xv = _mm512_loadu_si512(xq + r * Kp + k);
-        UNROLL for (int j = 0; j < R; j++) sum[j][r] = _mm512_dpwssd_epi32(sum[j][r], wv[j], xv);
+        UNROLL for (int j = 0; j < R; j++) dpwssd(&sum[j][r], wv[j], xv);
     }
 }
 
@@ -711,11 +714,7 @@ INLINE void wide_block(const int16_t *xq, const float *xs, i64 K, const int8_t *
             __m512i sum[MAX_BLOCK][MAX_ROWS];
             UNROLL for (int j = 0; j < R; j++)
                 UNROLL for (int r = 0; r < M; r++) sum[j][r] = _mm512_setzero_si512();
-            i64 k = k0;
-            for (; k + 32 <= k1; k += 32) /* whole chunks: unmasked loads */
-                wide_chunk(xq, Kp, w, K, n, k, sum, 0xFFFFFFFFu, M, R);
-            if (k < k1) /* the row's last K % 32 inputs */
-                wide_chunk(xq, Kp, w, K, n, k, sum, (__mmask32)((1u << (k1 - k)) - 1), M, R);
+            for (i64 k = k0; k + 32 <= k1; k += 32) wide_chunk(xq, Kp, w, K, n, k, sum, M, R);
             UNROLL for (int r = 0; r < M; r++) {
                 const __m512 s = _mm512_set1_ps(xs[r * blocks + b]);
                 UNROLL for (int j = 0; j < R; j++) {
@@ -726,8 +725,12 @@ INLINE void wide_block(const int16_t *xq, const float *xs, i64 K, const int8_t *
         }
         UNROLL for (int j = 0; j < R; j++) {
             const float s = bf16_to_float(scale[n + j]);
-            UNROLL for (int r = 0; r < M; r++)
-                y[r * N + n + j] = _mm512_reduce_add_ps(_mm512_load_ps(acc[j][r])) * s;
+            UNROLL for (int r = 0; r < M; r++) {
+                int32_t tail = 0; /* the row's last K % 32 inputs, in the last block */
+                for (i64 k = K / 32 * 32; k < K; k++) tail += w[(n + j) * K + k] * xq[r * Kp + k];
+                const float last = (float)tail * xs[r * blocks + blocks - 1];
+                y[r * N + n + j] = (_mm512_reduce_add_ps(_mm512_load_ps(acc[j][r])) + last) * s;
+            }
         }
     }
 }
@@ -738,11 +741,12 @@ INLINE void wide_block(const int16_t *xq, const float *xs, i64 K, const int8_t *
                    wide_block(xq, xs, K, w, scale, y, N, n0, n1, M, 1), R);                        \
         break
 
-/* From 5 rows, 2 weight rows at a time: with 3 (24 int32 sums) 8 rows took 1.2-1.4x the time in
- * cache on a Zen 4. There the int16 form serves 1-3 rows only (from 4, bf16 products at the same
- * instruction rate need no conversion of the rows, and the codes' conversion is shared); on CPUs
- * with avx512_vnni and no avx512_bf16 it serves every size: against fp32 FMAs (rows_block) it took
- * 0.57x the time at 2 rows, 0.65x at 4, 0.89x at 8 (a 1024 x 2048 weight in cache, Zen 4). */
+/* From 5 rows, 2 weight rows at a time: with 3 (24 int32 sums) 8 rows took 1.1-1.4x the time in
+ * cache on a Zen 4. There the int16 form serves 1-4 rows (DOT_FROM_ROWS in native.py): from
+ * memory, 4 rows read 1.03-1.26x the bytes a second of the bf16 dot form, 6-8 rows 1.04-1.21x
+ * against 5632 x 2048 weights but 0.71-0.94x against 2048 x 5632, whose 8 int16 rows (90 KiB) are
+ * re-read from L2 for every 2 weight rows where the dot form reads its rows for every 3. CPUs with
+ * avx512_vnni and no avx512_bf16 take it at every size. */
 static void int8_wide_rows(const int16_t *xq, const float *xs, int m, i64 K, const int8_t *w,
                            const uint16_t *scale, float *y, i64 N, i64 n0, i64 n1) {
     switch (m) {
