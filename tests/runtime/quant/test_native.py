@@ -83,7 +83,7 @@ def test_the_int16_form_takes_any_number_of_rows(m: int, n: int, k: int) -> None
 
 
 @needs_int16_form
-@pytest.mark.parametrize("m", [1, 2, 3])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_the_int16_form_rounds_each_block_of_a_row_to_15_bits(m: int) -> None:
     assert KERNELS is not None
     k = 2 * native.WIDE_BLOCK + 40  # two whole blocks and a part, with a tail past 32s
