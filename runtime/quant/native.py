@@ -461,8 +461,8 @@ def int16_rows(x: Tensor) -> Tensor:
     out = torch.empty_like(x)
     for k0 in range(0, x.shape[1], WIDE_BLOCK):
         block = x[:, k0 : k0 + WIDE_BLOCK]
-        _, e = torch.frexp(block.abs().amax(dim=1, keepdim=True))
-        e = torch.where(block.abs().amax(dim=1, keepdim=True) > 0, e, 15)
+        largest = block.abs().amax(dim=1, keepdim=True)
+        e = torch.where(largest > 0, torch.frexp(largest).exponent, 15)
         steps = torch.round(torch.ldexp(block, 15 - e)).clamp(-32768, 32767)
         out[:, k0 : k0 + WIDE_BLOCK] = torch.ldexp(steps, e - 15)
     return out
