@@ -620,16 +620,16 @@ int pq_dot_matmul(int kind, const float *x, i64 M, i64 K, const void *w, const u
 /* ------------------------------------------- int8 codes against rows held as int16 (VNNI) */
 
 #define WIDE_BLOCK 512 /* inputs of an activation row that share one power-of-two scale */
+#define WIDE_BLOCKS(K) (((K) + WIDE_BLOCK - 1) / WIDE_BLOCK) /* the last one may be partial */
 
-/* The rows of x [M, K] as int16 in a new *xq [M, Kp] (Kp: K rounded up to 32, zeros after K),
- * with a new *xs [M, blocks] of the power-of-two scale of each WIDE_BLOCK inputs: a block whose
- * largest |x| is f 2^e (f in [0.5, 1)) holds x 2^(15 - e) rounded to the nearest integer (ties to
- * even; 2^15 itself saturates to 32767) and its scale is 2^(e - 15); an all-zero block holds
- * zeros, scale 1. Returns 0; 1 when an input is not finite, -1 when the memory cannot be
+/* The rows of x [M, K] as int16 in a new *xq [M, K], with a new *xs [M, blocks] of the
+ * power-of-two scale of each WIDE_BLOCK inputs: a block whose largest |x| is f 2^e (f in [0.5,
+ * 1)) holds x 2^(15 - e) rounded to the nearest integer (ties to even; 2^15 itself saturates to
+ * 32767) and its scale is 2^(e - 15); an all-zero block holds zeros, scale 1. Returns 0; 1 when an input is not finite, -1 when the memory cannot be
  * allocated (nothing allocated either way). */
 static int rows_to_int16(const float *x, i64 M, i64 K, int16_t **xq, float **xs) {
-    const i64 Kp = (K + 31) / 32 * 32, blocks = (K + WIDE_BLOCK - 1) / WIDE_BLOCK;
-    *xq = malloc(sizeof(int16_t) * (size_t)(M * Kp));
+    const i64 blocks = WIDE_BLOCKS(K);
+    *xq = malloc(sizeof(int16_t) * (size_t)(M * K));
     *xs = malloc(sizeof(float) * (size_t)(M * blocks));
     if (!*xq || !*xs) {
         free(*xq);
@@ -638,7 +638,7 @@ static int rows_to_int16(const float *x, i64 M, i64 K, int16_t **xq, float **xs)
     }
     for (i64 r = 0; r < M; r++) {
         const float *src = x + r * K;
-        int16_t *dst = *xq + r * Kp;
+        int16_t *dst = *xq + r * K;
         for (i64 b = 0; b < blocks; b++) {
             const i64 k0 = b * WIDE_BLOCK, k1 = k0 + WIDE_BLOCK < K ? k0 + WIDE_BLOCK : K;
             __m512 top = _mm512_setzero_ps();
@@ -669,7 +669,6 @@ static int rows_to_int16(const float *x, i64 M, i64 K, int16_t **xq, float **xs)
                 _mm256_mask_storeu_epi16(dst + k, in, held);
             }
         }
-        for (i64 k = K; k < Kp; k++) dst[k] = 0;
     }
     return 0;
 }
@@ -681,7 +680,7 @@ INLINE void dpwssd(__m512i *sum, __m512i a, __m512i b) {
 }
 
 /* 32 inputs from k of R weight rows from n against M int16 rows, into the int32 sums. */
-INLINE void wide_chunk(const int16_t *xq, i64 Kp, const int8_t *w, i64 K, i64 n, i64 k,
+INLINE void wide_chunk(const int16_t *xq, const int8_t *w, i64 K, i64 n, i64 k,
                        __m512i sum[MAX_BLOCK][MAX_ROWS], const int M, const int R) {
     __m512i wv[MAX_BLOCK];
     UNROLL for (int j = 0; j < R; j++) {
@@ -690,7 +689,7 @@ INLINE void wide_chunk(const int16_t *xq, i64 Kp, const int8_t *w, i64 K, i64 n,
         wv[j] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(row + k)));
     }
     UNROLL for (int r = 0; r < M; r++) {
-        const __m512i xv = _mm512_loadu_si512(xq + r * Kp + k);
+        const __m512i xv = _mm512_loadu_si512(xq + r * K + k);
         UNROLL for (int j = 0; j < R; j++) dpwssd(&sum[j][r], wv[j], xv);
     }
 }
@@ -703,7 +702,7 @@ INLINE void wide_chunk(const int16_t *xq, i64 Kp, const int8_t *w, i64 K, i64 n,
 INLINE void wide_block(const int16_t *xq, const float *xs, i64 K, const int8_t *w,
                        const uint16_t *scale, float *y, i64 N, i64 n0, i64 n1, const int M,
                        const int R) {
-    const i64 Kp = (K + 31) / 32 * 32, blocks = (K + WIDE_BLOCK - 1) / WIDE_BLOCK;
+    const i64 blocks = WIDE_BLOCKS(K);
     for (i64 n = n0; n < n1; n += R) {
         /* fp32 sums in memory, touched once a block: the registers hold the int32 ones */
         float acc[MAX_BLOCK][MAX_ROWS][16] __attribute__((aligned(64)));
@@ -714,7 +713,7 @@ INLINE void wide_block(const int16_t *xq, const float *xs, i64 K, const int8_t *
             __m512i sum[MAX_BLOCK][MAX_ROWS];
             UNROLL for (int j = 0; j < R; j++)
                 UNROLL for (int r = 0; r < M; r++) sum[j][r] = _mm512_setzero_si512();
-            for (i64 k = k0; k + 32 <= k1; k += 32) wide_chunk(xq, Kp, w, K, n, k, sum, M, R);
+            for (i64 k = k0; k + 32 <= k1; k += 32) wide_chunk(xq, w, K, n, k, sum, M, R);
             UNROLL for (int r = 0; r < M; r++) {
                 const __m512 s = _mm512_set1_ps(xs[r * blocks + b]);
                 UNROLL for (int j = 0; j < R; j++) {
@@ -727,7 +726,7 @@ INLINE void wide_block(const int16_t *xq, const float *xs, i64 K, const int8_t *
             const float s = bf16_to_float(scale[n + j]);
             UNROLL for (int r = 0; r < M; r++) {
                 int32_t tail = 0; /* the row's last K % 32 inputs, in the last block */
-                for (i64 k = K / 32 * 32; k < K; k++) tail += w[(n + j) * K + k] * xq[r * Kp + k];
+                for (i64 k = K / 32 * 32; k < K; k++) tail += w[(n + j) * K + k] * xq[r * K + k];
                 const float last = (float)tail * xs[r * blocks + blocks - 1];
                 y[r * N + n + j] = (_mm512_reduce_add_ps(_mm512_load_ps(acc[j][r])) + last) * s;
             }
@@ -768,9 +767,9 @@ int pq_int8_wide_matmul(const float *x, i64 M, i64 K, const int8_t *w, const uin
     float *xs;
     int status = rows_to_int16(x, M, K, &xq, &xs);
     if (status) return status;
-    const i64 Kp = (K + 31) / 32 * 32, blocks = (K + WIDE_BLOCK - 1) / WIDE_BLOCK;
+    const i64 blocks = WIDE_BLOCKS(K);
     FOR_ROW_CHUNKS(M, N, threads,
-                   int8_wide_rows(xq + m0 * Kp, xs + m0 * blocks, m, K, w, scale, y + m0 * N, N,
+                   int8_wide_rows(xq + m0 * K, xs + m0 * blocks, m, K, w, scale, y + m0 * N, N,
                                   b_first_row, b_end_row))
     free(xq);
     free(xs);

@@ -81,10 +81,13 @@ def test_weights_past_a_huge_page_are_advised_and_aligned(checkpoints: dict[bool
         weights = [m.weight for m in layer.modules() if isinstance(m, DenseLinear)]
         assert len(weights) == 4  # q/k/v, o, gate/up, down
         for weight in weights:  # from a huge page on (gate/up always; o never): moved, aligned
-            found = mapping_of(weight.data_ptr())  # all of it, to see why when this fails
+            # when this fails, the message names the mapping and storage found (read only then)
             storage = weight.untyped_storage()
             held = f"{weight.nbytes} bytes at {weight.data_ptr():#x} (storage {storage.nbytes()})"
-            assert advised(weight) is (weight.nbytes >= HUGE_PAGE), (held, found)
+            assert advised(weight) is (weight.nbytes >= HUGE_PAGE), (
+                held,
+                mapping_of(weight.data_ptr()),
+            )
             assert weight.data_ptr() % HUGE_PAGE == 0 or weight.nbytes < HUGE_PAGE
         assert layer.mlp["gate_up"].linear.weight.nbytes >= HUGE_PAGE
         assert layer.attn.o_proj.weight.nbytes < HUGE_PAGE
